@@ -1,0 +1,182 @@
+"""One engine configuration, made once from user arguments and the checkpoint's config.json.
+
+Frozen dataclasses, validated at construction with messages that name the field.  Every module
+receives the part it needs (ModelConfig to models/, CacheConfig to the KV-cache manager, ...).
+This module imports nothing else of ours.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+SUPPORTED_DTYPES = ("auto", "bfloat16", "float32", "float16")
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The shape of a decoder-only transformer, read from a Hugging Face config.json."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: tuple[tuple[str, Any], ...] | None  # frozen dict items
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool  # Qwen2
+    qk_norm: bool  # Qwen3
+    sliding_window: int | None
+    dtype: str  # "bfloat16" | "float32" | "float16": params, activations and KV cache
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        _check(self.num_heads % self.num_kv_heads == 0,
+               f"num_attention_heads ({self.num_heads}) must be a multiple of "
+               f"num_key_value_heads ({self.num_kv_heads})")
+        _check(self.dtype in SUPPORTED_DTYPES[1:], f"dtype must be one of {SUPPORTED_DTYPES}, got {self.dtype!r}")
+
+    @property
+    def rope_scaling_dict(self) -> dict[str, Any] | None:
+        return dict(self.rope_scaling) if self.rope_scaling is not None else None
+
+    @classmethod
+    def from_hf_config(cls, hf: dict[str, Any], dtype: str = "auto") -> "ModelConfig":
+        archs = hf.get("architectures") or []
+        arch = archs[0] if archs else hf.get("model_type", "<missing>")
+        num_heads = int(hf["num_attention_heads"])
+        hidden = int(hf["hidden_size"])
+        head_dim = hf.get("head_dim") or hidden // num_heads
+        # transformers >= 5 writes rope_theta/rope_scaling into one "rope_parameters" dict.
+        rope_params = dict(hf.get("rope_parameters") or {})
+        rope_theta = float(hf.get("rope_theta", rope_params.get("rope_theta", 10000.0)))
+        rope_scaling = hf.get("rope_scaling")
+        if rope_scaling is None and rope_params:
+            rope_scaling = {k: v for k, v in rope_params.items() if k != "rope_theta"}
+        if rope_scaling is not None:
+            rope_type = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
+            rope_scaling = None if rope_type == "default" else {**rope_scaling, "rope_type": rope_type}
+        if dtype == "auto":
+            torch_dtype = str(hf.get("torch_dtype") or hf.get("dtype") or "bfloat16")
+            dtype = {"float32": "float32", "float16": "float16"}.get(torch_dtype, "bfloat16")
+        model_type = hf.get("model_type", "")
+        sliding = hf.get("sliding_window")
+        if model_type.startswith("qwen") and not hf.get("use_sliding_window", False):
+            sliding = None  # Qwen configs carry a window they do not use
+        eos = hf.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+        return cls(
+            architecture=arch,
+            vocab_size=int(hf["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(hf["intermediate_size"]),
+            num_layers=int(hf["num_hidden_layers"]),
+            num_heads=num_heads,
+            num_kv_heads=int(hf.get("num_key_value_heads") or num_heads),
+            head_dim=int(head_dim),
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            rope_theta=rope_theta,
+            rope_scaling=tuple(sorted(rope_scaling.items())) if rope_scaling else None,
+            max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            qkv_bias=bool(hf.get("attention_bias", model_type == "qwen2")),
+            qk_norm=model_type == "qwen3",
+            sliding_window=int(sliding) if sliding else None,
+            dtype=dtype,
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16  # tokens per KV page
+    num_pages: int = 0  # filled in by the runner from the memory budget
+    kv_cache_memory_bytes: int | None = None
+    gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self):
+        _check(self.block_size in (8, 16, 32, 64, 128),
+               f"block_size must be one of 8, 16, 32, 64, 128, got {self.block_size}")
+        _check(0.0 < self.gpu_memory_utilization <= 1.0,
+               f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        _check(self.kv_cache_memory_bytes is None or self.kv_cache_memory_bytes > 0,
+               f"kv_cache_memory_bytes must be > 0, got {self.kv_cache_memory_bytes}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int = 4096
+    enable_chunked_prefill: bool = True
+
+    def __post_init__(self):
+        _check(self.max_num_seqs >= 1, f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        _check(self.max_num_batched_tokens >= 1,
+               f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        _check(self.max_model_len >= 2, f"max_model_len must be >= 2, got {self.max_model_len}")
+        _check(self.enable_chunked_prefill or self.max_num_batched_tokens >= self.max_model_len,
+               "with enable_chunked_prefill=False, max_num_batched_tokens "
+               f"({self.max_num_batched_tokens}) must be >= max_model_len ({self.max_model_len})")
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelConfig:
+    tensor_parallel_size: int = 1
+    data_parallel_size: int = 1
+
+    def __post_init__(self):
+        _check(self.tensor_parallel_size >= 1,
+               f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        _check(self.data_parallel_size >= 1,
+               f"data_parallel_size must be >= 1, got {self.data_parallel_size}")
+
+
+def default_compilation_cache_dir() -> str:
+    return os.environ.get("JAXENGINE_COMPILATION_CACHE_DIR",
+                          os.path.join(os.path.expanduser("~"), ".cache", "jaxengine", "xla"))
+
+
+@dataclasses.dataclass(frozen=True)
+class RunnerConfig:
+    # Token-count buckets; None means powers of two from min_token_bucket up to max_num_batched_tokens.
+    token_buckets: tuple[int, ...] | None = None
+    min_token_bucket: int = 8
+    # "" / None disables the persistent compilation cache.
+    compilation_cache_dir: str | None = dataclasses.field(default_factory=default_compilation_cache_dir)
+    # Attention implementation: "auto" (by backend), "reference", "gpu", "tpu".
+    attention_impl: str = dataclasses.field(
+        default_factory=lambda: os.environ.get("JAXENGINE_ATTENTION", "auto"))
+    max_logprobs: int = 20
+    warmup: bool = True
+
+    def __post_init__(self):
+        _check(self.attention_impl in ("auto", "reference", "gpu", "tpu"),
+               f"attention_impl must be one of auto, reference, gpu, tpu; got {self.attention_impl!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    model_path: str
+    model: ModelConfig
+    cache: CacheConfig
+    scheduler: SchedulerConfig
+    parallel: ParallelConfig
+    runner: RunnerConfig
+    seed: int = 0
+    hf_config: dict = dataclasses.field(default_factory=dict, compare=False, hash=False)

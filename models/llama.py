@@ -1,0 +1,165 @@
+"""The Llama family as pure functions over a params pytree.
+
+Covers Llama 2/3/3.1/3.2 (rope_scaling "llama3"), Mistral, Qwen2/2.5 (bias on q/k/v) and Qwen3
+(RMSNorm on q and k per head).  Params are a nested dict whose keys mirror the checkpoint's tensor
+names ("model.layers.3.self_attn.q_proj.weight" is params["model"]["layers"]["3"]["self_attn"]
+["q_proj"]["weight"]); weights keep Hugging Face's [out_features, in_features] orientation.
+
+forward(params, cfg, batch, kv_caches, attention) runs one ragged step: the flat tokens of every
+scheduled request, writing their K/V into the paged cache and returning logits only at the rows
+the sampler needs (batch["logits_indices"]).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from jaxengine.config import ModelConfig
+from jaxengine.pallas_kernels.ragged_paged_attention import write_kv
+
+Params = dict[str, Any]
+
+
+def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor the checkpoint must provide, by its Hugging Face name."""
+    h, d, hq, hkv, f = cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size
+    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, h), "model.norm.weight": (h,)}
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, h)
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "input_layernorm.weight": (h,),
+            p + "post_attention_layernorm.weight": (h,),
+            p + "self_attn.q_proj.weight": (hq * d, h),
+            p + "self_attn.k_proj.weight": (hkv * d, h),
+            p + "self_attn.v_proj.weight": (hkv * d, h),
+            p + "self_attn.o_proj.weight": (h, hq * d),
+            p + "mlp.gate_proj.weight": (f, h),
+            p + "mlp.up_proj.weight": (f, h),
+            p + "mlp.down_proj.weight": (h, f),
+        })
+        if cfg.qkv_bias:
+            shapes.update({p + "self_attn.q_proj.bias": (hq * d,), p + "self_attn.k_proj.bias": (hkv * d,),
+                           p + "self_attn.v_proj.bias": (hkv * d,)})
+        if cfg.qk_norm:
+            shapes.update({p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,)})
+    return shapes
+
+
+def init_params(cfg: ModelConfig, key: jax.Array, scale: float = 0.02) -> Params:
+    """Random params of the right shapes (benchmarks and tests)."""
+    flat = {}
+    names = sorted(param_shapes(cfg).items())
+    keys = jax.random.split(key, len(names))
+    for k, (name, shape) in zip(keys, names):
+        if name.endswith("norm.weight"):
+            flat[name] = jnp.ones(shape, cfg.dtype)
+        else:
+            flat[name] = (scale * jax.random.normal(k, shape, jnp.float32)).astype(cfg.dtype)
+    return unflatten(flat)
+
+
+def unflatten(flat: dict[str, Any]) -> Params:
+    tree: Params = {}
+    for name, value in flat.items():
+        node = tree
+        *parents, leaf = name.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
+
+
+# ----------------------------------------------------------------------------------- layers
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    # As Hugging Face: normalise in float32, cast back, then scale.
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight * x32.astype(x.dtype)
+
+
+def linear(x: jax.Array, p: Params) -> jax.Array:
+    y = jnp.einsum("...i,oi->...o", x, p["weight"])
+    if "bias" in p:
+        y = y + p["bias"]
+    return y
+
+
+def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    scaling = cfg.rope_scaling_dict
+    if scaling is None:
+        return inv_freq
+    kind = scaling["rope_type"]
+    if kind == "linear":
+        return inv_freq / float(scaling["factor"])
+    if kind == "llama3":
+        factor = float(scaling["factor"])
+        low = float(scaling.get("low_freq_factor", 1.0))
+        high = float(scaling.get("high_freq_factor", 4.0))
+        old_len = float(scaling["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv_freq
+        low_wavelen, high_wavelen = old_len / low, old_len / high
+        scaled = jnp.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return jnp.where(medium, smoothed, scaled)
+    raise ValueError(f"rope_scaling type {kind!r} is not supported (supported: default, linear, llama3)")
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x: [num_tokens, heads, head_dim]; cos/sin: [num_tokens, head_dim // 2] (rotate-half layout)."""
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    c, s = cos[:, None, :], sin[:, None, :]
+    return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
+
+
+def attention_block(p: Params, cfg: ModelConfig, x: jax.Array, cos: jax.Array, sin: jax.Array,
+                    kv_pages: jax.Array, batch: dict[str, jax.Array],
+                    attention: Callable[..., jax.Array]) -> tuple[jax.Array, jax.Array]:
+    t = x.shape[0]
+    q = linear(x, p["q_proj"]).reshape(t, cfg.num_heads, cfg.head_dim)  # [num_tokens, num_q_heads, head_dim]
+    k = linear(x, p["k_proj"]).reshape(t, cfg.num_kv_heads, cfg.head_dim)
+    v = linear(x, p["v_proj"]).reshape(t, cfg.num_kv_heads, cfg.head_dim)
+    if cfg.qk_norm:
+        q = rms_norm(q, p["q_norm"]["weight"], cfg.rms_norm_eps)
+        k = rms_norm(k, p["k_norm"]["weight"], cfg.rms_norm_eps)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    kv_pages = write_kv(kv_pages, k, v, batch["slot_mapping"])
+    out = attention(q, kv_pages, batch["kv_lens"], batch["page_indices"], batch["cu_q_lens"],
+                    batch["num_seqs"], sm_scale=cfg.head_dim ** -0.5, sliding_window=cfg.sliding_window)
+    return linear(out.reshape(t, cfg.num_heads * cfg.head_dim), p["o_proj"]), kv_pages
+
+
+def mlp_block(p: Params, x: jax.Array) -> jax.Array:
+    return linear(jax.nn.silu(linear(x, p["gate_proj"])) * linear(x, p["up_proj"]), p["down_proj"])
+
+
+def forward(params: Params, cfg: ModelConfig, batch: dict[str, jax.Array], kv_caches: list[jax.Array],
+            attention: Callable[..., jax.Array]) -> tuple[jax.Array, list[jax.Array]]:
+    """One ragged step.  Returns (logits [num_logits, vocab] float32, updated kv_caches)."""
+    model = params["model"]
+    x = model["embed_tokens"]["weight"][batch["input_ids"]]  # [num_tokens, hidden]
+    angles = batch["positions"].astype(jnp.float32)[:, None] * rope_inv_freq(cfg)[None, :]
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    new_caches = []
+    for i in range(cfg.num_layers):
+        layer = model["layers"][str(i)]
+        h, kv = attention_block(layer["self_attn"], cfg, rms_norm(x, layer["input_layernorm"]["weight"],
+                                                                 cfg.rms_norm_eps),
+                                cos, sin, kv_caches[i], batch, attention)
+        new_caches.append(kv)
+        x = x + h
+        x = x + mlp_block(layer["mlp"], rms_norm(x, layer["post_attention_layernorm"]["weight"],
+                                                 cfg.rms_norm_eps))
+    x = rms_norm(x[batch["logits_indices"]], model["norm"]["weight"], cfg.rms_norm_eps)
+    head = model["embed_tokens"]["weight"] if cfg.tie_word_embeddings else params["lm_head"]["weight"]
+    logits = jnp.einsum("sh,vh->sv", x, head, preferred_element_type=jnp.float32)
+    return logits, new_caches
