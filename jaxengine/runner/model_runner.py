@@ -91,6 +91,7 @@ class ModelRunner:
         self.penalty_state = sampler.init_penalty_state(self.num_slots, m.vocab_size)
         self._free_slots = list(range(self.num_slots - 1))
         self._slots: dict[str, int] = {}
+        self.vocab_size = m.vocab_size
         self.num_logprobs = min(cfg.runner.max_logprobs, m.vocab_size)
 
         def step(params, kv_caches, penalty_state, batch, samp):
