@@ -46,7 +46,7 @@ class LLM:
                  skip_tokenizer_init: bool = False, tensor_parallel_size: int = 1,
                  data_parallel_size: int = 1, compilation_cache_dir: str | None = None,
                  attention_impl: str = "auto", token_buckets: Sequence[int] | None = None,
-                 warmup: bool = True, use_tqdm_on_load: bool = True):
+                 warmup: bool = True, use_tqdm_on_load: bool = True, load_format: str = "auto"):
         import jax
 
         from jaxengine import models
@@ -100,9 +100,14 @@ class LLM:
             attention_impl=attention_impl, warmup=warmup)
         _enable_compilation_cache(runner_cfg.compilation_cache_dir)
 
-        source = (gguf_loader.iter_gguf_tensors(model) if gguf else ckpt.iter_safetensors(model))
-        params = ckpt.load_params(source, module.param_shapes(model_cfg), model_cfg.dtype,
-                                  progress=use_tqdm_on_load)
+        if load_format == "dummy":  # random weights of the right shapes (benchmarks), as vLLM's
+            params = module.init_params(model_cfg, jax.random.PRNGKey(seed))
+        elif load_format == "auto":
+            source = (gguf_loader.iter_gguf_tensors(model) if gguf else ckpt.iter_safetensors(model))
+            params = ckpt.load_params(source, module.param_shapes(model_cfg), model_cfg.dtype,
+                                      progress=use_tqdm_on_load)
+        else:
+            raise ValueError(f"load_format must be 'auto' or 'dummy', got {load_format!r}")
 
         # Size the page pool now that the weights are on the device.
         probe = EngineConfig(model, model_cfg, cache_cfg, SchedulerConfig(), ParallelConfig(), runner_cfg)
