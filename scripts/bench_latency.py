@@ -1,0 +1,232 @@
+"""Latency/throughput of fixed-length generation, with the roofline and a Hugging Face peer.
+
+    python scripts/bench_latency.py --model llama-3.2-1b llama-3.1-8b --batch 1 64 \
+        --input-len 128 --output-len 128 --hf-peer eager --json out.json
+
+Random weights of real shapes (vLLM's load_format="dummy"), bf16, greedy, ignore_eos.  For each
+run it prints TTFT, TPOT, output tok/s, and the roofline: for every step the engine ran, the lower
+bound max(FLOPs / measured bf16 matmul rate, bytes that must move / measured copy bandwidth),
+summed; "roofline %" is that bound over the measured time.  Both ceilings are measured in the
+same run.  The peer is transformers' generate() on the same shapes (eager and/or static cache
+with torch.compile).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+# Shapes of real checkpoints (config.json fields); weights are random.
+SHAPES = {
+    "tiny": dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=512, hidden_size=128,
+                 intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0,
+                 tie_word_embeddings=False),
+    "llama-3.2-1b": dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=128256,
+                         hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                         num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+                         max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0,
+                         rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0,
+                                           high_freq_factor=4.0, original_max_position_embeddings=8192),
+                         tie_word_embeddings=True),
+    "llama-3.1-8b": dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=128256,
+                         hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                         max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0,
+                         rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                           high_freq_factor=4.0, original_max_position_embeddings=8192),
+                         tie_word_embeddings=False),
+    "qwen3-8b": dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", vocab_size=151936,
+                     hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                     num_key_value_heads=8, head_dim=128, max_position_embeddings=40960, rms_norm_eps=1e-6,
+                     rope_theta=1000000.0, tie_word_embeddings=False),
+}
+
+
+def measure_ceilings() -> dict[str, float]:
+    """Copy bandwidth (bytes read + written per second) and bf16 matmul FLOP/s on this device."""
+    import jax
+    import jax.numpy as jnp
+
+    def timeit(f, *args, reps=10):
+        jax.block_until_ready(f(*args))
+        ts = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            jax.block_until_ready(f(*args))
+            ts.append(time.perf_counter() - t)
+        return float(np.median(ts))
+
+    on_cpu = jax.default_backend() == "cpu"
+    n = (64 if on_cpu else 1024) * 1024 * 1024 // 2
+    x = jax.random.normal(jax.random.PRNGKey(0), (n,), jnp.bfloat16)
+    copy_s = timeit(jax.jit(lambda a: a + jnp.bfloat16(1)), x)
+    m = 1024 if on_cpu else 8192
+    a = jax.random.normal(jax.random.PRNGKey(1), (m, m), jnp.bfloat16)
+    b = jax.random.normal(jax.random.PRNGKey(2), (m, m), jnp.bfloat16)
+    mm_s = timeit(jax.jit(lambda p, q: p @ q), a, b)
+    return {"copy_bytes_per_s": 2 * n * 2 / copy_s, "matmul_flops_per_s": 2 * m ** 3 / mm_s}
+
+
+class StepLog:
+    """Wraps the runner's execute to record every step's shape: [(start_pos, num_tokens), ...]."""
+
+    def __init__(self, runner):
+        self.steps: list[list[tuple[int, int]]] = []
+        inner = runner.execute
+
+        def execute(out):
+            self.steps.append([(s.start_pos, len(s.token_ids)) for s in out.seqs])
+            return inner(out)
+
+        runner.execute = execute
+
+
+def step_bound_s(step: list[tuple[int, int]], cfg, ceil: dict[str, float]) -> float:
+    """max(FLOPs / matmul rate, bytes / copy bandwidth) of one step."""
+    m = cfg.model
+    itemsize = 2 if m.dtype == "bfloat16" else 4
+    h, d, hq, hkv, f, L, v = (m.hidden_size, m.head_dim, m.num_heads, m.num_kv_heads, m.intermediate_size,
+                              m.num_layers, m.vocab_size)
+    layer_params = h * d * (hq + 2 * hkv) + hq * d * h + 3 * h * f
+    weight_bytes = (L * layer_params + v * h) * itemsize  # lm_head (or tied embedding) read once
+    tokens = sum(n for _, n in step)
+    seqs = len(step)
+    kv_token_bytes = L * 2 * hkv * d * itemsize
+    kv_read = sum(start + n for start, n in step) * kv_token_bytes
+    kv_write = tokens * kv_token_bytes
+    attn_flops = sum(4 * L * hq * d * (n * start + n * (n + 1) / 2) for start, n in step)
+    flops = 2 * tokens * L * layer_params + attn_flops + 2 * seqs * v * h
+    return max(flops / ceil["matmul_flops_per_s"], (weight_bytes + kv_read + kv_write) / ceil["copy_bytes_per_s"])
+
+
+def run_engine(llm, batch: int, input_len: int, output_len: int, seed: int = 0) -> dict:
+    from jaxengine import SamplingParams
+
+    rng = np.random.default_rng(seed)
+    vocab = llm.config.model.vocab_size
+    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+    prompts = [rng.integers(0, vocab, input_len).tolist() for _ in range(batch)]
+    engine = llm.engine
+    log = llm._step_log
+    log.steps.clear()
+    start = time.perf_counter()
+    for i, p in enumerate(prompts):
+        engine.add_request(f"b{batch}-{seed}-{i}", p, params)
+    first: dict[str, float] = {}
+    done: dict[str, float] = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            now = time.perf_counter()
+            first.setdefault(out.request_id, now)
+            if out.finished:
+                done[out.request_id] = now
+                assert len(out.outputs[0].token_ids) == output_len
+    total = time.perf_counter() - start
+    ttft = np.array([first[r] - start for r in first])
+    tpot = np.array([(done[r] - first[r]) / max(output_len - 1, 1) for r in done])
+    return {"batch": batch, "input_len": input_len, "output_len": output_len, "total_s": total,
+            "output_tok_s": batch * output_len / total, "ttft_ms_mean": 1e3 * ttft.mean(),
+            "ttft_ms_p50": 1e3 * float(np.median(ttft)), "tpot_ms_mean": 1e3 * tpot.mean(),
+            "num_steps": len(log.steps), "steps": list(log.steps)}
+
+
+def run_hf(shape: dict, batch: int, input_len: int, output_len: int, mode: str) -> dict:
+    import torch
+    import transformers
+
+    cfg = transformers.AutoConfig.for_model(**{k: v for k, v in shape.items() if k != "architectures"})
+    with torch.device("cuda"):
+        model = transformers.AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.bfloat16).eval()
+    ids = torch.randint(0, shape["vocab_size"], (batch, input_len), device="cuda")
+    kwargs = dict(max_new_tokens=output_len, min_new_tokens=output_len, do_sample=False,
+                  attention_mask=torch.ones_like(ids), pad_token_id=0)
+    if mode == "static":
+        kwargs["cache_implementation"] = "static"
+        model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+    with torch.inference_mode():
+        model.generate(ids, **{**kwargs, "max_new_tokens": 8, "min_new_tokens": 8})  # warm-up / compile
+        if mode == "static":
+            model.generate(ids, **kwargs)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        out = model.generate(ids, **kwargs)
+        torch.cuda.synchronize()
+        total = time.perf_counter() - t
+    assert out.shape[1] == input_len + output_len
+    del model
+    torch.cuda.empty_cache()
+    return {"peer": f"hf-{mode}", "batch": batch, "total_s": total, "output_tok_s": batch * output_len / total,
+            "transformers": transformers.__version__, "torch": torch.__version__}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", nargs="+", default=["llama-3.2-1b"], choices=sorted(SHAPES))
+    ap.add_argument("--batch", nargs="+", type=int, default=[1, 64])
+    ap.add_argument("--input-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    ap.add_argument("--kv-cache-gib", type=float, default=8.0)
+    ap.add_argument("--attention", default="auto")
+    ap.add_argument("--hf-peer", nargs="*", default=[], choices=["eager", "static"])
+    ap.add_argument("--json", default=None, help="write the results here")
+    args = ap.parse_args()
+
+    import jax
+
+    from jaxengine import LLM
+
+    ceil = measure_ceilings()
+    dev = jax.devices()[0]
+    report = {"date": time.strftime("%Y-%m-%d"), "device": getattr(dev, "device_kind", str(dev)),
+              "backend": jax.default_backend(), "jax": jax.__version__, "python": platform.python_version(),
+              "ceilings": ceil, "runs": [], "peers": []}
+    print(f"# device {report['device']}  jax {jax.__version__}  copy {ceil['copy_bytes_per_s'] / 1e12:.2f} TB/s"
+          f"  bf16 matmul {ceil['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s", flush=True)
+    for name in args.model:
+        shape = SHAPES[name]
+        with tempfile.TemporaryDirectory() as d:
+            with open(os.path.join(d, "config.json"), "w") as f:
+                json.dump({**shape, "torch_dtype": "bfloat16"}, f)
+            t0 = time.perf_counter()
+            llm = LLM(d, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
+                      max_model_len=args.input_len + args.output_len + 16, max_num_seqs=max(args.batch),
+                      max_num_batched_tokens=args.max_num_batched_tokens,
+                      kv_cache_memory_bytes=int(args.kv_cache_gib * 2**30), attention_impl=args.attention)
+            startup_s = time.perf_counter() - t0
+        llm._step_log = StepLog(llm.runner)
+        for batch in args.batch:
+            run_engine(llm, batch, args.input_len, min(args.output_len, 8), seed=1)  # warm the paths
+            r = run_engine(llm, batch, args.input_len, args.output_len)
+            bound = sum(step_bound_s(s, llm.config, ceil) for s in r.pop("steps"))
+            r.update(model=name, startup_s=startup_s, attention=llm.runner.attention_impl,
+                     roofline_s=bound, roofline_fraction=bound / r["total_s"],
+                     compiles_after_warmup=llm.num_compilations_since_warmup())
+            report["runs"].append(r)
+            print(f"{name:14s} batch {batch:4d}  {r['output_tok_s']:9.1f} tok/s  TTFT {r['ttft_ms_p50']:8.1f} ms"
+                  f"  TPOT {r['tpot_ms_mean']:7.2f} ms  roofline {100 * r['roofline_fraction']:5.1f}%"
+                  f"  ({r['attention']}, startup {startup_s:.0f}s)", flush=True)
+        del llm
+        for mode in args.hf_peer:
+            for batch in args.batch:
+                p = run_hf(shape, batch, args.input_len, args.output_len, mode)
+                p["model"] = name
+                report["peers"].append(p)
+                print(f"{name:14s} batch {batch:4d}  {p['output_tok_s']:9.1f} tok/s  ({p['peer']})", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
