@@ -36,12 +36,14 @@ class ModelConfig:
     rope_scaling: tuple[tuple[str, Any], ...] | None  # frozen dict items
     max_position_embeddings: int
     tie_word_embeddings: bool
-    qkv_bias: bool  # Qwen2
+    qkv_bias: bool  # Qwen2 always; Llama/Mistral/Qwen3 when attention_bias
     qk_norm: bool  # Qwen3
     sliding_window: int | None
     dtype: str  # "bfloat16" | "float32" | "float16": params, activations and KV cache
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    o_bias: bool = False  # attention_bias: true also puts a bias on o_proj (not in Qwen2)
+    mlp_bias: bool = False  # Llama's mlp_bias: gate/up/down biases
 
     def __post_init__(self):
         _check(self.num_heads % self.num_kv_heads == 0,
@@ -92,7 +94,9 @@ class ModelConfig:
             rope_scaling=tuple(sorted(rope_scaling.items())) if rope_scaling else None,
             max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            qkv_bias=bool(hf.get("attention_bias", model_type == "qwen2")),
+            qkv_bias=bool(hf.get("attention_bias", False)) or model_type == "qwen2",
+            o_bias=bool(hf.get("attention_bias", False)) and model_type != "qwen2",
+            mlp_bias=bool(hf.get("mlp_bias", False)),
             qk_norm=model_type == "qwen3",
             sliding_window=int(sliding) if sliding else None,
             dtype=dtype,

@@ -46,6 +46,11 @@ def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         if cfg.qkv_bias:
             shapes.update({p + "self_attn.q_proj.bias": (hq * d,), p + "self_attn.k_proj.bias": (hkv * d,),
                            p + "self_attn.v_proj.bias": (hkv * d,)})
+        if cfg.o_bias:
+            shapes[p + "self_attn.o_proj.bias"] = (h,)
+        if cfg.mlp_bias:
+            shapes.update({p + "mlp.gate_proj.bias": (f,), p + "mlp.up_proj.bias": (f,),
+                           p + "mlp.down_proj.bias": (h,)})
         if cfg.qk_norm:
             shapes.update({p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,)})
     return shapes
@@ -59,6 +64,8 @@ def init_params(cfg: ModelConfig, key: jax.Array, scale: float = 0.02) -> Params
     for k, (name, shape) in zip(keys, names):
         if name.endswith("norm.weight"):
             flat[name] = jnp.ones(shape, cfg.dtype)
+        elif name.endswith(".bias"):
+            flat[name] = jnp.zeros(shape, cfg.dtype)
         else:
             flat[name] = (scale * jax.random.normal(k, shape, jnp.float32)).astype(cfg.dtype)
     return unflatten(flat)

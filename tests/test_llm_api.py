@@ -149,3 +149,54 @@ def test_missing_tensor_names_itself(tmp_path):
 def test_max_model_len_beyond_the_kv_cache_is_refused(llama_ckpt):
     with pytest.raises(ValueError, match="max_model_len"):
         LLM(llama_ckpt, **{**SMALL_ENGINE, "kv_cache_memory_bytes": 4 * 16384})
+
+
+def _edit_checkpoint(path, config_update=None, add=None, drop=()):
+    from safetensors.numpy import load_file, save_file
+
+    f = os.path.join(path, "model.safetensors")
+    tensors = load_file(f)
+    for name in drop:
+        del tensors[name]
+    tensors.update(add or {})
+    save_file(tensors, f)
+    if config_update:
+        cfg = json.load(open(os.path.join(path, "config.json")))
+        cfg.update(config_update)
+        json.dump(cfg, open(os.path.join(path, "config.json"), "w"))
+
+
+def test_a_tensor_the_model_would_not_use_is_refused(tmp_path):
+    import numpy as np
+
+    path = tiny_checkpoints.make_checkpoint(str(tmp_path / "m"), "llama")
+    _edit_checkpoint(path, add={"model.layers.0.self_attn.o_proj.bias": np.zeros(64, np.float32)})
+    with pytest.raises(ValueError, match=r"o_proj\.bias"):
+        LLM(path, skip_tokenizer_init=True, warmup=False, **SMALL_ENGINE)
+
+
+def test_llama_attention_and_mlp_biases_are_loaded_and_used(tmp_path):
+    import numpy as np
+
+    plain = tiny_checkpoints.make_checkpoint(str(tmp_path / "plain"), "llama")
+    biased = tiny_checkpoints.make_checkpoint(str(tmp_path / "biased"), "llama")
+    rng = np.random.default_rng(0)
+    cfg = json.load(open(os.path.join(biased, "config.json")))
+    h, f, L = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    add = {}
+    for i in range(L):
+        p = f"model.layers.{i}."
+        for name, n in [("self_attn.q_proj", h), ("self_attn.k_proj", h), ("self_attn.v_proj", h),
+                        ("self_attn.o_proj", h), ("mlp.gate_proj", f), ("mlp.up_proj", f), ("mlp.down_proj", h)]:
+            add[p + name + ".bias"] = rng.normal(size=n).astype(np.float32) * 0.5
+    _edit_checkpoint(biased, {"attention_bias": True, "mlp_bias": True}, add)
+    prompt = {"prompt_token_ids": list(range(5, 30))}
+    greedy = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    a = LLM(plain, skip_tokenizer_init=True, **SMALL_ENGINE).generate(prompt, greedy, use_tqdm=False)
+    llm_b = LLM(biased, skip_tokenizer_init=True, **SMALL_ENGINE)
+    b = llm_b.generate(prompt, greedy, use_tqdm=False)
+    assert a[0].outputs[0].token_ids != b[0].outputs[0].token_ids
+    assert llm_b.runner.params["model"]["layers"]["1"]["self_attn"]["o_proj"]["bias"].shape == (h,)
+    _edit_checkpoint(biased, drop=["model.layers.1.mlp.down_proj.bias"])
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.down_proj\.bias"):
+        LLM(biased, skip_tokenizer_init=True, warmup=False, **SMALL_ENGINE)

@@ -75,8 +75,9 @@ def load_params(source: TensorSource, expected: dict[str, tuple[int, ...]], dtyp
                 progress: bool = False) -> dict[str, Any]:
     """Stream tensors from `source` into a nested params dict of device arrays.
 
-    expected: name -> shape of every tensor the model needs; extra tensors (e.g. rotary caches, a
-    tied lm_head) are skipped.  `put` places one tensor (default: jax.device_put on the default
+    expected: name -> shape of every tensor the model needs.  Rotary caches and a tied lm_head are
+    skipped; any other tensor the model would not use is an error (silently dropping, say, a bias
+    would give wrong outputs).  `put` places one tensor (default: jax.device_put on the default
     device); sharding/ passes one that puts each tensor straight into its NamedSharding.
     """
     from jaxengine.models.llama import unflatten  # generic nested-dict helper
@@ -90,7 +91,10 @@ def load_params(source: TensorSource, expected: dict[str, tuple[int, ...]], dtyp
         bar = tqdm(total=len(expected), desc="Loading weights", unit="tensor")
     for name, array in source:
         if name not in expected:
-            continue
+            if name.endswith("rotary_emb.inv_freq") or name == "lm_head.weight":
+                continue
+            raise ValueError(f"checkpoint tensor {name!r} is not used by this model "
+                             "(an unsupported variant of the architecture?)")
         if tuple(array.shape) != tuple(expected[name]):
             raise ValueError(f"tensor {name!r} has shape {tuple(array.shape)}, expected {tuple(expected[name])}")
         flat[name] = put(name, np.asarray(array).astype(target, copy=False))
