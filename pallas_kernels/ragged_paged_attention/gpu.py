@@ -1,0 +1,329 @@
+"""Ragged paged attention for NVIDIA GPUs: a Pallas kernel lowered through Triton.
+
+One `pallas_call` serves a whole ragged step (prefill chunks and decode tokens together).
+
+Work decomposition (built in jnp from cu_q_lens, padded to a static count):
+    work item = (request, block of `block_q` consecutive query tokens of that request)
+    grid      = (work item, kv head, kv split)
+Each program takes the `block_q` tokens x `group` q heads that share one kv head as the rows
+of one matrix (M = block_q * group, padded to a power of two), so GQA reads each K/V row once
+per kv head, and walks the request's context in blocks of `block_k` tokens, gathering K/V rows
+through the page table, with an online softmax.  Causal and sliding-window bounds cut the
+walk short.  With kv splits > 1 (flash-decoding), each split walks an equal share of the
+blocks and writes a normalised partial output plus its log-sum-exp; a small jnp combine
+merges them.
+
+Layout reads: kv_pages [num_pages, page_size, 2 * num_kv_heads, head_dim] is viewed as rows
+[num_pages * page_size * 2 * num_kv_heads, head_dim]; K of (page p, slot t, kv head h) is row
+(p * page_size + t) * 2 * num_kv_heads + 2 * h and V the next row, each head_dim contiguous.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+_LOG2E = math.log2(math.e)
+# H100 SXM: 132 SMs.  Used only to pick how many kv splits a decode step needs to fill the chip.
+_DEFAULT_NUM_SMS = 132
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def _kernel(
+    # scalars-in-memory
+    work_seq_ref,  # i32[num_work]
+    work_q_start_ref,  # i32[num_work]
+    work_q_end_ref,  # i32[num_work]
+    kv_lens_ref,  # i32[max_num_seqs]
+    page_table_ref,  # i32[max_num_seqs * pages_per_seq]
+    cu_q_lens_ref,  # i32[max_num_seqs + 1]
+    # tensors
+    q_ref,  # [num_tokens * num_q_heads, head_dim]
+    kv_ref,  # [num_pages * page_size * 2 * num_kv_heads, head_dim]
+    *rest,
+    page_size: int,
+    pages_per_seq: int,
+    num_q_heads: int,
+    num_kv_heads: int,
+    group: int,
+    block_q: int,
+    block_m: int,
+    block_k: int,
+    rows_per_split: int,
+    clamp_rows: bool,
+    sm_scale: float,
+    sliding_window: int | None,
+    soft_cap: float | None,
+    num_splits: int,
+    precision,
+):
+    if num_splits == 1:
+        _zeros_in_ref, o_ref = rest  # output aliased onto a zeros buffer: padding rows stay 0
+        lse_ref = None
+    else:
+        o_ref, lse_ref = rest  # [splits * num_tokens * num_q_heads, head_dim], [splits * ...]
+    # Grid (kv head, split, work item): the kv heads of one (work item, split) launch next to
+    # each other, so the 2 * num_kv_heads * head_dim row of each page slot is read by
+    # neighbouring programs (one DRAM page, shared L2 lines) instead of at 8 distant times.
+    # Work items go in reverse: a request's last q blocks see the most keys, start them first.
+    h = pl.program_id(0)
+    split = pl.program_id(1)
+    w = pl.num_programs(2) - 1 - pl.program_id(2)
+
+    seq = work_seq_ref[w]
+    q_start = work_q_start_ref[w]
+    q_end = work_q_end_ref[w]  # == q_start for padding work items
+    kv_len = kv_lens_ref[seq]
+    cu_start = cu_q_lens_ref[seq]
+    q_len = cu_q_lens_ref[seq + 1] - cu_start
+    num_rows = q_end - q_start
+    first_pos = kv_len - q_len + (q_start - cu_start)  # position of the block's first query
+    kv_hi = first_pos + num_rows  # keys [kv_lo, kv_hi) can be visible to this block
+    if sliding_window is not None:
+        kv_lo = jnp.maximum(first_pos - sliding_window + 1, 0)
+        kv_lo = lax.div(kv_lo, block_k) * block_k
+    else:
+        kv_lo = jnp.int32(0)
+    num_blocks = jnp.where(num_rows > 0, lax.div(kv_hi - kv_lo + block_k - 1, block_k), 0)
+    per_split = lax.div(num_blocks + num_splits - 1, num_splits)
+    blk_lo = split * per_split
+    blk_hi = jnp.minimum(blk_lo + per_split, num_blocks)
+
+    # Rows of the q block: row r is token q_start + r // group, q head h * group + r % group.
+    r = lax.broadcasted_iota(jnp.int32, (block_m,), 0)
+    tok_off = lax.div(r, group)
+    row_valid = (r < block_q * group) & (tok_off < num_rows)
+    q_row = (q_start + tok_off) * num_q_heads + h * group + lax.rem(r, group)
+    if clamp_rows:
+        q_row = jnp.where(row_valid, q_row, 0)
+    # else: the buffers have spare token rows at the end and masked-off rows keep their own
+    # (distinct) index: the interpreter implements a masked scatter as "write back the old
+    # value", which must not land on a row that another lane of the same store writes.
+    head_dim = q_ref.shape[-1]
+    # Gathers index with two broadcast int arrays (rows [n, 1], columns [1, head_dim]): Triton
+    # turns that into one pointer tensor, and the interpreter into a numpy-style gather.
+    col = lax.broadcasted_iota(jnp.int32, (1, head_dim), 1)
+    q = plgpu.load(q_ref.at[q_row[:, None], col], mask=row_valid[:, None], other=0.0)
+    q_pos = first_pos + tok_off  # [block_m]
+
+    page_row0 = seq * pages_per_seq
+
+    def body(j, carry):
+        acc, m_prev, l_prev = carry
+        k_pos = kv_lo + j * block_k + lax.broadcasted_iota(jnp.int32, (block_k,), 0)
+        k_valid = k_pos < kv_hi
+        pt_idx = jnp.where(k_valid, page_row0 + lax.div(k_pos, page_size), 0)
+        page = plgpu.load(page_table_ref.at[pt_idx], mask=k_valid, other=0)
+        k_row = (page * page_size + lax.rem(k_pos, page_size)) * (2 * num_kv_heads) + 2 * h
+        k = plgpu.load(kv_ref.at[k_row[:, None], col], mask=k_valid[:, None], other=0.0)  # [block_k, d]
+        v = plgpu.load(kv_ref.at[k_row[:, None] + 1, col], mask=k_valid[:, None], other=0.0)
+        s = plgpu.dot(q, k, trans_b=True, precision=precision) * sm_scale  # [block_m, block_k] f32
+        if soft_cap is not None:
+            s = soft_cap * jnp.tanh(s / soft_cap)
+        s = s * _LOG2E
+        visible = k_pos[None, :] <= q_pos[:, None]
+        if sliding_window is not None:
+            visible &= q_pos[:, None] - k_pos[None, :] < sliding_window
+        s = jnp.where(visible, s, -jnp.inf)
+        m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
+        # Rows that have seen no visible key yet keep m = -inf; subtract 0 there instead.
+        m_safe = jnp.where(m_next == -jnp.inf, 0.0, m_next)
+        alpha = jnp.exp2(m_prev - m_safe)
+        p = jnp.exp2(s - m_safe[:, None])
+        l_next = l_prev * alpha + jnp.sum(p, axis=1)
+        pv = plgpu.dot(p.astype(v.dtype), v, precision=precision)
+        return acc * alpha[:, None] + pv, m_next, l_next
+
+    acc = jnp.zeros((block_m, head_dim), jnp.float32)
+    m_i = jnp.full((block_m,), -jnp.inf, jnp.float32)
+    l_i = jnp.zeros((block_m,), jnp.float32)
+    acc, m_i, l_i = lax.fori_loop(blk_lo, blk_hi, body, (acc, m_i, l_i))
+
+    has_keys = l_i > 0
+    out = acc / jnp.where(has_keys, l_i, 1.0)[:, None]
+    if num_splits == 1:
+        plgpu.store(o_ref.at[q_row[:, None], col], out.astype(o_ref.dtype), mask=row_valid[:, None])
+    else:
+        o_row = split * rows_per_split + q_row
+        plgpu.store(o_ref.at[o_row[:, None], col], out, mask=row_valid[:, None])
+        lse = jnp.where(has_keys, m_i + jnp.log2(jnp.where(has_keys, l_i, 1.0)), -jnp.inf)
+        plgpu.store(lse_ref.at[o_row], lse, mask=row_valid)
+
+
+def _work_items(cu_q_lens, num_seqs, block_q: int, num_work: int):
+    """Split every request's query rows into blocks of block_q tokens: (seq, start, end) each."""
+    max_num_seqs = cu_q_lens.shape[0] - 1
+    q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
+    q_lens = jnp.where(jnp.arange(max_num_seqs) < num_seqs[0], q_lens, 0)
+    blocks = (q_lens + block_q - 1) // block_q
+    cum = jnp.cumsum(blocks)
+    w = jnp.arange(num_work, dtype=jnp.int32)
+    # Compare-and-count, not jnp.searchsorted: its scan is an XLA while loop, and on GPU each
+    # iteration costs a host round trip (measured: +130 us per step at 8 requests, H100).
+    seq = jnp.sum(cum[None, :] <= w[:, None], axis=1, dtype=jnp.int32)
+    seq = jnp.minimum(seq, max_num_seqs - 1)
+    blk = w - (cum[seq] - blocks[seq])
+    valid = w < cum[-1]
+    start = cu_q_lens[seq] + blk * block_q
+    end = jnp.minimum(start + block_q, cu_q_lens[seq + 1])
+    start = jnp.where(valid, start, 0).astype(jnp.int32)
+    end = jnp.where(valid, end, 0).astype(jnp.int32)
+    return seq, start, end
+
+
+def default_config(num_tokens, max_num_seqs, num_q_heads, num_kv_heads, head_dim, page_size,
+                   pages_per_seq, dtype, num_sms: int = _DEFAULT_NUM_SMS):
+    """Static (shape-only) choice of block_q, block_k, kv splits, warps and stages."""
+    group = num_q_heads // num_kv_heads
+    decode_like = num_tokens <= max_num_seqs  # a bucket that holds only decode tokens
+    if decode_like:
+        # Smallest q block Triton's dot takes (16 rows): decode is bound by K/V bytes.
+        block_q = max(1, 16 // group)
+    else:
+        # About 128 rows (tokens x group) per program for prefill.
+        block_q = max(1, 128 // group)
+    block_q = min(block_q, _next_pow2(num_tokens))
+    # block_k 32: H100 sweep of 2026-11-23 (NOTES.md), 4k prefill 504 us vs 672 us at 64,
+    # decode b8 ctx8192 133 us vs 159-184 us; b64 ctx2048 equal within noise.
+    block_k = 32 if head_dim <= 128 else 16
+    block_k = min(block_k, _next_pow2(pages_per_seq * page_size))
+    num_work = min(num_tokens, num_tokens // block_q + max_num_seqs)
+    programs = max(1, num_work * num_kv_heads)
+    max_blocks = -(-pages_per_seq * page_size // block_k)
+    num_splits = 1
+    if decode_like:
+        while num_splits < 16 and programs * num_splits < 2 * num_sms and num_splits * 2 <= max_blocks:
+            num_splits *= 2
+    block_m = _next_pow2(block_q * group)
+    num_warps = 4 if block_m <= 64 else 8
+    num_stages = 2
+    return dict(block_q=block_q, block_k=block_k, num_splits=num_splits,
+                num_warps=num_warps, num_stages=num_stages)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("sm_scale", "sliding_window", "soft_cap", "block_q", "block_k",
+                     "num_splits", "num_warps", "num_stages", "interpret"),
+)
+def _ragged_paged_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *,
+                            sm_scale, sliding_window, soft_cap, block_q, block_k, num_splits,
+                            num_warps, num_stages, interpret):
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_pages, page_size, combined, _ = kv_pages.shape
+    num_kv_heads = combined // 2
+    group = num_q_heads // num_kv_heads
+    max_num_seqs, pages_per_seq = page_indices.shape
+    block_m = _next_pow2(block_q * group)
+    num_work = min(num_tokens, num_tokens // block_q + max_num_seqs)
+
+    work_seq, work_start, work_end = _work_items(cu_q_lens, num_seqs, block_q, num_work)
+    q2 = q.reshape(num_tokens * num_q_heads, head_dim)
+    if interpret:
+        q2 = jnp.pad(q2, [(0, -(-block_m // group) * num_q_heads), (0, 0)])
+    kv2 = kv_pages.reshape(num_pages * page_size * combined, head_dim)
+    precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
+
+    kernel = functools.partial(
+        _kernel, page_size=page_size, pages_per_seq=pages_per_seq, num_q_heads=num_q_heads,
+        num_kv_heads=num_kv_heads, group=group, block_q=block_q, block_m=block_m,
+        block_k=block_k, rows_per_split=(num_tokens + (-(-block_m // group) if interpret else 0))
+        * num_q_heads, clamp_rows=not interpret, sm_scale=sm_scale,
+        sliding_window=sliding_window, soft_cap=soft_cap, num_splits=num_splits,
+        precision=precision)
+    # Interpret mode: spare token rows so that masked-off rows can keep distinct indices.
+    spare_tokens = 0 if not interpret else -(-block_m // group)
+    rows = (num_tokens + spare_tokens) * num_q_heads
+    args = [work_seq, work_start, work_end, kv_lens.astype(jnp.int32),
+            page_indices.reshape(-1).astype(jnp.int32), cu_q_lens.astype(jnp.int32), q2, kv2]
+    params = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+    grid = (num_kv_heads, num_splits, num_work)
+    name = f"ragged_paged_attention_bq{block_q}_bk{block_k}_s{num_splits}"
+    if num_splits == 1:
+        out = pl.pallas_call(
+            kernel, grid=grid, out_shape=jax.ShapeDtypeStruct((rows, head_dim), q.dtype),
+            input_output_aliases={len(args): 0}, compiler_params=params, interpret=interpret,
+            name=name,
+        )(*args, jnp.zeros((rows, head_dim), q.dtype))
+        return out[:num_tokens * num_q_heads].reshape(num_tokens, num_q_heads, head_dim)
+
+    o_part, lse = pl.pallas_call(
+        kernel, grid=grid,
+        out_shape=(jax.ShapeDtypeStruct((num_splits * rows, head_dim), jnp.float32),
+                   jax.ShapeDtypeStruct((num_splits * rows,), jnp.float32)),
+        compiler_params=params, interpret=interpret, name=name,
+    )(*args)
+    # Combine the splits (flash-decoding).  Rows no work item wrote (bucket padding) hold
+    # garbage: mask them by token before any arithmetic.
+    o_part = o_part.reshape(num_splits, -1, num_q_heads, head_dim)[:, :num_tokens]
+    lse = lse.reshape(num_splits, -1, num_q_heads)[:, :num_tokens]
+    valid = (jnp.arange(num_tokens) < cu_q_lens[num_seqs[0]])[None, :, None]
+    lse = jnp.where(valid, lse, -jnp.inf)
+    lse_max = jnp.max(lse, axis=0)
+    lse_max = jnp.where(lse_max == -jnp.inf, 0.0, lse_max)
+    weight = jnp.exp2(lse - lse_max[None])  # [splits, num_tokens, num_q_heads]
+    o_part = jnp.where(valid[..., None], o_part, 0.0)
+    total = jnp.sum(weight, axis=0)
+    out = jnp.sum(weight[..., None] * o_part, axis=0) / jnp.where(total == 0, 1.0, total)[..., None]
+    return out.astype(q.dtype)
+
+
+def ragged_paged_attention(
+    q: jax.Array,  # [num_tokens, num_q_heads, head_dim]
+    kv_pages: jax.Array,  # [num_pages, page_size, 2 * num_kv_heads, head_dim]
+    kv_lens: jax.Array,  # i32[max_num_seqs]
+    page_indices: jax.Array,  # i32[max_num_seqs, pages_per_seq]
+    cu_q_lens: jax.Array,  # i32[max_num_seqs + 1]
+    num_seqs: jax.Array,  # i32[1]
+    *,
+    sm_scale: float,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
+    block_q: int | None = None,
+    block_k: int | None = None,
+    num_splits: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    interpret: bool | None = None,
+) -> jax.Array:
+    """Same contract as `reference.ragged_paged_attention`; the keyword tuning args override
+    `default_config`.  `interpret` defaults to True on the CPU backend (tests)."""
+    num_tokens, num_q_heads, head_dim = q.shape
+    _, page_size, combined, _ = kv_pages.shape
+    num_kv_heads = combined // 2
+    if num_q_heads % num_kv_heads:
+        raise ValueError(f"num_q_heads ({num_q_heads}) must be a multiple of num_kv_heads "
+                         f"({num_kv_heads})")
+    if interpret is None:
+        interpret = jax.default_backend() == "cpu"
+    padded_dim = _next_pow2(head_dim)
+    if padded_dim != head_dim:
+        # Triton blocks are powers of two.  Zero-padding head_dim leaves q.k and p.v unchanged
+        # but copies the cache: a correctness path for odd head dims (80, 96), not a fast one.
+        pad = [(0, 0), (0, 0), (0, padded_dim - head_dim)]
+        out = ragged_paged_attention(
+            jnp.pad(q, pad), jnp.pad(kv_pages, [(0, 0)] + pad), kv_lens, page_indices,
+            cu_q_lens, num_seqs, sm_scale=sm_scale, sliding_window=sliding_window,
+            soft_cap=soft_cap, block_q=block_q, block_k=block_k, num_splits=num_splits,
+            num_warps=num_warps, num_stages=num_stages, interpret=interpret)
+        return out[..., :head_dim]
+    max_num_seqs, pages_per_seq = page_indices.shape
+    cfg = default_config(num_tokens, max_num_seqs, num_q_heads, num_kv_heads, head_dim,
+                         page_size, pages_per_seq, q.dtype)
+    for key, value in (("block_q", block_q), ("block_k", block_k), ("num_splits", num_splits),
+                       ("num_warps", num_warps), ("num_stages", num_stages)):
+        if value is not None:
+            cfg[key] = value
+    return _ragged_paged_attention(
+        q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, sm_scale=float(sm_scale),
+        sliding_window=sliding_window, soft_cap=None if soft_cap is None else float(soft_cap),
+        interpret=bool(interpret), **cfg)

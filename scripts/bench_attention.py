@@ -1,0 +1,253 @@
+"""Benchmark ragged paged attention on the local accelerator; prints a table, writes JSON.
+
+    python scripts/bench_attention.py --out bench_attention.json [--quick]
+
+Shapes are Llama-3-8B's attention (32 q heads, 8 kv heads, head_dim 128, bf16).  Each figure is
+the median over repeats of the time per call, with every call inside one jitted fori_loop (so
+host dispatch is not timed) and a warm-up first.  Ceilings are measured in the same run:
+HBM bandwidth from a large elementwise copy (bytes read + written), bf16 matmul rate from an
+8192^3 product.  "bytes" counts what a step must read at least once (each request's K/V for
+all kv heads, q) and write (out); "flops" counts 4 * head_dim per visible (q head, key) pair.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxengine.pallas_kernels.ragged_paged_attention import gpu, reference
+
+NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM = 32, 8, 128
+DTYPE = jnp.bfloat16
+SM_SCALE = HEAD_DIM ** -0.5
+MAX_CTX_TOKENS = 1 << 21  # per case: 2M tokens of K/V = 8.6 GB in bf16
+
+
+def timed(fn, *args, inner=10, repeats=5):
+    """Median seconds per call of fn(*args), fn's calls chained in one jitted loop."""
+    def loop(*args):
+        q = args[0]
+        out = fn(*args)
+        for _ in range(inner):  # unrolled: an XLA while loop would add a host sync per trip
+            # A false dependency on the previous output keeps the calls in order and alive.
+            out = fn(q + (out.reshape(-1)[0] * 0).astype(q.dtype), *args[1:])
+        return out
+    loop = jax.jit(loop)
+    jax.block_until_ready(loop(*args))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(loop(*args))
+        times.append((time.perf_counter() - t0) / (inner + 1))
+    return statistics.median(times)
+
+
+def measure_ceilings():
+    # Host-timed single calls (ms each, so launch cost is noise).  Not the chained timer: XLA
+    # would compute only the one element of an elementwise op that the chain depends on.
+    def host_timed(f, *a):
+        jax.block_until_ready(f(*a))
+        ts = []
+        for _ in range(10):
+            t0 = time.perf_counter()
+            jax.block_until_ready(f(*a))
+            ts.append(time.perf_counter() - t0)
+        return statistics.median(ts)
+    x = jax.random.normal(jax.random.key(0), (1 << 29,), jnp.float32)  # 2 GiB
+    hbm = 2 * x.nbytes / host_timed(jax.jit(lambda x: x * 1.0001), x)  # read + write
+    read = x.nbytes / host_timed(jax.jit(jnp.sum), x)
+    print(f"read-only (sum) bandwidth: {read / 1e12:.2f} TB/s", flush=True)
+    del x
+    n = 8192
+    a = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
+    b = jax.random.normal(jax.random.key(2), (n, n), jnp.bfloat16)
+    mm = jax.jit(lambda a, b: a @ b)
+    jax.block_until_ready(mm(a, b))
+    ts = []
+    for _ in range(10):
+        t0 = time.perf_counter()
+        jax.block_until_ready(mm(a, b))
+        ts.append(time.perf_counter() - t0)
+    return hbm, 2 * n ** 3 / statistics.median(ts)
+
+
+def make_step(q_lens, ctx_lens, page_size, seed=0, max_num_seqs=None):
+    """A ragged step with random data: request i has q_lens[i] queries, ctx_lens[i] context."""
+    rng = np.random.default_rng(seed)
+    num_seqs = len(q_lens)
+    max_num_seqs = max_num_seqs or num_seqs
+    pages_per_seq = max(-(-c // page_size) for c in ctx_lens)
+    need = [-(-c // page_size) for c in ctx_lens]
+    num_pages = sum(need) + 1
+    perm = rng.permutation(num_pages).astype(np.int32)  # scattered pages, as in a real pool
+    page_indices = np.zeros((max_num_seqs, pages_per_seq), np.int32)
+    at = 0
+    for i, n in enumerate(need):
+        page_indices[i, :n] = perm[at:at + n]
+        at += n
+    key = jax.random.key(seed)
+    kv_pages = jax.random.normal(key, (num_pages, page_size, 2 * NUM_KV_HEADS, HEAD_DIM), DTYPE)
+    num_tokens = sum(q_lens)
+    q = jax.random.normal(jax.random.fold_in(key, 1), (num_tokens, NUM_Q_HEADS, HEAD_DIM), DTYPE)
+    cu = np.zeros(max_num_seqs + 1, np.int32)
+    cu[1:num_seqs + 1] = np.cumsum(q_lens)
+    cu[num_seqs + 1:] = cu[num_seqs]
+    kv_lens = np.zeros(max_num_seqs, np.int32)
+    kv_lens[:num_seqs] = ctx_lens
+    args = (q, kv_pages, jnp.asarray(kv_lens), jnp.asarray(page_indices), jnp.asarray(cu),
+            jnp.asarray([num_seqs], jnp.int32))
+    kv_bytes = sum(ctx_lens) * 2 * NUM_KV_HEADS * HEAD_DIM * 2
+    bytes_ = kv_bytes + 2 * q.nbytes
+    visible = sum(sum(c - ql + j + 1 for j in range(ql)) if ql < 4096 else
+                  ql * (c - ql) + ql * (ql + 1) // 2 for ql, c in zip(q_lens, ctx_lens))
+    flops = 4 * HEAD_DIM * NUM_Q_HEADS * visible
+    return args, bytes_, flops
+
+
+def jax_gpu_paged_attention_peer(args, page_size):
+    """jax.experimental.pallas.ops.gpu.paged_attention (decode only): K and V as separate
+    [kv_heads, pages, page_size, head_dim] arrays (converted outside the timed region)."""
+    from jax.experimental.pallas.ops.gpu import paged_attention as pa
+    q, kv_pages, kv_lens, page_indices, _, _ = args
+    k_pages = jnp.transpose(kv_pages[:, :, 0::2], (2, 0, 1, 3))
+    v_pages = jnp.transpose(kv_pages[:, :, 1::2], (2, 0, 1, 3))
+    pages_per_seq = page_indices.shape[1]
+    k_splits = min(16, pages_per_seq)
+    while pages_per_seq % k_splits:
+        k_splits //= 2
+    ppcb = max(1, min(8, 128 // page_size, pages_per_seq // k_splits))
+    fn = lambda q, k, v, bt, lens: pa.paged_attention(
+        q * SM_SCALE, k, v, bt, lens, k_splits=k_splits, pages_per_compute_block=ppcb)
+    return fn, (q, k_pages, v_pages, page_indices, kv_lens)
+
+
+def run_case(rows, kind, name, q_lens, ctx_lens, page_size, hbm, mxu, peers=(), variants=None):
+    args, bytes_, flops = make_step(q_lens, ctx_lens, page_size)
+    impls = {"ours": lambda *a: gpu.ragged_paged_attention(*a, sm_scale=SM_SCALE)}
+    for vname, kw in (variants or {}).items():
+        impls[f"ours[{vname}]"] = (lambda kw: lambda *a: gpu.ragged_paged_attention(
+            *a, sm_scale=SM_SCALE, **kw))(kw)
+    ref_out = None
+    for impl, fn in impls.items():
+        row = dict(kind=kind, case=name, page_size=page_size, impl=impl, bytes=bytes_,
+                   flops=flops)
+        try:
+            out = jax.jit(fn)(*args)
+            if ref_out is None and sum(q_lens) * max(ctx_lens) <= 64 * 4096:
+                ref_out = reference.ragged_paged_attention(*args, sm_scale=SM_SCALE)
+            if ref_out is not None:
+                o, r = np.asarray(out, np.float32), np.asarray(ref_out, np.float32)
+                row["rel_err"] = float(np.linalg.norm(o - r) / np.linalg.norm(r))
+            t = timed(fn, *args)
+            row.update(time_us=t * 1e6, hbm_frac=bytes_ / t / hbm, mxu_frac=flops / t / mxu)
+        except Exception as e:  # record and go on: one failing shape must not end the run
+            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            traceback.print_exc(limit=3)
+        rows.append(row)
+        print_row(row)
+    for peer in peers:
+        row = dict(kind=kind, case=name, page_size=page_size, impl=peer, bytes=bytes_,
+                   flops=flops)
+        try:
+            if peer == "jax_gpu_paged":
+                fn, pargs = jax_gpu_paged_attention_peer(args, page_size)
+            elif peer == "cudnn":
+                q = args[0]
+                t_ = q.shape[0]
+                k = jax.random.normal(jax.random.key(5), (1, t_, NUM_KV_HEADS, HEAD_DIM), DTYPE)
+                v = jax.random.normal(jax.random.key(6), (1, t_, NUM_KV_HEADS, HEAD_DIM), DTYPE)
+                fn = lambda q, k, v: jax.nn.dot_product_attention(
+                    q, k, v, is_causal=True, scale=SM_SCALE, implementation="cudnn")
+                pargs = (q[None], k, v)
+            elif peer == "reference":
+                fn = lambda *a: reference.ragged_paged_attention(*a, sm_scale=SM_SCALE)
+                pargs = args
+            t = timed(fn, *pargs, inner=3 if peer == "reference" else 10)
+            row.update(time_us=t * 1e6, hbm_frac=bytes_ / t / hbm, mxu_frac=flops / t / mxu)
+        except Exception as e:
+            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            traceback.print_exc(limit=3)
+        rows.append(row)
+        print_row(row)
+    del args
+
+
+def print_row(r):
+    if "error" in r:
+        print(f"| {r['kind']} | {r['case']} | {r['page_size']} | {r['impl']} | ERROR {r['error'][:80]} |",
+              flush=True)
+        return
+    err = f"{r['rel_err']:.1e}" if "rel_err" in r else "-"
+    print(f"| {r['kind']} | {r['case']} | {r['page_size']} | {r['impl']} | {r['time_us']:.1f} | "
+          f"{r['hbm_frac'] * 100:.0f}% | {r['mxu_frac'] * 100:.1f}% | {err} |", flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="bench_attention.json")
+    ap.add_argument("--quick", action="store_true", help="a few shapes only")
+    ap.add_argument("--page-sizes", default="16,32,64")
+    ap.add_argument("--decode-page-size", type=int, default=32)
+    args = ap.parse_args()
+    dev = jax.devices()[0]
+    hbm, mxu = measure_ceilings()
+    print(f"device: {dev.device_kind}; jax {jax.__version__}; measured copy bandwidth "
+          f"{hbm / 1e12:.2f} TB/s; measured bf16 matmul {mxu / 1e12:.0f} TFLOP/s", flush=True)
+    print("| kind | case | page | impl | time us | of HBM bw | of bf16 mm | rel err |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    rows = []
+
+    def save():  # after every case too, so a run cut short still leaves its figures
+        result = dict(device=dev.device_kind, jax=jax.__version__, hbm_bytes_per_s=hbm,
+                      bf16_flops_per_s=mxu, argv=sys.argv, rows=rows)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+    ps = args.decode_page_size
+    batches = [8, 64] if args.quick else [1, 8, 64, 256]
+    ctxs = [2048, 8192] if args.quick else [512, 2048, 8192, 32768]
+    for b in batches:
+        for c in ctxs:
+            if b * c > MAX_CTX_TOKENS:
+                continue
+            peers = ["jax_gpu_paged"] + (["reference"] if b * c <= 8 * 2048 else [])
+            save(); run_case(rows, "decode", f"b{b} ctx{c}", [1] * b, [c] * b, ps, hbm, mxu, peers)
+    # Tuning sweep on two decode shapes, then a page-size sweep.
+    sweep = {"bk32": dict(block_k=32), "bk128": dict(block_k=128), "w8": dict(num_warps=8),
+             "st3": dict(num_stages=3), "bk128w8": dict(block_k=128, num_warps=8),
+             "s1": dict(num_splits=1), "s4": dict(num_splits=4)}
+    for b, c in [(8, 8192), (64, 2048)]:
+        save(); run_case(rows, "decode-sweep", f"b{b} ctx{c}", [1] * b, [c] * b, ps, hbm, mxu,
+                 variants=sweep)
+    for p in [int(x) for x in args.page_sizes.split(",")]:
+        if p == ps:
+            continue
+        for b, c in [(8, 8192), (64, 2048)]:
+            save(); run_case(rows, "decode", f"b{b} ctx{c}", [1] * b, [c] * b, p, hbm, mxu)
+    chunks = [512, 2048] if args.quick else [512, 2048, 4096, 8192]
+    for t in chunks:
+        peers = ["cudnn"] + (["reference"] if t <= 512 else [])
+        save(); run_case(rows, "prefill", f"chunk{t}", [t], [t], ps, hbm, mxu, peers,
+                 variants={"bq16": dict(block_q=16), "bk32": dict(block_k=32),
+                           "bq64bk32": dict(block_q=64, block_k=32),
+                           "st3": dict(num_stages=3), "w4": dict(num_warps=4)}
+                 if t == 4096 else None)
+    save(); run_case(rows, "prefill", "chunk2048 at ctx8192", [2048], [8192], ps, hbm, mxu)
+    save(); run_case(rows, "mixed", "512 prefill + 63 dec ctx2048", [512] + [1] * 63,
+             [512] + [2048] * 63, ps, hbm, mxu)
+    save(); run_case(rows, "mixed", "4x256 prefill + 60 dec ctx4096", [256] * 4 + [1] * 60,
+             [1024] * 4 + [4096] * 60, ps, hbm, mxu)
+    save()
+
+
+if __name__ == "__main__":
+    main()
