@@ -160,6 +160,7 @@ class ModelRunner:
             "penalty_slot": np.full((s,), self.num_slots - 1, np.int32),
             "use_penalty": np.zeros((s,), np.bool_),
             "count_sampled": np.zeros((s,), np.bool_),
+            "want_logprobs": np.zeros((s,), np.bool_),
         }
         return batch, samp
 
@@ -203,6 +204,7 @@ class ModelRunner:
             samp["min_p"][i] = p.min_p
             samp["seed"][i] = seq.seed % (1 << 32)
             samp["rng_pos"][i] = seq.start_pos + n
+            samp["want_logprobs"][i] = p.logprobs is not None
             if uses_penalties(p):
                 slot = self._slot_for(seq.request_id)
                 if seq.penalty_history is not None:

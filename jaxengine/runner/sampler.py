@@ -88,7 +88,13 @@ def sample(logits: jax.Array, state: dict[str, jax.Array], s: dict[str, jax.Arra
 
     token_lp = jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0]
     token_rank = jnp.sum(raw_logprobs > token_lp[:, None], axis=-1).astype(jnp.int32) + 1
-    top_lp, top_ids = jax.lax.top_k(raw_logprobs, num_logprobs)
+    if "want_logprobs" in s:  # a top-k pass over the vocabulary only when a row asks for it
+        top_lp, top_ids = jax.lax.cond(
+            jnp.any(s["want_logprobs"]), lambda r: jax.lax.top_k(r, num_logprobs),
+            lambda r: (jnp.zeros((r.shape[0], num_logprobs), r.dtype),
+                       jnp.zeros((r.shape[0], num_logprobs), jnp.int32)), raw_logprobs)
+    else:
+        top_lp, top_ids = jax.lax.top_k(raw_logprobs, num_logprobs)
     return {"tokens": tokens, "logprob": token_lp, "rank": token_rank,
             "top_ids": top_ids.astype(jnp.int32), "top_logprobs": top_lp}
 
