@@ -52,32 +52,48 @@ def ragged_paged_attention(
     max_len = pages_per_seq * page_size
 
     token = jnp.arange(num_tokens, dtype=jnp.int32)
-    # Request of each token; padding tokens get max_num_seqs - 1 and are masked out below.
-    seq = jnp.searchsorted(cu_q_lens[1:], token, side="right").astype(jnp.int32)
+    # Request of each token (a compare-and-sum, not searchsorted: that lowers to a while loop);
+    # padding tokens get max_num_seqs - 1 and are masked out below.
+    seq = jnp.sum(cu_q_lens[1:][None, :] <= token[:, None], axis=1, dtype=jnp.int32)
     valid_token = token < cu_q_lens[num_seqs[0]]
     seq = jnp.minimum(seq, max_num_seqs - 1)
     q_len = cu_q_lens[seq + 1] - cu_q_lens[seq]
     q_pos = kv_lens[seq] - q_len + (token - cu_q_lens[seq])  # position of each query token
+    kv_len = jnp.where(valid_token, kv_lens[seq], 0)
 
-    # Gather every request's context: [max_num_seqs, max_len, 2 * num_kv_heads, head_dim]
-    ctx = kv_pages[page_indices].reshape(max_num_seqs, max_len, combined, head_dim)
-    k = ctx[:, :, 0::2, :][seq]  # [num_tokens, max_len, num_kv_heads, head_dim]
-    v = ctx[:, :, 1::2, :][seq]
+    def attend(q_blk, seq_blk, q_pos_blk, kv_len_blk):
+        # Each token's whole context: [block, max_len, 2 * num_kv_heads, head_dim]
+        ctx = kv_pages[page_indices[seq_blk]].reshape(-1, max_len, combined, head_dim).astype(jnp.float32)
+        k, v = ctx[:, :, 0::2, :], ctx[:, :, 1::2, :]
+        qg = q_blk.reshape(-1, num_kv_heads, group, head_dim).astype(jnp.float32)
+        scores = jnp.einsum("thgd,tlhd->thgl", qg, k) * sm_scale
+        if soft_cap is not None:
+            scores = soft_cap * jnp.tanh(scores / soft_cap)
+        kv_pos = jnp.arange(max_len, dtype=jnp.int32)
+        mask = (kv_pos[None, :] <= q_pos_blk[:, None]) & (kv_pos[None, :] < kv_len_blk[:, None])
+        if sliding_window is not None:
+            mask &= q_pos_blk[:, None] - kv_pos[None, :] < sliding_window
+        scores = jnp.where(mask[:, None, None, :], scores, -jnp.inf)
+        # Rows with no visible key (padding) would be NaN; give them zero output.
+        row_max = jnp.max(scores, axis=-1, keepdims=True)
+        row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+        p = jnp.exp(scores - row_max)
+        denom = jnp.sum(p, axis=-1, keepdims=True)
+        return jnp.einsum("thgl,tlhd->thgd", p, v) / jnp.where(denom == 0, 1.0, denom)
 
-    qg = q.reshape(num_tokens, num_kv_heads, group, head_dim).astype(jnp.float32)
-    scores = jnp.einsum("thgd,tlhd->thgl", qg, k.astype(jnp.float32)) * sm_scale
-    if soft_cap is not None:
-        scores = soft_cap * jnp.tanh(scores / soft_cap)
-    kv_pos = jnp.arange(max_len, dtype=jnp.int32)
-    mask = (kv_pos[None, :] <= q_pos[:, None]) & (kv_pos[None, :] < kv_lens[seq][:, None])
-    if sliding_window is not None:
-        mask &= q_pos[:, None] - kv_pos[None, :] < sliding_window
-    mask &= valid_token[:, None]
-    scores = jnp.where(mask[:, None, None, :], scores, -jnp.inf)
-    # Rows with no visible key (padding) would be NaN; give them zero output.
-    row_max = jnp.max(scores, axis=-1, keepdims=True)
-    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
-    p = jnp.exp(scores - row_max)
-    denom = jnp.sum(p, axis=-1, keepdims=True)
-    out = jnp.einsum("thgl,tlhd->thgd", p, v.astype(jnp.float32)) / jnp.where(denom == 0, 1.0, denom)
-    return out.reshape(num_tokens, num_q_heads, head_dim).astype(q.dtype)
+    # Tokens go through in blocks sized so one block's gathered context stays near 64 MiB:
+    # memory is O(block * max_len), not O(num_tokens * max_len).
+    per_token_bytes = max_len * combined * head_dim * 4
+    block = 1
+    while block * 2 <= min(num_tokens, max(1, (64 << 20) // per_token_bytes)):
+        block *= 2
+    padded = -(-num_tokens // block) * block
+    pad = padded - num_tokens
+
+    def blocks(x):
+        x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
+        return x.reshape(padded // block, block, *x.shape[1:])
+
+    out = jax.lax.map(lambda a: attend(*a), (blocks(q), blocks(seq), blocks(q_pos), blocks(kv_len)))
+    out = out.reshape(padded, num_q_heads, head_dim)[:num_tokens]
+    return out.astype(q.dtype)
