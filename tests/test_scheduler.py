@@ -9,15 +9,22 @@ from hypothesis import given, settings, strategies as st
 from jaxengine.config import SchedulerConfig
 from jaxengine.engine.kv_cache_manager import KVCacheManager
 from jaxengine.engine.request import Request, RequestStatus
-from jaxengine.engine.scheduler import Scheduler
+from jaxengine.engine.scheduler import PENDING_TOKEN, Scheduler
 from jaxengine.sampling_params import SamplingParams
 
 
-def run_to_completion(sched: Scheduler, rng: random.Random, vocab: int = 4, max_steps: int = 5000):
+def run_to_completion(sched: Scheduler, rng: random.Random, vocab: int = 4, max_steps: int = 5000,
+                      pipelined: bool = False):
+    """Drive the scheduler like EngineCore does; pipelined: step N+1 is scheduled before the
+    tokens of step N are known (asynchronous scheduling)."""
     kv = sched.kv
     steps = 0
-    while sched.has_unfinished():
+    inflight = None
+    while sched.has_unfinished() or inflight:
         out = sched.schedule()
+        for s in out.seqs:  # only the last input token of a request can still be pending
+            assert PENDING_TOKEN not in s.token_ids[:-1]
+            assert pipelined or PENDING_TOKEN not in s.token_ids
         steps += 1
         assert steps < max_steps, "scheduler made no progress"
         assert out.num_batched_tokens <= sched.config.max_num_batched_tokens
@@ -28,8 +35,13 @@ def run_to_completion(sched: Scheduler, rng: random.Random, vocab: int = 4, max_
             table = kv.tables[s.request_id]
             assert len(table) * kv.page_size >= s.start_pos + len(s.token_ids), "pages cover the step"
         kv.check_invariants(live_request_ids=sched.requests)
-        sampled = {s.request_id: rng.randrange(vocab) for s in out.seqs if s.sample}
-        sched.update(out, sampled)
+        if pipelined:
+            if inflight is not None:
+                sched.update(*inflight)
+            inflight = (out, {s.request_id: rng.randrange(vocab) for s in out.seqs if s.sample}) \
+                if out.seqs else None
+        else:
+            sched.update(out, {s.request_id: rng.randrange(vocab) for s in out.seqs if s.sample})
         kv.check_invariants(live_request_ids=sched.requests)
     return steps
 
@@ -43,10 +55,13 @@ def run_to_completion(sched: Scheduler, rng: random.Random, vocab: int = 4, max_
     max_num_seqs=st.integers(1, 8),
     prefix_caching=st.booleans(),
     chunked=st.booleans(),
+    pipelined=st.booleans(),
+    eos=st.booleans(),
     lengths=st.lists(st.tuples(st.integers(1, 30), st.integers(1, 12)), min_size=1, max_size=12),
 )
 def test_random_workloads_finish_within_budgets_and_return_every_page(
-        seed, num_pages, page_size, budget, max_num_seqs, prefix_caching, chunked, lengths):
+        seed, num_pages, page_size, budget, max_num_seqs, prefix_caching, chunked, pipelined, eos,
+        lengths):
     max_model_len = 48
     if num_pages * page_size < max_model_len:
         num_pages = -(-max_model_len // page_size)
@@ -61,14 +76,18 @@ def test_random_workloads_finish_within_budgets_and_return_every_page(
     for i, (plen, max_tokens) in enumerate(lengths):
         # shared prefixes make prefix-cache hits likely
         prompt = [rng.randrange(2) for _ in range(plen)]
-        req = Request(f"r{i}", prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True), seed=i,
-                      max_total_tokens=max_model_len)
+        req = Request(f"r{i}", prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=not eos), seed=i,
+                      max_total_tokens=max_model_len, eos_token_ids=(0,))
         sched.add_request(req)
         reqs.append(req)
-    run_to_completion(sched, rng)
+    run_to_completion(sched, rng, pipelined=pipelined)
     for req in reqs:
-        assert req.status == RequestStatus.FINISHED_LENGTH
-        assert req.num_output_tokens == min(req.params.max_tokens, max_model_len - req.num_prompt_tokens)
+        limit = min(req.params.max_tokens, max_model_len - req.num_prompt_tokens)
+        out = req.output_token_ids
+        if eos and 0 in out:  # stops at the first EOS, nothing after it
+            assert req.status == RequestStatus.FINISHED_STOPPED and out.index(0) == len(out) - 1
+        else:
+            assert req.status == RequestStatus.FINISHED_LENGTH and len(out) == limit
     assert kv.num_free_pages == kv.num_pages and all(c == 0 for c in kv.ref_cnt)
     assert not kv.tables
 
@@ -80,7 +99,7 @@ def test_a_tiny_pool_preempts_and_still_finishes_everything():
     for i in range(6):
         sched.add_request(Request(f"r{i}", [1, 2, 3, 4, 5, i], SamplingParams(max_tokens=20, ignore_eos=True),
                                   seed=i, max_total_tokens=32))
-    run_to_completion(sched, random.Random(0))
+    run_to_completion(sched, random.Random(0), pipelined=True)
     assert sched.num_preemptions > 0
     assert kv.num_free_pages == kv.num_pages
 
@@ -134,11 +153,17 @@ def test_n_siblings_wait_for_the_leader_and_share_its_prompt_pages():
     child = Request("g#1", list(range(10)), params, seed=1, leader=leader)
     sched.add_request(leader)
     sched.add_request(child)
+    # with a tiny budget the leader's prompt takes two steps; the sibling waits for all of it
+    sched.config = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=6, max_model_len=64)
     out = sched.schedule()
-    assert [s.request_id for s in out.seqs] == ["g#0"]  # the sibling waits for the prompt
-    sched.update(out, {"g#0": 5})
+    assert [s.request_id for s in out.seqs] == ["g#0"]
+    sched.update(out, {})
+    sched.config = cfg
+    # then joins in the step that computes the leader's last chunk: within a layer every K/V
+    # write of a step lands before any attention read, so the shared pages are complete
     out = sched.schedule()
-    child_seq = [s for s in out.seqs if s.request_id == "g#1"][0]
+    assert [s.request_id for s in out.seqs] == ["g#0", "g#1"]
+    child_seq = out.seqs[1]
     assert child_seq.start_pos == 8 and len(child_seq.token_ids) == 2  # only the partial page
     assert kv.tables["g#1"][:2] == kv.tables["g#0"][:2]
     kv.check_invariants()

@@ -38,7 +38,8 @@ class Request:
         # n > 1: siblings wait for the leader's prompt pages and share them instead of recomputing
         self.leader = leader
         self.status = RequestStatus.WAITING
-        self.num_computed_tokens = 0
+        self.num_computed_tokens = 0  # advanced when a step is scheduled
+        self.num_pending = 0  # tokens sampled by steps in flight, not yet appended
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache at first schedule
         self.num_preemptions = 0
         self.stop_reason: int | str | None = None

@@ -5,6 +5,13 @@ Prefill and decode are one thing here: each request has tokens it knows but has 
 (max_num_batched_tokens) between running requests first and waiting ones after; a prompt longer
 than what is left enters in chunks (chunked prefill).  When pages run out, the most recently
 admitted running request is preempted: its pages are freed and it is recomputed later.
+
+Asynchronous scheduling: a request's computed-token count advances when it is *scheduled*, and a
+sampled token is "pending" until `update` learns its value.  So the next step can be scheduled
+(and dispatched) while this one still runs on the device: a decode whose input is a pending token
+carries PENDING_TOKEN in `token_ids`, and the runner takes the value from the device.  A request
+whose pending tokens already reach max_tokens is not scheduled again; one that stops on EOS costs
+at most one extra step, whose result is dropped.
 """
 
 from __future__ import annotations
@@ -16,6 +23,8 @@ from jaxengine.config import SchedulerConfig
 from jaxengine.engine.kv_cache_manager import KVCacheManager
 from jaxengine.engine.request import Request, RequestStatus
 from jaxengine.sampling_params import SamplingParams
+
+PENDING_TOKEN = -1  # an input token sampled by the step in flight, not yet known on the host
 
 
 @dataclasses.dataclass
@@ -109,7 +118,7 @@ class Scheduler:
         self.running.remove(req)
         self.kv.free(req.request_id)
         req.status = RequestStatus.PREEMPTED
-        req.num_computed_tokens = 0
+        req.num_computed_tokens = 0  # a pending token still arrives through update()
         req.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(req)
@@ -120,16 +129,29 @@ class Scheduler:
         history = None
         if restarted and uses_penalties(req.params):
             history = (list(req.token_ids), req.num_prompt_tokens)
+        token_ids = req.token_ids[start:start + num_new]
+        token_ids += [PENDING_TOKEN] * (num_new - len(token_ids))
+        sample = start + num_new == req.num_tokens + req.num_pending
+        req.num_computed_tokens += num_new  # eagerly: the step is as good as done
+        if sample:
+            req.num_pending += 1
         return ScheduledSeq(
             request_id=req.request_id,
-            token_ids=req.token_ids[start:start + num_new],
+            token_ids=token_ids,
             start_pos=start,
             page_table=list(self.kv.tables[req.request_id]),
-            sample=start + num_new == req.num_tokens,
+            sample=sample,
             params=req.params,
             seed=req.seed,
             penalty_history=history,
         )
+
+    def _finishing(self, req: Request) -> bool:
+        """Its pending tokens already reach a length limit: nothing more to compute."""
+        n = req.num_tokens + req.num_pending
+        max_tokens = req.params.max_tokens
+        return ((max_tokens is not None and n - req.num_prompt_tokens >= max_tokens)
+                or (req.max_total_tokens is not None and n >= req.max_total_tokens))
 
     def schedule(self) -> SchedulerOutput:
         cfg = self.config
@@ -141,8 +163,8 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
-            if num_new <= 0:
+            num_new = min(req.num_tokens + req.num_pending - req.num_computed_tokens, budget)
+            if num_new <= 0 or self._finishing(req):
                 i += 1
                 continue
             while not self.kv.allocate(req.request_id, req.num_computed_tokens + num_new):
@@ -204,12 +226,14 @@ class Scheduler:
         updated = []
         for seq in out.seqs:
             req = self.requests.get(seq.request_id)
-            if req is None or req.status != RequestStatus.RUNNING:
-                continue  # aborted while the step ran
-            req.num_computed_tokens += len(seq.token_ids)
-            self.kv.cache_pages(req.request_id, req.token_ids, req.num_computed_tokens)
+            if req is None:
+                continue  # finished or aborted while the step ran: its result is dropped
+            if req.status == RequestStatus.RUNNING:
+                self.kv.cache_pages(req.request_id, req.token_ids, seq.start_pos + len(seq.token_ids))
             if not seq.sample:
                 continue
+            # a request preempted after this step was scheduled still keeps the token it sampled
+            req.num_pending -= 1
             req.append_token(sampled[seq.request_id])
             updated.append(req)
             status = req.check_stop()
