@@ -90,7 +90,7 @@ def sample(logits: jax.Array, state: dict[str, jax.Array], s: dict[str, jax.Arra
     token_rank = jnp.sum(raw_logprobs > token_lp[:, None], axis=-1).astype(jnp.int32) + 1
     if "want_logprobs" in s:  # a top-k pass over the vocabulary only when a row asks for it
         top_lp, top_ids = jax.lax.cond(
-            jnp.any(s["want_logprobs"]), lambda r: jax.lax.top_k(r, num_logprobs),
+            jnp.any(s["want_logprobs"]), lambda r: tuple(jax.lax.top_k(r, num_logprobs)),
             lambda r: (jnp.zeros((r.shape[0], num_logprobs), r.dtype),
                        jnp.zeros((r.shape[0], num_logprobs), jnp.int32)), raw_logprobs)
     else:
