@@ -50,14 +50,15 @@ class LLM:
         import jax
 
         from jaxengine import models
-        from jaxengine.engine.core import EngineCore
+        from jaxengine.engine.core import DataParallelEngineCore, EngineCore
         from jaxengine.engine.kv_cache_manager import KVCacheManager
         from jaxengine.loader import checkpoint as ckpt
         from jaxengine.runner.model_runner import ModelRunner, kv_bytes_per_page, kv_cache_budget_bytes
+        from jaxengine.sharding import multihost
 
-        if tensor_parallel_size != 1 or data_parallel_size != 1:
-            raise ValueError("tensor_parallel_size/data_parallel_size > 1 are not supported yet "
-                             f"(got tp={tensor_parallel_size}, dp={data_parallel_size})")
+        # Multi-host: no-op unless JAXENGINE_COORDINATOR_ADDRESS / JAXENGINE_MULTIHOST=1 ask for it
+        # (or the script called jax.distributed.initialize itself); see docs/sharding.md.
+        multihost.initialize()
         if dtype not in ("auto", "bfloat16", "float32", "float16"):
             raise ValueError(f"dtype must be one of auto, bfloat16, float32, float16; got {dtype!r}")
         if model is None:
@@ -75,6 +76,16 @@ class LLM:
             self.generation_config = ckpt.load_generation_config(model)
         model_cfg = ModelConfig.from_hf_config(hf_config, dtype)
         module = models.get_model(model_cfg.architecture)  # unknown architectures fail here
+        parallel_cfg = ParallelConfig(tensor_parallel_size, data_parallel_size)
+        mesh = None
+        if tensor_parallel_size * data_parallel_size > 1 or jax.process_count() > 1:
+            from jaxengine import sharding
+            sharding.check_model(model_cfg, tensor_parallel_size)
+            mesh = sharding.make_mesh(tensor_parallel_size, data_parallel_size)
+            if jax.process_count() > 1 and data_parallel_size > 1:
+                raise ValueError("data_parallel_size > 1 over several processes is not supported yet: "
+                                 "use tensor_parallel_size = the number of devices of all processes")
+        self.mesh = mesh
 
         self.tokenizer = None
         if not skip_tokenizer_init:
@@ -100,18 +111,31 @@ class LLM:
             attention_impl=attention_impl, warmup=warmup)
         _enable_compilation_cache(runner_cfg.compilation_cache_dir)
 
+        from jaxengine.loader import orbax_ckpt
+        put = sharding.make_put(mesh, model_cfg) if mesh is not None else None
         if load_format == "dummy":  # random weights of the right shapes (benchmarks), as vLLM's
             params = module.init_params(model_cfg, jax.random.PRNGKey(seed))
+            if mesh is not None:
+                params = sharding.shard_params(params, mesh, model_cfg)
+        elif load_format == "auto" and orbax_ckpt.is_orbax_dir(model):
+            params = orbax_ckpt.restore_params(model, module.param_shapes(model_cfg), model_cfg, mesh)
         elif load_format == "auto":
             source = (gguf_loader.iter_gguf_tensors(model) if gguf else ckpt.iter_safetensors(model))
-            params = ckpt.load_params(source, module.param_shapes(model_cfg), model_cfg.dtype,
+            params = ckpt.load_params(source, module.param_shapes(model_cfg), model_cfg.dtype, put=put,
                                       progress=use_tqdm_on_load)
         else:
             raise ValueError(f"load_format must be 'auto' or 'dummy', got {load_format!r}")
 
         # Size the page pool now that the weights are on the device.
         probe = EngineConfig(model, model_cfg, cache_cfg, SchedulerConfig(), ParallelConfig(), runner_cfg)
-        num_pages = kv_cache_budget_bytes(probe, jax.devices()[0]) // kv_bytes_per_page(probe)
+        if mesh is None:
+            num_pages = kv_cache_budget_bytes(probe, jax.devices()[0]) // kv_bytes_per_page(probe)
+        else:  # the budget is per device; a device holds its tp share of (duplicated) kv heads
+            tp = tensor_parallel_size
+            sharded = EngineConfig(model, sharding.sharded_model_config(model_cfg, tp), cache_cfg,
+                                   SchedulerConfig(), parallel_cfg, runner_cfg)
+            num_pages = (kv_cache_budget_bytes(probe, jax.local_devices()[0]) * tp
+                         // kv_bytes_per_page(sharded))
         capacity = num_pages * block_size
         if max_model_len is None:
             max_model_len = min(model_cfg.max_position_embeddings, capacity)
@@ -125,17 +149,45 @@ class LLM:
                                 kv_cache_memory_bytes=kv_cache_memory_bytes,
                                 gpu_memory_utilization=gpu_memory_utilization,
                                 enable_prefix_caching=enable_prefix_caching)
-        self.config = EngineConfig(model, model_cfg, cache_cfg, sched_cfg,
-                                   ParallelConfig(tensor_parallel_size, data_parallel_size), runner_cfg,
+        self.config = EngineConfig(model, model_cfg, cache_cfg, sched_cfg, parallel_cfg, runner_cfg,
                                    seed=seed, hf_config=hf_config)
-        self.runner = ModelRunner(self.config, params, module, num_pages)
-        if warmup:
-            self.runner.warmup(progress=use_tqdm_on_load)
-        self.runner.compile_counter.mark()
-        self.kv_cache = KVCacheManager(num_pages, block_size, enable_prefix_caching)
-        self.engine = EngineCore(sched_cfg, self.kv_cache, self.runner, self.tokenizer,
-                                 eos_token_ids=tuple(sorted(eos)), seed=seed)
+        # Data parallelism: one independent engine (runner + KV pool + scheduler) per mesh row of tp
+        # devices, behind a least-loaded router; tp=dp=1 is the plain single-device engine.
+        meshes = sharding.replica_meshes(mesh) if mesh is not None else [None]
+        self.runners, self.kv_caches, cores = [], [], []
+        for i, sub in enumerate(meshes):
+            replica_params = params if sub is None or len(meshes) == 1 else sharding.replica_params(params, sub)
+            runner = ModelRunner(self.config, replica_params, module, num_pages, mesh=sub)
+            if warmup:
+                runner.warmup(progress=use_tqdm_on_load)
+            runner.compile_counter.mark()
+            kv = KVCacheManager(num_pages, block_size, enable_prefix_caching)
+            cores.append(EngineCore(sched_cfg, kv, runner, self.tokenizer, eos_token_ids=tuple(sorted(eos)),
+                                    seed=seed + i))
+            self.runners.append(runner)
+            self.kv_caches.append(kv)
+        del params
+        self.runner, self.kv_cache = self.runners[0], self.kv_caches[0]
+        self.engine = cores[0] if len(cores) == 1 else DataParallelEngineCore(cores)
         self._counter = itertools.count()
+        self.is_driver = jax.process_index() == 0
+        self._stopped = False
+        if jax.process_count() > 1:
+            self.runner.channel = multihost.StepChannel()
+            if self.is_driver:
+                import atexit
+                atexit.register(self.shutdown)
+            else:  # a worker: replay the driver's steps until its LLM shuts down, then return
+                logger.info("process %d: following process 0's steps", jax.process_index())
+                multihost.follow(self.runner)
+                self._stopped = True
+
+    def shutdown(self) -> None:
+        """Multi-host: release the worker processes (their LLM() returns).  Runs at exit anyway."""
+        if self.is_driver and not self._stopped and self.runner.channel is not None:
+            from jaxengine.sharding import multihost
+            self.runner.channel.send(multihost.OP_STOP)
+        self._stopped = True
 
     # ------------------------------------------------------------------------------ helpers
     def get_tokenizer(self) -> Any:
@@ -175,6 +227,9 @@ class LLM:
                        else [sampling_params] * len(prompts))
         if len(params_list) != len(prompts):
             raise ValueError(f"got {len(params_list)} sampling_params for {len(prompts)} prompts")
+        if not self.is_driver:
+            raise RuntimeError("generate() runs on process 0 only; on other processes LLM() serves "
+                               "process 0's steps and returns when it shuts down")
         tokenized = [self._tokenize(p) for p in prompts]  # all-or-nothing validation
         ids = []
         try:
@@ -246,7 +301,7 @@ class LLM:
             raise ValueError(f"chat template failed: {e}") from e
 
     def num_compilations_since_warmup(self) -> int:
-        return self.runner.compile_counter.since()
+        return sum(r.compile_counter.since() for r in self.runners)
 
 
 @functools.lru_cache(maxsize=1)

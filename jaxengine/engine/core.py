@@ -183,3 +183,65 @@ class EngineCore:
                              prompt_token_ids=group.prompt_token_ids, outputs=outs,
                              finished=group.finished,
                              num_cached_tokens=group.children[0].num_cached_tokens)
+
+
+class _SummedView:
+    """Read-only numeric attributes summed over replicas (scheduler.num_waiting etc.)."""
+
+    def __init__(self, parts: list[Any]):
+        self._parts = parts
+
+    def __getattr__(self, name: str) -> Any:
+        return sum(getattr(p, name) for p in self._parts)
+
+
+class DataParallelEngineCore:
+    """dp independent EngineCores (one per model replica, each with its own KV pool and scheduler)
+    behind one front with EngineCore's interface.  A new request goes to the replica with the fewest
+    unfinished requests and stays there; step() steps every replica, in threads so the replicas'
+    device work overlaps (JAX releases the GIL while a step runs)."""
+
+    def __init__(self, cores: list[EngineCore]):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.cores = cores
+        self.config = cores[0].config
+        self.scheduler = _SummedView([c.scheduler for c in cores])
+        self._owner: dict[str, EngineCore] = {}
+        self._pool = ThreadPoolExecutor(len(cores), thread_name_prefix="dp-replica")
+
+    @property
+    def num_steps(self) -> int:
+        return max(c.num_steps for c in self.cores)
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    prompt: str | None = None) -> None:
+        if request_id in self._owner:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        core = min(self.cores, key=lambda c: c.num_unfinished_requests)
+        core.add_request(request_id, prompt_token_ids, params, prompt=prompt)
+        self._owner[request_id] = core
+
+    def abort_request(self, request_id: str) -> None:
+        core = self._owner.pop(request_id, None)
+        if core is not None:
+            core.abort_request(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return any(c.has_unfinished_requests() for c in self.cores)
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return sum(c.num_unfinished_requests for c in self.cores)
+
+    def step(self) -> list[RequestOutput]:
+        busy = [c for c in self.cores if c.has_unfinished_requests()]
+        if len(busy) <= 1:
+            results = [c.step() for c in self.cores]  # idle ones only release freed pages
+        else:
+            results = list(self._pool.map(lambda c: c.step(), busy))
+        outputs = [o for r in results for o in r]
+        for o in outputs:
+            if o.finished:
+                self._owner.pop(o.request_id, None)
+        return outputs

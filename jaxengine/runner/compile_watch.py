@@ -9,8 +9,12 @@ from jax import monitoring
 # Fired once per new program lowered to MLIR, whether or not the persistent cache then has it.
 _LOWER_EVENT = "/jax/core/compile/jaxpr_to_mlir_module_duration"
 
+_CACHE_EVENTS = {"/jax/compilation_cache/cache_hits": "persistent_cache_hits",
+                 "/jax/compilation_cache/cache_misses": "persistent_cache_misses"}
+
 _lock = threading.Lock()
 _count = 0
+_cache_stats = {"persistent_cache_hits": 0, "persistent_cache_misses": 0}
 _installed = False
 
 
@@ -19,6 +23,18 @@ def _listener(event: str, duration_secs: float, **kwargs) -> None:
     if event == _LOWER_EVENT:
         with _lock:
             _count += 1
+
+
+def _event_listener(event: str, **kwargs) -> None:
+    key = _CACHE_EVENTS.get(event)
+    if key is not None:
+        with _lock:
+            _cache_stats[key] += 1
+
+
+def persistent_cache_stats() -> dict[str, int]:
+    """Hits and misses of JAX's persistent compilation cache in this process."""
+    return dict(_cache_stats)
 
 
 def num_compilations() -> int:
@@ -34,6 +50,7 @@ class CompileCounter:
         with _lock:
             if not _installed:
                 monitoring.register_event_duration_secs_listener(_listener)
+                monitoring.register_event_listener(_event_listener)
                 _installed = True
         self._mark = _count
 

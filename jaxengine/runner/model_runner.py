@@ -69,7 +69,8 @@ class SampleResult:
 
 
 class ModelRunner:
-    def __init__(self, cfg: EngineConfig, params: Any, model: ModuleType, num_pages: int):
+    def __init__(self, cfg: EngineConfig, params: Any, model: ModuleType, num_pages: int,
+                 mesh: Any = None):
         self.cfg = cfg
         self.params = params
         self.model = model
@@ -82,13 +83,24 @@ class ModelRunner:
         self.attention_impl = resolve_impl(cfg.runner.attention_impl)
         attention = get_attention(self.attention_impl)
         m = cfg.model
+        # mesh: a ("dp"=1, "tp") jax.sharding.Mesh; params arrive already sharded by sharding/ rules
+        self.mesh = mesh
+        if mesh is not None:
+            from jaxengine import sharding
+            m = sharding.sharded_model_config(m, mesh.shape["tp"])  # kv heads duplicated up to tp
+            attention = sharding.shard_attention(attention, mesh)
+            kv_sharding, repl = sharding.kv_cache_sharding(mesh), sharding.replicated(mesh)
         dtype = jnp.dtype(m.dtype)
         # [num_pages, page_size, 2 * num_kv_heads, head_dim] per layer
-        self.kv_caches = [jnp.zeros((num_pages, self.page_size, 2 * m.num_kv_heads, m.head_dim), dtype)
-                          for _ in range(m.num_layers)]
+        kv_shape = (num_pages, self.page_size, 2 * m.num_kv_heads, m.head_dim)
+        self.kv_caches = [jnp.zeros(kv_shape, dtype) if mesh is None
+                          else sharding.zeros(kv_shape, dtype, kv_sharding) for _ in range(m.num_layers)]
         # penalty slots: one per running request that uses penalties, plus a dummy last slot
         self.num_slots = cfg.scheduler.max_num_seqs + 1
         self.penalty_state = sampler.init_penalty_state(self.num_slots, m.vocab_size)
+        if mesh is not None:
+            self.penalty_state = {k: sharding.zeros(v.shape, v.dtype, repl)
+                                  for k, v in self.penalty_state.items()}
         self._free_slots = list(range(self.num_slots - 1))
         self._slots: dict[str, int] = {}
         self.vocab_size = m.vocab_size
@@ -97,6 +109,10 @@ class ModelRunner:
         def step(params, kv_caches, penalty_state, ints, floats, bucket):
             batch, samp = self._unpack(ints, floats, self._layout(*bucket))
             logits, kv_caches = model.forward(params, m, batch, kv_caches, attention)
+            if mesh is not None:  # logits vocab-parallel as lm_head, then one all-gather for the sampler
+                if m.vocab_size % mesh.shape["tp"] == 0:
+                    logits = jax.lax.with_sharding_constraint(logits, sharding.vocab_sharding(mesh))
+                logits = jax.lax.with_sharding_constraint(logits, repl)
             out = sampler.sample(logits, penalty_state, samp, self.num_logprobs)
             penalty_state = sampler.count_sampled(penalty_state, samp["penalty_slot"], out["tokens"],
                                                   samp["count_sampled"])
@@ -105,10 +121,21 @@ class ModelRunner:
             out_floats = jnp.concatenate([out["logprob"][:, None], out["top_logprobs"]], axis=1)
             return kv_caches, penalty_state, (out_ints, out_floats)
 
-        self._step = jax.jit(step, donate_argnums=(1, 2), static_argnums=(5,))
+        if mesh is None:
+            self._step = jax.jit(step, donate_argnums=(1, 2), static_argnums=(5,))
+        else:  # explicit shardings: KV pages stay split by kv head, everything else replicated
+            kv_sh = [kv_sharding] * m.num_layers
+            pen_sh = {k: repl for k in self.penalty_state}
+            self._step = jax.jit(step, donate_argnums=(1, 2), static_argnums=(5,),
+                                 in_shardings=(sharding.params_sharding_tree(params, mesh), kv_sh, pen_sh,
+                                               repl, repl),
+                                 out_shardings=(kv_sh, pen_sh, repl))
         self._layouts: dict[tuple[int, int], tuple] = {}
         self._load_history = jax.jit(sampler.load_history, donate_argnums=(0,))
         self.compile_counter = CompileCounter()
+        # multi-host: a sharding.multihost.StepChannel; the driver (process 0) sends each device call
+        # to the workers, which replay it (sharding.multihost.follow) so all run the same programs
+        self.channel = None
 
     # ----------------------------------------------------------------------------- warm-up
     def bucket_for(self, num_tokens: int) -> int:
@@ -130,8 +157,7 @@ class ModelRunner:
             batch, samp = self._empty_arrays(t, self.seqs_for(t))
             self._run(batch, samp)
         tokens = np.full((self.cfg.scheduler.max_model_len,), -1, np.int32)
-        self.penalty_state = self._load_history(self.penalty_state, np.int32(self.num_slots - 1), tokens,
-                                                np.int32(0))
+        self._dispatch_load_history(self.num_slots - 1, tokens, 0)
         jax.block_until_ready(self.penalty_state)
 
     # ------------------------------------------------------------------------------ execute
@@ -211,8 +237,10 @@ class ModelRunner:
                     tokens, prompt_len = seq.penalty_history
                     padded = np.full((self.cfg.scheduler.max_model_len,), -1, np.int32)
                     padded[:len(tokens)] = tokens
-                    self.penalty_state = self._load_history(self.penalty_state, np.int32(slot), padded,
-                                                            np.int32(prompt_len))
+                    if self.channel is not None:
+                        from jaxengine.sharding import multihost
+                        self.channel.send(multihost.OP_LOAD_HISTORY, slot, prompt_len, 0, padded)
+                    self._dispatch_load_history(slot, padded, prompt_len)
                 samp["presence_penalty"][i] = p.presence_penalty
                 samp["frequency_penalty"][i] = p.frequency_penalty
                 samp["repetition_penalty"][i] = p.repetition_penalty
@@ -222,7 +250,7 @@ class ModelRunner:
             pos += n
         batch["cu_q_lens"][len(seqs) + 1:] = pos
         batch["num_seqs"][0] = len(seqs)
-        host = self._read_back(self._run(batch, samp))
+        host = self._read_back(self._run(batch, samp, broadcast=True))
         outputs = {}
         for i, seq in enumerate(seqs):
             if seq.sample:
@@ -276,10 +304,29 @@ class ModelRunner:
             groups[group][name] = arr
         return groups["batch"], groups["samp"]
 
-    def _run(self, batch: dict[str, np.ndarray], samp: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _run(self, batch: dict[str, np.ndarray], samp: dict[str, np.ndarray],
+             broadcast: bool = False) -> dict[str, np.ndarray]:
         t, s = batch["input_ids"].shape[0], batch["kv_lens"].shape[0]
         ints, floats = self._pack(batch, samp, self._layout(t, s))
-        ints_d, floats_d = jax.device_put((ints, floats))
+        if broadcast and self.channel is not None:
+            from jaxengine.sharding import multihost
+            self.channel.send(multihost.OP_STEP, t, s, 0, ints, floats)
+        return self._dispatch(ints, floats, t, s)
+
+    def _dispatch_load_history(self, slot: int, tokens: np.ndarray, prompt_len: int) -> None:
+        args = (np.int32(slot), tokens, np.int32(prompt_len))
+        if self.mesh is not None:
+            args = self._put_inputs(*(np.asarray(a) for a in args))
+        self.penalty_state = self._load_history(self.penalty_state, *args)
+
+    def _put_inputs(self, *arrays: np.ndarray) -> tuple[jax.Array, ...]:
+        if self.mesh is None:
+            return jax.device_put(arrays)
+        from jaxengine import sharding
+        return tuple(sharding.put_array(a, sharding.replicated(self.mesh)) for a in arrays)
+
+    def _dispatch(self, ints: np.ndarray, floats: np.ndarray, t: int, s: int):
+        ints_d, floats_d = self._put_inputs(ints, floats)
         self.kv_caches, self.penalty_state, out = self._step(self.params, self.kv_caches, self.penalty_state,
                                                              ints_d, floats_d, (t, s))
         return out
