@@ -46,7 +46,8 @@ class LLM:
                  skip_tokenizer_init: bool = False, tensor_parallel_size: int = 1,
                  data_parallel_size: int = 1, compilation_cache_dir: str | None = None,
                  attention_impl: str = "auto", token_buckets: Sequence[int] | None = None,
-                 warmup: bool = True, use_tqdm_on_load: bool = True, load_format: str = "auto"):
+                 warmup: bool = True, use_tqdm_on_load: bool = True, load_format: str = "auto",
+                 async_scheduling: bool = True):
         import jax
 
         from jaxengine import models
@@ -163,7 +164,7 @@ class LLM:
             runner.compile_counter.mark()
             kv = KVCacheManager(num_pages, block_size, enable_prefix_caching)
             cores.append(EngineCore(sched_cfg, kv, runner, self.tokenizer, eos_token_ids=tuple(sorted(eos)),
-                                    seed=seed + i))
+                                    async_scheduling=async_scheduling, seed=seed + i))
             self.runners.append(runner)
             self.kv_caches.append(kv)
         del params

@@ -116,3 +116,21 @@ def test_every_page_is_free_when_the_engine_is_idle(llm):
     assert not llm.engine.has_unfinished_requests()
     assert llm.kv_cache.num_free_pages == llm.kv_cache.num_pages
     llm.kv_cache.check_invariants(live_request_ids=[])
+
+
+def test_asynchronous_scheduling_gives_the_same_outputs_as_synchronous(llama_ckpt, llm):
+    """Step N+1 is dispatched before step N's tokens are read back; outputs must not change."""
+    sync = LLM(llama_ckpt, **SMALL_ENGINE, async_scheduling=False)
+    params = [SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True),
+              SamplingParams(temperature=0.9, top_p=0.9, seed=3, max_tokens=9, ignore_eos=True),
+              SamplingParams(temperature=0.0, max_tokens=10, stop_token_ids=[7, 11, 13, 17]),
+              SamplingParams(temperature=1.0, seed=5, max_tokens=8, presence_penalty=1.0,
+                             repetition_penalty=1.3, ignore_eos=True)] * 3
+    before = llm.runner.num_device_inputs
+    a = llm.generate(PROMPTS[:12], params, use_tqdm=False)
+    assert llm.runner.num_device_inputs > before  # inputs really came from the device
+    b = sync.generate(PROMPTS[:12], params, use_tqdm=False)
+    assert sync.runner.num_device_inputs == 0
+    assert [(o.outputs[0].token_ids, o.outputs[0].finish_reason) for o in a] == \
+        [(o.outputs[0].token_ids, o.outputs[0].finish_reason) for o in b]
+    assert llm.kv_cache.num_free_pages == llm.kv_cache.num_pages

@@ -299,3 +299,33 @@ def test_smollm2_weights_answer_the_capital_of_france(smollm2):
     cfg, tok = load_gguf_config(smollm2), load_gguf_tokenizer(smollm2)
     logits = _numpy_llama_logits(cfg, dict(iter_gguf_tensors(smollm2)), tok("The capital of France is").input_ids)
     assert tok.decode([int(logits.argmax())]) == " Paris"
+
+
+# ------------------------------------------------------------------------------- the engine
+def test_llm_runs_a_gguf_file_like_the_same_weights_in_safetensors(tmp_path):
+    """LLM(model="x.gguf") end to end: config, dequantized weights and tokenizer from the file."""
+    import json
+
+    from safetensors.numpy import save_file
+
+    from jaxengine import LLM, SamplingParams
+
+    tensors = gguf_util.tiny_hf_tensors("llama")
+    path = str(tmp_path / "tiny.gguf")
+    gguf_util.write_tiny_gguf(path, tensors, "llama")
+    # the same (dequantized) weights as a Hugging Face checkpoint directory
+    ckpt = tmp_path / "hf"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps(load_gguf_config(path)))
+    save_file({k: np.ascontiguousarray(gguf_util.expected_after_roundtrip(k, v)) for k, v in tensors.items()},
+              str(ckpt / "model.safetensors"))
+    engine = dict(dtype="float32", max_model_len=128, max_num_seqs=4, max_num_batched_tokens=32,
+                  kv_cache_memory_bytes=1 << 20, use_tqdm_on_load=False)
+    from_gguf = LLM(path, **engine)
+    from_dir = LLM(str(ckpt), skip_tokenizer_init=True, **engine)
+    greedy = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    out = from_gguf.generate("hello world", greedy, use_tqdm=False)[0]
+    assert out.prompt_token_ids == from_gguf.get_tokenizer()("hello world").input_ids
+    ref = from_dir.generate({"prompt_token_ids": out.prompt_token_ids}, greedy, use_tqdm=False)[0]
+    assert out.outputs[0].token_ids == ref.outputs[0].token_ids
+    assert isinstance(out.outputs[0].text, str)

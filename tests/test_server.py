@@ -335,16 +335,16 @@ def test_client_disconnect_on_a_non_streaming_request_aborts_it(server):
 
 def test_a_failing_engine_step_fails_its_requests_and_the_engine_keeps_serving(server, client, monkeypatch):
     runner = server.llm.engine.runner
-    real_execute = runner.execute
+    real_dispatch = runner.dispatch
     calls = []
 
-    def execute_failing_once(out):
+    def dispatch_failing_once(out):
         calls.append(1)
         if len(calls) == 1:
             raise RuntimeError("simulated device failure")
-        return real_execute(out)
+        return real_dispatch(out)
 
-    monkeypatch.setattr(runner, "execute", execute_failing_once)
+    monkeypatch.setattr(runner, "dispatch", dispatch_failing_once)
     with pytest.raises(openai.InternalServerError):
         client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4)
     assert_kv_pool_all_free(server)

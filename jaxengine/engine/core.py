@@ -23,7 +23,9 @@ logger = logging.getLogger(__name__)
 
 
 class Runner(Protocol):
-    def execute(self, out: SchedulerOutput) -> dict[str, Any]: ...
+    def dispatch(self, out: SchedulerOutput) -> Any: ...
+
+    def collect(self, handle: Any) -> dict[str, Any]: ...
 
     def release(self, request_ids: list[str]) -> None: ...
 
@@ -46,7 +48,8 @@ class _Group:
 
 class EngineCore:
     def __init__(self, scheduler_config: SchedulerConfig, kv: KVCacheManager, runner: Runner,
-                 tokenizer: Any = None, eos_token_ids: tuple[int, ...] = (), seed: int = 0):
+                 tokenizer: Any = None, eos_token_ids: tuple[int, ...] = (), seed: int = 0,
+                 async_scheduling: bool = True):
         self.config = scheduler_config
         self.kv = kv
         self.scheduler = Scheduler(scheduler_config, kv)
@@ -57,6 +60,10 @@ class EngineCore:
         self._groups: dict[str, _Group] = {}
         self._child_group: dict[str, _Group] = {}
         self.num_steps = 0
+        # Asynchronous scheduling: step N+1 is scheduled and dispatched before the tokens of step N
+        # are read back, so host work (scheduling, detokenizing, building arrays) overlaps the device.
+        self.async_scheduling = async_scheduling
+        self._inflight: tuple[SchedulerOutput, Any] | None = None
 
     # ---------------------------------------------------------------------------- requests
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -106,7 +113,7 @@ class EngineCore:
             self._child_group.pop(child.request_id, None)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._inflight is not None
 
     @property
     def num_unfinished_requests(self) -> int:
@@ -115,12 +122,18 @@ class EngineCore:
     # -------------------------------------------------------------------------------- step
     def step(self) -> list[RequestOutput]:
         out = self.scheduler.schedule()
-        if out.empty:
-            if out.freed_request_ids:
-                self.runner.release(out.freed_request_ids)
-            return []
-        results = self.runner.execute(out)
-        self.num_steps += 1
+        handle = None
+        if not out.empty:
+            handle = self.runner.dispatch(out)
+            self.num_steps += 1
+        elif out.freed_request_ids:
+            self.runner.release(out.freed_request_ids)
+        if not self.async_scheduling:
+            return self._process(out, self.runner.collect(handle)) if handle is not None else []
+        prev, self._inflight = self._inflight, (out, handle) if handle is not None else None
+        return self._process(prev[0], self.runner.collect(prev[1])) if prev is not None else []
+
+    def _process(self, out: SchedulerOutput, results: dict[str, Any]) -> list[RequestOutput]:
         tokens = {rid: r.token for rid, r in results.items()}
         updated = self.scheduler.update(out, tokens)
         changed: dict[str, _Group] = {}

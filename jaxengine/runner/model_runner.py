@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxengine.config import EngineConfig
-from jaxengine.engine.scheduler import SchedulerOutput, uses_penalties
+from jaxengine.engine.scheduler import PENDING_TOKEN, SchedulerOutput, uses_penalties
 from jaxengine.pallas_kernels.ragged_paged_attention import get_attention, resolve_impl
 from jaxengine.runner import sampler
 from jaxengine.runner.compile_watch import CompileCounter
@@ -95,19 +95,27 @@ class ModelRunner:
         kv_shape = (num_pages, self.page_size, 2 * m.num_kv_heads, m.head_dim)
         self.kv_caches = [jnp.zeros(kv_shape, dtype) if mesh is None
                           else sharding.zeros(kv_shape, dtype, kv_sharding) for _ in range(m.num_layers)]
-        # penalty slots: one per running request that uses penalties, plus a dummy last slot
+        # slots: one per running request (its last sampled token, penalty statistics), plus a dummy
         self.num_slots = cfg.scheduler.max_num_seqs + 1
         self.penalty_state = sampler.init_penalty_state(self.num_slots, m.vocab_size)
+        # each slot's last sampled token stays on the device: the next step may be dispatched before
+        # the host has read it back (asynchronous scheduling) and takes its input from here
+        self.penalty_state["last_tokens"] = jnp.zeros((self.num_slots,), jnp.int32)
         if mesh is not None:
             self.penalty_state = {k: sharding.zeros(v.shape, v.dtype, repl)
                                   for k, v in self.penalty_state.items()}
         self._free_slots = list(range(self.num_slots - 1))
+        self.num_device_inputs = 0  # input tokens taken from the device (asynchronous scheduling)
         self._slots: dict[str, int] = {}
         self.vocab_size = m.vocab_size
         self.num_logprobs = min(cfg.runner.max_logprobs, m.vocab_size)
 
         def step(params, kv_caches, penalty_state, ints, floats, bucket):
             batch, samp = self._unpack(ints, floats, self._layout(*bucket))
+            last_tokens = penalty_state["last_tokens"]
+            pending = batch["input_slot"] >= 0
+            batch["input_ids"] = jnp.where(pending, last_tokens[jnp.maximum(batch["input_slot"], 0)],
+                                           batch["input_ids"])
             logits, kv_caches = model.forward(params, m, batch, kv_caches, attention)
             if mesh is not None:  # logits vocab-parallel as lm_head, then one all-gather for the sampler
                 if m.vocab_size % mesh.shape["tp"] == 0:
@@ -116,6 +124,8 @@ class ModelRunner:
             out = sampler.sample(logits, penalty_state, samp, self.num_logprobs)
             penalty_state = sampler.count_sampled(penalty_state, samp["penalty_slot"], out["tokens"],
                                                   samp["count_sampled"])
+            store = jnp.where(samp["store_token"], samp["penalty_slot"], self.num_slots)
+            penalty_state["last_tokens"] = last_tokens.at[store].set(out["tokens"], mode="drop")
             # two read-backs instead of five: ints [S, 2 + K] and floats [S, 1 + K]
             out_ints = jnp.concatenate([out["tokens"][:, None], out["rank"][:, None], out["top_ids"]], axis=1)
             out_floats = jnp.concatenate([out["logprob"][:, None], out["top_logprobs"]], axis=1)
@@ -172,6 +182,7 @@ class ModelRunner:
             "cu_q_lens": np.zeros((s + 1,), np.int32),
             "num_seqs": np.zeros((1,), np.int32),
             "logits_indices": np.zeros((s,), np.int32),
+            "input_slot": np.full((t,), -1, np.int32),  # >= 0: take the input from that slot's last token
         }
         samp = {
             "temperature": np.zeros((s,), np.float32),
@@ -187,6 +198,7 @@ class ModelRunner:
             "use_penalty": np.zeros((s,), np.bool_),
             "count_sampled": np.zeros((s,), np.bool_),
             "want_logprobs": np.zeros((s,), np.bool_),
+            "store_token": np.zeros((s,), np.bool_),
         }
         return batch, samp
 
@@ -204,6 +216,11 @@ class ModelRunner:
                 self._free_slots.append(slot)
 
     def execute(self, out: SchedulerOutput) -> dict[str, SampleResult]:
+        """Run one step and wait for its sampled tokens."""
+        return self.collect(self.dispatch(out))
+
+    def dispatch(self, out: SchedulerOutput) -> tuple:
+        """Start one step on the device; returns a handle for `collect`.  Does not block."""
         self.release(out.freed_request_ids)
         seqs = out.seqs
         num_tokens = sum(len(s.token_ids) for s in seqs)
@@ -215,7 +232,12 @@ class ModelRunner:
             n = len(seq.token_ids)
             table = np.asarray(seq.page_table, np.int32)
             positions = np.arange(seq.start_pos, seq.start_pos + n, dtype=np.int32)
+            slot = self._slot_for(seq.request_id)
             batch["input_ids"][pos:pos + n] = seq.token_ids
+            if seq.token_ids[-1] == PENDING_TOKEN:  # sampled by the step in flight
+                batch["input_ids"][pos + n - 1] = 0
+                batch["input_slot"][pos + n - 1] = slot
+                self.num_device_inputs += 1
             batch["positions"][pos:pos + n] = positions
             batch["slot_mapping"][pos:pos + n] = table[positions // self.page_size] * self.page_size + \
                 positions % self.page_size
@@ -231,8 +253,9 @@ class ModelRunner:
             samp["seed"][i] = seq.seed % (1 << 32)
             samp["rng_pos"][i] = seq.start_pos + n
             samp["want_logprobs"][i] = p.logprobs is not None
+            samp["penalty_slot"][i] = slot
+            samp["store_token"][i] = seq.sample
             if uses_penalties(p):
-                slot = self._slot_for(seq.request_id)
                 if seq.penalty_history is not None:
                     tokens, prompt_len = seq.penalty_history
                     padded = np.full((self.cfg.scheduler.max_model_len,), -1, np.int32)
@@ -244,13 +267,17 @@ class ModelRunner:
                 samp["presence_penalty"][i] = p.presence_penalty
                 samp["frequency_penalty"][i] = p.frequency_penalty
                 samp["repetition_penalty"][i] = p.repetition_penalty
-                samp["penalty_slot"][i] = slot
                 samp["use_penalty"][i] = True
                 samp["count_sampled"][i] = seq.sample
             pos += n
         batch["cu_q_lens"][len(seqs) + 1:] = pos
         batch["num_seqs"][0] = len(seqs)
-        host = self._read_back(self._run(batch, samp, broadcast=True))
+        return seqs, self._run(batch, samp, broadcast=True)
+
+    def collect(self, handle: tuple) -> dict[str, SampleResult]:
+        """Block until the step of `handle` is done; its sampled tokens by request id."""
+        seqs, result = handle
+        host = self._read_back(result)
         outputs = {}
         for i, seq in enumerate(seqs):
             if seq.sample:

@@ -31,7 +31,7 @@ def load_history(state: dict[str, jax.Array], slot: jax.Array, tokens: jax.Array
         True, mode="drop")
     count_row = jnp.zeros((vocab,), jnp.int32).at[jnp.where(idx >= prompt_len, safe, vocab)].add(
         1, mode="drop")
-    return {"counts": state["counts"].at[slot].set(count_row),
+    return {**state, "counts": state["counts"].at[slot].set(count_row),
             "prompt_mask": state["prompt_mask"].at[slot].set(prompt_row)}
 
 
