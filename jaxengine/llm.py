@@ -62,7 +62,8 @@ class LLM:
         multihost.initialize()
         if dtype not in ("auto", "bfloat16", "float32", "float16"):
             raise ValueError(f"dtype must be one of auto, bfloat16, float32, float16; got {dtype!r}")
-        if model is None:
+        default_model = model is None
+        if default_model:
             from jaxengine.loader.gguf import default_model_path
             model = default_model_path()
         model = os.path.expanduser(str(model))
@@ -75,6 +76,9 @@ class LLM:
         else:
             hf_config = ckpt.load_hf_config(model)
             self.generation_config = ckpt.load_generation_config(model)
+        if default_model:
+            # The GGUF carries no sampling defaults; SmolLM2-Instruct's model card samples with these.
+            self.generation_config = {"temperature": 0.2, "top_p": 0.9, **self.generation_config}
         model_cfg = ModelConfig.from_hf_config(hf_config, dtype)
         module = models.get_model(model_cfg.architecture)  # unknown architectures fail here
         parallel_cfg = ParallelConfig(tensor_parallel_size, data_parallel_size)

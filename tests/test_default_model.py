@@ -23,3 +23,8 @@ def test_the_default_model_completes_plain_text(llm):
     out = llm.generate("The capital of France is", SamplingParams(temperature=0.0, max_tokens=8),
                        use_tqdm=False)[0].outputs[0]
     assert "Paris" in out.text
+
+
+def test_the_default_model_samples_with_its_model_cards_settings(llm):
+    p = llm.default_sampling_params()
+    assert (p.temperature, p.top_p) == (0.2, 0.9)

@@ -59,41 +59,38 @@ def ragged_paged_attention(
     seq = jnp.minimum(seq, max_num_seqs - 1)
     q_len = cu_q_lens[seq + 1] - cu_q_lens[seq]
     q_pos = kv_lens[seq] - q_len + (token - cu_q_lens[seq])  # position of each query token
-    kv_len = jnp.where(valid_token, kv_lens[seq], 0)
+    kv_len = jnp.where(valid_token, kv_lens[seq], 0)  # padding tokens see nothing
 
-    def attend(q_blk, seq_blk, q_pos_blk, kv_len_blk):
-        # Each token's whole context: [block, max_len, 2 * num_kv_heads, head_dim]
-        ctx = kv_pages[page_indices[seq_blk]].reshape(-1, max_len, combined, head_dim).astype(jnp.float32)
-        k, v = ctx[:, :, 0::2, :], ctx[:, :, 1::2, :]
-        qg = q_blk.reshape(-1, num_kv_heads, group, head_dim).astype(jnp.float32)
-        scores = jnp.einsum("thgd,tlhd->thgl", qg, k) * sm_scale
+    # Walk the pages with an online softmax, one page of every token's context per iteration, up
+    # to the longest context in the step: work is O(tokens x context actually used), so bucket
+    # padding and short contexts cost nothing (a static gather of max_len keys per token would).
+    qg = q.reshape(num_tokens, num_kv_heads, group, head_dim).astype(jnp.float32) * sm_scale
+    offsets = jnp.arange(page_size, dtype=jnp.int32)
+    num_steps = (jnp.max(kv_len) + page_size - 1) // page_size
+
+    def body(p, carry):
+        m, l, acc = carry  # running max, denominator, numerator per (token, head)
+        kv = kv_pages[page_indices[seq, p]].astype(jnp.float32)  # [num_tokens, page_size, combined, head_dim]
+        k, v = kv[:, :, 0::2, :], kv[:, :, 1::2, :]
+        scores = jnp.einsum("thgd,tphd->thgp", qg, k)
         if soft_cap is not None:
             scores = soft_cap * jnp.tanh(scores / soft_cap)
-        kv_pos = jnp.arange(max_len, dtype=jnp.int32)
-        mask = (kv_pos[None, :] <= q_pos_blk[:, None]) & (kv_pos[None, :] < kv_len_blk[:, None])
+        kv_pos = p * page_size + offsets
+        mask = (kv_pos[None, :] <= q_pos[:, None]) & (kv_pos[None, :] < kv_len[:, None])
         if sliding_window is not None:
-            mask &= q_pos_blk[:, None] - kv_pos[None, :] < sliding_window
+            mask &= q_pos[:, None] - kv_pos[None, :] < sliding_window
         scores = jnp.where(mask[:, None, None, :], scores, -jnp.inf)
-        # Rows with no visible key (padding) would be NaN; give them zero output.
-        row_max = jnp.max(scores, axis=-1, keepdims=True)
-        row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
-        p = jnp.exp(scores - row_max)
-        denom = jnp.sum(p, axis=-1, keepdims=True)
-        return jnp.einsum("thgl,tlhd->thgd", p, v) / jnp.where(denom == 0, 1.0, denom)
+        m_new = jnp.maximum(m, jnp.max(scores, axis=-1))
+        safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # rows that have seen no key yet
+        alpha = jnp.exp(m - safe)
+        probs = jnp.exp(scores - safe[..., None])
+        l = l * alpha + jnp.sum(probs, axis=-1)
+        acc = acc * alpha[..., None] + jnp.einsum("thgp,tphd->thgd", probs, v)
+        return m_new, l, acc
 
-    # Tokens go through in blocks sized so one block's gathered context stays near 64 MiB:
-    # memory is O(block * max_len), not O(num_tokens * max_len).
-    per_token_bytes = max_len * combined * head_dim * 4
-    block = 1
-    while block * 2 <= min(num_tokens, max(1, (64 << 20) // per_token_bytes)):
-        block *= 2
-    padded = -(-num_tokens // block) * block
-    pad = padded - num_tokens
-
-    def blocks(x):
-        x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
-        return x.reshape(padded // block, block, *x.shape[1:])
-
-    out = jax.lax.map(lambda a: attend(*a), (blocks(q), blocks(seq), blocks(q_pos), blocks(kv_len)))
-    out = out.reshape(padded, num_q_heads, head_dim)[:num_tokens]
-    return out.astype(q.dtype)
+    shape = (num_tokens, num_kv_heads, group)
+    init = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
+            jnp.zeros(shape + (head_dim,), jnp.float32))
+    _, l, acc = jax.lax.fori_loop(0, num_steps, body, init)
+    out = acc / jnp.where(l == 0, 1.0, l)[..., None]  # rows with no visible key: zero
+    return out.reshape(num_tokens, num_q_heads, head_dim).astype(q.dtype)
