@@ -184,6 +184,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     api_key = args.api_key or os.environ.get("JAXENGINE_API_KEY") or None
     model = _model(args)
     llm = _make_llm(args)
+    if not llm.is_driver:  # multi-host worker: LLM() returned when process 0 shut down
+        return 0
     names = args.served_model_name or [model if model is not None else os.path.basename(llm.config.model_path)]
     app = build_app(llm, names, api_key=api_key, max_waiting_requests=args.max_waiting_requests,
                     enable_metrics=not args.disable_metrics)
@@ -202,6 +204,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     model = _model(args)
     chat = args.chat if args.chat is not None else model is None
     llm = _make_llm(args)
+    if not llm.is_driver:  # multi-host worker: LLM() returned when process 0 shut down
+        return 0
     overrides = {k: v for k, v in (("temperature", args.temperature), ("top_p", args.top_p),
                                    ("top_k", args.top_k), ("seed", args.sampling_seed)) if v is not None}
     params = SamplingParams.from_generation_config(llm.generation_config, max_tokens=args.max_tokens, **overrides)
