@@ -167,3 +167,15 @@ def test_n_siblings_wait_for_the_leader_and_share_its_prompt_pages():
     assert child_seq.start_pos == 8 and len(child_seq.token_ids) == 2  # only the partial page
     assert kv.tables["g#1"][:2] == kv.tables["g#0"][:2]
     kv.check_invariants()
+
+
+def test_a_late_result_never_lands_on_a_new_request_that_reuses_an_aborted_id():
+    cfg = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=16, max_model_len=64)
+    sched = Scheduler(cfg, KVCacheManager(16, 4))
+    sched.add_request(Request("x", [1, 2, 3], SamplingParams(max_tokens=5), seed=0))
+    inflight = sched.schedule()  # dispatched; its token is not known yet
+    sched.abort("x")
+    fresh = Request("x", [4, 5, 6, 7], SamplingParams(max_tokens=5), seed=0)
+    sched.add_request(fresh)
+    sched.update(inflight, {"x": 9})  # the aborted request's token arrives late
+    assert fresh.output_token_ids == [] and fresh.num_pending == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import itertools
 import time
 
 from jaxengine.sampling_params import SamplingParams
@@ -22,11 +23,17 @@ class RequestStatus(enum.Enum):
                         RequestStatus.FINISHED_ABORTED)
 
 
+_serials = itertools.count()
+
+
 class Request:
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                  seed: int, eos_token_ids: tuple[int, ...] = (), max_total_tokens: int | None = None,
                  group_id: str | None = None, index: int = 0, leader: "Request | None" = None):
         self.request_id = request_id
+        # unique per Request object: a step's late result never lands on a new request that
+        # reuses the id of an aborted one
+        self.serial = next(_serials)
         self.prompt_token_ids = list(prompt_token_ids)
         self.token_ids = list(prompt_token_ids)  # prompt + output, grows as tokens are sampled
         self.params = params

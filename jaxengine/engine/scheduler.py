@@ -40,6 +40,7 @@ class ScheduledSeq:
     seed: int
     # full token history, sent when a request that uses penalties (re)starts
     penalty_history: tuple[list[int], int] | None = None
+    serial: int = -1  # Request.serial of the request this was scheduled for
 
 
 @dataclasses.dataclass
@@ -144,6 +145,7 @@ class Scheduler:
             params=req.params,
             seed=req.seed,
             penalty_history=history,
+            serial=req.serial,
         )
 
     def _finishing(self, req: Request) -> bool:
@@ -226,7 +228,7 @@ class Scheduler:
         updated = []
         for seq in out.seqs:
             req = self.requests.get(seq.request_id)
-            if req is None:
+            if req is None or req.serial != seq.serial:
                 continue  # finished or aborted while the step ran: its result is dropped
             if req.status == RequestStatus.RUNNING:
                 self.kv.cache_pages(req.request_id, req.token_ids, seq.start_pos + len(seq.token_ids))
