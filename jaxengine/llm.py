@@ -257,7 +257,7 @@ class LLM:
         wanted = set(ids)
         try:
             while len(finals) < len(ids):
-                for out in self.engine.step():
+                for out in self.engine.step(stream=False):
                     if out.finished and out.request_id in wanted:
                         finals[out.request_id] = out
                         if bar is not None:

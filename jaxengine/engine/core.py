@@ -120,7 +120,9 @@ class EngineCore:
         return len(self._groups)
 
     # -------------------------------------------------------------------------------- step
-    def step(self) -> list[RequestOutput]:
+    def step(self, stream: bool = True) -> list[RequestOutput]:
+        """One engine step.  Returns the outputs of requests that changed (stream=False: only of
+        requests that finished, which saves building outputs nobody reads)."""
         out = self.scheduler.schedule()
         handle = None
         if not out.empty:
@@ -129,11 +131,11 @@ class EngineCore:
         elif out.freed_request_ids:
             self.runner.release(out.freed_request_ids)
         if not self.async_scheduling:
-            return self._process(out, self.runner.collect(handle)) if handle is not None else []
+            return self._process(out, self.runner.collect(handle), stream) if handle is not None else []
         prev, self._inflight = self._inflight, (out, handle) if handle is not None else None
-        return self._process(prev[0], self.runner.collect(prev[1])) if prev is not None else []
+        return self._process(prev[0], self.runner.collect(prev[1]), stream) if prev is not None else []
 
-    def _process(self, out: SchedulerOutput, results: dict[str, Any]) -> list[RequestOutput]:
+    def _process(self, out: SchedulerOutput, results: dict[str, Any], stream: bool) -> list[RequestOutput]:
         tokens = {rid: r.token for rid, r in results.items()}
         updated = self.scheduler.update(out, tokens)
         changed: dict[str, _Group] = {}
@@ -155,7 +157,8 @@ class EngineCore:
             changed[group.request_id] = group
         outputs = []
         for group in changed.values():
-            outputs.append(self._make_output(group))
+            if stream or group.finished:
+                outputs.append(self._make_output(group))
             if group.finished:
                 self._groups.pop(group.request_id, None)
                 for child in group.children:
@@ -247,12 +250,12 @@ class DataParallelEngineCore:
     def num_unfinished_requests(self) -> int:
         return sum(c.num_unfinished_requests for c in self.cores)
 
-    def step(self) -> list[RequestOutput]:
+    def step(self, stream: bool = True) -> list[RequestOutput]:
         busy = [c for c in self.cores if c.has_unfinished_requests()]
         if len(busy) <= 1:
-            results = [c.step() for c in self.cores]  # idle ones only release freed pages
+            results = [c.step(stream) for c in self.cores]  # idle ones only release freed pages
         else:
-            results = list(self._pool.map(lambda c: c.step(), busy))
+            results = list(self._pool.map(lambda c: c.step(stream), busy))
         outputs = [o for r in results for o in r]
         for o in outputs:
             if o.finished:

@@ -227,35 +227,66 @@ class ModelRunner:
         t = self.bucket_for(num_tokens)
         s = self.seqs_for(t)
         batch, samp = self._empty_arrays(t, s)
+        ps = self.page_size
+        # Per-token values as Python lists, assigned to the arrays once: a decode is one token,
+        # and per-element numpy writes would cost more than the arithmetic (host time per step).
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        pending_rows: list[int] = []
+        seq_slots: list[int] = []
+        kv_lens: list[int] = []
+        cu: list[int] = []
         pos = 0
+        page_indices = batch["page_indices"]
         for i, seq in enumerate(seqs):
             n = len(seq.token_ids)
-            table = np.asarray(seq.page_table, np.int32)
-            positions = np.arange(seq.start_pos, seq.start_pos + n, dtype=np.int32)
+            table = seq.page_table
+            start = seq.start_pos
             slot = self._slot_for(seq.request_id)
-            batch["input_ids"][pos:pos + n] = seq.token_ids
+            seq_slots.append(slot)
+            ids.extend(seq.token_ids)
+            if n == 1:
+                positions.append(start)
+                slots.append(table[start // ps] * ps + start % ps)
+            else:
+                r = np.arange(start, start + n)
+                positions.extend(r.tolist())
+                slots.extend((np.asarray(table)[r // ps] * ps + r % ps).tolist())
             if seq.token_ids[-1] == PENDING_TOKEN:  # sampled by the step in flight
-                batch["input_ids"][pos + n - 1] = 0
-                batch["input_slot"][pos + n - 1] = slot
-                self.num_device_inputs += 1
-            batch["positions"][pos:pos + n] = positions
-            batch["slot_mapping"][pos:pos + n] = table[positions // self.page_size] * self.page_size + \
-                positions % self.page_size
-            batch["kv_lens"][i] = seq.start_pos + n
-            batch["page_indices"][i, :len(table)] = table
-            batch["cu_q_lens"][i + 1] = pos + n
-            batch["logits_indices"][i] = pos + n - 1
+                pending_rows.append(pos + n - 1)
+            page_indices[i, :len(table)] = table
+            pos += n
+            kv_lens.append(start + n)
+            cu.append(pos)
+        ns = len(seqs)
+        input_ids = batch["input_ids"]
+        input_ids[:pos] = ids
+        batch["positions"][:pos] = positions
+        batch["slot_mapping"][:pos] = slots
+        if pending_rows:
+            rows = np.asarray(pending_rows)
+            input_ids[rows] = 0
+            seq_of_row = np.searchsorted(np.asarray(cu), rows, side="right")
+            batch["input_slot"][rows] = np.asarray(seq_slots)[seq_of_row]
+            self.num_device_inputs += len(pending_rows)
+        batch["kv_lens"][:ns] = kv_lens
+        batch["cu_q_lens"][1:ns + 1] = cu
+        batch["logits_indices"][:ns] = np.asarray(cu) - 1 if ns else []
+        params = [seq.params for seq in seqs]
+        samp["temperature"][:ns] = [p.temperature for p in params]
+        samp["top_k"][:ns] = [p.top_k for p in params]
+        samp["top_p"][:ns] = [p.top_p for p in params]
+        samp["min_p"][:ns] = [p.min_p for p in params]
+        samp["seed"][:ns] = [seq.seed % (1 << 32) for seq in seqs]
+        samp["rng_pos"][:ns] = kv_lens
+        samp["want_logprobs"][:ns] = [p.logprobs is not None for p in params]
+        samp["penalty_slot"][:ns] = seq_slots
+        samp["store_token"][:ns] = [seq.sample for seq in seqs]
+        for i, seq in enumerate(seqs):
             p = seq.params
-            samp["temperature"][i] = p.temperature
-            samp["top_k"][i] = p.top_k
-            samp["top_p"][i] = p.top_p
-            samp["min_p"][i] = p.min_p
-            samp["seed"][i] = seq.seed % (1 << 32)
-            samp["rng_pos"][i] = seq.start_pos + n
-            samp["want_logprobs"][i] = p.logprobs is not None
-            samp["penalty_slot"][i] = slot
-            samp["store_token"][i] = seq.sample
             if uses_penalties(p):
+                slot = seq_slots[i]
                 if seq.penalty_history is not None:
                     tokens, prompt_len = seq.penalty_history
                     padded = np.full((self.cfg.scheduler.max_model_len,), -1, np.int32)
@@ -269,7 +300,6 @@ class ModelRunner:
                 samp["repetition_penalty"][i] = p.repetition_penalty
                 samp["use_penalty"][i] = True
                 samp["count_sampled"][i] = seq.sample
-            pos += n
         batch["cu_q_lens"][len(seqs) + 1:] = pos
         batch["num_seqs"][0] = len(seqs)
         return seqs, self._run(batch, samp, broadcast=True)
@@ -278,13 +308,14 @@ class ModelRunner:
         """Block until the step of `handle` is done; its sampled tokens by request id."""
         seqs, result = handle
         host = self._read_back(result)
+        tokens, logprobs, ranks = host["tokens"].tolist(), host["logprob"].tolist(), host["rank"].tolist()
         outputs = {}
         for i, seq in enumerate(seqs):
             if seq.sample:
-                outputs[seq.request_id] = SampleResult(
-                    token=int(host["tokens"][i]), logprob=float(host["logprob"][i]),
-                    rank=int(host["rank"][i]),
-                    top=list(zip(host["top_ids"][i].tolist(), host["top_logprobs"][i].tolist())))
+                top = (list(zip(host["top_ids"][i].tolist(), host["top_logprobs"][i].tolist()))
+                       if seq.params.logprobs else [])
+                outputs[seq.request_id] = SampleResult(token=tokens[i], logprob=logprobs[i], rank=ranks[i],
+                                                       top=top)
         return outputs
 
     # All per-step inputs travel as one int32 and one float32 buffer: one host-to-device copy each
