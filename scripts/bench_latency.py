@@ -182,6 +182,8 @@ def main() -> None:
     ap.add_argument("--attention", default="auto")
     ap.add_argument("--hf-peer", nargs="*", default=[], choices=["eager", "static"])
     ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--profile-dir", default=None,
+                    help="write a jax.profiler trace of one extra run per model and batch here (TensorBoard/Perfetto)")
     args = ap.parse_args()
 
     import jax
@@ -210,6 +212,9 @@ def main() -> None:
         for batch in args.batch:
             run_engine(llm, batch, args.input_len, min(args.output_len, 8), seed=1)  # warm the paths
             r = run_engine(llm, batch, args.input_len, args.output_len)
+            if args.profile_dir:  # a separate run, so tracing overhead stays out of the figures
+                with jax.profiler.trace(os.path.join(args.profile_dir, f"{name}-b{batch}")):
+                    run_engine(llm, batch, args.input_len, min(args.output_len, 32), seed=2)
             bound = sum(step_bound_s(s, llm.config, ceil) for s in r.pop("steps"))
             r.update(model=name, startup_s=startup_s, attention=llm.runner.attention_impl,
                      roofline_s=bound, roofline_fraction=bound / r["total_s"],

@@ -1,0 +1,75 @@
+"""Start-up time: from `LLM(...)` to the first generated token, with a cold and a warm cache.
+
+    python scripts/bench_startup.py --model llama-3.1-8b --json startup.json
+
+Runs the same start twice in fresh processes sharing one new compilation-cache directory: the first
+compiles every bucket (cold), the second takes them from JAX's persistent cache (warm).  Each run
+reports the seconds to construct the engine (load + KV allocation + warm-up compile of all
+buckets), the seconds to the first token of a 128-token prompt, the number of programs lowered,
+and the persistent cache's hits and misses.  Weights are random (load_format="dummy").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+CHILD = r"""
+import json, os, sys, tempfile, time
+t0 = time.perf_counter()
+sys.path.insert(0, sys.argv[1])
+from bench_latency import SHAPES
+from jaxengine import LLM, SamplingParams
+from jaxengine.runner.compile_watch import num_compilations, persistent_cache_stats
+import jax
+shape, max_tokens, mnbt = SHAPES[sys.argv[2]], 8, int(sys.argv[3])
+d = tempfile.mkdtemp()
+json.dump({**shape, "torch_dtype": "bfloat16"}, open(os.path.join(d, "config.json"), "w"))
+t1 = time.perf_counter()
+llm = LLM(d, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16", max_model_len=2048,
+          max_num_seqs=64, max_num_batched_tokens=mnbt, kv_cache_memory_bytes=int(float(sys.argv[4]) * 2**30),
+          use_tqdm_on_load=False)
+t2 = time.perf_counter()
+llm.generate({"prompt_token_ids": list(range(1, 129))}, SamplingParams(temperature=0.0, max_tokens=1),
+             use_tqdm=False)
+t3 = time.perf_counter()
+print(json.dumps({"import_s": t1 - t0, "engine_s": t2 - t1, "first_token_s": t3 - t1,
+                  "buckets": len(llm.runner.buckets), "programs_lowered": num_compilations(),
+                  "device": getattr(jax.devices()[0], "device_kind", "cpu"), "jax": jax.__version__,
+                  **persistent_cache_stats()}))
+"""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="llama-3.2-1b")
+    ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    ap.add_argument("--kv-cache-gib", type=float, default=4.0)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    here = os.path.dirname(os.path.abspath(__file__))
+    report = {"date": time.strftime("%Y-%m-%d"), "model": args.model, "runs": {}}
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "JAXENGINE_COMPILATION_CACHE_DIR": cache}
+        for label in ("cold", "warm"):
+            t = time.perf_counter()
+            out = subprocess.run([sys.executable, "-c", CHILD, here, args.model, str(args.max_num_batched_tokens),
+                                  str(args.kv_cache_gib)], env=env, capture_output=True, text=True, check=True)
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            r["process_s"] = time.perf_counter() - t
+            report["runs"][label] = r
+            print(f"{label:5s} {r['device']}: LLM() {r['engine_s']:6.1f} s, first token at {r['first_token_s']:6.1f} s, "
+                  f"{r['buckets']} buckets, {r['programs_lowered']} programs lowered, persistent cache "
+                  f"{r['persistent_cache_hits']} hits / {r['persistent_cache_misses']} misses", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
