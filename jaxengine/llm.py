@@ -104,8 +104,6 @@ class LLM:
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
 
-        if max_num_batched_tokens is None:
-            max_num_batched_tokens = 2048 if enable_chunked_prefill else (max_model_len or 2048)
         cache_cfg = CacheConfig(block_size=block_size, kv_cache_memory_bytes=kv_cache_memory_bytes,
                                 gpu_memory_utilization=gpu_memory_utilization,
                                 enable_prefix_caching=enable_prefix_caching)
@@ -148,6 +146,8 @@ class LLM:
             raise ValueError(f"max_model_len ({max_model_len}) is more than the KV cache holds "
                              f"({capacity} tokens in {num_pages} pages); raise kv_cache_memory_bytes or "
                              "gpu_memory_utilization, or lower max_model_len")
+        if max_num_batched_tokens is None:  # without chunking, a whole prompt must fit one step
+            max_num_batched_tokens = 2048 if enable_chunked_prefill else max(2048, max_model_len)
         sched_cfg = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                     max_model_len=max_model_len, enable_chunked_prefill=enable_chunked_prefill)
         cache_cfg = CacheConfig(block_size=block_size, num_pages=num_pages,

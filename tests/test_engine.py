@@ -134,3 +134,10 @@ def test_asynchronous_scheduling_gives_the_same_outputs_as_synchronous(llama_ckp
     assert [(o.outputs[0].token_ids, o.outputs[0].finish_reason) for o in a] == \
         [(o.outputs[0].token_ids, o.outputs[0].finish_reason) for o in b]
     assert llm.kv_cache.num_free_pages == llm.kv_cache.num_pages
+
+
+def test_without_chunked_prefill_whole_prompts_enter_in_one_step(llama_ckpt, alone):
+    whole = LLM(llama_ckpt, **{k: v for k, v in SMALL_ENGINE.items() if k != "max_num_batched_tokens"},
+                enable_chunked_prefill=False)
+    assert whole.config.scheduler.max_num_batched_tokens >= whole.config.scheduler.max_model_len
+    assert tokens(whole.generate(PROMPTS[:6], GREEDY, use_tqdm=False)) == alone[:6]
