@@ -90,5 +90,7 @@ class SamplingParams:
                     fields[key] = gen[key]
         if "repetition_penalty" in gen and gen["repetition_penalty"] is not None:
             fields["repetition_penalty"] = gen["repetition_penalty"]
+        if gen.get("max_new_tokens"):
+            fields["max_tokens"] = int(gen["max_new_tokens"])
         fields.update(overrides)
         return cls(**fields)

@@ -77,10 +77,10 @@ def test_logprobs_list_the_sampled_and_top_tokens(llm):
 def test_sampling_defaults_come_from_generation_config(tmp_path):
     path = tiny_checkpoints.make_checkpoint(str(tmp_path / "m"), "llama", with_tokenizer=True)
     with open(os.path.join(path, "generation_config.json"), "w") as f:
-        json.dump({"do_sample": True, "temperature": 0.3, "top_p": 0.7, "top_k": 11}, f)
+        json.dump({"do_sample": True, "temperature": 0.3, "top_p": 0.7, "top_k": 11, "max_new_tokens": 5}, f)
     llm = LLM(path, **SMALL_ENGINE, warmup=False)
     p = llm.default_sampling_params()
-    assert (p.temperature, p.top_p, p.top_k) == (0.3, 0.7, 11)
+    assert (p.temperature, p.top_p, p.top_k, p.max_tokens) == (0.3, 0.7, 11, 5)
 
 
 def test_module_level_generate_returns_text(llama_ckpt):
