@@ -148,7 +148,8 @@ def run_hf(shape: dict, batch: int, input_len: int, output_len: int, mode: str) 
 
     cfg = transformers.AutoConfig.for_model(**{k: v for k, v in shape.items() if k != "architectures"})
     with torch.device("cuda"):
-        model = transformers.AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.bfloat16).eval()
+        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
+    param = next(model.parameters())
     ids = torch.randint(0, shape["vocab_size"], (batch, input_len), device="cuda")
     kwargs = dict(max_new_tokens=output_len, min_new_tokens=output_len, do_sample=False,
                   attention_mask=torch.ones_like(ids), pad_token_id=0)
@@ -168,7 +169,9 @@ def run_hf(shape: dict, batch: int, input_len: int, output_len: int, mode: str) 
     del model
     torch.cuda.empty_cache()
     return {"peer": f"hf-{mode}", "batch": batch, "total_s": total, "output_tok_s": batch * output_len / total,
-            "transformers": transformers.__version__, "torch": torch.__version__}
+            "transformers": transformers.__version__, "torch": torch.__version__,
+            "param_dtype": str(param.dtype), "param_device": str(param.device),
+            "attn_implementation": getattr(model.config, "_attn_implementation", None)}
 
 
 def main() -> None:
