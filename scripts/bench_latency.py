@@ -73,24 +73,62 @@ def measure_ceilings() -> dict[str, float]:
     b = jax.random.normal(jax.random.PRNGKey(2), (m, m), jnp.bfloat16)
     mm_s = timeit(jax.jit(lambda p, q: p @ q), a, b)
     copy_bw, read_bw = 2 * n * 4 / copy_s, n * 4 / read_s
-    # The floor uses the higher of the two: a step mostly reads (weights, KV), and a too-low
+    mm = 2 * m ** 3 / mm_s
+    out = {"xla_elementwise_copy_bytes_per_s": copy_bw, "xla_read_bytes_per_s": read_bw,
+           "xla_matmul_flops_per_s": mm}
+    torch_c = torch_ceilings() if not on_cpu else {}
+    out.update(torch_c)
+    # The floor uses the highest figure measured: a step mostly reads (weights, KV), and a too-low
     # ceiling would flatter the engine.
-    return {"copy_bytes_per_s": max(copy_bw, read_bw), "elementwise_copy_bytes_per_s": copy_bw,
-            "read_bytes_per_s": read_bw, "matmul_flops_per_s": 2 * m ** 3 / mm_s}
+    out["copy_bytes_per_s"] = max(copy_bw, read_bw, torch_c.get("torch_copy_bytes_per_s", 0.0))
+    out["matmul_flops_per_s"] = max(mm, torch_c.get("torch_matmul_flops_per_s", 0.0))
+    return out
+
+
+def torch_ceilings() -> dict[str, float]:
+    """The same two ceilings through PyTorch (cudaMemcpy-class copy, cuBLAS), where it is installed."""
+    try:
+        import torch
+        if not torch.cuda.is_available():
+            return {}
+    except Exception:  # noqa: BLE001 - no torch: the XLA figures stand alone
+        return {}
+    n = 1 << 28  # 1 GiB of float32
+    x = torch.empty(n, dtype=torch.float32, device="cuda")
+    y = torch.empty_like(x)
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+
+    def timeit(f, reps=10):
+        f()
+        torch.cuda.synchronize()
+        ts = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            f()
+            torch.cuda.synchronize()
+            ts.append(time.perf_counter() - t)
+        return float(np.median(ts))
+
+    copy_s = timeit(lambda: y.copy_(x))
+    mm_s = timeit(lambda: a @ b)
+    del x, y, a, b
+    torch.cuda.empty_cache()
+    return {"torch_copy_bytes_per_s": 2 * n * 4 / copy_s, "torch_matmul_flops_per_s": 2 * 8192 ** 3 / mm_s}
 
 
 class StepLog:
-    """Wraps the runner's execute to record every step's shape: [(start_pos, num_tokens), ...]."""
+    """Wraps the runner's dispatch to record every step's shape: [(start_pos, num_tokens), ...]."""
 
     def __init__(self, runner):
         self.steps: list[list[tuple[int, int]]] = []
-        inner = runner.execute
+        inner = runner.dispatch
 
-        def execute(out):
+        def dispatch(out):
             self.steps.append([(s.start_pos, len(s.token_ids)) for s in out.seqs])
             return inner(out)
 
-        runner.execute = execute
+        runner.dispatch = dispatch
 
 
 def step_bound_s(step: list[tuple[int, int]], cfg, ceil: dict[str, float]) -> float:

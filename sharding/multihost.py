@@ -109,14 +109,14 @@ def follow(runner: Any) -> int:
     channel = runner.channel
     steps = 0
     while True:
-        op, t, s, _ = channel.recv_header()
+        op, t, s, mode = channel.recv_header()
         if op == OP_STOP:
             return steps
         if op == OP_STEP:
             _, n_int, n_float = runner._layout(t, s)
             ints = channel.recv(np.empty((n_int,), np.int32))
             floats = channel.recv(np.empty((n_float,), np.float32))
-            runner._dispatch(ints, floats, t, s)
+            runner._dispatch(ints, floats, t, s, mode)
             steps += 1
         elif op == OP_LOAD_HISTORY:
             slot, prompt_len = t, s

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -99,6 +101,45 @@ def test_serving_never_compiles_after_warmup(llm):
     import jax.numpy as jnp
     jax.jit(lambda x: x * 3)(jnp.ones(7))
     assert llm.runner.compile_counter.since() > 0
+
+
+def test_step_programs_hold_no_data_dependent_branch_and_the_host_picks_the_sampler(llm):
+    """A lax.cond on a GPU reads its predicate back to the host mid-step, which stalls asynchronous
+    scheduling; the runner's programs must have none, and the sampler mode is chosen per step."""
+    from jaxengine.runner import sampler
+    r = llm.runner
+    t = r.buckets[-1]
+    s = r.seqs_for(t)
+    batch, samp = r._empty_arrays(t, s)
+    ints, floats = r._put_inputs(*r._pack(batch, samp, r._layout(t, s)))
+    lowered = r._forward.lower(r.params, r.kv_caches, r.penalty_state["last_tokens"], ints, floats, (t, s))
+    _, logits, samp_ints, samp_floats = lowered.out_info
+    texts = [lowered.as_text()]
+    texts += [r._sample.lower(logits, r.penalty_state, samp_ints, samp_floats, s, mode).as_text()
+              for mode in sampler.MODES]
+    for text in texts:  # (loops are fine: threefry's has a fixed trip count)
+        assert "stablehlo.case" not in text and "stablehlo.if" not in text
+    modes = []
+    inner = r._sample
+
+    def spy(*args):
+        modes.append(args[-1])
+        return inner(*args)
+
+    r._sample = spy
+    try:
+        llm.generate(PROMPTS[0], GREEDY, use_tqdm=False)
+        assert set(modes) == {sampler.PLAIN}
+        modes.clear()
+        llm.generate(PROMPTS[0], SamplingParams(temperature=0.8, seed=1, max_tokens=3), use_tqdm=False)
+        assert set(modes) == {sampler.PLAIN}
+        for p in (SamplingParams(top_p=0.9, max_tokens=3), SamplingParams(logprobs=2, max_tokens=3),
+                  SamplingParams(presence_penalty=0.3, max_tokens=3), SamplingParams(min_p=0.1, max_tokens=3)):
+            modes.clear()
+            llm.generate([PROMPTS[0], PROMPTS[1]], [GREEDY, p], use_tqdm=False)
+            assert sampler.FULL in modes, p  # (PLAIN again once only the greedy request is left)
+    finally:
+        r._sample = inner
 
 
 def test_n_samples_share_the_prompt_and_differ(llm):

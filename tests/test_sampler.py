@@ -123,3 +123,26 @@ def test_sampled_tokens_are_counted_for_frequency_penalty():
     state = sampler.init_penalty_state(3, VOCAB)
     state = sampler.count_sampled(state, jnp.array([1, 2]), jnp.array([4, 4]), jnp.array([True, False]))
     assert int(state["counts"][1, 4]) == 1 and int(state["counts"][2, 4]) == 0
+
+
+def test_plain_mode_equals_full_mode_on_rows_without_filters_or_penalties(logits):
+    """The PLAIN sampler (no penalties, filters or top-k logprobs) is the FULL one for such rows,
+    and FULL leaves a row that asks for nothing exactly as PLAIN would, next to one that does."""
+    s = logits.shape[0]
+    temps = np.where(np.arange(s) % 2 == 0, 0.0, 0.8).astype(np.float32)
+    k = knobs(s, temperature=temps, seed=np.arange(s), rng_pos=np.arange(s))
+    state = sampler.init_penalty_state(2, logits.shape[1])
+    x = jnp.asarray(logits)
+    plain = jax.device_get(jax.jit(lambda l, st, kk: sampler.sample(l, st, kk, 4, full=False))(x, state, k))
+    full = jax.device_get(_sample(x, state, k, 4))
+    for key in ("tokens", "logprob", "rank"):
+        np.testing.assert_array_equal(plain[key], full[key])
+    # one row with top_k=1 and a penalty beside the others: only that row may change
+    mixed = knobs(s, temperature=temps, seed=np.arange(s), rng_pos=np.arange(s),
+                  top_k=np.where(np.arange(s) == 3, 1, 0), repetition_penalty=np.where(np.arange(s) == 5, 1.5, 1.0),
+                  use_penalty=np.arange(s) == 5)
+    out = jax.device_get(_sample(x, state, mixed, 4))
+    others = np.ones(s, bool)
+    others[[3, 5]] = False
+    np.testing.assert_array_equal(out["tokens"][others], plain["tokens"][others])
+    assert out["tokens"][3] == logits[3].argmax()

@@ -125,7 +125,8 @@ def _worker(out_path: str, tmp: str) -> None:
         t, s = HLO_TOKENS, r.seqs_for(HLO_TOKENS)
         batch, samp = r._empty_arrays(t, s)
         ints, floats = r._put_inputs(*r._pack(batch, samp, r._layout(t, s)))
-        hlo = r._step.lower(r.params, r.kv_caches, r.penalty_state, ints, floats, (t, s)).compile().as_text()
+        hlo = r._forward.lower(r.params, r.kv_caches, r.penalty_state["last_tokens"], ints, floats,
+                               (t, s)).compile().as_text()
         res["hlo"][str(tp)] = {"seqs": s, "collectives": _collectives(hlo)}
 
     # Orbax: convert on a tp=2 mesh, restore into tp=4 and into one device.

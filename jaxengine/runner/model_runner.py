@@ -110,9 +110,15 @@ class ModelRunner:
         self.vocab_size = m.vocab_size
         self.num_logprobs = min(cfg.runner.max_logprobs, m.vocab_size)
 
-        def step(params, kv_caches, penalty_state, ints, floats, bucket):
-            batch, samp = self._unpack(ints, floats, self._layout(*bucket))
-            last_tokens = penalty_state["last_tokens"]
+        # Two programs a step.  `forward` (one per token bucket) runs the model and writes the KV
+        # pages; `sample` (one per request bucket and sampling mode) turns the logits into tokens.
+        # The mode is static and chosen on the host from the requests in the step, so no program
+        # holds a data-dependent branch: on a GPU, lax.cond reads its predicate back to the host,
+        # which blocks the dispatching thread until the device gets there and undoes asynchronous
+        # scheduling (measured on the H100: ~10 ms of host time per step at batch 64).
+        def forward(params, kv_caches, last_tokens, ints, floats, bucket):
+            layout = self._layout(*bucket)
+            batch, _ = self._unpack(ints, floats, layout)
             pending = batch["input_slot"] >= 0
             batch["input_ids"] = jnp.where(pending, last_tokens[jnp.maximum(batch["input_slot"], 0)],
                                            batch["input_ids"])
@@ -121,25 +127,38 @@ class ModelRunner:
                 if m.vocab_size % mesh.shape["tp"] == 0:
                     logits = jax.lax.with_sharding_constraint(logits, sharding.vocab_sharding(mesh))
                 logits = jax.lax.with_sharding_constraint(logits, repl)
-            out = sampler.sample(logits, penalty_state, samp, self.num_logprobs)
-            penalty_state = sampler.count_sampled(penalty_state, samp["penalty_slot"], out["tokens"],
-                                                  samp["count_sampled"])
+            # the sampling knobs lead both buffers: handed on as they are, so the sampler's
+            # programs depend on the request bucket only, not on the token bucket
+            _, n_int, n_float = self._layout(bucket[1])
+            return kv_caches, logits, ints[:n_int], floats[:n_float]
+
+        def sample(logits, penalty_state, ints, floats, seqs, mode):
+            _, samp = self._unpack(ints, floats, self._layout(seqs))
+            full = mode == sampler.FULL
+            out = sampler.sample(logits, penalty_state, samp, self.num_logprobs, full=full)
+            if full:
+                penalty_state = sampler.count_sampled(penalty_state, samp["penalty_slot"], out["tokens"],
+                                                      samp["count_sampled"])
             store = jnp.where(samp["store_token"], samp["penalty_slot"], self.num_slots)
-            penalty_state["last_tokens"] = last_tokens.at[store].set(out["tokens"], mode="drop")
+            penalty_state = {**penalty_state,
+                             "last_tokens": penalty_state["last_tokens"].at[store].set(out["tokens"], mode="drop")}
             # two read-backs instead of five: ints [S, 2 + K] and floats [S, 1 + K]
             out_ints = jnp.concatenate([out["tokens"][:, None], out["rank"][:, None], out["top_ids"]], axis=1)
             out_floats = jnp.concatenate([out["logprob"][:, None], out["top_logprobs"]], axis=1)
-            return kv_caches, penalty_state, (out_ints, out_floats)
+            return penalty_state, (out_ints, out_floats)
 
         if mesh is None:
-            self._step = jax.jit(step, donate_argnums=(1, 2), static_argnums=(5,))
+            self._forward = jax.jit(forward, donate_argnums=(1,), static_argnums=(5,))
+            self._sample = jax.jit(sample, donate_argnums=(1,), static_argnums=(4, 5))
         else:  # explicit shardings: KV pages stay split by kv head, everything else replicated
             kv_sh = [kv_sharding] * m.num_layers
             pen_sh = {k: repl for k in self.penalty_state}
-            self._step = jax.jit(step, donate_argnums=(1, 2), static_argnums=(5,),
-                                 in_shardings=(sharding.params_sharding_tree(params, mesh), kv_sh, pen_sh,
-                                               repl, repl),
-                                 out_shardings=(kv_sh, pen_sh, repl))
+            self._forward = jax.jit(forward, donate_argnums=(1,), static_argnums=(5,),
+                                    in_shardings=(sharding.params_sharding_tree(params, mesh), kv_sh, repl,
+                                                  repl, repl),
+                                    out_shardings=(kv_sh, repl, repl, repl))
+            self._sample = jax.jit(sample, donate_argnums=(1,), static_argnums=(4, 5),
+                                   in_shardings=(repl, pen_sh, repl, repl), out_shardings=(pen_sh, repl))
         self._layouts: dict[tuple[int, int], tuple] = {}
         self._load_history = jax.jit(sampler.load_history, donate_argnums=(0,))
         self.compile_counter = CompileCounter()
@@ -163,9 +182,13 @@ class ModelRunner:
         if progress:
             from tqdm.auto import tqdm
             buckets = tqdm(buckets, desc="Compiling buckets", unit="bucket")
+        sampled: set[int] = set()
         for t in buckets:
-            batch, samp = self._empty_arrays(t, self.seqs_for(t))
-            self._run(batch, samp)
+            s = self.seqs_for(t)
+            batch, samp = self._empty_arrays(t, s)
+            for mode in (sampler.MODES if s not in sampled else sampler.MODES[:1]):
+                self._run(batch, samp, mode=mode)
+            sampled.add(s)
         tokens = np.full((self.cfg.scheduler.max_model_len,), -1, np.int32)
         self._dispatch_load_history(self.num_slots - 1, tokens, 0)
         jax.block_until_ready(self.penalty_state)
@@ -197,7 +220,6 @@ class ModelRunner:
             "penalty_slot": np.full((s,), self.num_slots - 1, np.int32),
             "use_penalty": np.zeros((s,), np.bool_),
             "count_sampled": np.zeros((s,), np.bool_),
-            "want_logprobs": np.zeros((s,), np.bool_),
             "store_token": np.zeros((s,), np.bool_),
         }
         return batch, samp
@@ -280,7 +302,6 @@ class ModelRunner:
         samp["min_p"][:ns] = [p.min_p for p in params]
         samp["seed"][:ns] = [seq.seed % (1 << 32) for seq in seqs]
         samp["rng_pos"][:ns] = kv_lens
-        samp["want_logprobs"][:ns] = [p.logprobs is not None for p in params]
         samp["penalty_slot"][:ns] = seq_slots
         samp["store_token"][:ns] = [seq.sample for seq in seqs]
         for i, seq in enumerate(seqs):
@@ -302,7 +323,8 @@ class ModelRunner:
                 samp["count_sampled"][i] = seq.sample
         batch["cu_q_lens"][len(seqs) + 1:] = pos
         batch["num_seqs"][0] = len(seqs)
-        return seqs, self._run(batch, samp, broadcast=True)
+        mode = sampler.FULL if any(sampler.needs_full(p) for p in params) else sampler.PLAIN
+        return seqs, self._run(batch, samp, mode=mode, broadcast=True)
 
     def collect(self, handle: tuple) -> dict[str, SampleResult]:
         """Block until the step of `handle` is done; its sampled tokens by request id."""
@@ -320,12 +342,14 @@ class ModelRunner:
 
     # All per-step inputs travel as one int32 and one float32 buffer: one host-to-device copy each
     # instead of twenty small ones (each costs tens of microseconds of fixed overhead on a GPU).
-    def _layout(self, t: int, s: int) -> tuple:
-        key = (t, s)
+    def _layout(self, *key: int) -> tuple:
+        """(t, s): the step's buffers, sampling knobs first; (s,): the sampling knobs alone."""
         if key not in self._layouts:
-            batch, samp = self._empty_arrays(t, s)
+            s = key[-1]
+            batch, samp = self._empty_arrays(key[0], s)
+            groups = (("samp", samp), ("batch", batch)) if len(key) == 2 else (("samp", samp),)
             fields, n_int, n_float = [], 0, 0
-            for group, arrays in (("batch", batch), ("samp", samp)):
+            for group, arrays in groups:
                 for name, arr in arrays.items():
                     is_float = arr.dtype == np.float32
                     fields.append((group, name, arr.shape, arr.dtype, is_float, n_float if is_float else n_int))
@@ -362,14 +386,14 @@ class ModelRunner:
             groups[group][name] = arr
         return groups["batch"], groups["samp"]
 
-    def _run(self, batch: dict[str, np.ndarray], samp: dict[str, np.ndarray],
+    def _run(self, batch: dict[str, np.ndarray], samp: dict[str, np.ndarray], mode: int = 0,
              broadcast: bool = False) -> dict[str, np.ndarray]:
         t, s = batch["input_ids"].shape[0], batch["kv_lens"].shape[0]
         ints, floats = self._pack(batch, samp, self._layout(t, s))
         if broadcast and self.channel is not None:
             from jaxengine.sharding import multihost
-            self.channel.send(multihost.OP_STEP, t, s, 0, ints, floats)
-        return self._dispatch(ints, floats, t, s)
+            self.channel.send(multihost.OP_STEP, t, s, mode, ints, floats)
+        return self._dispatch(ints, floats, t, s, mode)
 
     def _dispatch_load_history(self, slot: int, tokens: np.ndarray, prompt_len: int) -> None:
         args = (np.int32(slot), tokens, np.int32(prompt_len))
@@ -383,10 +407,11 @@ class ModelRunner:
         from jaxengine import sharding
         return tuple(sharding.put_array(a, sharding.replicated(self.mesh)) for a in arrays)
 
-    def _dispatch(self, ints: np.ndarray, floats: np.ndarray, t: int, s: int):
+    def _dispatch(self, ints: np.ndarray, floats: np.ndarray, t: int, s: int, mode: int = 0):
         ints_d, floats_d = self._put_inputs(ints, floats)
-        self.kv_caches, self.penalty_state, out = self._step(self.params, self.kv_caches, self.penalty_state,
-                                                             ints_d, floats_d, (t, s))
+        self.kv_caches, logits, samp_ints, samp_floats = self._forward(
+            self.params, self.kv_caches, self.penalty_state["last_tokens"], ints_d, floats_d, (t, s))
+        self.penalty_state, out = self._sample(logits, self.penalty_state, samp_ints, samp_floats, s, mode)
         return out
 
     def _read_back(self, out) -> dict[str, np.ndarray]:

@@ -13,6 +13,18 @@ import jax.numpy as jnp
 
 _EPS = 1e-5
 
+# Sampling modes, one compiled sampler each (static; chosen on the host per step):
+# PLAIN: greedy / temperature only.  FULL: also penalties, top-k/top-p/min-p, and the top-k
+# logprobs, each applied only to the rows that ask for it.
+PLAIN, FULL = 0, 1
+MODES = (PLAIN, FULL)
+
+
+def needs_full(p) -> bool:
+    """Does a request with SamplingParams p need the FULL sampler?"""
+    from jaxengine.engine.scheduler import uses_penalties
+
+    return uses_penalties(p) or p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0 or p.logprobs is not None
 
 
 def init_penalty_state(num_slots: int, vocab_size: int) -> dict[str, jax.Array]:
@@ -67,16 +79,21 @@ def _filter(logits: jax.Array, s: dict[str, jax.Array]) -> jax.Array:
 
 
 def sample(logits: jax.Array, state: dict[str, jax.Array], s: dict[str, jax.Array],
-           num_logprobs: int) -> dict[str, jax.Array]:
-    """logits: [num_seqs, vocab] float32.  s: per-row sampling arrays (see ModelRunner)."""
+           num_logprobs: int, *, full: bool = True) -> dict[str, jax.Array]:
+    """logits: [num_seqs, vocab] float32.  s: per-row sampling arrays (see ModelRunner).
+
+    full=False (the PLAIN mode) leaves out penalties, filtering and the top-k logprobs: the host
+    chooses it only for steps where no row asks for them.
+    """
     raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
-    logits = jax.lax.cond(jnp.any(s["use_penalty"]), lambda l: apply_penalties(l, state, s),
-                          lambda l: l, logits)
+    if full:
+        logits = jnp.where(s["use_penalty"][:, None], apply_penalties(logits, state, s), logits)
     greedy_tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     temp = jnp.maximum(s["temperature"], _EPS)[:, None]
     scaled = logits / temp
-    need_filter = jnp.any((s["top_k"] > 0) | (s["top_p"] < 1.0) | (s["min_p"] > 0.0))
-    scaled = jax.lax.cond(need_filter, lambda l: _filter(l, s), lambda l: l, scaled)
+    if full:
+        row_filter = (s["top_k"] > 0) | (s["top_p"] < 1.0) | (s["min_p"] > 0.0)
+        scaled = jnp.where(row_filter[:, None], _filter(scaled, s), scaled)
 
     def gumbel(seed, pos):
         key = jax.random.fold_in(jax.random.PRNGKey(seed), pos)
@@ -88,13 +105,11 @@ def sample(logits: jax.Array, state: dict[str, jax.Array], s: dict[str, jax.Arra
 
     token_lp = jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0]
     token_rank = jnp.sum(raw_logprobs > token_lp[:, None], axis=-1).astype(jnp.int32) + 1
-    if "want_logprobs" in s:  # a top-k pass over the vocabulary only when a row asks for it
-        top_lp, top_ids = jax.lax.cond(
-            jnp.any(s["want_logprobs"]), lambda r: tuple(jax.lax.top_k(r, num_logprobs)),
-            lambda r: (jnp.zeros((r.shape[0], num_logprobs), r.dtype),
-                       jnp.zeros((r.shape[0], num_logprobs), jnp.int32)), raw_logprobs)
-    else:
+    if full:
         top_lp, top_ids = jax.lax.top_k(raw_logprobs, num_logprobs)
+    else:
+        top_lp = jnp.zeros((logits.shape[0], num_logprobs), raw_logprobs.dtype)
+        top_ids = jnp.zeros((logits.shape[0], num_logprobs), jnp.int32)
     return {"tokens": tokens, "logprob": token_lp, "rank": token_rank,
             "top_ids": top_ids.astype(jnp.int32), "top_logprobs": top_lp}
 
