@@ -186,7 +186,8 @@ def run_hf(shape: dict, batch: int, input_len: int, output_len: int, mode: str) 
 
     cfg = transformers.AutoConfig.for_model(**{k: v for k, v in shape.items() if k != "architectures"})
     with torch.device("cuda"):
-        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
+        model = transformers.AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.bfloat16)
+    model = model.to(torch.bfloat16).eval()  # (a no-op where from_config already gave bf16)
     param = next(model.parameters())
     ids = torch.randint(0, shape["vocab_size"], (batch, input_len), device="cuda")
     kwargs = dict(max_new_tokens=output_len, min_new_tokens=output_len, do_sample=False,
