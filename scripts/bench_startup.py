@@ -59,7 +59,8 @@ def main() -> None:
         for label in ("cold", "warm"):
             t = time.perf_counter()
             out = subprocess.run([sys.executable, "-c", CHILD, here, args.model, str(args.max_num_batched_tokens),
-                                  str(args.kv_cache_gib)], env=env, capture_output=True, text=True)
+                                  str(args.kv_cache_gib)], env=env, capture_output=True, text=True,
+                                 cwd=cache)  # not the checkout: its jaxengine/ would shadow the installed one
             if out.returncode != 0:
                 sys.exit(f"{label} run failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
             r = json.loads(out.stdout.strip().splitlines()[-1])
