@@ -205,12 +205,13 @@ def run_hf(shape: dict, batch: int, input_len: int, output_len: int, mode: str) 
         torch.cuda.synchronize()
         total = time.perf_counter() - t
     assert out.shape[1] == input_len + output_len
-    del model
+    result = {"peer": f"hf-{mode}", "batch": batch, "total_s": total, "output_tok_s": batch * output_len / total,
+              "transformers": transformers.__version__, "torch": torch.__version__,
+              "param_dtype": str(param.dtype), "param_device": str(param.device),
+              "attn_implementation": getattr(model.config, "_attn_implementation", None)}
+    del model, param
     torch.cuda.empty_cache()
-    return {"peer": f"hf-{mode}", "batch": batch, "total_s": total, "output_tok_s": batch * output_len / total,
-            "transformers": transformers.__version__, "torch": torch.__version__,
-            "param_dtype": str(param.dtype), "param_device": str(param.device),
-            "attn_implementation": getattr(model.config, "_attn_implementation", None)}
+    return result
 
 
 def run_peers(report: dict, name: str, shape: dict, mode: str, args) -> None:
