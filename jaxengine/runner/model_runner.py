@@ -1,9 +1,11 @@
-"""ModelRunner: device state (params, KV pages, penalty state) and the compiled step per bucket.
+"""ModelRunner: device state (params, KV pages, penalty state) and the compiled programs per bucket.
 
 A SchedulerOutput becomes flat host arrays (token ids, positions, slot mapping, query start
 offsets, kv lengths, page-table rows, sampling knobs), padded to a bucket of token count; one
-device_put, one call of the jitted step with the KV pages donated (updated in place), and one
-read-back of the sampled ids.  Every bucket is compiled at start-up, so serving never compiles.
+device_put, then two programs: `forward` (per token bucket; KV pages donated, updated in place)
+and `sample` (per request bucket and sampling mode, PLAIN or FULL, picked on the host), and one
+read-back of the sampled ids.  No program branches on data (see `forward` below for why).  Every
+bucket and mode is compiled at start-up, so serving never compiles.
 """
 
 from __future__ import annotations
