@@ -1,0 +1,37 @@
+"""The benchmark scripts' accounting, on the tiny shape: every step the engine runs is logged and
+the roofline bound is positive and below the measured time (a bound of 0 once hid a logging bug)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
+
+import bench_latency as bl  # noqa: E402
+
+from jaxengine import LLM  # noqa: E402
+
+
+def test_steps_are_logged_at_dispatch_and_the_roofline_is_a_lower_bound(tmp_path):
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump({**bl.SHAPES["tiny"], "torch_dtype": "float32"}, f)
+    llm = LLM(str(tmp_path), load_format="dummy", skip_tokenizer_init=True, dtype="float32", max_model_len=64,
+              max_num_seqs=4, max_num_batched_tokens=32, kv_cache_memory_bytes=4 << 20)
+    llm._step_log = bl.StepLog(llm.runner)
+    r = bl.run_engine(llm, batch=4, input_len=20, output_len=6)
+    steps = r.pop("steps")
+    # 80 prompt tokens in chunks of at most 32, then decodes: every step has (start, n) per request
+    assert len(steps) == r["num_steps"] >= 3 + 5
+    assert sum(n for step in steps for _, n in step) == 4 * 20 + 4 * 5  # prompts + the fed-back tokens
+    ceil = {"copy_bytes_per_s": 1e12, "matmul_flops_per_s": 1e14}
+    bound = sum(bl.step_bound_s(s, llm.config, ceil) for s in steps)
+    assert 0 < bound < r["total_s"]
+    # a decode step of 4 requests reads the weights once, each request's context (31 positions
+    # with the new token) and writes each new token's K/V
+    m = llm.config.model
+    one = bl.step_bound_s([(30, 1)], llm.config, ceil)
+    four = bl.step_bound_s([(30, 1)] * 4, llm.config, ceil)
+    kv_token = m.num_layers * 2 * m.num_kv_heads * m.head_dim * 4
+    assert abs((four - one) - 3 * (31 + 1) * kv_token / 1e12) < 1e-9 * four
