@@ -119,8 +119,7 @@ class ModelRunner:
         # which blocks the dispatching thread until the device gets there and undoes asynchronous
         # scheduling (measured on the H100: ~10 ms of host time per step at batch 64).
         def forward(params, kv_caches, last_tokens, ints, floats, bucket):
-            layout = self._layout(*bucket)
-            batch, _ = self._unpack(ints, floats, layout)
+            batch, _ = self._unpack(ints, floats, self._layout(*bucket))
             pending = batch["input_slot"] >= 0
             batch["input_ids"] = jnp.where(pending, last_tokens[jnp.maximum(batch["input_slot"], 0)],
                                            batch["input_ids"])
@@ -306,9 +305,13 @@ class ModelRunner:
         samp["rng_pos"][:ns] = kv_lens
         samp["penalty_slot"][:ns] = seq_slots
         samp["store_token"][:ns] = [seq.sample for seq in seqs]
+        mode = sampler.PLAIN
         for i, seq in enumerate(seqs):
             p = seq.params
-            if uses_penalties(p):
+            penalties = uses_penalties(p)
+            if sampler.needs_full(p, penalties):
+                mode = sampler.FULL
+            if penalties:
                 slot = seq_slots[i]
                 if seq.penalty_history is not None:
                     tokens, prompt_len = seq.penalty_history
@@ -325,7 +328,6 @@ class ModelRunner:
                 samp["count_sampled"][i] = seq.sample
         batch["cu_q_lens"][len(seqs) + 1:] = pos
         batch["num_seqs"][0] = len(seqs)
-        mode = sampler.FULL if any(sampler.needs_full(p) for p in params) else sampler.PLAIN
         return seqs, self._run(batch, samp, mode=mode, broadcast=True)
 
     def collect(self, handle: tuple) -> dict[str, SampleResult]:

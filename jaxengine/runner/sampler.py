@@ -20,11 +20,9 @@ PLAIN, FULL = 0, 1
 MODES = (PLAIN, FULL)
 
 
-def needs_full(p) -> bool:
-    """Does a request with SamplingParams p need the FULL sampler?"""
-    from jaxengine.engine.scheduler import uses_penalties
-
-    return uses_penalties(p) or p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0 or p.logprobs is not None
+def needs_full(p, penalties: bool) -> bool:
+    """Does a request with SamplingParams p (which uses penalties, or not) need the FULL sampler?"""
+    return penalties or p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0 or p.logprobs is not None
 
 
 def init_penalty_state(num_slots: int, vocab_size: int) -> dict[str, jax.Array]:
