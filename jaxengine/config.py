@@ -168,10 +168,20 @@ class RunnerConfig:
         default_factory=lambda: os.environ.get("JAXENGINE_ATTENTION", "auto"))
     max_logprobs: int = 20
     warmup: bool = True
+    # Matmuls of decode-sized buckets: "auto" (the fused Pallas kernels on an NVIDIA GPU, XLA
+    # elsewhere), "gpu" (fused kernels; interpret mode on CPU), "reference" (XLA everywhere).
+    matmul_impl: str = dataclasses.field(
+        default_factory=lambda: os.environ.get("JAXENGINE_MATMUL", "auto"))
+    # Token buckets up to this size use the fused matmuls; larger ones XLA's GEMMs.
+    fused_matmul_max_tokens: int = 64
 
     def __post_init__(self):
         _check(self.attention_impl in ("auto", "reference", "gpu", "tpu"),
                f"attention_impl must be one of auto, reference, gpu, tpu; got {self.attention_impl!r}")
+        _check(self.matmul_impl in ("auto", "reference", "gpu"),
+               f"matmul_impl must be one of auto, reference, gpu; got {self.matmul_impl!r}")
+        _check(self.fused_matmul_max_tokens >= 0,
+               f"fused_matmul_max_tokens must be >= 0, got {self.fused_matmul_max_tokens}")
 
 
 @dataclasses.dataclass(frozen=True)

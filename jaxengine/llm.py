@@ -47,7 +47,7 @@ class LLM:
                  data_parallel_size: int = 1, compilation_cache_dir: str | None = None,
                  attention_impl: str = "auto", token_buckets: Sequence[int] | None = None,
                  warmup: bool = True, use_tqdm_on_load: bool = True, load_format: str = "auto",
-                 async_scheduling: bool = True):
+                 async_scheduling: bool = True, matmul_impl: str = "auto"):
         import jax
 
         from jaxengine import models
@@ -111,7 +111,7 @@ class LLM:
             token_buckets=tuple(token_buckets) if token_buckets else None,
             compilation_cache_dir=(default_compilation_cache_dir() if compilation_cache_dir is None
                                    else compilation_cache_dir),
-            attention_impl=attention_impl, warmup=warmup)
+            attention_impl=attention_impl, matmul_impl=matmul_impl, warmup=warmup)
         _enable_compilation_cache(runner_cfg.compilation_cache_dir)
 
         from jaxengine.loader import orbax_ckpt

@@ -149,9 +149,52 @@ def mlp_block(p: Params, x: jax.Array) -> jax.Array:
     return linear(jax.nn.silu(linear(x, p["gate_proj"])) * linear(x, p["up_proj"]), p["down_proj"])
 
 
+def fused_layer(layer: Params, cfg: ModelConfig, x: jax.Array, cos: jax.Array, sin: jax.Array,
+                kv_pages: jax.Array, batch: dict[str, jax.Array], attention: Callable[..., jax.Array],
+                matmul: Any) -> tuple[jax.Array, jax.Array]:
+    """One decoder layer with fused matmuls (pallas_kernels/fused_matmul): the RMSNorms ride in
+    the q/k/v and gate/up kernels, SwiGLU in the gate/up kernel, the residual adds in the o and
+    down kernels.  Same numerics as the unfused layer up to float32 summation order."""
+    a, mlp, eps, t = layer["self_attn"], layer["mlp"], cfg.rms_norm_eps, x.shape[0]
+    q, k, v = matmul.norm_linear(x, layer["input_layernorm"]["weight"], eps,
+                                 [a[n]["weight"] for n in ("q_proj", "k_proj", "v_proj")])
+    if cfg.qkv_bias:
+        q, k, v = q + a["q_proj"]["bias"], k + a["k_proj"]["bias"], v + a["v_proj"]["bias"]
+    q = q.reshape(t, cfg.num_heads, cfg.head_dim)
+    k = k.reshape(t, cfg.num_kv_heads, cfg.head_dim)
+    v = v.reshape(t, cfg.num_kv_heads, cfg.head_dim)
+    if cfg.qk_norm:
+        q = rms_norm(q, a["q_norm"]["weight"], eps)
+        k = rms_norm(k, a["k_norm"]["weight"], eps)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    kv_pages = write_kv(kv_pages, k, v, batch["slot_mapping"])
+    out = attention(q, kv_pages, batch["kv_lens"], batch["page_indices"], batch["cu_q_lens"],
+                    batch["num_seqs"], sm_scale=cfg.head_dim ** -0.5, sliding_window=cfg.sliding_window)
+    out = out.reshape(t, cfg.num_heads * cfg.head_dim)
+    if cfg.o_bias:
+        x = x + linear(out, a["o_proj"])
+    else:
+        x = matmul.linear_residual(out, a["o_proj"]["weight"], x)
+    if cfg.mlp_bias:
+        return x + mlp_block(mlp, rms_norm(x, layer["post_attention_layernorm"]["weight"], eps)), kv_pages
+    h = matmul.norm_gate_up(x, layer["post_attention_layernorm"]["weight"], eps,
+                            mlp["gate_proj"]["weight"], mlp["up_proj"]["weight"])
+    return matmul.linear_residual(h, mlp["down_proj"]["weight"], x), kv_pages
+
+
+def fusable(cfg: ModelConfig, multiple: int = 16) -> bool:
+    """Whether the fused-matmul kernels tile this model's shapes (every dimension a multiple of 16)."""
+    dims = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_dim,
+            cfg.num_kv_heads * cfg.head_dim)
+    return all(d % multiple == 0 for d in dims)
+
+
 def forward(params: Params, cfg: ModelConfig, batch: dict[str, jax.Array], kv_caches: list[jax.Array],
-            attention: Callable[..., jax.Array]) -> tuple[jax.Array, list[jax.Array]]:
-    """One ragged step.  Returns (logits [num_logits, vocab] float32, updated kv_caches)."""
+            attention: Callable[..., jax.Array], matmul: Any = None) -> tuple[jax.Array, list[jax.Array]]:
+    """One ragged step.  Returns (logits [num_logits, vocab] float32, updated kv_caches).
+
+    matmul: None (XLA's matmuls and elementwise fusions) or a fused-matmul namespace
+    (pallas_kernels.fused_matmul.get_matmul): the runner passes one for decode-sized buckets."""
     model = params["model"]
     x = model["embed_tokens"]["weight"][batch["input_ids"]]  # [num_tokens, hidden]
     angles = batch["positions"].astype(jnp.float32)[:, None] * rope_inv_freq(cfg)[None, :]
@@ -159,6 +202,10 @@ def forward(params: Params, cfg: ModelConfig, batch: dict[str, jax.Array], kv_ca
     new_caches = []
     for i in range(cfg.num_layers):
         layer = model["layers"][str(i)]
+        if matmul is not None:
+            x, kv = fused_layer(layer, cfg, x, cos, sin, kv_caches[i], batch, attention, matmul)
+            new_caches.append(kv)
+            continue
         h, kv = attention_block(layer["self_attn"], cfg, rms_norm(x, layer["input_layernorm"]["weight"],
                                                                  cfg.rms_norm_eps),
                                 cos, sin, kv_caches[i], batch, attention)

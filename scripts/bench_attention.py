@@ -206,10 +206,11 @@ def main():
             peers = ["jax_gpu_paged"] + (["reference"] if b * c <= 8 * 2048 else [])
             save(); run_case(rows, "decode", f"b{b} ctx{c}", [1] * b, [c] * b, ps, hbm, mxu, peers)
     # Tuning sweep on two decode shapes, then a page-size sweep.
-    sweep = {"bk32": dict(block_k=32), "bk128": dict(block_k=128), "w8": dict(num_warps=8),
-             "st3": dict(num_stages=3), "bk128w8": dict(block_k=128, num_warps=8),
-             "s1": dict(num_splits=1), "s4": dict(num_splits=4)}
-    for b, c in [(8, 8192), (64, 2048)]:
+    sweep = {"bk64": dict(block_k=64), "st3": dict(num_stages=3), "st4": dict(num_stages=4),
+             "s8": dict(num_splits=8), "s16": dict(num_splits=16), "s16st3": dict(num_splits=16, num_stages=3),
+             "s32st3": dict(num_splits=32, num_stages=3), "bk64st3": dict(block_k=64, num_stages=3),
+             "s4": dict(num_splits=4)}
+    for b, c in [(8, 2048), (8, 8192), (64, 2048)]:
         save(); run_case(rows, "decode-sweep", f"b{b} ctx{c}", [1] * b, [c] * b, ps, hbm, mxu,
                  variants=sweep)
     for p in [int(x) for x in args.page_sizes.split(",")]:

@@ -237,6 +237,8 @@ def main() -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
     ap.add_argument("--kv-cache-gib", type=float, default=8.0)
     ap.add_argument("--attention", default="auto")
+    ap.add_argument("--matmul", default="auto", choices=["auto", "gpu", "reference"],
+                    help="decode-bucket matmuls: fused Pallas kernels (gpu; auto on NVIDIA) or XLA")
     ap.add_argument("--hf-peer", nargs="*", default=[], choices=["eager", "static"])
     ap.add_argument("--peer-batch", nargs="*", type=int, default=None,
                     help="batch sizes for the peer (default: --batch)")
@@ -270,7 +272,8 @@ def main() -> None:
             llm = LLM(d, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
                       max_model_len=args.input_len + args.output_len + 16, max_num_seqs=max(args.batch),
                       max_num_batched_tokens=args.max_num_batched_tokens,
-                      kv_cache_memory_bytes=int(args.kv_cache_gib * 2**30), attention_impl=args.attention)
+                      kv_cache_memory_bytes=int(args.kv_cache_gib * 2**30), attention_impl=args.attention,
+                      matmul_impl=args.matmul)
             startup_s = time.perf_counter() - t0
         llm._step_log = StepLog(llm.runner)
         for batch in args.batch:
@@ -281,12 +284,13 @@ def main() -> None:
                     run_engine(llm, batch, args.input_len, min(args.output_len, 32), seed=2)
             bound = sum(step_bound_s(s, llm.config, ceil) for s in r.pop("steps"))
             r.update(model=name, startup_s=startup_s, attention=llm.runner.attention_impl,
+                     matmul=llm.runner.matmul_impl, fused_matmul_max_tokens=llm.runner.fused_max_tokens,
                      roofline_s=bound, roofline_fraction=bound / r["total_s"],
                      compiles_after_warmup=llm.num_compilations_since_warmup())
             report["runs"].append(r)
             print(f"{name:14s} batch {batch:4d}  {r['output_tok_s']:9.1f} tok/s  TTFT {r['ttft_ms_p50']:8.1f} ms"
                   f"  TPOT {r['tpot_ms_mean']:7.2f} ms  roofline {100 * r['roofline_fraction']:5.1f}%"
-                  f"  ({r['attention']}, startup {startup_s:.0f}s)", flush=True)
+                  f"  ({r['attention']} attention, {r['matmul']} matmul, startup {startup_s:.0f}s)", flush=True)
         del llm
         for mode in args.hf_peer:
             run_peers(report, name, shape, mode, args)

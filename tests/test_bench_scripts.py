@@ -35,3 +35,24 @@ def test_steps_are_logged_at_dispatch_and_the_roofline_is_a_lower_bound(tmp_path
     four = bl.step_bound_s([(30, 1)] * 4, llm.config, ceil)
     kv_token = m.num_layers * 2 * m.num_kv_heads * m.head_dim * 4
     assert abs((four - one) - 3 * (31 + 1) * kv_token / 1e12) < 1e-9 * four
+
+
+def test_bench_matmul_times_the_same_computation_both_ways():
+    """bench_matmul's XLA and Pallas calls compute one thing per op (interpret mode on CPU)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import bench_matmul as bm
+
+    key = jax.random.key(1)
+    for name, (wshapes, k, kind) in bm.ops_for(bm.MODELS["tiny"]).items():
+        ws = [jax.random.normal(jax.random.fold_in(key, i), s, jnp.float32) * 0.1 for i, s in enumerate(wshapes)]
+        x = jax.random.normal(key, (5, k), jnp.float32)
+        g = jnp.full((k,), 1.5, jnp.float32)
+        r = jnp.ones((5, wshapes[0][0]), jnp.float32)
+        want = bm.make_call(kind, "xla")(x, g, ws, r)
+        got = bm.make_call(kind, "pallas", dict(block_n=16, block_k=32))(x, g, ws, r)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5, err_msg=name)
+        assert len(list(bm.sweep_configs(kind))) > 10

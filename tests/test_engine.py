@@ -182,3 +182,19 @@ def test_without_chunked_prefill_whole_prompts_enter_in_one_step(llama_ckpt, alo
                 enable_chunked_prefill=False)
     assert whole.config.scheduler.max_num_batched_tokens >= whole.config.scheduler.max_model_len
     assert tokens(whole.generate(PROMPTS[:6], GREEDY, use_tqdm=False)) == alone[:6]
+
+
+def test_fused_matmul_engine_reproduces_the_xla_engine(llama_ckpt, alone):
+    """matmul_impl="gpu": decode-sized buckets run the fused Pallas matmuls (interpret mode on CPU),
+    larger ones XLA's; greedy outputs are those of the all-XLA engine."""
+    fused = LLM(llama_ckpt, **{**SMALL_ENGINE, "token_buckets": (8, 64)}, matmul_impl="gpu")
+    r = fused.runner
+    assert r.matmul_impl == "gpu" and r.fused_max_tokens == 64
+    batch, samp = r._empty_arrays(8, r.seqs_for(8))
+    ints, floats = r._put_inputs(*r._pack(batch, samp, r._layout(8, r.seqs_for(8))))
+    text = r._forward.lower(r.params, r.kv_caches, r.penalty_state["last_tokens"], ints, floats,
+                            (8, r.seqs_for(8))).as_text()
+    assert "@_fused" in text  # the jitted kernel wrapper, inlined as a named call
+    outs = fused.generate(PROMPTS[:8], GREEDY, use_tqdm=False)
+    assert tokens(outs) == alone[:8]
+    assert r.compile_counter.since() == 0

@@ -36,7 +36,9 @@ ENGINE_ARG_HELP: dict[str, str] = {
     "data_parallel_size": "Model replicas (data parallelism).",
     "compilation_cache_dir": "Persistent XLA compilation cache directory ('' disables it); default "
                              "$JAXENGINE_COMPILATION_CACHE_DIR or ~/.cache/jaxengine/xla.",
-    "attention_impl": "Attention implementation: auto, pallas or reference (pure jnp).",
+    "attention_impl": "Attention implementation: auto (by backend), reference (pure jnp), gpu, tpu.",
+    "matmul_impl": "Matmuls of decode-sized steps: auto (fused Pallas kernels on NVIDIA GPUs), gpu, "
+                   "reference (XLA).",
     "token_buckets": "Token-count buckets the step is compiled for (default: powers of two).",
     "warmup": "Compile every bucket at start-up, so serving never compiles.",
     "use_tqdm_on_load": "Show progress bars while loading and compiling.",

@@ -21,6 +21,7 @@ import numpy as np
 
 from jaxengine.config import EngineConfig
 from jaxengine.engine.scheduler import PENDING_TOKEN, SchedulerOutput, uses_penalties
+from jaxengine.pallas_kernels import fused_matmul
 from jaxengine.pallas_kernels.ragged_paged_attention import get_attention, resolve_impl
 from jaxengine.runner import sampler
 from jaxengine.runner.compile_watch import CompileCounter
@@ -85,6 +86,16 @@ class ModelRunner:
         self.attention_impl = resolve_impl(cfg.runner.attention_impl)
         attention = get_attention(self.attention_impl)
         m = cfg.model
+        # Decode-sized buckets stream every weight once: the fused kernels (RMSNorm, SwiGLU and
+        # the residual adds folded into the matmuls) replace XLA's GEMMs and ~10 small kernels a
+        # layer there.  Single device only: under tensor parallelism the row-parallel matmuls need
+        # an all-reduce before the residual add.
+        self.matmul_impl = fused_matmul.resolve_impl(cfg.runner.matmul_impl)
+        fused = None
+        if (self.matmul_impl == "gpu" and mesh is None and getattr(model, "fusable", None)
+                and model.fusable(m)):
+            fused = fused_matmul.get_matmul("gpu")
+        self.fused_max_tokens = cfg.runner.fused_matmul_max_tokens if fused is not None else 0
         # mesh: a ("dp"=1, "tp") jax.sharding.Mesh; params arrive already sharded by sharding/ rules
         self.mesh = mesh
         if mesh is not None:
@@ -123,7 +134,8 @@ class ModelRunner:
             pending = batch["input_slot"] >= 0
             batch["input_ids"] = jnp.where(pending, last_tokens[jnp.maximum(batch["input_slot"], 0)],
                                            batch["input_ids"])
-            logits, kv_caches = model.forward(params, m, batch, kv_caches, attention)
+            matmul = fused if bucket[0] <= self.fused_max_tokens else None
+            logits, kv_caches = model.forward(params, m, batch, kv_caches, attention, matmul=matmul)
             if mesh is not None:  # logits vocab-parallel as lm_head, then one all-gather for the sampler
                 if m.vocab_size % mesh.shape["tp"] == 0:
                     logits = jax.lax.with_sharding_constraint(logits, sharding.vocab_sharding(mesh))

@@ -1,0 +1,183 @@
+"""Benchmark the fused decode matmuls against XLA on the local accelerator; prints a table, writes JSON.
+
+    python scripts/bench_matmul.py --out bench_matmul.json [--models llama-8b,llama-1b]
+        [--rows 1,8,16,32,64] [--sweep]
+
+For each model shape and row count (the token bucket of a decode step) and each of a layer's four
+matmul groups (q/k/v with the input RMSNorm; gate/up with the post-attention RMSNorm and SwiGLU;
+o_proj + residual; down_proj + residual), it times XLA (the unfused jnp ops the model runs
+otherwise, fused by XLA as it sees fit) and the Pallas kernel (default config; with --sweep, a grid
+of block sizes / warps / stages, best reported).  A call cycles through enough distinct weight
+copies (>= 1 GiB) that nothing is served from L2, as in a real model.  "bytes" = the weights plus
+x, residual and output, once; the fraction is against the copy bandwidth measured in the same run
+(bench_latency.measure_ceilings: best of XLA's and torch's copy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxengine.pallas_kernels.fused_matmul import gpu, reference
+
+# hidden, intermediate, q width (heads x head_dim), kv width
+MODELS = {
+    "llama-8b": dict(h=4096, f=14336, q=4096, kv=1024),
+    "llama-1b": dict(h=2048, f=8192, q=2048, kv=512),
+    "tiny": dict(h=64, f=128, q=64, kv=32),  # tests (CPU, interpret mode)
+}
+DTYPE = jnp.bfloat16
+EPS = 1e-5
+MIN_BYTES = 1 << 30  # weight copies per timed call: at least this many bytes, so L2 never holds them
+
+
+def ops_for(shape):
+    """name -> (weight shapes, K, kind)."""
+    h, f, q, kv = shape["h"], shape["f"], shape["q"], shape["kv"]
+    return {
+        "qkv+norm": ([(q, h), (kv, h), (kv, h)], h, "norm_linear"),
+        "gate_up+norm+silu": ([(f, h), (f, h)], h, "gate_up"),
+        "o+residual": ([(h, q)], q, "residual"),
+        "down+residual": ([(h, f)], f, "residual"),
+    }
+
+
+def make_call(kind, impl, cfg=None):
+    cfg = cfg or {}
+    if kind == "norm_linear":
+        if impl == "xla":
+            return lambda x, g, ws, r: reference.norm_linear(x, g, EPS, ws)
+        return lambda x, g, ws, r: gpu.norm_linear(x, g, EPS, ws, **cfg)
+    if kind == "gate_up":
+        if impl == "xla":
+            return lambda x, g, ws, r: reference.norm_gate_up(x, g, EPS, *ws)
+        return lambda x, g, ws, r: gpu.norm_gate_up(x, g, EPS, *ws, **cfg)
+    if impl == "xla":
+        return lambda x, g, ws, r: reference.linear_residual(x, ws[0], r)
+    return lambda x, g, ws, r: gpu.linear_residual(x, ws[0], r, **cfg)
+
+
+def timed(call, x, g, copies, r, repeats=7):
+    """Median seconds per call, calls over the distinct weight copies inside one jit."""
+    def loop(x, g, copies, r):
+        return [call(x, g, ws, r) for ws in copies]
+    loop = jax.jit(loop)
+    jax.block_until_ready(loop(x, g, copies, r))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(loop(x, g, copies, r))
+        times.append((time.perf_counter() - t0) / len(copies))
+    return statistics.median(times)
+
+
+def sweep_configs(kind):
+    for bn, bk, w, st in itertools.product((16, 32, 64), (128, 256, 512, 1024), (4, 8), (3, 4)):
+        if kind == "gate_up" and bk > 512:
+            continue
+        yield dict(block_n=bn, block_k=bk, num_warps=w, num_stages=st)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="bench_matmul.json")
+    ap.add_argument("--models", default="llama-8b,llama-1b")
+    ap.add_argument("--rows", default="1,8,16,32,64")
+    ap.add_argument("--sweep", action="store_true", help="grid of kernel configs (slow)")
+    ap.add_argument("--sweep-rows", default="8,64", help="row counts the sweep runs at")
+    args = ap.parse_args()
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_latency import measure_ceilings
+
+    dev = jax.devices()[0]
+    ceil = measure_ceilings()
+    hbm = ceil["copy_bytes_per_s"]
+    print(f"device: {dev.device_kind}; jax {jax.__version__}; copy bandwidth {hbm / 1e12:.2f} TB/s",
+          flush=True)
+    print("| model | rows | op | impl | config | time us | TB/s | of copy bw |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    rows_out = []
+
+    def save():
+        with open(args.out, "w") as fh:
+            json.dump(dict(device=dev.device_kind, jax=jax.__version__, copy_bytes_per_s=hbm,
+                           ceilings=ceil, argv=sys.argv, rows=rows_out), fh, indent=1)
+
+    key = jax.random.key(0)
+    sweep_rows = {int(v) for v in args.sweep_rows.split(",")}
+    for model in args.models.split(","):
+        shape = MODELS[model]
+        for name, (wshapes, k, kind) in ops_for(shape).items():
+            wbytes = sum(a * b for a, b in wshapes) * 2
+            n_copies = max(2, -(-MIN_BYTES // wbytes))
+            copies = [[jax.random.normal(jax.random.fold_in(key, 100 * c + i), s, DTYPE) * 0.02
+                       for i, s in enumerate(wshapes)] for c in range(n_copies)]
+            g = jnp.ones((k,), DTYPE)
+            for m in [int(v) for v in args.rows.split(",")]:
+                x = jax.random.normal(jax.random.fold_in(key, m), (m, k), DTYPE)
+                n_out = wshapes[0][0] if kind != "norm_linear" else sum(s[0] for s in wshapes)
+                r = jax.random.normal(jax.random.fold_in(key, m + 1), (m, wshapes[0][0]), DTYPE)
+                bytes_ = wbytes + 2 * m * (k + n_out + (n_out if kind == "residual" else 0))
+                variants = [("xla", None), ("pallas", None)]
+                if args.sweep and m in sweep_rows:
+                    variants += [("pallas", c) for c in sweep_configs(kind)]
+                want = None
+                best = None
+                for impl, cfg in variants:
+                    row = dict(model=model, rows=m, op=name, impl=impl, bytes=bytes_,
+                               config=cfg or (gpu.default_config(m, [s[0] for s in wshapes], k,
+                                                                 gate_up=kind == "gate_up")
+                                              if impl == "pallas" else None),
+                               default=cfg is None)
+                    try:
+                        call = make_call(kind, impl, cfg)
+                        out = jax.jit(call)(x, g, copies[0], r)
+                        if want is None:
+                            want = out
+                        else:
+                            a = np.asarray(jax.tree.leaves(out)[0], np.float32)
+                            b = np.asarray(jax.tree.leaves(want)[0], np.float32)
+                            row["rel_err"] = float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+                        t = timed(call, x, g, copies, r)
+                        row.update(time_us=t * 1e6, bytes_per_s=bytes_ / t, hbm_frac=bytes_ / t / hbm)
+                    except Exception as e:  # one failing config must not end the run
+                        row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                        if cfg is None:
+                            traceback.print_exc(limit=2)
+                    rows_out.append(row)
+                    if cfg is None or "error" in row:
+                        _print(row)
+                    elif best is None or row["time_us"] < best["time_us"]:
+                        best = row
+                if best is not None:
+                    best = dict(best, impl="pallas-best")
+                    rows_out.append(best)
+                    _print(best)
+                save()
+            del copies
+    save()
+
+
+def _print(r):
+    if "error" in r:
+        print(f"| {r['model']} | {r['rows']} | {r['op']} | {r['impl']} | {r['config']} | ERROR "
+              f"{r['error'][:100]} |", flush=True)
+        return
+    cfg = "-" if not r["config"] else ",".join(f"{k[6:] if k.startswith('block_') else k[4:]}"
+                                               f"={v}" for k, v in r["config"].items())
+    print(f"| {r['model']} | {r['rows']} | {r['op']} | {r['impl']} | {cfg} | {r['time_us']:.1f} | "
+          f"{r['bytes_per_s'] / 1e12:.2f} | {r['hbm_frac'] * 100:.0f}% |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
