@@ -40,24 +40,35 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
+_SMEM_BUDGET = 180 * 1024  # bytes of pipelined tiles; the H100 allows 227 KiB a block
+
+
 def default_config(m: int, ns: Sequence[int], k: int, gate_up: bool = False,
-                   num_sms: int = _DEFAULT_NUM_SMS) -> dict:
+                   num_sms: int = _DEFAULT_NUM_SMS, itemsize: int = 2) -> dict:
     """Static choice of (block_m, block_n, block_k, num_warps, num_stages) from the shapes.
 
-    block_n: the largest power of two (16..128) that still gives every SM two programs: a decode
-    matmul must keep many weight loads in flight on all SMs at once to reach HBM bandwidth."""
+    block_n: at <= 16 rows, the largest power of two (16..128) that still gives every SM two
+    programs: a decode matmul must keep weight loads in flight on all SMs at once to reach HBM
+    bandwidth.  Above 16 rows, 64: every program re-reads its x rows from L2, so fewer, wider
+    programs.  block_k: the largest that keeps `num_stages` copies of the x and weight tiles
+    within shared memory."""
     block_m = min(max(16, _next_pow2(m)), 64)
     m_blocks = -(-m // block_m)
-    block_n = 128
-    while block_n > 16 and (sum(n // block_n for n in ns) * m_blocks < 2 * num_sms
-                            or any(n % block_n for n in ns)):
+    n_w = 2 if gate_up else 1
+    if m > 16:
+        block_n = 64
+    else:
+        block_n = 128
+        while block_n > 16 and sum(n // block_n for n in ns) * m_blocks < 2 * num_sms:
+            block_n //= 2
+    while block_n > 16 and any(n % block_n for n in ns):
         block_n //= 2
-    block_k = 512 if block_n <= 32 else 256
-    if gate_up:
-        block_k //= 2  # two weight tiles per step
-    while k % block_k and block_k > 16:
+    num_stages = 3
+    block_k = 512
+    while block_k > 16 and (k % block_k
+                            or num_stages * (block_m + n_w * block_n) * block_k * itemsize > _SMEM_BUDGET):
         block_k //= 2
-    return dict(block_m=block_m, block_n=block_n, block_k=block_k, num_warps=4, num_stages=3)
+    return dict(block_m=block_m, block_n=block_n, block_k=block_k, num_warps=4, num_stages=num_stages)
 
 
 def supports(m: int, ns: Sequence[int], k: int, block_n: int = 16, block_k: int = 16) -> bool:
