@@ -27,6 +27,13 @@ def _rand(seed, shape, dtype, scale=1.0, offset=0.0):
     return jnp.asarray(offset + scale * rng.standard_normal(shape), dtype=jnp.float32).astype(dtype)
 
 
+@pytest.fixture(autouse=True)
+def _true_float32():
+    # XLA's GPU matmuls default to TF32 for float32: the reference must be exact to be a yardstick.
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
 def _assert_close(got, want, dtype, what):
     got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
     assert got.shape == want.shape, what
