@@ -168,8 +168,8 @@ class RunnerConfig:
         default_factory=lambda: os.environ.get("JAXENGINE_ATTENTION", "auto"))
     max_logprobs: int = 20
     warmup: bool = True
-    # Matmuls of decode-sized buckets: "auto" (the fused Pallas kernels on an NVIDIA GPU, XLA
-    # elsewhere), "gpu" (fused kernels; interpret mode on CPU), "reference" (XLA everywhere).
+    # Matmuls of decode-sized buckets: "reference" (XLA), "gpu" (the fused Pallas kernels of
+    # pallas_kernels/fused_matmul; interpret mode on CPU), "auto" (= reference: XLA measured faster).
     matmul_impl: str = dataclasses.field(
         default_factory=lambda: os.environ.get("JAXENGINE_MATMUL", "auto"))
     # Token buckets up to this size use the fused matmuls; larger ones XLA's GEMMs.

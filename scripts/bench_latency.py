@@ -238,7 +238,7 @@ def main() -> None:
     ap.add_argument("--kv-cache-gib", type=float, default=8.0)
     ap.add_argument("--attention", default="auto")
     ap.add_argument("--matmul", default="auto", choices=["auto", "gpu", "reference"],
-                    help="decode-bucket matmuls: fused Pallas kernels (gpu; auto on NVIDIA) or XLA")
+                    help="decode-bucket matmuls: fused Pallas kernels (gpu) or XLA (reference; auto)")
     ap.add_argument("--hf-peer", nargs="*", default=[], choices=["eager", "static"])
     ap.add_argument("--peer-batch", nargs="*", type=int, default=None,
                     help="batch sizes for the peer (default: --batch)")

@@ -120,7 +120,6 @@ def test_impl_switch(monkeypatch):
     monkeypatch.setenv("JAXENGINE_MATMUL", "reference")
     assert fused_matmul.resolve_impl("auto") == "reference"
     monkeypatch.delenv("JAXENGINE_MATMUL")
-    want = "gpu" if jax.default_backend() in ("gpu", "cuda") else "reference"
-    assert fused_matmul.resolve_impl("auto") == want
+    assert fused_matmul.resolve_impl("auto") == "reference"  # XLA measured faster on the H100
     with pytest.raises(ValueError, match="matmul impl"):
         fused_matmul.resolve_impl("cublas")

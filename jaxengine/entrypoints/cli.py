@@ -37,8 +37,8 @@ ENGINE_ARG_HELP: dict[str, str] = {
     "compilation_cache_dir": "Persistent XLA compilation cache directory ('' disables it); default "
                              "$JAXENGINE_COMPILATION_CACHE_DIR or ~/.cache/jaxengine/xla.",
     "attention_impl": "Attention implementation: auto (by backend), reference (pure jnp), gpu, tpu.",
-    "matmul_impl": "Matmuls of decode-sized steps: auto (fused Pallas kernels on NVIDIA GPUs), gpu, "
-                   "reference (XLA).",
+    "matmul_impl": "Matmuls of decode-sized steps: auto (= reference, XLA), reference, or gpu (fused "
+                   "Pallas kernels with RMSNorm/SwiGLU/residual folded in; opt-in, slower than XLA so far).",
     "token_buckets": "Token-count buckets the step is compiled for (default: powers of two).",
     "warmup": "Compile every bucket at start-up, so serving never compiles.",
     "use_tqdm_on_load": "Show progress bars while loading and compiling.",

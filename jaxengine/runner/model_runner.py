@@ -86,10 +86,11 @@ class ModelRunner:
         self.attention_impl = resolve_impl(cfg.runner.attention_impl)
         attention = get_attention(self.attention_impl)
         m = cfg.model
-        # Decode-sized buckets stream every weight once: the fused kernels (RMSNorm, SwiGLU and
-        # the residual adds folded into the matmuls) replace XLA's GEMMs and ~10 small kernels a
-        # layer there.  Single device only: under tensor parallelism the row-parallel matmuls need
-        # an all-reduce before the residual add.
+        # Decode-sized buckets stream every weight once; with matmul_impl="gpu" the fused kernels
+        # (RMSNorm, SwiGLU and the residual adds folded into the matmuls) replace XLA's GEMMs and
+        # ~10 small kernels a layer there (opt-in: measured slower than XLA on the H100 so far).
+        # Single device only: under tensor parallelism the row-parallel matmuls need an
+        # all-reduce before the residual add.
         self.matmul_impl = fused_matmul.resolve_impl(cfg.runner.matmul_impl)
         fused = None
         if (self.matmul_impl == "gpu" and mesh is None and getattr(model, "fusable", None)

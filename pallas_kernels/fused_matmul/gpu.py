@@ -10,8 +10,8 @@ small kernels, each ~2 us of launch-bound time, 10 of them a layer.  Here each c
              loading a [block_n, block_k] weight tile (rows contiguous in HBM) and the matching
              [block_m, block_k] slice of x (from L2: every program reads the same x), and
              accumulating a float32 [block_m, block_n] tile on the tensor cores.
-    norm:    in the same walk: x * g feeds the dot, x^2 is summed alongside, and the epilogue
-             scales each row by rsqrt(mean(x^2) + eps) (see `x_block`).
+    prologue (norm): one extra pass over the program's x rows for the sum of squares; x is then
+             normalised block by block as it is loaded (x is tiny next to the weights).
     epilogue: round, then add the residual tile / apply silu(gate) * up, and store.
 
 Several weights that share x (q, k, v) run as one grid: program p belongs to the weight whose
@@ -98,25 +98,20 @@ def _kernel(*refs, num_weights: int, starts: tuple[int, ...], gate_up: bool, has
     def load_x(kb):
         return plgpu.load(x_ref.at[x_rows, kb * block_k + kcol], mask=row_ok[:, None], other=0.0)
 
-    # RMSNorm in the same walk over K as the matmul: rms_norm(x) * g @ w.T == s * ((x * g) @ w.T)
-    # with s = rsqrt(mean(x^2) + eps) per row, so each step multiplies x * g (rounded to x's dtype),
-    # accumulates x^2 alongside, and the epilogue scales by s.  (A separate first pass for s put
-    # a chain of dependent x loads in front of every program's weight stream: measured 2x slower
-    # for q/k/v on the H100.)  Differs from the unfused rounding by one rounding of x * g.
-    def x_block(kb, ss):
+    if has_norm:
+        def sum_squares(kb, acc):
+            xk = load_x(kb).astype(jnp.float32)
+            return acc + jnp.sum(xk * xk, axis=1)
+
+        ss = lax.fori_loop(0, num_k, sum_squares, jnp.zeros((block_m,), jnp.float32))
+        scale = lax.rsqrt(ss / k_dim + eps)[:, None]
+
+    def x_block(kb):
         xk = load_x(kb)
         if has_norm:
-            x32 = xk.astype(jnp.float32)
-            ss = ss + jnp.sum(x32 * x32, axis=1)
-            xk = norm_ref[pl.ds(kb * block_k, block_k)][None, :] * xk
-        return xk, ss
-
-    def finish(acc, ss):
-        if has_norm:
-            acc = acc * lax.rsqrt(ss / k_dim + eps)[:, None]
-        return acc
-
-    ss0 = jnp.zeros((block_m,), jnp.float32)
+            g = norm_ref[pl.ds(kb * block_k, block_k)]
+            xk = g[None, :] * (xk.astype(jnp.float32) * scale).astype(dtype)
+        return xk
 
     def store(out_ref, n0, y):
         plgpu.store(out_ref.at[out_rows, n0 + ncol], y.astype(out_ref.dtype), mask=row_ok[:, None])
@@ -126,19 +121,19 @@ def _kernel(*refs, num_weights: int, starts: tuple[int, ...], gate_up: bool, has
         n0 = pid * block_n
 
         def body(kb, carry):
-            acc_g, acc_u, ss = carry
-            xk, ss = x_block(kb, ss)
+            acc_g, acc_u = carry
+            xk = x_block(kb)
             wg = wg_ref[pl.ds(n0, block_n), pl.ds(kb * block_k, block_k)]
             wu = wu_ref[pl.ds(n0, block_n), pl.ds(kb * block_k, block_k)]
             acc_g += plgpu.dot(xk, wg, trans_b=True, precision=precision)
             acc_u += plgpu.dot(xk, wu, trans_b=True, precision=precision)
-            return acc_g, acc_u, ss
+            return acc_g, acc_u
 
         zeros = jnp.zeros((block_m, block_n), jnp.float32)
-        acc_g, acc_u, ss = lax.fori_loop(0, num_k, body, (zeros, zeros, ss0))
-        gate = finish(acc_g, ss).astype(dtype).astype(jnp.float32)
+        acc_g, acc_u = lax.fori_loop(0, num_k, body, (zeros, zeros))
+        gate = acc_g.astype(dtype).astype(jnp.float32)
         gate = (gate * jax.nn.sigmoid(gate)).astype(dtype)
-        store(out_refs[0], n0, gate * finish(acc_u, ss).astype(dtype))
+        store(out_refs[0], n0, gate * acc_u.astype(dtype))
         return
 
     for i in range(num_weights):
@@ -149,14 +144,12 @@ def _kernel(*refs, num_weights: int, starts: tuple[int, ...], gate_up: bool, has
             w_ref = w_refs[i]
             n0 = (pid - start) * block_n
 
-            def body(kb, carry):
-                acc, ss = carry
-                xk, ss = x_block(kb, ss)
+            def body(kb, acc):
                 wk = w_ref[pl.ds(n0, block_n), pl.ds(kb * block_k, block_k)]
-                return acc + plgpu.dot(xk, wk, trans_b=True, precision=precision), ss
+                return acc + plgpu.dot(x_block(kb), wk, trans_b=True, precision=precision)
 
-            acc, ss = lax.fori_loop(0, num_k, body, (jnp.zeros((block_m, block_n), jnp.float32), ss0))
-            y = finish(acc, ss).astype(dtype)
+            acc = lax.fori_loop(0, num_k, body, jnp.zeros((block_m, block_n), jnp.float32))
+            y = acc.astype(dtype)
             if has_residual:
                 r = plgpu.load(res_ref.at[x_rows, n0 + ncol], mask=row_ok[:, None], other=0.0)
                 y = r + y
