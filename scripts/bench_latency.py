@@ -193,8 +193,10 @@ def run_hf(shape: dict, batch: int, input_len: int, output_len: int, mode: str) 
     kwargs = dict(max_new_tokens=output_len, min_new_tokens=output_len, do_sample=False,
                   attention_mask=torch.ones_like(ids), pad_token_id=0)
     if mode == "static":
+        # generate() compiles the decode step itself with a static cache (transformers >= 4.48);
+        # wrapping model.forward in torch.compile(mode="reduce-overhead") by hand fails in 5.17 with
+        # "accessing tensor output of CUDAGraphs that has been overwritten" (H100, 2026-11-23)
         kwargs["cache_implementation"] = "static"
-        model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
     with torch.inference_mode():
         model.generate(ids, **{**kwargs, "max_new_tokens": 8, "min_new_tokens": 8})  # warm-up / compile
         if mode == "static":
