@@ -191,13 +191,16 @@ def test_prefill_logits_match_transformers(family_run):
         assert_logits_close(logits[i], expected[:len(prompt)], f"{family} prompt {i} prefill logits")
 
 
-def test_greedy_decode_through_paged_cache_matches_transformers(family_run):
-    family, runner, golden = family_run
+def check_greedy_decode(family, runner, golden, what="decode"):
     tokens, step_logits = runner.greedy(golden["prompt"], NEW_TOKENS)
     for i, prompt in enumerate(golden["prompt"]):
         np.testing.assert_array_equal(tokens[i], golden["tokens"][i], err_msg=f"{family} prompt {i} tokens")
         assert_logits_close(step_logits[i], golden["logits"][i][len(prompt) - 1:],
-                            f"{family} prompt {i} decode logits")
+                            f"{family} prompt {i} {what} logits")
+
+
+def test_greedy_decode_through_paged_cache_matches_transformers(family_run):
+    check_greedy_decode(*family_run)
 
 
 def test_chunked_prefill_matches_one_step_prefill(family_run):
@@ -297,11 +300,6 @@ def test_tiny_tokenizer_loads_offline_and_fits_the_vocab(tmp_path):
 
 
 def test_fused_matmul_greedy_decode_matches_transformers(fused_family_run):
-    """The decode path the GPU takes (RMSNorm, SwiGLU and residual adds inside the Pallas matmuls)
-    reproduces transformers' tokens and logits, prefill included."""
-    family, runner, golden = fused_family_run
-    tokens, step_logits = runner.greedy(golden["prompt"], NEW_TOKENS)
-    for i, prompt in enumerate(golden["prompt"]):
-        np.testing.assert_array_equal(tokens[i], golden["tokens"][i], err_msg=f"{family} prompt {i} tokens")
-        assert_logits_close(step_logits[i], golden["logits"][i][len(prompt) - 1:],
-                            f"{family} prompt {i} fused decode logits")
+    """matmul_impl="gpu" (RMSNorm, SwiGLU and residual adds inside the Pallas matmuls, every step
+    here, prefill included) reproduces transformers' tokens and logits."""
+    check_greedy_decode(*fused_family_run, what="fused decode")
