@@ -128,9 +128,14 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048
     max_model_len: int = 4096
     enable_chunked_prefill: bool = True
+    # Multi-step decoding: a step in which every request decodes one token with the plain sampler
+    # (greedy / temperature) runs this many decode iterations in one device program.
+    num_scheduler_steps: int = 1
 
     def __post_init__(self):
         _check(self.max_num_seqs >= 1, f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        _check(self.num_scheduler_steps >= 1,
+               f"num_scheduler_steps must be >= 1, got {self.num_scheduler_steps}")
         _check(self.max_num_batched_tokens >= 1,
                f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
         _check(self.max_model_len >= 2, f"max_model_len must be >= 2, got {self.max_model_len}")

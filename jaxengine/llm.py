@@ -47,7 +47,7 @@ class LLM:
                  data_parallel_size: int = 1, compilation_cache_dir: str | None = None,
                  attention_impl: str = "auto", token_buckets: Sequence[int] | None = None,
                  warmup: bool = True, use_tqdm_on_load: bool = True, load_format: str = "auto",
-                 async_scheduling: bool = True, matmul_impl: str = "auto"):
+                 async_scheduling: bool = True, matmul_impl: str = "auto", num_scheduler_steps: int = 1):
         import jax
 
         from jaxengine import models
@@ -149,7 +149,8 @@ class LLM:
         if max_num_batched_tokens is None:  # without chunking, a whole prompt must fit one step
             max_num_batched_tokens = 2048 if enable_chunked_prefill else max(2048, max_model_len)
         sched_cfg = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                                    max_model_len=max_model_len, enable_chunked_prefill=enable_chunked_prefill)
+                                    max_model_len=max_model_len, enable_chunked_prefill=enable_chunked_prefill,
+                                    num_scheduler_steps=num_scheduler_steps)
         cache_cfg = CacheConfig(block_size=block_size, num_pages=num_pages,
                                 kv_cache_memory_bytes=kv_cache_memory_bytes,
                                 gpu_memory_utilization=gpu_memory_utilization,

@@ -125,7 +125,9 @@ class StepLog:
         inner = runner.dispatch
 
         def dispatch(out):
-            self.steps.append([(s.start_pos, len(s.token_ids)) for s in out.seqs])
+            # a multi-step dispatch is num_steps decode iterations: the roofline counts each one
+            for i in range(out.num_steps):
+                self.steps.append([(s.start_pos + i, len(s.token_ids)) for s in out.seqs])
             return inner(out)
 
         runner.dispatch = dispatch
@@ -239,6 +241,8 @@ def main() -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
     ap.add_argument("--kv-cache-gib", type=float, default=8.0)
     ap.add_argument("--attention", default="auto")
+    ap.add_argument("--num-scheduler-steps", type=int, default=1,
+                    help="multi-step decoding: decode iterations per device program")
     ap.add_argument("--matmul", default="auto", choices=["auto", "gpu", "reference"],
                     help="decode-bucket matmuls: fused Pallas kernels (gpu) or XLA (reference; auto)")
     ap.add_argument("--hf-peer", nargs="*", default=[], choices=["eager", "static"])
@@ -275,7 +279,7 @@ def main() -> None:
                       max_model_len=args.input_len + args.output_len + 16, max_num_seqs=max(args.batch),
                       max_num_batched_tokens=args.max_num_batched_tokens,
                       kv_cache_memory_bytes=int(args.kv_cache_gib * 2**30), attention_impl=args.attention,
-                      matmul_impl=args.matmul)
+                      matmul_impl=args.matmul, num_scheduler_steps=args.num_scheduler_steps)
             startup_s = time.perf_counter() - t0
         llm._step_log = StepLog(llm.runner)
         for batch in args.batch:
@@ -287,6 +291,7 @@ def main() -> None:
             bound = sum(step_bound_s(s, llm.config, ceil) for s in r.pop("steps"))
             r.update(model=name, startup_s=startup_s, attention=llm.runner.attention_impl,
                      matmul=llm.runner.matmul_impl, fused_matmul_max_tokens=llm.runner.fused_max_tokens,
+                     num_scheduler_steps=args.num_scheduler_steps,
                      roofline_s=bound, roofline_fraction=bound / r["total_s"],
                      compiles_after_warmup=llm.num_compilations_since_warmup())
             report["runs"].append(r)

@@ -56,3 +56,20 @@ def test_bench_matmul_times_the_same_computation_both_ways():
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5, err_msg=name)
         assert len(list(bm.sweep_configs(kind))) > 10
+
+
+def test_a_multi_step_dispatch_is_logged_as_its_decode_iterations(tmp_path):
+    """num_scheduler_steps=K: one dispatch runs K decode iterations, and the roofline counts K steps."""
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump({**bl.SHAPES["tiny"], "torch_dtype": "float32"}, f)
+    llm = LLM(str(tmp_path), load_format="dummy", skip_tokenizer_init=True, dtype="float32", max_model_len=64,
+              max_num_seqs=4, max_num_batched_tokens=32, kv_cache_memory_bytes=4 << 20, num_scheduler_steps=4)
+    llm._step_log = bl.StepLog(llm.runner)
+    dispatches = []
+    inner = llm.runner.dispatch
+    llm.runner.dispatch = lambda out: dispatches.append(out.num_steps) or inner(out)
+    r = bl.run_engine(llm, batch=4, input_len=20, output_len=13)
+    steps = r.pop("steps")
+    assert 4 in dispatches and len(steps) == sum(dispatches)
+    # prompts once, then each of the 12 fed-back tokens once per request, however they were grouped
+    assert sum(n for step in steps for _, n in step) == 4 * 20 + 4 * 12

@@ -136,7 +136,8 @@ class EngineCore:
         return self._process(prev[0], self.runner.collect(prev[1]), stream) if prev is not None else []
 
     def _process(self, out: SchedulerOutput, results: dict[str, Any], stream: bool) -> list[RequestOutput]:
-        tokens = {rid: r.token for rid, r in results.items()}
+        # one SampleResult per request, or (multi-step) a list of them
+        tokens = {rid: ([x.token for x in r] if isinstance(r, list) else r.token) for rid, r in results.items()}
         updated = self.scheduler.update(out, tokens)
         changed: dict[str, _Group] = {}
         for req in updated:
@@ -144,16 +145,23 @@ class EngineCore:
             if group is None:
                 continue
             res = results[req.request_id]
-            self._record_logprobs(req, res)
+            res = res if isinstance(res, list) else [res]
+            n_new = req.num_new_tokens
+            first = req.num_tokens - n_new
             detok = group.detoks[req.index]
-            if detok is not None:
-                stop = detok.add_token(req.token_ids[-1])
-                if stop is not None and req.num_output_tokens >= req.params.min_tokens:
+            for j in range(n_new):
+                self._record_logprobs(req, res[j], req.token_ids[first + j])
+                if detok is None:
+                    continue
+                stop = detok.add_token(req.token_ids[first + j])
+                if stop is not None and req.num_output_tokens - (n_new - 1 - j) >= req.params.min_tokens:
+                    req.drop_last_tokens(n_new - 1 - j)  # multi-step: sampled past the stop
                     req.stop_reason = stop
                     if req.status.finished:
                         req.status = RequestStatus.FINISHED_STOPPED
                     else:
                         self.scheduler.finish(req, RequestStatus.FINISHED_STOPPED)
+                    break
             changed[group.request_id] = group
         outputs = []
         for group in changed.values():
@@ -165,12 +173,12 @@ class EngineCore:
                     self._child_group.pop(child.request_id, None)
         return outputs
 
-    def _record_logprobs(self, req: Request, res: Any) -> None:
+    def _record_logprobs(self, req: Request, res: Any, token: int) -> None:
         req.cumulative_logprob += res.logprob
         k = req.params.logprobs
         if k is None:
             return
-        entry = {req.token_ids[-1]: Logprob(res.logprob, res.rank, self._decode_one(req.token_ids[-1]))}
+        entry = {token: Logprob(res.logprob, res.rank, self._decode_one(token))}
         for rank, (tok, lp) in enumerate(res.top[:k], start=1):
             if tok not in entry:
                 entry[tok] = Logprob(lp, rank, self._decode_one(tok))

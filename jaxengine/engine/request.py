@@ -47,6 +47,7 @@ class Request:
         self.status = RequestStatus.WAITING
         self.num_computed_tokens = 0  # advanced when a step is scheduled
         self.num_pending = 0  # tokens sampled by steps in flight, not yet appended
+        self.num_new_tokens = 0  # tokens the last update appended (multi-step: up to K)
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache at first schedule
         self.num_preemptions = 0
         self.stop_reason: int | str | None = None
@@ -77,6 +78,12 @@ class Request:
 
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)
+
+    def drop_last_tokens(self, n: int) -> None:
+        """Multi-step: forget the last n output tokens (sampled past a stop string)."""
+        if n > 0:
+            del self.token_ids[-n:]
+            self.num_new_tokens -= n
 
     def check_stop(self) -> RequestStatus | None:
         """Stop conditions that depend on token ids only (stop strings live in the detokenizer)."""

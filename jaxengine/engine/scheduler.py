@@ -12,6 +12,12 @@ sampled token is "pending" until `update` learns its value.  So the next step ca
 carries PENDING_TOKEN in `token_ids`, and the runner takes the value from the device.  A request
 whose pending tokens already reach max_tokens is not scheduled again; one that stops on EOS costs
 at most one extra step, whose result is dropped.
+
+Multi-step decoding (num_scheduler_steps = K > 1): a step in which every scheduled request decodes
+one token with the plain sampler, has no logprobs to report and has room for K more tokens becomes
+K decode iterations in one device program (`SchedulerOutput.num_steps`): pages for K positions are
+allocated, K tokens become pending, and `update` appends the K sampled tokens up to the first stop.
+The host's per-step work (scheduling, packing, launches) is then paid once per K tokens.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ class SchedulerOutput:
     num_batched_tokens: int
     freed_request_ids: list[str]  # finished or preempted since the last step
     num_preempted: int = 0
+    num_steps: int = 1  # > 1: decode-only, that many decode iterations in one program
 
     @property
     def empty(self) -> bool:
@@ -58,6 +65,12 @@ class SchedulerOutput:
 def uses_penalties(params: SamplingParams) -> bool:
     return (params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
             or params.repetition_penalty != 1.0)
+
+
+def plain_sampling(params: SamplingParams) -> bool:
+    """Greedy or temperature sampling only: no penalties, no filtering, no logprobs."""
+    return (not uses_penalties(params) and params.top_k <= 0 and params.top_p >= 1.0
+            and params.min_p <= 0.0 and params.logprobs is None)
 
 
 class Scheduler:
@@ -215,30 +228,70 @@ class Scheduler:
                 budget -= num_new
             self.waiting.extendleft(reversed(skipped))
 
+        num_steps = self._multi_step(seqs) if cfg.num_scheduler_steps > 1 and preempted == 0 else 1
         freed, self._freed = self._freed, []
         return SchedulerOutput(seqs=seqs, num_batched_tokens=cfg.max_num_batched_tokens - budget,
-                               freed_request_ids=freed, num_preempted=preempted)
+                               freed_request_ids=freed, num_preempted=preempted, num_steps=num_steps)
+
+    def _room(self, req: Request) -> int:
+        """How many more tokens req may still get beyond its known and pending ones."""
+        n = req.num_tokens + req.num_pending
+        room = self.config.max_model_len - n
+        if req.params.max_tokens is not None:
+            room = min(room, req.params.max_tokens - (n - req.num_prompt_tokens))
+        return room
+
+    def _multi_step(self, seqs: list[ScheduledSeq]) -> int:
+        """Make this step K decode iterations if every request qualifies (see the module doc);
+        returns the number of iterations (1: unchanged)."""
+        k = self.config.num_scheduler_steps
+        reqs = [self.requests[s.request_id] for s in seqs]
+        if not seqs or not all(len(s.token_ids) == 1 and s.sample and plain_sampling(s.params)
+                               and self._room(r) >= k - 1 for s, r in zip(seqs, reqs)):
+            return 1
+        for req in reqs:  # pages for the K positions; a failure leaves the step single
+            if not self.kv.allocate(req.request_id, req.num_computed_tokens + k - 1):
+                return 1
+        for seq, req in zip(seqs, reqs):
+            req.num_computed_tokens += k - 1
+            req.num_pending += k - 1
+            seq.page_table = list(self.kv.tables[req.request_id])
+        return k
 
     # -------------------------------------------------------------------------------- update
     def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
         """Advance computed counts, append sampled tokens, apply token-level stop checks.
 
-        Returns the requests that received a token this step (finished ones included).
+        sampled: one token id per sampling request, or (multi-step) a list of out.num_steps ids.
+        Returns the requests that received tokens this step (finished ones included); each one's
+        `num_new_tokens` says how many (fewer than num_steps when a stop came first).
         """
         updated = []
+        k = out.num_steps
         for seq in out.seqs:
             req = self.requests.get(seq.request_id)
             if req is None or req.serial != seq.serial:
                 continue  # finished or aborted while the step ran: its result is dropped
-            if req.status == RequestStatus.RUNNING:
-                self.kv.cache_pages(req.request_id, req.token_ids, seq.start_pos + len(seq.token_ids))
+            computed = seq.start_pos + len(seq.token_ids) + k - 1
+            if req.status == RequestStatus.RUNNING and k == 1:
+                self.kv.cache_pages(req.request_id, req.token_ids, computed)
             if not seq.sample:
                 continue
-            # a request preempted after this step was scheduled still keeps the token it sampled
-            req.num_pending -= 1
-            req.append_token(sampled[seq.request_id])
+            # a request preempted after this step was scheduled still keeps the tokens it sampled
+            tokens = sampled[seq.request_id]
+            tokens = tokens if isinstance(tokens, list) else [tokens]
+            req.num_pending -= len(tokens)
+            status = None
+            req.num_new_tokens = 0
+            for token in tokens:
+                req.append_token(token)
+                req.num_new_tokens += 1
+                status = req.check_stop()
+                if status is not None:
+                    break
+            if req.status == RequestStatus.RUNNING and k > 1:  # the K tokens' KV: known only now
+                self.kv.cache_pages(req.request_id, req.token_ids, min(computed, req.num_tokens))
             updated.append(req)
-            status = req.check_stop()
             if status is not None:
                 self.finish(req, status)
         return updated

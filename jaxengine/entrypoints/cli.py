@@ -42,6 +42,8 @@ ENGINE_ARG_HELP: dict[str, str] = {
     "token_buckets": "Token-count buckets the step is compiled for (default: powers of two).",
     "warmup": "Compile every bucket at start-up, so serving never compiles.",
     "use_tqdm_on_load": "Show progress bars while loading and compiling.",
+    "num_scheduler_steps": "Multi-step decoding: decode-only steps with greedy/temperature sampling run "
+                           "this many tokens per device program (host work paid once per K tokens).",
     "async_scheduling": "Schedule and dispatch step N+1 before reading back step N's tokens, so host "
                         "work overlaps the device (default on; --no-async-scheduling turns it off).",
     "load_format": "How to get weights: auto (from the checkpoint) or dummy (random, right shapes; benchmarks).",

@@ -161,6 +161,53 @@ class ModelRunner:
             out_floats = jnp.concatenate([out["logprob"][:, None], out["top_logprobs"]], axis=1)
             return penalty_state, (out_ints, out_floats)
 
+        ps = self.page_size
+        oob = num_pages * ps
+
+        # Multi-step decoding (SchedulerOutput.num_steps = K > 1): a decode-only step with the
+        # PLAIN sampler, run as K iterations of forward + sample inside one program.  Token row j
+        # is request j; iteration i feeds each request's token sampled by iteration i - 1 at
+        # position + i and samples with rng position kv_len + i, as K single steps would.
+        def multi_step(params, kv_caches, penalty_state, ints, floats, bucket, k):
+            batch, samp = self._unpack(ints, floats, self._layout(*bucket))
+            t, s = bucket
+            last = penalty_state["last_tokens"]
+            pending = batch["input_slot"] >= 0
+            ids = jnp.where(pending, last[jnp.maximum(batch["input_slot"], 0)], batch["input_ids"])
+            row = jnp.arange(t)
+            real = row < batch["num_seqs"][0]
+            seq_of_row = jnp.minimum(row, s - 1)
+            seq_real = jnp.arange(s) < batch["num_seqs"][0]
+            pos0 = batch["positions"]
+            max_page = batch["page_indices"].shape[1] - 1
+
+            def body(i, carry):
+                kv_caches, ids, toks, lps, ranks = carry
+                pos = pos0 + i
+                page = batch["page_indices"][seq_of_row, jnp.minimum(pos // ps, max_page)]
+                step = {**batch, "input_ids": ids, "positions": pos,
+                        "slot_mapping": jnp.where(real, page * ps + pos % ps, oob),
+                        "kv_lens": batch["kv_lens"] + jnp.where(seq_real, i, 0)}
+                logits, kv_caches = model.forward(params, m, step, kv_caches, attention)
+                out = sampler.sample(logits, penalty_state, {**samp, "rng_pos": samp["rng_pos"] + i},
+                                     self.num_logprobs, full=False)
+                return (kv_caches, out["tokens"][seq_of_row], toks.at[i].set(out["tokens"]),
+                        lps.at[i].set(out["logprob"]), ranks.at[i].set(out["rank"]))
+
+            init = (kv_caches, ids, jnp.zeros((k, s), jnp.int32), jnp.zeros((k, s), jnp.float32),
+                    jnp.zeros((k, s), jnp.int32))
+            kv_caches, _, toks, lps, ranks = jax.lax.fori_loop(0, k, body, init)
+            store = jnp.where(samp["store_token"], samp["penalty_slot"], self.num_slots)
+            penalty_state = {**penalty_state, "last_tokens": last.at[store].set(toks[k - 1], mode="drop")}
+            return kv_caches, penalty_state, (toks, lps, ranks)
+
+        self._multi_step = None
+        if cfg.scheduler.num_scheduler_steps > 1:
+            if mesh is not None:
+                raise ValueError("num_scheduler_steps > 1 needs a single device "
+                                 "(tensor_parallel_size = data_parallel_size = 1) for now")
+            self._multi_step = jax.jit(multi_step, donate_argnums=(1, 2), static_argnums=(5, 6))
+
         if mesh is None:
             self._forward = jax.jit(forward, donate_argnums=(1,), static_argnums=(5,))
             self._sample = jax.jit(sample, donate_argnums=(1,), static_argnums=(4, 5))
@@ -203,6 +250,10 @@ class ModelRunner:
             for mode in (sampler.MODES if s not in sampled else sampler.MODES[:1]):
                 self._run(batch, samp, mode=mode)
             sampled.add(s)
+        if self._multi_step is not None:  # every bucket a decode-only step can land in
+            for t in sorted({self.bucket_for(n) for n in range(1, self.cfg.scheduler.max_num_seqs + 1)}):
+                batch, samp = self._empty_arrays(t, self.seqs_for(t))
+                self._run(batch, samp, num_steps=self.cfg.scheduler.num_scheduler_steps)
         tokens = np.full((self.cfg.scheduler.max_model_len,), -1, np.int32)
         self._dispatch_load_history(self.num_slots - 1, tokens, 0)
         jax.block_until_ready(self.penalty_state)
@@ -341,11 +392,18 @@ class ModelRunner:
                 samp["count_sampled"][i] = seq.sample
         batch["cu_q_lens"][len(seqs) + 1:] = pos
         batch["num_seqs"][0] = len(seqs)
-        return seqs, self._run(batch, samp, mode=mode, broadcast=True)
+        if out.num_steps > 1 and mode != sampler.PLAIN:
+            raise ValueError("a multi-step decode needs the PLAIN sampler (scheduler bug)")
+        return seqs, self._run(batch, samp, mode=mode, broadcast=True, num_steps=out.num_steps)
 
     def collect(self, handle: tuple) -> dict[str, SampleResult]:
         """Block until the step of `handle` is done; its sampled tokens by request id."""
         seqs, result = handle
+        if len(result) == 3:  # multi-step: [K, S] tokens, logprobs, ranks
+            toks, lps, ranks = (a.T.tolist() for a in jax.device_get(result))
+            return {seq.request_id: [SampleResult(token=a, logprob=b, rank=c, top=[])
+                                     for a, b, c in zip(toks[i], lps[i], ranks[i])]
+                    for i, seq in enumerate(seqs) if seq.sample}
         host = self._read_back(result)
         tokens, logprobs, ranks = host["tokens"].tolist(), host["logprob"].tolist(), host["rank"].tolist()
         outputs = {}
@@ -404,9 +462,14 @@ class ModelRunner:
         return groups["batch"], groups["samp"]
 
     def _run(self, batch: dict[str, np.ndarray], samp: dict[str, np.ndarray], mode: int = 0,
-             broadcast: bool = False) -> dict[str, np.ndarray]:
+             broadcast: bool = False, num_steps: int = 1) -> dict[str, np.ndarray]:
         t, s = batch["input_ids"].shape[0], batch["kv_lens"].shape[0]
         ints, floats = self._pack(batch, samp, self._layout(t, s))
+        if num_steps > 1:
+            ints_d, floats_d = self._put_inputs(ints, floats)
+            self.kv_caches, self.penalty_state, out = self._multi_step(
+                self.params, self.kv_caches, self.penalty_state, ints_d, floats_d, (t, s), num_steps)
+            return out
         if broadcast and self.channel is not None:
             from jaxengine.sharding import multihost
             self.channel.send(multihost.OP_STEP, t, s, mode, ints, floats)

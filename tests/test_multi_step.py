@@ -1,0 +1,165 @@
+"""Multi-step decoding (num_scheduler_steps = K): K decode iterations in one device program must give
+exactly what K single steps give, stop where they stop, and leak nothing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import SMALL_ENGINE
+from jaxengine import LLM, SamplingParams
+from jaxengine.config import SchedulerConfig
+from jaxengine.engine.kv_cache_manager import KVCacheManager
+from jaxengine.engine.request import Request
+from jaxengine.engine.scheduler import Scheduler
+
+K = 4
+
+
+def make_prompts(n: int, seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    return [{"prompt_token_ids": rng.integers(3, 200, rng.integers(1, 40)).tolist()} for _ in range(n)]
+
+
+PROMPTS = make_prompts(12)
+
+
+@pytest.fixture(scope="module")
+def single(llama_ckpt):
+    return LLM(llama_ckpt, **SMALL_ENGINE)
+
+
+@pytest.fixture(scope="module")
+def multi(llama_ckpt):
+    return LLM(llama_ckpt, **SMALL_ENGINE, num_scheduler_steps=K)
+
+
+def run(llm, prompts, params):
+    steps = llm.engine.num_steps
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    return outs, llm.engine.num_steps - steps
+
+
+def comparable(outs):
+    return [[(c.token_ids, c.text, c.finish_reason, c.stop_reason, round(c.cumulative_logprob, 4))
+             for c in o.outputs] for o in outs]
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=0.0, max_tokens=13, ignore_eos=True),  # 13 = 3 x 4 + 1
+    SamplingParams(temperature=0.9, seed=5, max_tokens=11, ignore_eos=True),
+    SamplingParams(temperature=0.8, max_tokens=9, ignore_eos=True, n=3, seed=1),
+], ids=["greedy", "seeded-temperature", "parallel-n3"])
+def test_same_outputs_as_single_steps_in_fewer_steps(single, multi, params):
+    want, single_steps = run(single, PROMPTS, params)
+    got, multi_steps = run(multi, PROMPTS, params)
+    assert comparable(got) == comparable(want)
+    assert multi_steps < 0.6 * single_steps, (multi_steps, single_steps)
+    assert multi.runner.compile_counter.since() == 0
+    assert multi.engine.scheduler.kv.num_free_pages == multi.engine.scheduler.kv.num_pages
+
+
+def test_stops_inside_a_multi_step_are_honoured(single, multi):
+    """Stop token ids, stop strings and EOS that fall in the middle of K sampled tokens end the
+    output exactly where single steps end it; min_tokens still holds them back."""
+    base = single.generate(PROMPTS[:4], SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True),
+                           use_tqdm=False)
+    cases = []
+    for o in base:
+        toks, text = o.outputs[0].token_ids, o.outputs[0].text
+        cases.append(SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, stop_token_ids=[toks[6]]))
+        if len(text) > 8:
+            cases.append(SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, stop=[text[5:8]]))
+        cases.append(SamplingParams(temperature=0.0, max_tokens=16, min_tokens=6,
+                                    stop_token_ids=list(range(300))))
+    for prompt_i, params in enumerate(cases):
+        prompt = PROMPTS[min(prompt_i // 3, 3)]
+        want = single.generate(prompt, params, use_tqdm=False)
+        got = multi.generate(prompt, params, use_tqdm=False)
+        assert comparable(got) == comparable(want), params
+    assert multi.engine.scheduler.kv.num_free_pages == multi.engine.scheduler.kv.num_pages
+
+
+def test_steps_that_need_the_full_sampler_stay_single(single, multi):
+    """top-k / penalties / logprobs anywhere in the step: one token per program, same results."""
+    params = [SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True),
+              SamplingParams(temperature=0.7, top_k=5, seed=2, max_tokens=8, ignore_eos=True),
+              SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=2),
+              SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, repetition_penalty=1.3)]
+    want, _ = run(single, PROMPTS[:4], params)
+    got, steps = run(multi, PROMPTS[:4], params)
+    assert comparable(got) == comparable(want)
+    assert [o.outputs[0].logprobs for o in got] == [o.outputs[0].logprobs for o in want]
+    assert steps >= 8  # every step holds a FULL-sampler request: no multi-step
+
+
+def test_abort_while_a_multi_step_is_in_flight_leaks_no_pages(multi):
+    engine = multi.engine
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    for i, p in enumerate(PROMPTS[:6]):
+        engine.add_request(f"abort-{i}", p["prompt_token_ids"], params)
+    for _ in range(4):
+        engine.step()
+    for i in range(0, 6, 2):
+        engine.abort_request(f"abort-{i}")
+    while engine.has_unfinished_requests():
+        engine.step()
+    engine.step()  # the last in-flight step's result, and the freed pages
+    assert multi.engine.scheduler.kv.num_free_pages == multi.engine.scheduler.kv.num_pages
+
+
+def test_bad_num_scheduler_steps_is_refused():
+    with pytest.raises(ValueError, match="num_scheduler_steps"):
+        SchedulerConfig(num_scheduler_steps=0)
+
+
+# ------------------------------------------------------------------------------- scheduler
+def _scheduler(k: int, num_pages: int = 64, max_model_len: int = 64) -> Scheduler:
+    cfg = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=max_model_len,
+                          num_scheduler_steps=k)
+    return Scheduler(cfg, KVCacheManager(num_pages, 4, enable_prefix_caching=True))
+
+
+def _request(rid: str, n_prompt: int, max_tokens: int) -> Request:
+    return Request(rid, list(range(3, 3 + n_prompt)), SamplingParams(temperature=0.0, max_tokens=max_tokens,
+                                                                     ignore_eos=True),
+                   seed=0, eos_token_ids=(), max_total_tokens=64)
+
+
+def test_scheduler_accounts_for_k_pending_tokens_and_appends_up_to_a_stop():
+    sched = _scheduler(K)
+    req = _request("a", 6, max_tokens=10)
+    sched.add_request(req)
+    out = sched.schedule()  # prefill: single step
+    assert out.num_steps == 1
+    out2 = sched.schedule()  # scheduled before the prefill's token is known (async)
+    assert out2.num_steps == K and out2.seqs[0].start_pos == 6
+    assert req.num_computed_tokens == 6 + K and req.num_pending == 1 + K
+    assert len(sched.kv.tables["a"]) * 4 >= 6 + K
+    sched.update(out, {"a": 50})
+    sched.update(out2, {"a": [51, 52, 53, 54]})
+    assert req.output_token_ids == [50, 51, 52, 53, 54] and req.num_pending == 0 and req.num_new_tokens == K
+    # 5 of 10 tokens: room for 4 more after the next pending one -> multi-step again (4 + 1 = 5 left)
+    out3 = sched.schedule()
+    assert out3.num_steps == K
+    # the K tokens are appended up to max_tokens only... here all fit
+    sched.update(out3, {"a": [55, 56, 57, 58]})
+    assert req.num_output_tokens == 9
+    out4 = sched.schedule()  # one token of room left: a single step
+    assert out4.num_steps == 1
+    sched.update(out4, {"a": 59})
+    assert req.status.finished and req.num_output_tokens == 10
+
+
+def test_scheduler_stops_appending_at_a_stop_token():
+    sched = _scheduler(K)
+    req = Request("s", [5, 6, 7], SamplingParams(temperature=0.0, max_tokens=20, stop_token_ids=[9]),
+                  seed=0, eos_token_ids=(), max_total_tokens=64)
+    sched.add_request(req)
+    sched.update(sched.schedule(), {"s": 8})
+    out = sched.schedule()
+    assert out.num_steps == K
+    sched.update(out, {"s": [8, 9, 8, 8]})
+    assert req.output_token_ids == [8, 8, 9] and req.num_new_tokens == 2
+    assert req.status.finished and req.stop_reason == 9
+    assert sched.kv.num_free_pages == sched.kv.num_pages
