@@ -163,3 +163,26 @@ def test_scheduler_stops_appending_at_a_stop_token():
     assert req.output_token_ids == [8, 8, 9] and req.num_new_tokens == 2
     assert req.status.finished and req.stop_reason == 9
     assert sched.kv.num_free_pages == sched.kv.num_pages
+
+
+def test_server_streams_multi_step_output_like_single_step_output(single, multi):
+    """Through the OpenAI server and the real openai client: a multi-step engine streams several
+    tokens per chunk at times, and the streamed text equals the single-step engine's text."""
+    import openai
+
+    from test_server import MODEL, Server
+
+    kw = dict(model=MODEL, prompt="Hello world", max_tokens=21, temperature=0, n=2)
+    results = []
+    for llm in (single, multi):
+        with Server(llm) as s:
+            client = openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0, timeout=60)
+            full = client.completions.create(**kw)
+            streamed: dict[int, str] = {}
+            for chunk in client.completions.create(stream=True, **kw):
+                for c in chunk.choices:
+                    streamed[c.index] = streamed.get(c.index, "") + c.text
+            assert streamed == {c.index: c.text for c in full.choices}
+            results.append((streamed, [c.finish_reason for c in full.choices], full.usage.model_dump()))
+            s.wait_idle()
+    assert results[0] == results[1]
