@@ -73,3 +73,20 @@ def test_a_multi_step_dispatch_is_logged_as_its_decode_iterations(tmp_path):
     assert 4 in dispatches and len(steps) == sum(dispatches)
     # prompts once, then each of the 12 fed-back tokens once per request, however they were grouped
     assert sum(n for step in steps for _, n in step) == 4 * 20 + 4 * 12
+
+
+def test_gpu_suite_script_parses_and_names_only_existing_scripts_and_flags():
+    import re
+    import subprocess
+
+    here = os.path.join(os.path.dirname(__file__), "..", "scripts")
+    path = os.path.join(here, "gpu_suite.sh")
+    subprocess.run(["bash", "-n", path], check=True)
+    text = open(path).read()
+    for script in set(re.findall(r"scripts/(bench_\w+\.py)", text)):
+        assert os.path.exists(os.path.join(here, script)), script
+    latency_flags = set(re.findall(r"--[a-z-]+", open(os.path.join(here, "bench_latency.py")).read()))
+    for line in text.splitlines():
+        if line.strip().startswith("lat ") or "lat hf_" in line:
+            for flag in re.findall(r"--[a-z-]+", line):
+                assert flag in latency_flags, (flag, line)

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# The GPU measurements of issues 3 and 6, in parts that each fit one 10-minute device call.
+#
+#   bash scripts/gpu_suite.sh PART [PART ...]      (on the GPU machine, from the repository root)
+#
+# Installs this checkout into /tmp/site once (no dependencies: the machine has jax, torch and
+# transformers), writes JSON and logs under $OUT (default ./gpu_out) and prints a summary per part.
+# Parts, with their rough wall time on an H100:
+#   check       compiled kernel and engine tests (attention, fused matmul, multi-step, fused parity)  ~2 min
+#   multistep   1B and 8B, batch 1 and 64, num_scheduler_steps 1 vs 8 (4 engine starts)         ~6 min
+#   batches     8B 128/128 at batch 8, 32, 128, 256                                               ~3 min
+#   long        8B 1024/128 at 64 and 4096/256 at 8                                              ~4 min
+#   qwen3       Qwen3-8B shape, batch 1 and 64                                                    ~3 min
+#   throughput  bench_throughput, 8B, ShareGPT-like mix of 256 prompts                            ~4 min
+#   startup     8B cold and warm compilation cache                                                ~2 min
+#   attention   bench_attention --quick                                                           ~4 min
+#   hf-static   Hugging Face static-cache generate(), 8B batch 1 and 64 (long compile)            ~8 min
+#   hf-eager    Hugging Face eager generate(), 1B and 8B, batch 1 and 64                          ~2 min
+# Everything is also runnable by hand: each part is one or two commands below.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-./gpu_out}
+mkdir -p "$OUT"
+if [ ! -d /tmp/site/jaxengine ]; then
+  python3 -m pip install -q --no-deps --no-build-isolation --target /tmp/site . >/dev/null 2>&1 \
+    || { echo "install failed"; exit 1; }
+fi
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+S=$(date +%s)
+lat() {  # name, then bench_latency args
+  local name=$1; shift
+  timeout 560 python3 scripts/bench_latency.py "$@" --json "$OUT/$name.json" > "$OUT/$name.log" 2>&1
+  grep -E "tok/s|failed|Error" "$OUT/$name.log" | grep -v "it/s" | tail -8
+}
+for part in "$@"; do
+  echo "== $part (t=$(( $(date +%s) - S )) s)"
+  case $part in
+    check)
+      (cd tests && timeout 300 python3 -m pytest -q test_ragged_paged_attention.py test_fused_matmul.py \
+        test_multi_step.py "test_parity.py::test_fused_matmul_greedy_decode_matches_transformers" \
+        --tb=short 2>&1 | grep -E "^E |passed|failed" | head -20) ;;
+    multistep)
+      for k in 1 8; do
+        lat "latency_k$k" --model llama-3.2-1b llama-3.1-8b --batch 1 64 --num-scheduler-steps $k
+      done ;;
+    batches) lat batches --model llama-3.1-8b --batch 8 32 128 256 --kv-cache-gib 16 ;;
+    long)
+      lat long1024 --model llama-3.1-8b --batch 64 --input-len 1024 --output-len 128
+      lat long4096 --model llama-3.1-8b --batch 8 --input-len 4096 --output-len 256 ;;
+    qwen3) lat qwen3 --model qwen3-8b --batch 1 64 ;;
+    throughput)
+      timeout 560 python3 scripts/bench_throughput.py --model llama-3.1-8b --json "$OUT/throughput.json" \
+        > "$OUT/throughput.log" 2>&1; tail -6 "$OUT/throughput.log" ;;
+    startup)
+      timeout 560 python3 scripts/bench_startup.py --model llama-3.1-8b --json "$OUT/startup.json" \
+        > "$OUT/startup.log" 2>&1; tail -3 "$OUT/startup.log" ;;
+    attention)
+      timeout 560 python3 scripts/bench_attention.py --quick --out "$OUT/attention.json" \
+        > "$OUT/attention.log" 2>&1; grep "^|" "$OUT/attention.log" | head -60 ;;
+    hf-static)
+      XLA_PYTHON_CLIENT_PREALLOCATE=false lat hf_static --model llama-3.1-8b --batch 1 64 --no-engine \
+        --hf-peer static ;;
+    hf-eager)
+      XLA_PYTHON_CLIENT_PREALLOCATE=false lat hf_eager --model llama-3.2-1b llama-3.1-8b --batch 1 64 \
+        --no-engine --hf-peer eager ;;
+    *) echo "unknown part $part" ;;
+  esac
+done
+echo "== done (t=$(( $(date +%s) - S )) s)"
