@@ -5,7 +5,7 @@
     llm.generate(["Hello, my name is"], SamplingParams(temperature=0.8, max_tokens=64))
 """
 
-from jaxengine.outputs import CompletionOutput, Logprob, RequestOutput
+from jaxengine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from jaxengine.sampling_params import SamplingParams
 
 __version__ = "0.1.0"
@@ -19,4 +19,4 @@ def __getattr__(name):
     raise AttributeError(f"module 'jaxengine' has no attribute {name!r}")
 
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "generate"]
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "RequestMetrics", "CompletionOutput", "Logprob", "generate"]

@@ -29,6 +29,26 @@ class CompletionOutput:
 
 
 @dataclasses.dataclass
+class RequestMetrics:
+    """Timings of one request (time.monotonic() seconds; n > 1: first token of any sequence,
+    finish of the last).  None where it has not happened yet."""
+
+    arrival_time: float
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    finished_time: float | None = None
+
+    @property
+    def time_in_queue(self) -> float | None:
+        return None if self.first_scheduled_time is None else self.first_scheduled_time - self.arrival_time
+
+    @property
+    def time_to_first_token(self) -> float | None:
+        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+
+
+@dataclasses.dataclass
 class RequestOutput:
     request_id: str
     prompt: str | None
@@ -37,3 +57,4 @@ class RequestOutput:
     finished: bool
     prompt_logprobs: None = None
     num_cached_tokens: int = 0
+    metrics: RequestMetrics | None = None

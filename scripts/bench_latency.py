@@ -151,7 +151,11 @@ def step_bound_s(step: list[tuple[int, int]], cfg, ceil: dict[str, float]) -> fl
     return max(flops / ceil["matmul_flops_per_s"], (weight_bytes + kv_read + kv_write) / ceil["copy_bytes_per_s"])
 
 
-def run_engine(llm, batch: int, input_len: int, output_len: int, seed: int = 0) -> dict:
+def run_engine(llm, batch: int, input_len: int, output_len: int, seed: int = 0, stream: bool = False) -> dict:
+    """One batch of `batch` prompts, all submitted at once.  stream=False (default): outputs are
+    built only for finished requests, as LLM.generate does, and TTFT/TPOT come from each request's
+    metrics (first and last token times); stream=True builds every request's output at every step
+    (what a streaming server does) and times the outputs as they are seen."""
     from jaxengine import SamplingParams
 
     rng = np.random.default_rng(seed)
@@ -162,24 +166,30 @@ def run_engine(llm, batch: int, input_len: int, output_len: int, seed: int = 0) 
     log = llm._step_log
     log.steps.clear()
     start = time.perf_counter()
+    start_mono = time.monotonic()  # the clock of RequestOutput.metrics
     for i, p in enumerate(prompts):
         engine.add_request(f"b{batch}-{seed}-{i}", p, params)
     first: dict[str, float] = {}
     done: dict[str, float] = {}
     while engine.has_unfinished_requests():
-        for out in engine.step():
-            now = time.perf_counter()
-            first.setdefault(out.request_id, now)
+        for out in engine.step(stream=stream):
+            if stream:
+                now = time.perf_counter() - start
+                first.setdefault(out.request_id, now)
             if out.finished:
-                done[out.request_id] = now
                 assert len(out.outputs[0].token_ids) == output_len
+                if stream:
+                    done[out.request_id] = now
+                else:
+                    first[out.request_id] = out.metrics.first_token_time - start_mono
+                    done[out.request_id] = out.metrics.last_token_time - start_mono
     total = time.perf_counter() - start
-    ttft = np.array([first[r] - start for r in first])
+    ttft = np.array([first[r] for r in first])
     tpot = np.array([(done[r] - first[r]) / max(output_len - 1, 1) for r in done])
     return {"batch": batch, "input_len": input_len, "output_len": output_len, "total_s": total,
             "output_tok_s": batch * output_len / total, "ttft_ms_mean": 1e3 * ttft.mean(),
             "ttft_ms_p50": 1e3 * float(np.median(ttft)), "tpot_ms_mean": 1e3 * tpot.mean(),
-            "num_steps": len(log.steps), "steps": list(log.steps)}
+            "stream": stream, "num_steps": len(log.steps), "steps": list(log.steps)}
 
 
 def run_hf(shape: dict, batch: int, input_len: int, output_len: int, mode: str) -> dict:
@@ -241,6 +251,9 @@ def main() -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
     ap.add_argument("--kv-cache-gib", type=float, default=8.0)
     ap.add_argument("--attention", default="auto")
+    ap.add_argument("--stream", action="store_true",
+                    help="build every request's output at every step, as a streaming server does "
+                         "(figures before 2026-11-23's third session were taken this way)")
     ap.add_argument("--num-scheduler-steps", type=int, default=1,
                     help="multi-step decoding: decode iterations per device program")
     ap.add_argument("--matmul", default="auto", choices=["auto", "gpu", "reference"],
@@ -284,7 +297,7 @@ def main() -> None:
         llm._step_log = StepLog(llm.runner)
         for batch in args.batch:
             run_engine(llm, batch, args.input_len, min(args.output_len, 8), seed=1)  # warm the paths
-            r = run_engine(llm, batch, args.input_len, args.output_len)
+            r = run_engine(llm, batch, args.input_len, args.output_len, stream=args.stream)
             if args.profile_dir:  # a separate run, so tracing overhead stays out of the figures
                 with jax.profiler.trace(os.path.join(args.profile_dir, f"{name}-b{batch}")):
                     run_engine(llm, batch, args.input_len, min(args.output_len, 32), seed=2)

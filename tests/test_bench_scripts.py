@@ -20,7 +20,11 @@ def test_steps_are_logged_at_dispatch_and_the_roofline_is_a_lower_bound(tmp_path
     llm = LLM(str(tmp_path), load_format="dummy", skip_tokenizer_init=True, dtype="float32", max_model_len=64,
               max_num_seqs=4, max_num_batched_tokens=32, kv_cache_memory_bytes=4 << 20)
     llm._step_log = bl.StepLog(llm.runner)
+    streamed = bl.run_engine(llm, batch=4, input_len=20, output_len=6, seed=9, stream=True)
     r = bl.run_engine(llm, batch=4, input_len=20, output_len=6)
+    assert streamed["stream"] and not r["stream"]
+    for x in (streamed, r):  # TTFT from the outputs seen (stream) or from the request metrics
+        assert 0 < x["ttft_ms_p50"] < 1e3 * x["total_s"] and 0 < x["tpot_ms_mean"] < 1e3 * x["total_s"]
     steps = r.pop("steps")
     # 80 prompt tokens in chunks of at most 32, then decodes: every step has (start, n) per request
     assert len(steps) == r["num_steps"] >= 3 + 5

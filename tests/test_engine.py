@@ -198,3 +198,22 @@ def test_fused_matmul_engine_reproduces_the_xla_engine(llama_ckpt, alone):
     outs = fused.generate(PROMPTS[:8], GREEDY, use_tqdm=False)
     assert tokens(outs) == alone[:8]
     assert r.compile_counter.since() == 0
+
+
+def test_outputs_carry_request_timings_in_order(llm):
+    """RequestOutput.metrics (vLLM's names): arrival <= first scheduled <= first token <= last token
+    <= finished, for single requests and n > 1 groups; unfinished streams have no finish time."""
+    outs = llm.generate(PROMPTS[:3], SamplingParams(temperature=0.8, seed=3, n=2, max_tokens=6, ignore_eos=True),
+                        use_tqdm=False)
+    for o in outs:
+        m = o.metrics
+        assert m.arrival_time <= m.first_scheduled_time <= m.first_token_time <= m.last_token_time <= m.finished_time
+        assert m.time_in_queue >= 0 and m.time_to_first_token > 0
+    engine = llm.engine
+    engine.add_request("timing-stream", PROMPTS[0]["prompt_token_ids"],
+                       SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True))
+    seen = []
+    while engine.has_unfinished_requests():
+        seen += [o for o in engine.step() if o.request_id == "timing-stream"]
+    assert seen[0].metrics.finished_time is None and seen[0].metrics.first_token_time is not None
+    assert seen[-1].finished and seen[-1].metrics.finished_time >= seen[-1].metrics.last_token_time

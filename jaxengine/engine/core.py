@@ -16,7 +16,7 @@ from jaxengine.engine.kv_cache_manager import KVCacheManager
 from jaxengine.engine.request import Request, RequestStatus
 from jaxengine.engine.scheduler import Scheduler, SchedulerOutput
 from jaxengine.config import SchedulerConfig
-from jaxengine.outputs import CompletionOutput, Logprob, RequestOutput
+from jaxengine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from jaxengine.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -206,7 +206,25 @@ class EngineCore:
         return RequestOutput(request_id=group.request_id, prompt=group.prompt,
                              prompt_token_ids=group.prompt_token_ids, outputs=outs,
                              finished=group.finished,
-                             num_cached_tokens=group.children[0].num_cached_tokens)
+                             num_cached_tokens=group.children[0].num_cached_tokens,
+                             metrics=_metrics(group.children))
+
+
+def _metrics(children: list[Request]) -> RequestMetrics:
+    """A group's timings: first admission / first token of any child, last token of any child,
+    finish of the last child (None until all have finished)."""
+    def agg(name: str, fn: Any, require_all: bool = False) -> float | None:
+        values = [getattr(c, name) for c in children]
+        present = [v for v in values if v is not None]
+        if not present or (require_all and len(present) < len(values)):
+            return None
+        return fn(present)
+
+    return RequestMetrics(arrival_time=children[0].arrival_time,
+                          first_scheduled_time=agg("first_scheduled_time", min),
+                          first_token_time=agg("first_token_time", min),
+                          last_token_time=agg("last_token_time", max),
+                          finished_time=agg("finished_time", max, require_all=True))
 
 
 class _SummedView:

@@ -51,8 +51,12 @@ class Request:
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache at first schedule
         self.num_preemptions = 0
         self.stop_reason: int | str | None = None
+        # time.monotonic() seconds: arrival, first admission, first and last output token, finish
         self.arrival_time = time.monotonic()
+        self.first_scheduled_time: float | None = None
         self.first_token_time: float | None = None
+        self.last_token_time: float | None = None
+        self.finished_time: float | None = None
         self.cumulative_logprob = 0.0
         self.logprobs: list[dict] = []  # per output token: {token_id: outputs.Logprob}
 

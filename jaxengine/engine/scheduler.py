@@ -23,6 +23,7 @@ The host's per-step work (scheduling, packing, launches) is then paid once per K
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections import deque
 
 from jaxengine.config import SchedulerConfig
@@ -112,6 +113,7 @@ class Scheduler:
         elif req in self.waiting:
             self.waiting.remove(req)
         req.status = status
+        req.finished_time = time.monotonic()
         self.kv.free(req.request_id)
         self._freed.append(req.request_id)
         self.requests.pop(req.request_id, None)
@@ -223,6 +225,8 @@ class Scheduler:
                     req.num_cached_tokens = num_computed
                 req.num_computed_tokens = num_computed
                 req.status = RequestStatus.RUNNING
+                if req.first_scheduled_time is None:
+                    req.first_scheduled_time = time.monotonic()
                 self.running.append(req)
                 seqs.append(self._seq(req, num_new, restarted=True))
                 budget -= num_new
@@ -289,6 +293,10 @@ class Scheduler:
                 status = req.check_stop()
                 if status is not None:
                     break
+            now = time.monotonic()
+            if req.first_token_time is None:
+                req.first_token_time = now
+            req.last_token_time = now
             if req.status == RequestStatus.RUNNING and k > 1:  # the K tokens' KV: known only now
                 self.kv.cache_pages(req.request_id, req.token_ids, min(computed, req.num_tokens))
             updated.append(req)
