@@ -94,3 +94,17 @@ def test_gpu_suite_script_parses_and_names_only_existing_scripts_and_flags():
         if line.strip().startswith("lat ") or "lat hf_" in line:
             for flag in re.findall(r"--[a-z-]+", line):
                 assert flag in latency_flags, (flag, line)
+
+
+def test_bucket_waste_measures_the_schedulers_real_steps():
+    import bucket_waste as bw
+
+    sizes = bw.step_sizes([(300, 5), (40, 9), (1500, 3)], max_num_seqs=8, max_num_batched_tokens=512,
+                          num_pages=512)
+    # every prompt token and every fed-back token is computed exactly once
+    assert sum(sizes) == 300 + 40 + 1500 + (5 - 1) + (9 - 1) + (3 - 1)
+    assert max(sizes) == 512
+    pow2 = bw.evaluate(sizes, [8, 16, 32, 64, 128, 256, 512])
+    finer = bw.evaluate(sizes, [8, 16, 32, 64, 128, 256, 384, 512])
+    assert pow2["padding_rows_pct"] >= finer["padding_rows_pct"] >= 0
+    assert bw.evaluate(sizes, sorted(set(sizes)))["padding_rows_pct"] == 0
