@@ -82,9 +82,6 @@ class LLM:
         model_cfg = ModelConfig.from_hf_config(hf_config, dtype)
         module = models.get_model(model_cfg.architecture)  # unknown architectures fail here
         parallel_cfg = ParallelConfig(tensor_parallel_size, data_parallel_size)
-        if num_scheduler_steps > 1 and (tensor_parallel_size * data_parallel_size > 1 or jax.process_count() > 1):
-            raise ValueError(f"num_scheduler_steps={num_scheduler_steps} needs a single device for now "
-                             "(tensor_parallel_size = data_parallel_size = 1, one process)")
         mesh = None
         if tensor_parallel_size * data_parallel_size > 1 or jax.process_count() > 1:
             from jaxengine import sharding

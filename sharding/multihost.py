@@ -28,7 +28,7 @@ ENV_PROCESS_ID = "JAXENGINE_PROCESS_ID"
 ENV_MULTIHOST = "JAXENGINE_MULTIHOST"  # "1": initialize with the cluster's auto-detection (TPU pods)
 ENV_HEARTBEAT_S = "JAXENGINE_HEARTBEAT_TIMEOUT_S"
 
-OP_STOP, OP_STEP, OP_LOAD_HISTORY = 0, 1, 2
+OP_STOP, OP_STEP, OP_LOAD_HISTORY, OP_MULTI_STEP = 0, 1, 2, 3
 HEADER_SIZE = 4
 
 
@@ -117,6 +117,12 @@ def follow(runner: Any) -> int:
             ints = channel.recv(np.empty((n_int,), np.int32))
             floats = channel.recv(np.empty((n_float,), np.float32))
             runner._dispatch(ints, floats, t, s, mode)
+            steps += 1
+        elif op == OP_MULTI_STEP:  # header: t, s, num_steps
+            _, n_int, n_float = runner._layout(t, s)
+            ints = channel.recv(np.empty((n_int,), np.int32))
+            floats = channel.recv(np.empty((n_float,), np.float32))
+            runner._dispatch_multi_step(ints, floats, t, s, mode)
             steps += 1
         elif op == OP_LOAD_HISTORY:
             slot, prompt_len = t, s

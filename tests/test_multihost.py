@@ -48,7 +48,9 @@ def _worker(rank: int, port: int, ckpt: str, out: str, die: bool = False) -> Non
     if die and rank == 1:  # the failure test: the worker vanishes while the driver keeps stepping
         import threading
         threading.Timer(6.0, lambda: os._exit(9)).start()
-    llm = LLM(ckpt, tensor_parallel_size=8, **ENGINE)  # on rank 1: serves rank 0's steps, then returns
+    # on rank 1: serves rank 0's steps, then returns; decode steps are multi-step (OP_MULTI_STEP)
+    # where they qualify, the rest single steps (OP_STEP)
+    llm = LLM(ckpt, tensor_parallel_size=8, num_scheduler_steps=3, **ENGINE)
     if die:
         while True:
             llm.generate([{"prompt_token_ids": [5, 6, 7]}], SamplingParams(max_tokens=4), use_tqdm=False)
@@ -60,6 +62,7 @@ def _worker(rank: int, port: int, ckpt: str, out: str, die: bool = False) -> Non
         params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
         outs = llm.generate([{"prompt_token_ids": p} for p in _prompts()], params, use_tqdm=False)
         info["tokens"] = [o.outputs[0].token_ids for o in outs]
+        info["steps"] = llm.engine.num_steps
         llm.shutdown()
     with open(out, "w") as f:
         json.dump(info, f)
@@ -111,6 +114,7 @@ def test_two_processes_with_four_devices_each_give_the_single_device_tokens(tiny
     expected = [o.outputs[0].token_ids for o in
                 ref.generate([{"prompt_token_ids": p} for p in _prompts()], params, use_tqdm=False)]
     assert info[0]["tokens"] == expected
+    assert info[0]["steps"] < ref.engine.num_steps  # multi-step decoding did run across the hosts
 
 
 def test_a_dead_worker_stops_the_driver_with_a_message_instead_of_a_hang(tiny_tp8_ckpt, tmp_path):

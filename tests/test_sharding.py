@@ -79,10 +79,14 @@ def _worker(out_path: str, tmp: str) -> None:
     ckpts = {f: tc.make_checkpoint(os.path.join(tmp, f), f, with_tokenizer=(f == "tp8_gqa"))
              for f in ["tp8_gqa", *OTHER_FAMILIES]}
 
-    def run(family, tp, dp, model=None):
-        llm = LLM(model or ckpts[family], tensor_parallel_size=tp, data_parallel_size=dp, **engine)
+    def run(family, tp, dp, model=None, k=1):
+        llm = LLM(model or ckpts[family], tensor_parallel_size=tp, data_parallel_size=dp, **engine,
+                  num_scheduler_steps=k)
+        steps = llm.engine.num_steps
         toks = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)]
-        res["tokens"][f"{family}/tp{tp}dp{dp}" + ("/orbax" if model else "")] = toks
+        key = f"{family}/tp{tp}dp{dp}" + ("/orbax" if model else "") + (f"/k{k}" if k > 1 else "")
+        res["tokens"][key] = toks
+        res.setdefault("steps", {})[key] = llm.engine.num_steps - steps
         return llm
 
     for tp, dp in TP_DP:
@@ -94,6 +98,7 @@ def _worker(out_path: str, tmp: str) -> None:
     for family, tps in OTHER_FAMILIES.items():
         for tp in [1, *tps]:
             run(family, tp, 1)
+    run("tp8_gqa", 4, 1, k=4)  # multi-step decoding, sharded
 
     # Where every param and KV page lives at tp=4 (2 kv heads duplicated to 4).
     specs = {}
@@ -176,6 +181,11 @@ def test_greedy_tokens_with_tensor_and_data_parallelism_match_one_device(seen, t
     ref = seen["tokens"]["tp8_gqa/tp1dp1"]
     assert len(ref) == 6 and all(len(t) == MAX_TOKENS for t in ref)
     assert seen["tokens"][f"tp8_gqa/tp{tp}dp{dp}"] == ref
+
+
+def test_multi_step_decoding_under_tensor_parallelism_matches_one_device(seen):
+    assert seen["tokens"]["tp8_gqa/tp4dp1/k4"] == seen["tokens"]["tp8_gqa/tp1dp1"]
+    assert seen["steps"]["tp8_gqa/tp4dp1/k4"] < seen["steps"]["tp8_gqa/tp4dp1"]
 
 
 @pytest.mark.parametrize("family,tp", [(f, tp) for f, tps in OTHER_FAMILIES.items() for tp in tps])

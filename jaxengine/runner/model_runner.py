@@ -130,6 +130,13 @@ class ModelRunner:
         # holds a data-dependent branch: on a GPU, lax.cond reads its predicate back to the host,
         # which blocks the dispatching thread until the device gets there and undoes asynchronous
         # scheduling (measured on the H100: ~10 ms of host time per step at batch 64).
+        def gather_logits(logits):
+            if mesh is not None:  # logits vocab-parallel as lm_head, then one all-gather for the sampler
+                if m.vocab_size % mesh.shape["tp"] == 0:
+                    logits = jax.lax.with_sharding_constraint(logits, sharding.vocab_sharding(mesh))
+                logits = jax.lax.with_sharding_constraint(logits, repl)
+            return logits
+
         def forward(params, kv_caches, last_tokens, ints, floats, bucket):
             batch, _ = self._unpack(ints, floats, self._layout(*bucket))
             pending = batch["input_slot"] >= 0
@@ -137,10 +144,7 @@ class ModelRunner:
                                            batch["input_ids"])
             matmul = fused if bucket[0] <= self.fused_max_tokens else None
             logits, kv_caches = model.forward(params, m, batch, kv_caches, attention, matmul=matmul)
-            if mesh is not None:  # logits vocab-parallel as lm_head, then one all-gather for the sampler
-                if m.vocab_size % mesh.shape["tp"] == 0:
-                    logits = jax.lax.with_sharding_constraint(logits, sharding.vocab_sharding(mesh))
-                logits = jax.lax.with_sharding_constraint(logits, repl)
+            logits = gather_logits(logits)
             # the sampling knobs lead both buffers: handed on as they are, so the sampler's
             # programs depend on the request bucket only, not on the token bucket
             _, n_int, n_float = self._layout(bucket[1])
@@ -189,6 +193,7 @@ class ModelRunner:
                         "slot_mapping": jnp.where(real, page * ps + pos % ps, oob),
                         "kv_lens": batch["kv_lens"] + jnp.where(seq_real, i, 0)}
                 logits, kv_caches = model.forward(params, m, step, kv_caches, attention)
+                logits = gather_logits(logits)
                 out = sampler.sample(logits, penalty_state, {**samp, "rng_pos": samp["rng_pos"] + i},
                                      self.num_logprobs, full=False)
                 return (kv_caches, out["tokens"][seq_of_row], toks.at[i].set(out["tokens"]),
@@ -203,10 +208,12 @@ class ModelRunner:
 
         self._multi_step = None
         if cfg.scheduler.num_scheduler_steps > 1:
+            kw = {}
             if mesh is not None:
-                raise ValueError("num_scheduler_steps > 1 needs a single device "
-                                 "(tensor_parallel_size = data_parallel_size = 1) for now")
-            self._multi_step = jax.jit(multi_step, donate_argnums=(1, 2), static_argnums=(5, 6))
+                kv_sh, pen_sh = [kv_sharding] * m.num_layers, {k: repl for k in self.penalty_state}
+                kw = dict(in_shardings=(sharding.params_sharding_tree(params, mesh), kv_sh, pen_sh, repl, repl),
+                          out_shardings=(kv_sh, pen_sh, repl))
+            self._multi_step = jax.jit(multi_step, donate_argnums=(1, 2), static_argnums=(5, 6), **kw)
 
         if mesh is None:
             self._forward = jax.jit(forward, donate_argnums=(1,), static_argnums=(5,))
@@ -465,15 +472,21 @@ class ModelRunner:
              broadcast: bool = False, num_steps: int = 1) -> dict[str, np.ndarray]:
         t, s = batch["input_ids"].shape[0], batch["kv_lens"].shape[0]
         ints, floats = self._pack(batch, samp, self._layout(t, s))
-        if num_steps > 1:
-            ints_d, floats_d = self._put_inputs(ints, floats)
-            self.kv_caches, self.penalty_state, out = self._multi_step(
-                self.params, self.kv_caches, self.penalty_state, ints_d, floats_d, (t, s), num_steps)
-            return out
         if broadcast and self.channel is not None:
             from jaxengine.sharding import multihost
-            self.channel.send(multihost.OP_STEP, t, s, mode, ints, floats)
+            if num_steps > 1:
+                self.channel.send(multihost.OP_MULTI_STEP, t, s, num_steps, ints, floats)
+            else:
+                self.channel.send(multihost.OP_STEP, t, s, mode, ints, floats)
+        if num_steps > 1:
+            return self._dispatch_multi_step(ints, floats, t, s, num_steps)
         return self._dispatch(ints, floats, t, s, mode)
+
+    def _dispatch_multi_step(self, ints: np.ndarray, floats: np.ndarray, t: int, s: int, num_steps: int):
+        ints_d, floats_d = self._put_inputs(ints, floats)
+        self.kv_caches, self.penalty_state, out = self._multi_step(
+            self.params, self.kv_caches, self.penalty_state, ints_d, floats_d, (t, s), num_steps)
+        return out
 
     def _dispatch_load_history(self, slot: int, tokens: np.ndarray, prompt_len: int) -> None:
         args = (np.int32(slot), tokens, np.int32(prompt_len))
