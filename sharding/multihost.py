@@ -118,11 +118,12 @@ def follow(runner: Any) -> int:
             floats = channel.recv(np.empty((n_float,), np.float32))
             runner._dispatch(ints, floats, t, s, mode)
             steps += 1
-        elif op == OP_MULTI_STEP:  # header: t, s, num_steps
+        elif op == OP_MULTI_STEP:  # header: t, s, num_steps * len(MODES) + sampler mode
+            from jaxengine.runner.sampler import MODES
             _, n_int, n_float = runner._layout(t, s)
             ints = channel.recv(np.empty((n_int,), np.int32))
             floats = channel.recv(np.empty((n_float,), np.float32))
-            runner._dispatch_multi_step(ints, floats, t, s, mode)
+            runner._dispatch_multi_step(ints, floats, t, s, mode // len(MODES), mode % len(MODES))
             steps += 1
         elif op == OP_LOAD_HISTORY:
             slot, prompt_len = t, s

@@ -80,17 +80,28 @@ def test_stops_inside_a_multi_step_are_honoured(single, multi):
     assert multi.engine.scheduler.kv.num_free_pages == multi.engine.scheduler.kv.num_pages
 
 
-def test_steps_that_need_the_full_sampler_stay_single(single, multi):
-    """top-k / penalties / logprobs anywhere in the step: one token per program, same results."""
-    params = [SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True),
-              SamplingParams(temperature=0.7, top_k=5, seed=2, max_tokens=8, ignore_eos=True),
-              SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=2),
-              SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, repetition_penalty=1.3)]
-    want, _ = run(single, PROMPTS[:4], params)
+def test_full_sampler_steps_run_multi_step_with_the_same_results(single, multi):
+    """top-k, repetition penalty (counts updated between iterations) and top logprobs inside a
+    multi-step: same tokens, logprobs and ranks as single steps."""
+    params = [SamplingParams(temperature=0.0, max_tokens=9, ignore_eos=True),
+              SamplingParams(temperature=0.7, top_k=5, top_p=0.9, seed=2, max_tokens=9, ignore_eos=True),
+              SamplingParams(temperature=0.0, max_tokens=9, ignore_eos=True, logprobs=2),
+              SamplingParams(temperature=0.0, max_tokens=9, ignore_eos=True, repetition_penalty=1.3,
+                             presence_penalty=0.5, frequency_penalty=0.2)]
+    want, single_steps = run(single, PROMPTS[:4], params)
     got, steps = run(multi, PROMPTS[:4], params)
     assert comparable(got) == comparable(want)
-    assert [o.outputs[0].logprobs for o in got] == [o.outputs[0].logprobs for o in want]
-    assert steps >= 8  # every step holds a FULL-sampler request: no multi-step
+    for g, w in zip(got, want):
+        assert len(g.outputs[0].token_ids) == 9
+        if w.outputs[0].logprobs is None:
+            assert g.outputs[0].logprobs is None
+            continue
+        assert len(g.outputs[0].logprobs) == 9
+        for eg, ew in zip(g.outputs[0].logprobs, w.outputs[0].logprobs):
+            assert eg.keys() == ew.keys()
+            for tok in ew:
+                assert eg[tok].rank == ew[tok].rank and abs(eg[tok].logprob - ew[tok].logprob) < 1e-5
+    assert steps < 0.7 * single_steps, (steps, single_steps)
 
 
 def test_abort_while_a_multi_step_is_in_flight_leaks_no_pages(multi):

@@ -14,8 +14,7 @@ whose pending tokens already reach max_tokens is not scheduled again; one that s
 at most one extra step, whose result is dropped.
 
 Multi-step decoding (num_scheduler_steps = K > 1): a step in which every scheduled request decodes
-one token with the plain sampler, has no logprobs to report and has room for K more tokens becomes
-K decode iterations in one device program (`SchedulerOutput.num_steps`): pages for K positions are
+one token and has room for K more tokens becomes K decode iterations in one device program (`SchedulerOutput.num_steps`): pages for K positions are
 allocated, K tokens become pending, and `update` appends the K sampled tokens up to the first stop.
 The host's per-step work (scheduling, packing, launches) is then paid once per K tokens.
 """
@@ -66,12 +65,6 @@ class SchedulerOutput:
 def uses_penalties(params: SamplingParams) -> bool:
     return (params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
             or params.repetition_penalty != 1.0)
-
-
-def plain_sampling(params: SamplingParams) -> bool:
-    """Greedy or temperature sampling only: no penalties, no filtering, no logprobs."""
-    return (not uses_penalties(params) and params.top_k <= 0 and params.top_p >= 1.0
-            and params.min_p <= 0.0 and params.logprobs is None)
 
 
 class Scheduler:
@@ -250,8 +243,8 @@ class Scheduler:
         returns the number of iterations (1: unchanged)."""
         k = self.config.num_scheduler_steps
         reqs = [self.requests[s.request_id] for s in seqs]
-        if not seqs or not all(len(s.token_ids) == 1 and s.sample and plain_sampling(s.params)
-                               and self._room(r) >= k - 1 for s, r in zip(seqs, reqs)):
+        if not seqs or not all(len(s.token_ids) == 1 and s.sample and self._room(r) >= k - 1
+                               for s, r in zip(seqs, reqs)):
             return 1
         for req in reqs:  # pages for the K positions; a failure leaves the step single
             if not self.kv.allocate(req.request_id, req.num_computed_tokens + k - 1):

@@ -168,13 +168,15 @@ class ModelRunner:
         ps = self.page_size
         oob = num_pages * ps
 
-        # Multi-step decoding (SchedulerOutput.num_steps = K > 1): a decode-only step with the
-        # PLAIN sampler, run as K iterations of forward + sample inside one program.  Token row j
-        # is request j; iteration i feeds each request's token sampled by iteration i - 1 at
-        # position + i and samples with rng position kv_len + i, as K single steps would.
-        def multi_step(params, kv_caches, penalty_state, ints, floats, bucket, k):
+        # Multi-step decoding (SchedulerOutput.num_steps = K > 1): a decode-only step run as K
+        # iterations of forward + sample inside one program, per sampling mode like `sample`.
+        # Token row j is request j; iteration i feeds each request's token sampled by iteration
+        # i - 1 at position + i, samples with rng position kv_len + i and (FULL) counts the token
+        # for the penalties before the next iteration, exactly as K single steps would.
+        def multi_step(params, kv_caches, penalty_state, ints, floats, bucket, k, mode):
             batch, samp = self._unpack(ints, floats, self._layout(*bucket))
             t, s = bucket
+            full = mode == sampler.FULL
             last = penalty_state["last_tokens"]
             pending = batch["input_slot"] >= 0
             ids = jnp.where(pending, last[jnp.maximum(batch["input_slot"], 0)], batch["input_ids"])
@@ -184,9 +186,10 @@ class ModelRunner:
             seq_real = jnp.arange(s) < batch["num_seqs"][0]
             pos0 = batch["positions"]
             max_page = batch["page_indices"].shape[1] - 1
+            n_top = self.num_logprobs
 
             def body(i, carry):
-                kv_caches, ids, toks, lps, ranks = carry
+                kv_caches, penalty_state, ids, outs = carry
                 pos = pos0 + i
                 page = batch["page_indices"][seq_of_row, jnp.minimum(pos // ps, max_page)]
                 step = {**batch, "input_ids": ids, "positions": pos,
@@ -195,16 +198,26 @@ class ModelRunner:
                 logits, kv_caches = model.forward(params, m, step, kv_caches, attention)
                 logits = gather_logits(logits)
                 out = sampler.sample(logits, penalty_state, {**samp, "rng_pos": samp["rng_pos"] + i},
-                                     self.num_logprobs, full=False)
-                return (kv_caches, out["tokens"][seq_of_row], toks.at[i].set(out["tokens"]),
-                        lps.at[i].set(out["logprob"]), ranks.at[i].set(out["rank"]))
+                                     n_top, full=full)
+                if full:
+                    penalty_state = sampler.count_sampled(penalty_state, samp["penalty_slot"], out["tokens"],
+                                                          samp["count_sampled"])
+                outs = {name: outs[name].at[i].set(out[name]) for name in outs}
+                return kv_caches, penalty_state, out["tokens"][seq_of_row], outs
 
-            init = (kv_caches, ids, jnp.zeros((k, s), jnp.int32), jnp.zeros((k, s), jnp.float32),
-                    jnp.zeros((k, s), jnp.int32))
-            kv_caches, _, toks, lps, ranks = jax.lax.fori_loop(0, k, body, init)
+            outs = {"tokens": jnp.zeros((k, s), jnp.int32), "logprob": jnp.zeros((k, s), jnp.float32),
+                    "rank": jnp.zeros((k, s), jnp.int32), "top_ids": jnp.zeros((k, s, n_top), jnp.int32),
+                    "top_logprobs": jnp.zeros((k, s, n_top), jnp.float32)}
+            kv_caches, penalty_state, _, outs = jax.lax.fori_loop(
+                0, k, body, (kv_caches, penalty_state, ids, outs))
             store = jnp.where(samp["store_token"], samp["penalty_slot"], self.num_slots)
-            penalty_state = {**penalty_state, "last_tokens": last.at[store].set(toks[k - 1], mode="drop")}
-            return kv_caches, penalty_state, (toks, lps, ranks)
+            penalty_state = {**penalty_state,
+                             "last_tokens": penalty_state["last_tokens"].at[store].set(outs["tokens"][k - 1],
+                                                                                      mode="drop")}
+            # two read-backs: ints [K, S, 2 + n] and floats [K, S, 1 + n], as `sample` packs them
+            out_ints = jnp.concatenate([outs["tokens"][..., None], outs["rank"][..., None], outs["top_ids"]], -1)
+            out_floats = jnp.concatenate([outs["logprob"][..., None], outs["top_logprobs"]], -1)
+            return kv_caches, penalty_state, (out_ints, out_floats)
 
         self._multi_step = None
         if cfg.scheduler.num_scheduler_steps > 1:
@@ -213,7 +226,7 @@ class ModelRunner:
                 kv_sh, pen_sh = [kv_sharding] * m.num_layers, {k: repl for k in self.penalty_state}
                 kw = dict(in_shardings=(sharding.params_sharding_tree(params, mesh), kv_sh, pen_sh, repl, repl),
                           out_shardings=(kv_sh, pen_sh, repl))
-            self._multi_step = jax.jit(multi_step, donate_argnums=(1, 2), static_argnums=(5, 6), **kw)
+            self._multi_step = jax.jit(multi_step, donate_argnums=(1, 2), static_argnums=(5, 6, 7), **kw)
 
         if mesh is None:
             self._forward = jax.jit(forward, donate_argnums=(1,), static_argnums=(5,))
@@ -260,7 +273,8 @@ class ModelRunner:
         if self._multi_step is not None:  # every bucket a decode-only step can land in
             for t in sorted({self.bucket_for(n) for n in range(1, self.cfg.scheduler.max_num_seqs + 1)}):
                 batch, samp = self._empty_arrays(t, self.seqs_for(t))
-                self._run(batch, samp, num_steps=self.cfg.scheduler.num_scheduler_steps)
+                for mode in sampler.MODES:
+                    self._run(batch, samp, mode=mode, num_steps=self.cfg.scheduler.num_scheduler_steps)
         tokens = np.full((self.cfg.scheduler.max_model_len,), -1, np.int32)
         self._dispatch_load_history(self.num_slots - 1, tokens, 0)
         jax.block_until_ready(self.penalty_state)
@@ -399,17 +413,14 @@ class ModelRunner:
                 samp["count_sampled"][i] = seq.sample
         batch["cu_q_lens"][len(seqs) + 1:] = pos
         batch["num_seqs"][0] = len(seqs)
-        if out.num_steps > 1 and mode != sampler.PLAIN:
-            raise ValueError("a multi-step decode needs the PLAIN sampler (scheduler bug)")
-        return seqs, self._run(batch, samp, mode=mode, broadcast=True, num_steps=out.num_steps)
+        return seqs, (out.num_steps, self._run(batch, samp, mode=mode, broadcast=True, num_steps=out.num_steps))
 
     def collect(self, handle: tuple) -> dict[str, SampleResult]:
         """Block until the step of `handle` is done; its sampled tokens by request id."""
-        seqs, result = handle
-        if len(result) == 3:  # multi-step: [K, S] tokens, logprobs, ranks
-            toks, lps, ranks = (a.T.tolist() for a in jax.device_get(result))
-            return {seq.request_id: [SampleResult(token=a, logprob=b, rank=c, top=[])
-                                     for a, b, c in zip(toks[i], lps[i], ranks[i])]
+        seqs, (num_steps, result) = handle
+        if num_steps > 1:  # [K, S, ...]: one SampleResult per iteration
+            hosts = [self._read_back(r) for r in zip(*(np.asarray(a) for a in jax.device_get(result)))]
+            return {seq.request_id: [self._result(h, i, seq) for h in hosts]
                     for i, seq in enumerate(seqs) if seq.sample}
         host = self._read_back(result)
         tokens, logprobs, ranks = host["tokens"].tolist(), host["logprob"].tolist(), host["rank"].tolist()
@@ -421,6 +432,13 @@ class ModelRunner:
                 outputs[seq.request_id] = SampleResult(token=tokens[i], logprob=logprobs[i], rank=ranks[i],
                                                        top=top)
         return outputs
+
+    @staticmethod
+    def _result(host: dict[str, np.ndarray], i: int, seq: Any) -> SampleResult:
+        top = (list(zip(host["top_ids"][i].tolist(), host["top_logprobs"][i].tolist()))
+               if seq.params.logprobs else [])
+        return SampleResult(token=int(host["tokens"][i]), logprob=float(host["logprob"][i]),
+                            rank=int(host["rank"][i]), top=top)
 
     # All per-step inputs travel as one int32 and one float32 buffer: one host-to-device copy each
     # instead of twenty small ones (each costs tens of microseconds of fixed overhead on a GPU).
@@ -475,17 +493,19 @@ class ModelRunner:
         if broadcast and self.channel is not None:
             from jaxengine.sharding import multihost
             if num_steps > 1:
-                self.channel.send(multihost.OP_MULTI_STEP, t, s, num_steps, ints, floats)
+                self.channel.send(multihost.OP_MULTI_STEP, t, s, num_steps * len(sampler.MODES) + mode,
+                                  ints, floats)
             else:
                 self.channel.send(multihost.OP_STEP, t, s, mode, ints, floats)
         if num_steps > 1:
-            return self._dispatch_multi_step(ints, floats, t, s, num_steps)
+            return self._dispatch_multi_step(ints, floats, t, s, num_steps, mode)
         return self._dispatch(ints, floats, t, s, mode)
 
-    def _dispatch_multi_step(self, ints: np.ndarray, floats: np.ndarray, t: int, s: int, num_steps: int):
+    def _dispatch_multi_step(self, ints: np.ndarray, floats: np.ndarray, t: int, s: int, num_steps: int,
+                             mode: int):
         ints_d, floats_d = self._put_inputs(ints, floats)
         self.kv_caches, self.penalty_state, out = self._multi_step(
-            self.params, self.kv_caches, self.penalty_state, ints_d, floats_d, (t, s), num_steps)
+            self.params, self.kv_caches, self.penalty_state, ints_d, floats_d, (t, s), num_steps, mode)
         return out
 
     def _dispatch_load_history(self, slot: int, tokens: np.ndarray, prompt_len: int) -> None:
