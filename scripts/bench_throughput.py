@@ -55,6 +55,9 @@ def main() -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
     ap.add_argument("--kv-cache-gib", type=float, default=20.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--num-scheduler-steps", type=int, default=1, help="multi-step decoding (K)")
+    ap.add_argument("--token-buckets", default=None,
+                    help="comma-separated token buckets (default: powers of two; see bucket_waste.py)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -71,7 +74,9 @@ def main() -> None:
         t0 = time.perf_counter()
         llm = LLM(d, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16", max_model_len=max_len,
                   max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                  kv_cache_memory_bytes=int(args.kv_cache_gib * 2**30), use_tqdm_on_load=False)
+                  kv_cache_memory_bytes=int(args.kv_cache_gib * 2**30), use_tqdm_on_load=False,
+                  num_scheduler_steps=args.num_scheduler_steps,
+                  token_buckets=[int(b) for b in args.token_buckets.split(",")] if args.token_buckets else None)
         startup_s = time.perf_counter() - t0
     log = StepLog(llm.runner)
     rng = np.random.default_rng(args.seed + 1)
@@ -96,7 +101,8 @@ def main() -> None:
               "output_tok_s": n_out / total_s, "num_steps": len(log.steps), "roofline_s": bound,
               "roofline_fraction": bound / total_s, "startup_s": startup_s, "ceilings": ceil,
               "preemptions": llm.engine.scheduler.num_preemptions,
-              "attention": llm.runner.attention_impl}
+              "attention": llm.runner.attention_impl, "num_scheduler_steps": args.num_scheduler_steps,
+              "token_buckets": list(llm.runner.buckets)}
     print(f"# {report['device']} jax {jax.__version__} {args.model} {args.dataset} x{args.num_prompts}: "
           f"{report['requests_per_s']:.2f} req/s, {report['total_tok_s']:.0f} total tok/s, "
           f"{report['output_tok_s']:.0f} output tok/s, roofline {100 * report['roofline_fraction']:.1f}% "

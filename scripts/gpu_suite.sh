@@ -11,7 +11,7 @@
 #   batches     8B 128/128 at batch 8, 32, 128, 256                                               ~3 min
 #   long        8B 1024/128 at 64 and 4096/256 at 8                                              ~4 min
 #   qwen3       Qwen3-8B shape, batch 1 and 64                                                    ~3 min
-#   throughput  bench_throughput, 8B, ShareGPT-like mix of 256 prompts                            ~4 min
+#   throughput  bench_throughput, 8B, ShareGPT-like mix of 256 prompts, default and finer buckets  ~8 min
 #   startup     8B cold and warm compilation cache                                                ~2 min
 #   attention   bench_attention --quick                                                           ~4 min
 #   hf-static   Hugging Face static-cache generate(), 8B batch 1 and 64 (long compile)            ~8 min
@@ -48,9 +48,12 @@ for part in "$@"; do
       lat long1024 --model llama-3.1-8b --batch 64 --input-len 1024 --output-len 128
       lat long4096 --model llama-3.1-8b --batch 8 --input-len 4096 --output-len 256 ;;
     qwen3) lat qwen3 --model qwen3-8b --batch 1 64 ;;
-    throughput)
-      timeout 560 python3 scripts/bench_throughput.py --model llama-3.1-8b --json "$OUT/throughput.json" \
-        > "$OUT/throughput.log" 2>&1; tail -6 "$OUT/throughput.log" ;;
+    throughput)  # default buckets, then the finer set bucket_waste.py suggests, then multi-step
+      timeout 280 python3 scripts/bench_throughput.py --model llama-3.1-8b --json "$OUT/throughput.json" \
+        > "$OUT/throughput.log" 2>&1; tail -2 "$OUT/throughput.log"
+      timeout 280 python3 scripts/bench_throughput.py --model llama-3.1-8b --json "$OUT/throughput_fine.json" \
+        --token-buckets 8,16,32,64,128,256,512,768,1024,1536,2048 > "$OUT/throughput_fine.log" 2>&1
+      tail -2 "$OUT/throughput_fine.log" ;;
     startup)
       timeout 560 python3 scripts/bench_startup.py --model llama-3.1-8b --json "$OUT/startup.json" \
         > "$OUT/startup.log" 2>&1; tail -3 "$OUT/startup.log" ;;
