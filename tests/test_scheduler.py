@@ -31,22 +31,30 @@ def run_to_completion(sched: Scheduler, rng: random.Random, vocab: int = 4, max_
         assert sum(len(s.token_ids) for s in out.seqs) == out.num_batched_tokens
         assert len(sched.running) <= sched.config.max_num_seqs
         assert len({s.request_id for s in out.seqs}) == len(out.seqs)
+        k = out.num_steps
+        if k > 1:  # multi-step: decodes only, one input token each
+            assert all(len(s.token_ids) == 1 and s.sample for s in out.seqs)
         for s in out.seqs:
             table = kv.tables[s.request_id]
-            assert len(table) * kv.page_size >= s.start_pos + len(s.token_ids), "pages cover the step"
+            assert len(table) * kv.page_size >= s.start_pos + len(s.token_ids) + k - 1, "pages cover the step"
+            assert s.page_table == table[:len(s.page_table)] and len(s.page_table) == len(table)
         kv.check_invariants(live_request_ids=sched.requests)
+
+        def sampled():
+            draw = (lambda: rng.randrange(vocab)) if k == 1 else (lambda: [rng.randrange(vocab) for _ in range(k)])
+            return {s.request_id: draw() for s in out.seqs if s.sample}
+
         if pipelined:
             if inflight is not None:
                 sched.update(*inflight)
-            inflight = (out, {s.request_id: rng.randrange(vocab) for s in out.seqs if s.sample}) \
-                if out.seqs else None
+            inflight = (out, sampled()) if out.seqs else None
         else:
-            sched.update(out, {s.request_id: rng.randrange(vocab) for s in out.seqs if s.sample})
+            sched.update(out, sampled())
         kv.check_invariants(live_request_ids=sched.requests)
     return steps
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=90, deadline=None)
 @given(
     seed=st.integers(0, 10_000),
     num_pages=st.integers(8, 40),
@@ -58,17 +66,19 @@ def run_to_completion(sched: Scheduler, rng: random.Random, vocab: int = 4, max_
     pipelined=st.booleans(),
     eos=st.booleans(),
     lengths=st.lists(st.tuples(st.integers(1, 30), st.integers(1, 12)), min_size=1, max_size=12),
+    num_scheduler_steps=st.sampled_from([1, 1, 3]),
 )
 def test_random_workloads_finish_within_budgets_and_return_every_page(
         seed, num_pages, page_size, budget, max_num_seqs, prefix_caching, chunked, pipelined, eos,
-        lengths):
+        lengths, num_scheduler_steps):
     max_model_len = 48
     if num_pages * page_size < max_model_len:
         num_pages = -(-max_model_len // page_size)
     if not chunked:
         budget = max(budget, max_model_len)
     cfg = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget,
-                          max_model_len=max_model_len, enable_chunked_prefill=chunked)
+                          max_model_len=max_model_len, enable_chunked_prefill=chunked,
+                          num_scheduler_steps=num_scheduler_steps)
     kv = KVCacheManager(num_pages, page_size, prefix_caching)
     sched = Scheduler(cfg, kv)
     rng = random.Random(seed)
