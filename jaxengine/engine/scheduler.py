@@ -246,9 +246,15 @@ class Scheduler:
         if not seqs or not all(len(s.token_ids) == 1 and s.sample and self._room(r) >= k - 1
                                for s, r in zip(seqs, reqs)):
             return 1
-        for req in reqs:  # pages for the K positions; a failure leaves the step single
+        # pages for the K positions of every request, all or none (a partial allocation would
+        # hold pages that this single step does not use)
+        need = sum(max(0, self.kv.pages_needed(r.num_computed_tokens + k - 1) - len(self.kv.tables[r.request_id]))
+                   for r in reqs)
+        if need > self.kv.num_free_pages:
+            return 1
+        for req in reqs:
             if not self.kv.allocate(req.request_id, req.num_computed_tokens + k - 1):
-                return 1
+                raise RuntimeError("KV pages counted free could not be allocated")  # a bug, not a state
         for seq, req in zip(seqs, reqs):
             req.num_computed_tokens += k - 1
             req.num_pending += k - 1
