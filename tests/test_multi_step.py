@@ -3,10 +3,10 @@ exactly what K single steps give, stop where they stop, and leak nothing."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from conftest import SMALL_ENGINE
+from test_engine import make_prompts
 from jaxengine import LLM, SamplingParams
 from jaxengine.config import SchedulerConfig
 from jaxengine.engine.kv_cache_manager import KVCacheManager
@@ -16,12 +16,7 @@ from jaxengine.engine.scheduler import Scheduler
 K = 4
 
 
-def make_prompts(n: int, seed: int = 0) -> list[dict]:
-    rng = np.random.default_rng(seed)
-    return [{"prompt_token_ids": rng.integers(3, 200, rng.integers(1, 40)).tolist()} for _ in range(n)]
-
-
-PROMPTS = make_prompts(12)
+PROMPTS = make_prompts(12, max_len=39)
 
 
 @pytest.fixture(scope="module")

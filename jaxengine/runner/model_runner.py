@@ -137,11 +137,31 @@ class ModelRunner:
                 logits = jax.lax.with_sharding_constraint(logits, repl)
             return logits
 
+        def input_ids(batch, last_tokens):  # pending inputs (asynchronous scheduling) from the device
+            pending = batch["input_slot"] >= 0
+            return jnp.where(pending, last_tokens[jnp.maximum(batch["input_slot"], 0)], batch["input_ids"])
+
+        def sample_and_count(logits, penalty_state, samp, full):
+            out = sampler.sample(logits, penalty_state, samp, self.num_logprobs, full=full)
+            if full:
+                penalty_state = sampler.count_sampled(penalty_state, samp["penalty_slot"], out["tokens"],
+                                                      samp["count_sampled"])
+            return penalty_state, out
+
+        def store_last_tokens(penalty_state, samp, tokens):
+            store = jnp.where(samp["store_token"], samp["penalty_slot"], self.num_slots)
+            return {**penalty_state,
+                    "last_tokens": penalty_state["last_tokens"].at[store].set(tokens, mode="drop")}
+
+        def pack_samples(out):
+            # two read-backs instead of five: ints [..., S, 2 + K] and floats [..., S, 1 + K]
+            out_ints = jnp.concatenate([out["tokens"][..., None], out["rank"][..., None], out["top_ids"]], -1)
+            out_floats = jnp.concatenate([out["logprob"][..., None], out["top_logprobs"]], -1)
+            return out_ints, out_floats
+
         def forward(params, kv_caches, last_tokens, ints, floats, bucket):
             batch, _ = self._unpack(ints, floats, self._layout(*bucket))
-            pending = batch["input_slot"] >= 0
-            batch["input_ids"] = jnp.where(pending, last_tokens[jnp.maximum(batch["input_slot"], 0)],
-                                           batch["input_ids"])
+            batch["input_ids"] = input_ids(batch, last_tokens)
             matmul = fused if bucket[0] <= self.fused_max_tokens else None
             logits, kv_caches = model.forward(params, m, batch, kv_caches, attention, matmul=matmul)
             logits = gather_logits(logits)
@@ -152,18 +172,8 @@ class ModelRunner:
 
         def sample(logits, penalty_state, ints, floats, seqs, mode):
             _, samp = self._unpack(ints, floats, self._layout(seqs))
-            full = mode == sampler.FULL
-            out = sampler.sample(logits, penalty_state, samp, self.num_logprobs, full=full)
-            if full:
-                penalty_state = sampler.count_sampled(penalty_state, samp["penalty_slot"], out["tokens"],
-                                                      samp["count_sampled"])
-            store = jnp.where(samp["store_token"], samp["penalty_slot"], self.num_slots)
-            penalty_state = {**penalty_state,
-                             "last_tokens": penalty_state["last_tokens"].at[store].set(out["tokens"], mode="drop")}
-            # two read-backs instead of five: ints [S, 2 + K] and floats [S, 1 + K]
-            out_ints = jnp.concatenate([out["tokens"][:, None], out["rank"][:, None], out["top_ids"]], axis=1)
-            out_floats = jnp.concatenate([out["logprob"][:, None], out["top_logprobs"]], axis=1)
-            return penalty_state, (out_ints, out_floats)
+            penalty_state, out = sample_and_count(logits, penalty_state, samp, mode == sampler.FULL)
+            return store_last_tokens(penalty_state, samp, out["tokens"]), pack_samples(out)
 
         ps = self.page_size
         oob = num_pages * ps
@@ -177,9 +187,7 @@ class ModelRunner:
             batch, samp = self._unpack(ints, floats, self._layout(*bucket))
             t, s = bucket
             full = mode == sampler.FULL
-            last = penalty_state["last_tokens"]
-            pending = batch["input_slot"] >= 0
-            ids = jnp.where(pending, last[jnp.maximum(batch["input_slot"], 0)], batch["input_ids"])
+            ids = input_ids(batch, penalty_state["last_tokens"])
             row = jnp.arange(t)
             real = row < batch["num_seqs"][0]
             seq_of_row = jnp.minimum(row, s - 1)
@@ -197,11 +205,8 @@ class ModelRunner:
                         "kv_lens": batch["kv_lens"] + jnp.where(seq_real, i, 0)}
                 logits, kv_caches = model.forward(params, m, step, kv_caches, attention)
                 logits = gather_logits(logits)
-                out = sampler.sample(logits, penalty_state, {**samp, "rng_pos": samp["rng_pos"] + i},
-                                     n_top, full=full)
-                if full:
-                    penalty_state = sampler.count_sampled(penalty_state, samp["penalty_slot"], out["tokens"],
-                                                          samp["count_sampled"])
+                penalty_state, out = sample_and_count(logits, penalty_state,
+                                                      {**samp, "rng_pos": samp["rng_pos"] + i}, full)
                 outs = {name: outs[name].at[i].set(out[name]) for name in outs}
                 return kv_caches, penalty_state, out["tokens"][seq_of_row], outs
 
@@ -210,14 +215,7 @@ class ModelRunner:
                     "top_logprobs": jnp.zeros((k, s, n_top), jnp.float32)}
             kv_caches, penalty_state, _, outs = jax.lax.fori_loop(
                 0, k, body, (kv_caches, penalty_state, ids, outs))
-            store = jnp.where(samp["store_token"], samp["penalty_slot"], self.num_slots)
-            penalty_state = {**penalty_state,
-                             "last_tokens": penalty_state["last_tokens"].at[store].set(outs["tokens"][k - 1],
-                                                                                      mode="drop")}
-            # two read-backs: ints [K, S, 2 + n] and floats [K, S, 1 + n], as `sample` packs them
-            out_ints = jnp.concatenate([outs["tokens"][..., None], outs["rank"][..., None], outs["top_ids"]], -1)
-            out_floats = jnp.concatenate([outs["logprob"][..., None], outs["top_logprobs"]], -1)
-            return kv_caches, penalty_state, (out_ints, out_floats)
+            return kv_caches, store_last_tokens(penalty_state, samp, outs["tokens"][k - 1]), pack_samples(outs)
 
         self._multi_step = None
         if cfg.scheduler.num_scheduler_steps > 1:
