@@ -7,6 +7,7 @@
 # transformers), writes JSON and logs under $OUT (default ./gpu_out) and prints a summary per part.
 # Parts, with their rough wall time on an H100:
 #   check       compiled kernel and engine tests (attention, fused matmul, multi-step, fused parity)  ~2 min
+#   forward     decode forward program alone, 8B and 1B at batch 1 and 64, with kernel tables + HLO ~3 min
 #   multistep   1B and 8B, batch 1 and 64, num_scheduler_steps 1 vs 8 (4 engine starts)         ~6 min
 #   batches     8B 128/128 at batch 8, 32, 128, 256                                               ~3 min
 #   long        8B 1024/128 at 64 and 4096/256 at 8                                              ~4 min
@@ -39,6 +40,10 @@ for part in "$@"; do
       (cd tests && timeout 300 python3 -m pytest -q test_ragged_paged_attention.py test_fused_matmul.py \
         test_multi_step.py "test_parity.py::test_fused_matmul_greedy_decode_matches_transformers" \
         --tb=short 2>&1 | grep -E "^E |passed|failed" | head -20) ;;
+    forward)
+      timeout 500 python3 scripts/bench_forward.py --model llama-3.1-8b llama-3.2-1b --batch 1 64 \
+        --profile-dir /tmp/prof --hlo-dir "$OUT/hlo" --json "$OUT/forward.json" > "$OUT/forward.log" 2>&1
+      grep -v "it/s" "$OUT/forward.log" | tail -130 ;;
     multistep)
       for k in 1 8; do
         lat "latency_k$k" --model llama-3.2-1b llama-3.1-8b --batch 1 64 --num-scheduler-steps $k

@@ -108,3 +108,45 @@ def test_bucket_waste_measures_the_schedulers_real_steps():
     finer = bw.evaluate(sizes, [8, 16, 32, 64, 128, 256, 384, 512])
     assert pow2["padding_rows_pct"] >= finer["padding_rows_pct"] >= 0
     assert bw.evaluate(sizes, sorted(set(sizes)))["padding_rows_pct"] == 0
+
+
+def test_bench_forward_times_a_decode_step_and_reads_kernels_from_a_trace(tmp_path):
+    """bench_forward's decode batch is the engine's layout (each request's new slot in its own pages),
+    its floor is below the measured step, and its trace reader counts the stream lines only."""
+    import gzip
+    import subprocess
+
+    import bench_forward as bf
+
+    b = bf.decode_batch(batch=3, context=20, page_size=8, pages_per_seq=3)
+    for i in range(3):
+        page, off = divmod(int(b["slot_mapping"][i]), 8)
+        assert page == b["page_indices"][i][20 // 8] and off == 20 % 8 and page != 0
+    assert list(b["kv_lens"]) == [21] * 3 and list(b["cu_q_lens"]) == [0, 1, 2, 3]
+    out = tmp_path / "f.json"
+    here = os.path.dirname(os.path.abspath(__file__))
+    subprocess.run([sys.executable, os.path.join(here, "..", "scripts", "bench_forward.py"), "--model", "tiny",
+                    "--batch", "1", "4", "--context", "20", "--iters", "3", "--json", str(out)], check=True,
+                   capture_output=True)
+    runs = json.load(open(out))["runs"]
+    assert [r["batch"] for r in runs] == [1, 4]
+    assert all(0 < r["floor_ms"] < r["step_ms"] for r in runs)
+    assert runs[1]["bytes_per_step"] > runs[0]["bytes_per_step"]  # three more requests' KV
+    # A GPU trace: one device with a stream line and a derived "XLA Ops" line repeating its time
+    events = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+              {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}},
+              {"ph": "M", "name": "thread_name", "pid": 1, "tid": 5, "args": {"name": "Stream #13(Compute)"}},
+              {"ph": "M", "name": "thread_name", "pid": 1, "tid": 6, "args": {"name": "XLA Ops"}}]
+    for _ in range(2):  # two steps
+        events += [{"ph": "X", "pid": 1, "tid": 5, "name": "gemm", "dur": 10.0},
+                   {"ph": "X", "pid": 1, "tid": 5, "name": "gemm", "dur": 6.0},
+                   {"ph": "X", "pid": 1, "tid": 5, "name": "fusion", "dur": 2.0},
+                   {"ph": "X", "pid": 1, "tid": 6, "name": "dot.1", "dur": 16.0},
+                   {"ph": "X", "pid": 2, "tid": 1, "name": "python", "dur": 99.0}]
+    d = tmp_path / "trace" / "plugins" / "profile" / "x"
+    d.mkdir(parents=True)
+    with gzip.open(d / "perfetto_trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    rows = bf.kernel_table(str(tmp_path / "trace"), steps=2)
+    assert rows == [{"kernel": "gemm", "count_per_step": 2.0, "us_per_step": 16.0},
+                    {"kernel": "fusion", "count_per_step": 1.0, "us_per_step": 2.0}]

@@ -1,0 +1,181 @@
+"""GPU time of the decode forward program alone (no scheduler, no sampler, no host work), with the
+weight-read floor and, on request, a kernel-by-kernel breakdown from a jax.profiler trace.
+
+    python scripts/bench_forward.py --model llama-3.1-8b llama-3.2-1b --batch 1 64 --context 256 \
+        --profile-dir /tmp/prof --hlo-dir /tmp/hlo --json out.json
+
+What it runs is the program the engine runs for a decode-only step of `batch` requests (token
+bucket = batch), each with `context` tokens already in the paged cache: models.<family>.forward
+with the engine's attention kernel, params and KV pages donated like the runner does.  The
+iterations are dispatched back to back (each depends on the last through the KV pages) and timed
+together, so the figure is device time per step.  The floor is max(weights + KV bytes read +
+KV bytes written) / copy bandwidth, FLOPs / matmul rate), both ceilings measured in the same run
+(bench_latency.measure_ceilings).
+
+--profile-dir traces a few more iterations and prints the kernels that ran, grouped by name, in
+microseconds per step (from the Perfetto JSON jax.profiler writes); --hlo-dir writes the optimised
+HLO of each program.  --layout picks the params layout (models.llama.LAYOUTS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import math
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_latency import SHAPES, measure_ceilings  # noqa: E402
+
+
+def decode_batch(batch: int, context: int, page_size: int, pages_per_seq: int) -> dict[str, np.ndarray]:
+    """One decode token per request; request i owns pages [1 + i * pages_per_seq, ...) (page 0 spare)."""
+    rows = 1 + np.arange(batch)[:, None] * pages_per_seq + np.arange(pages_per_seq)[None, :]
+    pos = np.full(batch, context, np.int32)
+    slot = rows[np.arange(batch), context // page_size] * page_size + context % page_size
+    return {"input_ids": (np.arange(batch, dtype=np.int32) * 7919) % 1000,
+            "positions": pos, "slot_mapping": slot.astype(np.int32),
+            "kv_lens": pos + 1, "page_indices": rows.astype(np.int32),
+            "cu_q_lens": np.arange(batch + 1, dtype=np.int32),
+            "num_seqs": np.array([batch], np.int32),
+            "logits_indices": np.arange(batch, dtype=np.int32)}
+
+
+def step_cost(cfg, params_bytes: int, batch: int, context: int) -> tuple[float, float]:
+    """(bytes that must move, FLOPs) of one decode step."""
+    kv_token = 2 * cfg.num_kv_heads * cfg.head_dim * np.dtype(cfg.dtype).itemsize * cfg.num_layers
+    moved = params_bytes + batch * ((context + 1) * kv_token + kv_token)  # weights, KV read, KV written
+    flops = 2 * batch * (params_bytes / np.dtype(cfg.dtype).itemsize)  # every weight once per token
+    flops += 4 * batch * context * cfg.num_heads * cfg.head_dim * cfg.num_layers  # q.k and p.v
+    return float(moved), float(flops)
+
+
+def kernel_table(trace_dir: str, steps: int) -> list[dict]:
+    """Device kernels of the trace, by name: count and microseconds per step."""
+    files = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)
+    files += glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
+    if not files:
+        return []
+    with gzip.open(sorted(files)[-1], "rt") as f:
+        data = json.load(f)
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    procs = {e["pid"]: e.get("args", {}).get("name", "") for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    threads = {(e["pid"], e["tid"]): e.get("args", {}).get("name", "") for e in events
+               if e.get("ph") == "M" and e.get("name") == "thread_name"}
+    device = {pid for pid, name in procs.items() if "gpu" in name.lower() or "/device:" in name.lower()}
+    # A device has one line per CUDA stream plus derived lines (XLA Modules / XLA Ops) that repeat
+    # the same time: count the stream lines only, where there are any.
+    streams = {key for key, name in threads.items() if key[0] in device and "stream" in name.lower()}
+    print(f"  trace lines: {sorted(set(n for k, n in threads.items() if k[0] in device))[:12]}")
+    totals: dict[str, list[float]] = collections.defaultdict(lambda: [0, 0.0])
+    for e in events:
+        if e.get("ph") != "X" or e.get("pid") not in device or "dur" not in e:
+            continue
+        if streams and (e["pid"], e.get("tid")) not in streams:
+            continue
+        t = totals[e["name"]]
+        t[0] += 1
+        t[1] += float(e["dur"])
+    rows = [{"kernel": k, "count_per_step": c / steps, "us_per_step": d / steps} for k, (c, d) in totals.items()]
+    rows.sort(key=lambda r: -r["us_per_step"])
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", nargs="+", default=["llama-3.1-8b"], choices=sorted(SHAPES))
+    ap.add_argument("--batch", nargs="+", type=int, default=[1, 64])
+    ap.add_argument("--context", type=int, default=256, help="tokens already cached per request")
+    ap.add_argument("--page-size", type=int, default=16)
+    ap.add_argument("--iters", type=int, default=50)
+    ap.add_argument("--layout", default="hf", help="params layout (models.llama.LAYOUTS)")
+    ap.add_argument("--attention", default="auto")
+    ap.add_argument("--profile-dir", default=None)
+    ap.add_argument("--hlo-dir", default=None)
+    ap.add_argument("--top", type=int, default=25, help="kernels listed per profile")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+
+    import jax
+    import jax.numpy as jnp
+
+    from jaxengine.config import ModelConfig
+    from jaxengine.models import get_model
+    from jaxengine.pallas_kernels.ragged_paged_attention import get_attention
+
+    ceil = measure_ceilings()
+    dev = jax.devices()[0]
+    report = {"device": dev.device_kind, "platform": jax.default_backend(), "jax": jax.__version__,
+              "python": platform.python_version(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+              "layout": args.layout, "context": args.context, "ceilings": ceil, "runs": []}
+    print(f"device {dev.device_kind}, jax {jax.__version__}, copy {ceil['copy_bytes_per_s'] / 1e12:.2f} TB/s, "
+          f"matmul {ceil['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s, layout {args.layout}, "
+          f"XLA_FLAGS={report['xla_flags']!r}")
+    print("| model | batch | context | ms / step | floor ms | of floor | weights GB/s |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    attention = get_attention(args.attention)
+    for name in args.model:
+        cfg = ModelConfig.from_hf_config(SHAPES[name], dtype="bfloat16")
+        model = get_model(cfg.architecture)
+        params = model.init_params(cfg, jax.random.PRNGKey(0))
+        params_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(params))
+        if args.layout != "hf":
+            params = model.convert_layout(params, cfg, args.layout)
+        for batch in args.batch:
+            pages_per_seq = math.ceil((args.context + 1) / args.page_size)
+            shape = (1 + batch * pages_per_seq, args.page_size, 2 * cfg.num_kv_heads, cfg.head_dim)
+            kv = [jnp.zeros(shape, cfg.dtype) for _ in range(cfg.num_layers)]
+            inputs = jax.device_put(decode_batch(batch, args.context, args.page_size, pages_per_seq))
+            step = jax.jit(lambda p, kv, b: model.forward(p, cfg, b, kv, attention), donate_argnums=(1,))
+            compiled = step.lower(params, kv, inputs).compile()
+            if args.hlo_dir:
+                os.makedirs(args.hlo_dir, exist_ok=True)
+                with open(os.path.join(args.hlo_dir, f"{name}-b{batch}-{args.layout}.txt"), "w") as f:
+                    f.write(compiled.as_text())
+            for _ in range(3):
+                logits, kv = compiled(params, kv, inputs)
+            jax.block_until_ready(logits)
+            t = time.perf_counter()
+            for _ in range(args.iters):
+                logits, kv = compiled(params, kv, inputs)
+            jax.block_until_ready(logits)
+            step_s = (time.perf_counter() - t) / args.iters
+            moved, flops = step_cost(cfg, params_bytes, batch, args.context)
+            floor_s = max(moved / ceil["copy_bytes_per_s"], flops / ceil["matmul_flops_per_s"])
+            run = {"model": name, "batch": batch, "step_ms": step_s * 1e3, "floor_ms": floor_s * 1e3,
+                   "fraction_of_floor": floor_s / step_s, "bytes_per_step": moved, "flops_per_step": flops,
+                   "params_bytes": params_bytes}
+            print(f"| {name} | {batch} | {args.context} | {step_s * 1e3:.3f} | {floor_s * 1e3:.3f} | "
+                  f"{100 * floor_s / step_s:.1f}% | {params_bytes / step_s / 1e9:.0f} |", flush=True)
+            if args.profile_dir:
+                d = os.path.join(args.profile_dir, f"{name}-b{batch}-{args.layout}")
+                steps = 10
+                with jax.profiler.trace(d, create_perfetto_trace=True):
+                    for _ in range(steps):
+                        logits, kv = compiled(params, kv, inputs)
+                    jax.block_until_ready(logits)
+                rows = kernel_table(d, steps)
+                run["kernels"] = rows
+                total = sum(r["us_per_step"] for r in rows)
+                print(f"  kernels of {name} b{batch}: {len(rows)} names, "
+                      f"{sum(r['count_per_step'] for r in rows):.0f} launches and {total:.0f} us a step")
+                for r in rows[:args.top]:
+                    print(f"    {r['us_per_step']:9.1f} us  x{r['count_per_step']:5.1f}  {r['kernel'][:110]}")
+            report["runs"].append(run)
+            del kv, inputs, compiled
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
