@@ -36,17 +36,33 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_latency import SHAPES, measure_ceilings  # noqa: E402
 
 
-def decode_batch(batch: int, context: int, page_size: int, pages_per_seq: int) -> dict[str, np.ndarray]:
-    """One decode token per request; request i owns pages [1 + i * pages_per_seq, ...) (page 0 spare)."""
+def decode_batch(batch: int, context: int, page_size: int, pages_per_seq: int, num_pages: int,
+                 tokens: int | None = None, seqs: int | None = None) -> dict[str, np.ndarray]:
+    """One decode token per request, padded like the runner pads: `tokens` rows (the token bucket)
+    and `seqs` request rows, padding tokens writing to an out-of-range slot (dropped).  Request i
+    owns pages [1 + i * pages_per_seq, ...) (page 0 spare)."""
+    tokens, seqs = tokens or batch, seqs or batch
     rows = 1 + np.arange(batch)[:, None] * pages_per_seq + np.arange(pages_per_seq)[None, :]
-    pos = np.full(batch, context, np.int32)
-    slot = rows[np.arange(batch), context // page_size] * page_size + context % page_size
-    return {"input_ids": (np.arange(batch, dtype=np.int32) * 7919) % 1000,
-            "positions": pos, "slot_mapping": slot.astype(np.int32),
-            "kv_lens": pos + 1, "page_indices": rows.astype(np.int32),
-            "cu_q_lens": np.arange(batch + 1, dtype=np.int32),
-            "num_seqs": np.array([batch], np.int32),
-            "logits_indices": np.arange(batch, dtype=np.int32)}
+    b = {"input_ids": np.zeros(tokens, np.int32), "positions": np.zeros(tokens, np.int32),
+         "slot_mapping": np.full(tokens, num_pages * page_size, np.int32),
+         "kv_lens": np.zeros(seqs, np.int32), "page_indices": np.zeros((seqs, pages_per_seq), np.int32),
+         "cu_q_lens": np.full(seqs + 1, batch, np.int32), "num_seqs": np.array([batch], np.int32),
+         "logits_indices": np.zeros(seqs, np.int32)}
+    b["input_ids"][:batch] = (np.arange(batch) * 7919) % 1000
+    b["positions"][:batch] = context
+    b["slot_mapping"][:batch] = rows[:, context // page_size] * page_size + context % page_size
+    b["kv_lens"][:batch] = context + 1
+    b["page_indices"][:batch] = rows
+    b["cu_q_lens"][:batch + 1] = np.arange(batch + 1)
+    b["logits_indices"][:batch] = np.arange(batch)
+    return b
+
+
+def engine_buckets(batch: int, min_token_bucket: int = 8) -> tuple[int, int]:
+    """(token bucket, request bucket) the runner uses for a decode step of `batch` requests with the
+    default buckets: powers of two from min_token_bucket; requests padded to a multiple of 8."""
+    t = max(min_token_bucket, 1 << (batch - 1).bit_length())
+    return t, min(-(-batch // 8) * 8, t)
 
 
 def step_cost(cfg, params_bytes: int, batch: int, context: int) -> tuple[float, float]:
@@ -96,6 +112,8 @@ def main() -> None:
     ap.add_argument("--batch", nargs="+", type=int, default=[1, 64])
     ap.add_argument("--context", type=int, default=256, help="tokens already cached per request")
     ap.add_argument("--page-size", type=int, default=16)
+    ap.add_argument("--min-token-bucket", type=int, default=8,
+                    help="smallest token bucket (the runner's default 8: batch 1 runs an 8-row program)")
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--layout", default="hf", help="params layout (models.llama.LAYOUTS)")
     ap.add_argument("--attention", default="auto")
@@ -132,9 +150,12 @@ def main() -> None:
             params = model.convert_layout(params, cfg, args.layout)
         for batch in args.batch:
             pages_per_seq = math.ceil((args.context + 1) / args.page_size)
-            shape = (1 + batch * pages_per_seq, args.page_size, 2 * cfg.num_kv_heads, cfg.head_dim)
+            num_pages = 1 + batch * pages_per_seq
+            shape = (num_pages, args.page_size, 2 * cfg.num_kv_heads, cfg.head_dim)
             kv = [jnp.zeros(shape, cfg.dtype) for _ in range(cfg.num_layers)]
-            inputs = jax.device_put(decode_batch(batch, args.context, args.page_size, pages_per_seq))
+            tokens, seqs = engine_buckets(batch, args.min_token_bucket)
+            inputs = jax.device_put(decode_batch(batch, args.context, args.page_size, pages_per_seq,
+                                                 num_pages, tokens, seqs))
             step = jax.jit(lambda p, kv, b: model.forward(p, cfg, b, kv, attention), donate_argnums=(1,))
             compiled = step.lower(params, kv, inputs).compile()
             if args.hlo_dir:
@@ -151,7 +172,7 @@ def main() -> None:
             step_s = (time.perf_counter() - t) / args.iters
             moved, flops = step_cost(cfg, params_bytes, batch, args.context)
             floor_s = max(moved / ceil["copy_bytes_per_s"], flops / ceil["matmul_flops_per_s"])
-            run = {"model": name, "batch": batch, "step_ms": step_s * 1e3, "floor_ms": floor_s * 1e3,
+            run = {"model": name, "batch": batch, "token_bucket": tokens, "step_ms": step_s * 1e3, "floor_ms": floor_s * 1e3,
                    "fraction_of_floor": floor_s / step_s, "bytes_per_step": moved, "flops_per_step": flops,
                    "params_bytes": params_bytes}
             print(f"| {name} | {batch} | {args.context} | {step_s * 1e3:.3f} | {floor_s * 1e3:.3f} | "

@@ -118,11 +118,13 @@ def test_bench_forward_times_a_decode_step_and_reads_kernels_from_a_trace(tmp_pa
 
     import bench_forward as bf
 
-    b = bf.decode_batch(batch=3, context=20, page_size=8, pages_per_seq=3)
+    assert bf.engine_buckets(1) == (8, 8) and bf.engine_buckets(3) == (8, 8) and bf.engine_buckets(64) == (64, 64)
+    b = bf.decode_batch(batch=3, context=20, page_size=8, pages_per_seq=3, num_pages=10, tokens=8, seqs=8)
     for i in range(3):
         page, off = divmod(int(b["slot_mapping"][i]), 8)
         assert page == b["page_indices"][i][20 // 8] and off == 20 % 8 and page != 0
-    assert list(b["kv_lens"]) == [21] * 3 and list(b["cu_q_lens"]) == [0, 1, 2, 3]
+    assert list(b["slot_mapping"][3:]) == [80] * 5  # padding rows: out of range, dropped
+    assert list(b["kv_lens"]) == [21] * 3 + [0] * 5 and list(b["cu_q_lens"]) == [0, 1, 2, 3] + [3] * 5
     out = tmp_path / "f.json"
     here = os.path.dirname(os.path.abspath(__file__))
     subprocess.run([sys.executable, os.path.join(here, "..", "scripts", "bench_forward.py"), "--model", "tiny",
