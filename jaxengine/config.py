@@ -179,12 +179,22 @@ class RunnerConfig:
         default_factory=lambda: os.environ.get("JAXENGINE_MATMUL", "auto"))
     # Token buckets up to this size use the fused matmuls; larger ones XLA's GEMMs.
     fused_matmul_max_tokens: int = 64
+    # Params layout on the device (models.llama.LAYOUTS): "hf" (the checkpoint's tensors), "fused"
+    # (q/k/v and gate/up each one tensor: one GEMM apiece), "auto" = fused, or hf where the
+    # fused-matmul kernels run (they take the hf layout).
+    param_layout: str = dataclasses.field(
+        default_factory=lambda: os.environ.get("JAXENGINE_PARAM_LAYOUT", "auto"))
 
     def __post_init__(self):
         _check(self.attention_impl in ("auto", "reference", "gpu", "tpu"),
                f"attention_impl must be one of auto, reference, gpu, tpu; got {self.attention_impl!r}")
         _check(self.matmul_impl in ("auto", "reference", "gpu"),
                f"matmul_impl must be one of auto, reference, gpu; got {self.matmul_impl!r}")
+        _check(self.param_layout in ("auto", "hf", "fused"),
+               f"param_layout must be one of auto, hf, fused; got {self.param_layout!r}")
+        _check(not (self.param_layout == "fused" and self.matmul_impl == "gpu"),
+               "param_layout='fused' cannot run with matmul_impl='gpu' (the fused-matmul kernels take "
+               "the hf layout)")
         _check(self.fused_matmul_max_tokens >= 0,
                f"fused_matmul_max_tokens must be >= 0, got {self.fused_matmul_max_tokens}")
 

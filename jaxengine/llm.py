@@ -47,7 +47,8 @@ class LLM:
                  data_parallel_size: int = 1, compilation_cache_dir: str | None = None,
                  attention_impl: str = "auto", token_buckets: Sequence[int] | None = None,
                  warmup: bool = True, use_tqdm_on_load: bool = True, load_format: str = "auto",
-                 async_scheduling: bool = True, matmul_impl: str = "auto", num_scheduler_steps: int = 1):
+                 async_scheduling: bool = True, matmul_impl: str = "auto", num_scheduler_steps: int = 1,
+                 param_layout: str | None = None):
         import jax
 
         from jaxengine import models
@@ -55,6 +56,7 @@ class LLM:
         from jaxengine.engine.kv_cache_manager import KVCacheManager
         from jaxengine.loader import checkpoint as ckpt
         from jaxengine.runner.model_runner import ModelRunner, kv_bytes_per_page, kv_cache_budget_bytes
+        from jaxengine.runner.model_runner import param_layout as param_layout_for
         from jaxengine.sharding import multihost
 
         # Multi-host: no-op unless JAXENGINE_COORDINATOR_ADDRESS / JAXENGINE_MULTIHOST=1 ask for it
@@ -111,7 +113,8 @@ class LLM:
             token_buckets=tuple(token_buckets) if token_buckets else None,
             compilation_cache_dir=(default_compilation_cache_dir() if compilation_cache_dir is None
                                    else compilation_cache_dir),
-            attention_impl=attention_impl, matmul_impl=matmul_impl, warmup=warmup)
+            attention_impl=attention_impl, matmul_impl=matmul_impl, warmup=warmup,
+            **({"param_layout": param_layout} if param_layout is not None else {}))
         _enable_compilation_cache(runner_cfg.compilation_cache_dir)
 
         from jaxengine.loader import orbax_ckpt
@@ -128,6 +131,12 @@ class LLM:
                                       progress=use_tqdm_on_load)
         else:
             raise ValueError(f"load_format must be 'auto' or 'dummy', got {load_format!r}")
+
+        # The layout the step runs (models.llama.LAYOUTS), converted layer by layer on the device.
+        if param_layout_for(runner_cfg, module, model_cfg, mesh) == "fused":
+            from jaxengine import sharding
+            run_cfg = model_cfg if mesh is None else sharding.sharded_model_config(model_cfg, tensor_parallel_size)
+            params = sharding.map_layers(params, functools.partial(module.fuse_layer_weights, cfg=run_cfg), mesh)
 
         # Size the page pool now that the weights are on the device.
         probe = EngineConfig(model, model_cfg, cache_cfg, SchedulerConfig(), ParallelConfig(), runner_cfg)

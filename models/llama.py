@@ -8,6 +8,15 @@ names ("model.layers.3.self_attn.q_proj.weight" is params["model"]["layers"]["3"
 forward(params, cfg, batch, kv_caches, attention) runs one ragged step: the flat tokens of every
 scheduled request, writing their K/V into the paged cache and returning logits only at the rows
 the sampler needs (batch["logits_indices"]).
+
+Two params layouts run through the same forward (LAYOUTS): "hf", the checkpoint's tensors as
+they are, and "fused", where each layer's q/k/v projections are one tensor "qkv_proj"
+[num_kv_heads, group + 2, head_dim, hidden] (per kv head: its group of q heads, then k, then v)
+and gate/up one tensor "gate_up_proj" [2, intermediate, hidden].  fuse_layer_weights makes the
+second from the first.  One GEMM per group instead of three and two: at decode XLA otherwise
+runs k/v as a reduction kernel beside the q GEMM and reads the RMSNorm output twice (H100 8B
+batch 1: 19 kernels a layer).  Both layouts split by kv head / intermediate column under tensor
+parallelism (sharding/rules.py).
 """
 
 from __future__ import annotations
@@ -71,6 +80,33 @@ def init_params(cfg: ModelConfig, key: jax.Array, scale: float = 0.02) -> Params
     return unflatten(flat)
 
 
+LAYOUTS = ("hf", "fused")
+
+
+def fuse_layer_weights(layer: Params, cfg: ModelConfig) -> Params:
+    """One layer's params from the "hf" layout to the "fused" layout (jittable, pure)."""
+    a, mlp = layer["self_attn"], layer["mlp"]
+    n, d = cfg.num_kv_heads, cfg.head_dim
+    g = cfg.num_heads // n
+
+    def heads(name: str, kind: str, per: int) -> jax.Array:
+        w = a[name][kind]
+        return w.reshape((n, per, d) + w.shape[1:])
+
+    attn = {k: v for k, v in a.items() if k not in ("q_proj", "k_proj", "v_proj")}
+    attn["qkv_proj"] = {kind: jnp.concatenate([heads("q_proj", kind, g), heads("k_proj", kind, 1),
+                                               heads("v_proj", kind, 1)], axis=1)
+                        for kind in a["q_proj"]}  # weight, and bias where the model has one
+    ff = {k: v for k, v in mlp.items() if k not in ("gate_proj", "up_proj")}
+    ff["gate_up_proj"] = {kind: jnp.stack([mlp["gate_proj"][kind], mlp["up_proj"][kind]])
+                          for kind in mlp["gate_proj"]}
+    return {**layer, "self_attn": attn, "mlp": ff}
+
+
+def layout_of(params: Params) -> str:
+    return "fused" if "qkv_proj" in params["model"]["layers"]["0"]["self_attn"] else "hf"
+
+
 def unflatten(flat: dict[str, Any]) -> Params:
     tree: Params = {}
     for name, value in flat.items():
@@ -132,9 +168,17 @@ def attention_block(p: Params, cfg: ModelConfig, x: jax.Array, cos: jax.Array, s
                     kv_pages: jax.Array, batch: dict[str, jax.Array],
                     attention: Callable[..., jax.Array]) -> tuple[jax.Array, jax.Array]:
     t = x.shape[0]
-    q = linear(x, p["q_proj"]).reshape(t, cfg.num_heads, cfg.head_dim)  # [num_tokens, num_q_heads, head_dim]
-    k = linear(x, p["k_proj"]).reshape(t, cfg.num_kv_heads, cfg.head_dim)
-    v = linear(x, p["v_proj"]).reshape(t, cfg.num_kv_heads, cfg.head_dim)
+    if "qkv_proj" in p:  # "fused" layout: one GEMM, [num_tokens, num_kv_heads, group + 2, head_dim]
+        g = cfg.num_heads // cfg.num_kv_heads
+        qkv = jnp.einsum("ti,ngdi->tngd", x, p["qkv_proj"]["weight"])
+        if "bias" in p["qkv_proj"]:
+            qkv = qkv + p["qkv_proj"]["bias"]
+        q = qkv[:, :, :g].reshape(t, cfg.num_heads, cfg.head_dim)  # q head i belongs to kv head i // g
+        k, v = qkv[:, :, g], qkv[:, :, g + 1]
+    else:
+        q = linear(x, p["q_proj"]).reshape(t, cfg.num_heads, cfg.head_dim)  # [num_tokens, num_q_heads, head_dim]
+        k = linear(x, p["k_proj"]).reshape(t, cfg.num_kv_heads, cfg.head_dim)
+        v = linear(x, p["v_proj"]).reshape(t, cfg.num_kv_heads, cfg.head_dim)
     if cfg.qk_norm:
         q = rms_norm(q, p["q_norm"]["weight"], cfg.rms_norm_eps)
         k = rms_norm(k, p["k_norm"]["weight"], cfg.rms_norm_eps)
@@ -146,6 +190,11 @@ def attention_block(p: Params, cfg: ModelConfig, x: jax.Array, cos: jax.Array, s
 
 
 def mlp_block(p: Params, x: jax.Array) -> jax.Array:
+    if "gate_up_proj" in p:  # "fused" layout
+        gu = jnp.einsum("...i,cfi->...cf", x, p["gate_up_proj"]["weight"])
+        if "bias" in p["gate_up_proj"]:
+            gu = gu + p["gate_up_proj"]["bias"]
+        return linear(jax.nn.silu(gu[..., 0, :]) * gu[..., 1, :], p["down_proj"])
     return linear(jax.nn.silu(linear(x, p["gate_proj"])) * linear(x, p["up_proj"]), p["down_proj"])
 
 
@@ -196,6 +245,8 @@ def forward(params: Params, cfg: ModelConfig, batch: dict[str, jax.Array], kv_ca
     matmul: None (XLA's matmuls and elementwise fusions) or a fused-matmul namespace
     (pallas_kernels.fused_matmul.get_matmul): the runner passes one for decode-sized buckets."""
     model = params["model"]
+    if matmul is not None and layout_of(params) != "hf":
+        raise ValueError("the fused-matmul kernels take the 'hf' params layout")
     x = model["embed_tokens"]["weight"][batch["input_ids"]]  # [num_tokens, hidden]
     angles = batch["positions"].astype(jnp.float32)[:, None] * rope_inv_freq(cfg)[None, :]
     cos, sin = jnp.cos(angles), jnp.sin(angles)

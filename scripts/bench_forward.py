@@ -115,7 +115,8 @@ def main() -> None:
     ap.add_argument("--min-token-bucket", type=int, default=8,
                     help="smallest token bucket (the runner's default 8: batch 1 runs an 8-row program)")
     ap.add_argument("--iters", type=int, default=50)
-    ap.add_argument("--layout", default="hf", help="params layout (models.llama.LAYOUTS)")
+    ap.add_argument("--layout", default="fused", choices=["hf", "fused"],
+                    help="params layout (models.llama.LAYOUTS; the engine's default is fused)")
     ap.add_argument("--attention", default="auto")
     ap.add_argument("--profile-dir", default=None)
     ap.add_argument("--hlo-dir", default=None)
@@ -146,8 +147,9 @@ def main() -> None:
         model = get_model(cfg.architecture)
         params = model.init_params(cfg, jax.random.PRNGKey(0))
         params_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(params))
-        if args.layout != "hf":
-            params = model.convert_layout(params, cfg, args.layout)
+        if args.layout == "fused":
+            from jaxengine.sharding import map_layers
+            params = map_layers(params, lambda layer: model.fuse_layer_weights(layer, cfg))
         for batch in args.batch:
             pages_per_seq = math.ceil((args.context + 1) / args.page_size)
             num_pages = 1 + batch * pages_per_seq

@@ -258,6 +258,8 @@ def main() -> None:
                     help="multi-step decoding: decode iterations per device program")
     ap.add_argument("--matmul", default="auto", choices=["auto", "gpu", "reference"],
                     help="decode-bucket matmuls: fused Pallas kernels (gpu) or XLA (reference; auto)")
+    ap.add_argument("--param-layout", default="auto", choices=["auto", "hf", "fused"],
+                    help="params layout on the device (auto = fused unless --matmul gpu)")
     ap.add_argument("--hf-peer", nargs="*", default=[], choices=["eager", "static"])
     ap.add_argument("--peer-batch", nargs="*", type=int, default=None,
                     help="batch sizes for the peer (default: --batch)")
@@ -292,7 +294,8 @@ def main() -> None:
                       max_model_len=args.input_len + args.output_len + 16, max_num_seqs=max(args.batch),
                       max_num_batched_tokens=args.max_num_batched_tokens,
                       kv_cache_memory_bytes=int(args.kv_cache_gib * 2**30), attention_impl=args.attention,
-                      matmul_impl=args.matmul, num_scheduler_steps=args.num_scheduler_steps)
+                      matmul_impl=args.matmul, num_scheduler_steps=args.num_scheduler_steps,
+                      param_layout=args.param_layout)
             startup_s = time.perf_counter() - t0
         llm._step_log = StepLog(llm.runner)
         for batch in args.batch:
@@ -305,12 +308,13 @@ def main() -> None:
             r.update(model=name, startup_s=startup_s, attention=llm.runner.attention_impl,
                      matmul=llm.runner.matmul_impl, fused_matmul_max_tokens=llm.runner.fused_max_tokens,
                      num_scheduler_steps=args.num_scheduler_steps,
+                     param_layout=llm.runner.model.layout_of(llm.runner.params),
                      roofline_s=bound, roofline_fraction=bound / r["total_s"],
                      compiles_after_warmup=llm.num_compilations_since_warmup())
             report["runs"].append(r)
             print(f"{name:14s} batch {batch:4d}  {r['output_tok_s']:9.1f} tok/s  TTFT {r['ttft_ms_p50']:8.1f} ms"
                   f"  TPOT {r['tpot_ms_mean']:7.2f} ms  roofline {100 * r['roofline_fraction']:5.1f}%"
-                  f"  ({r['attention']} attention, {r['matmul']} matmul, startup {startup_s:.0f}s)", flush=True)
+                  f"  ({r['attention']} attention, {r['matmul']} matmul, {r['param_layout']} layout, startup {startup_s:.0f}s)", flush=True)
         del llm
         for mode in args.hf_peer:
             run_peers(report, name, shape, mode, args)

@@ -8,6 +8,8 @@
 # Parts, with their rough wall time on an H100:
 #   check       compiled kernel and engine tests (attention, fused matmul, multi-step, fused parity)  ~2 min
 #   forward     decode forward program alone, 8B and 1B at batch 1 and 64, with kernel tables + HLO ~3 min
+#   layout      bench_forward, 8B and 1B at batch 1 and 64, params layout hf vs fused (profiled)  ~4 min
+#   tiling      bench_forward, 8B fused, with --xla_gpu_exhaustive_tiling_search=true            ~3 min
 #   multistep   1B and 8B, batch 1 and 64, num_scheduler_steps 1 vs 8 (4 engine starts)         ~6 min
 #   batches     8B 128/128 at batch 8, 32, 128, 256                                               ~3 min
 #   long        8B 1024/128 at 64 and 4096/256 at 8                                              ~4 min
@@ -44,6 +46,16 @@ for part in "$@"; do
       timeout 500 python3 scripts/bench_forward.py --model llama-3.1-8b llama-3.2-1b --batch 1 64 \
         --profile-dir /tmp/prof --hlo-dir "$OUT/hlo" --json "$OUT/forward.json" > "$OUT/forward.log" 2>&1
       grep -v "it/s" "$OUT/forward.log" | tail -130 ;;
+    layout)
+      timeout 250 python3 scripts/bench_forward.py --model llama-3.1-8b llama-3.2-1b --batch 1 64 --layout hf \
+        --json "$OUT/forward_hf.json" > "$OUT/forward_hf.log" 2>&1; grep "^|" "$OUT/forward_hf.log"
+      timeout 300 python3 scripts/bench_forward.py --model llama-3.1-8b llama-3.2-1b --batch 1 64 --layout fused \
+        --profile-dir /tmp/prof --hlo-dir "$OUT/hlo" --json "$OUT/forward_fused.json" > "$OUT/forward_fused.log" 2>&1
+      grep -v "it/s" "$OUT/forward_fused.log" | tail -120 ;;
+    tiling)
+      XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_exhaustive_tiling_search=true" timeout 400 python3 scripts/bench_forward.py \
+        --model llama-3.1-8b --batch 1 64 --layout fused --json "$OUT/forward_tiling.json" \
+        > "$OUT/forward_tiling.log" 2>&1; grep -E "^\||device" "$OUT/forward_tiling.log" ;;
     multistep)
       for k in 1 8; do
         lat "latency_k$k" --model llama-3.2-1b llama-3.1-8b --batch 1 64 --num-scheduler-steps $k

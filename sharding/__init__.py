@@ -7,11 +7,12 @@ each step's batch from process 0 to the others.  See docs/sharding.md.
 
 from .mesh import AXES, make_mesh, replica_meshes
 from .rules import (RULES, check_model, expand_kv, flatten, is_kv_proj, kv_cache_sharding, kv_replicas, make_put,
+                    map_layers,
                     param_sharding, param_shardings, params_sharding_tree, partition_spec, put_array,
                     replicated, shard_attention, shard_params, sharded_model_config,
                     sharded_param_shapes, zeros, replica_params, vocab_sharding)
 
 __all__ = ["AXES", "make_mesh", "replica_meshes", "RULES", "check_model", "expand_kv", "flatten", "is_kv_proj",
-           "kv_cache_sharding", "kv_replicas", "make_put", "param_sharding", "param_shardings",
+           "kv_cache_sharding", "kv_replicas", "make_put", "map_layers", "param_sharding", "param_shardings",
            "params_sharding_tree", "partition_spec", "put_array", "replicated", "shard_attention",
            "shard_params", "sharded_model_config", "sharded_param_shapes", "zeros", "replica_params", "vocab_sharding"]

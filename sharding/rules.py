@@ -43,6 +43,12 @@ RULES: tuple[tuple[str, P], ...] = (
     (r"(^|\.)lm_head\.weight$", P(TP, None)),
     (r"\.(q_proj|k_proj|v_proj|gate_proj|up_proj)\.weight$", P(TP, None)),
     (r"\.(q_proj|k_proj|v_proj)\.bias$", P(TP)),
+    # "fused" layout (models/llama.py): qkv_proj [kv heads, group + 2, head_dim, hidden] split by kv
+    # head, gate_up_proj [2, intermediate, hidden] by intermediate column: the same split as above
+    (r"\.qkv_proj\.weight$", P(TP, None, None, None)),
+    (r"\.qkv_proj\.bias$", P(TP, None, None)),
+    (r"\.gate_up_proj\.weight$", P(None, TP, None)),
+    (r"\.gate_up_proj\.bias$", P(None, TP)),
     (r"\.(o_proj|down_proj)\.weight$", P(None, TP)),
     (r"norm\.weight$", P()),
 )
@@ -160,6 +166,29 @@ def shard_params(params: Any, mesh: Mesh, cfg: Any) -> Any:
 
     put = make_put(mesh, cfg)
     return unflatten({n: put(n, np.asarray(jax.device_get(a))) for n, a in flatten(params).items()})
+
+
+def map_layers(params: Any, fn: Callable[[Any], Any], mesh: Mesh | None = None) -> Any:
+    """params with fn applied to every decoder layer (params["model"]["layers"][i]), one jitted call
+    per layer, each result placed by the partition rules on `mesh` (or on the default device).
+
+    Builds a new tree; the old layers are dropped from the new tree's reach as it goes, so when the
+    caller holds no other reference to them (LLM() converting what it just loaded) peak memory grows
+    by about one layer, not by the model."""
+    from jaxengine.models.llama import unflatten
+
+    layers = dict(params["model"]["layers"])
+    step = None
+    for i in sorted(layers, key=int):
+        if step is None:
+            out_sh = None
+            if mesh is not None:
+                shapes = jax.eval_shape(fn, layers[i])
+                out_sh = unflatten({n: param_sharding(mesh, f"model.layers.{i}.{n}", a.shape)
+                                    for n, a in flatten(shapes).items()})
+            step = jax.jit(fn, out_shardings=out_sh)
+        layers[i] = step(layers[i])
+    return {**params, "model": {**params["model"], "layers": layers}}
 
 
 def params_sharding_tree(params: Any, mesh: Mesh) -> Any:

@@ -200,6 +200,22 @@ def test_fused_matmul_engine_reproduces_the_xla_engine(llama_ckpt, alone):
     assert r.compile_counter.since() == 0
 
 
+def test_params_layouts_give_the_same_tokens_and_bad_layouts_are_refused(llm, llama_ckpt, alone):
+    """The default engine runs the "fused" params layout (one q/k/v GEMM, one gate/up GEMM);
+    param_layout="hf" runs the checkpoint's tensors as they are, to the same greedy tokens."""
+    from jaxengine.models.llama import layout_of
+
+    assert layout_of(llm.runner.params) == "fused"
+    assert "qkv_proj" in llm.runner.params["model"]["layers"]["0"]["self_attn"]
+    hf = LLM(llama_ckpt, **SMALL_ENGINE, param_layout="hf")
+    assert layout_of(hf.runner.params) == "hf"
+    assert tokens(hf.generate(PROMPTS[:8], GREEDY, use_tqdm=False)) == alone[:8]
+    with pytest.raises(ValueError, match="param_layout must be one of auto, hf, fused; got 'packed'"):
+        LLM(llama_ckpt, **SMALL_ENGINE, param_layout="packed")
+    with pytest.raises(ValueError, match="param_layout='fused' cannot run with matmul_impl='gpu'"):
+        LLM(llama_ckpt, **SMALL_ENGINE, param_layout="fused", matmul_impl="gpu")
+
+
 def test_outputs_carry_request_timings_in_order(llm):
     """RequestOutput.metrics (vLLM's names): arrival <= first scheduled <= first token <= last token
     <= finished, for single requests and n > 1 groups; unfinished streams have no finish time."""

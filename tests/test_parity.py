@@ -112,10 +112,14 @@ def build_batch(chunks: list[Chunk]) -> dict[str, np.ndarray]:
 class TinyRunner:
     """Params, KV pages and one jitted step: the smallest thing that drives forward() like the engine."""
 
-    def __init__(self, path: str, matmul=None):
+    def __init__(self, path: str, matmul=None, layout: str = "hf"):
         self.cfg = ModelConfig.from_hf_config(load_hf_config(path), dtype="float32")
         self.model = get_model(self.cfg.architecture)
         self.params = load_params(iter_safetensors(path), self.model.param_shapes(self.cfg), "float32")
+        if layout == "fused":
+            from jaxengine.sharding import map_layers
+            self.params = map_layers(self.params, lambda layer: self.model.fuse_layer_weights(layer, self.cfg))
+            assert self.model.layout_of(self.params) == "fused"
         cfg, model, attention = self.cfg, self.model, get_attention("reference")
         self._step = jax.jit(lambda params, kv, batch: model.forward(params, cfg, batch, kv, attention,
                                                                      matmul=matmul))
@@ -297,6 +301,30 @@ def test_tiny_tokenizer_loads_offline_and_fits_the_vocab(tmp_path):
     chat = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                    tokenize=False)
     assert chat == f"<s>user: {text}\nassistant: "
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def fused_layout_family_run(request, tmp_path_factory):
+    """The same, with the params in the "fused" layout (one q/k/v tensor, one gate/up tensor)."""
+    family = request.param
+    path = tiny_checkpoints.make_checkpoint(str(tmp_path_factory.mktemp(family)), family, seed=SEED)
+    return family, TinyRunner(path, layout="fused"), load_golden(family)
+
+
+def test_fused_layout_prefill_and_greedy_decode_match_transformers(fused_layout_family_run):
+    family, runner, golden = fused_layout_family_run
+    logits, _ = runner.prefill(golden["prompt"], CHUNK_SPLITS)
+    for i, (prompt, expected) in enumerate(zip(golden["prompt"], golden["logits"])):
+        assert_logits_close(logits[i], expected[:len(prompt)], f"{family} prompt {i} fused-layout prefill logits")
+    check_greedy_decode(family, runner, golden, what="fused-layout decode")
+
+
+def test_fused_layout_refuses_the_fused_matmul_kernels(fused_layout_family_run):
+    family, runner, golden = fused_layout_family_run
+    attention = get_attention("reference")
+    with pytest.raises(ValueError, match="hf"):
+        runner.model.forward(runner.params, runner.cfg, build_batch([Chunk(0, golden["prompt"][0], 0)]),
+                             runner.new_cache(), attention, matmul=get_matmul("reference"))
 
 
 def test_fused_matmul_greedy_decode_matches_transformers(fused_family_run):

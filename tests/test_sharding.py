@@ -79,12 +79,13 @@ def _worker(out_path: str, tmp: str) -> None:
     ckpts = {f: tc.make_checkpoint(os.path.join(tmp, f), f, with_tokenizer=(f == "tp8_gqa"))
              for f in ["tp8_gqa", *OTHER_FAMILIES]}
 
-    def run(family, tp, dp, model=None, k=1):
+    def run(family, tp, dp, model=None, k=1, layout=None):
         llm = LLM(model or ckpts[family], tensor_parallel_size=tp, data_parallel_size=dp, **engine,
-                  num_scheduler_steps=k)
+                  num_scheduler_steps=k, param_layout=layout)
         steps = llm.engine.num_steps
         toks = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)]
-        key = f"{family}/tp{tp}dp{dp}" + ("/orbax" if model else "") + (f"/k{k}" if k > 1 else "")
+        key = (f"{family}/tp{tp}dp{dp}" + ("/orbax" if model else "") + (f"/k{k}" if k > 1 else "")
+               + (f"/{layout}" if layout else ""))
         res["tokens"][key] = toks
         res.setdefault("steps", {})[key] = llm.engine.num_steps - steps
         return llm
@@ -99,6 +100,8 @@ def _worker(out_path: str, tmp: str) -> None:
         for tp in [1, *tps]:
             run(family, tp, 1)
     run("tp8_gqa", 4, 1, k=4)  # multi-step decoding, sharded
+    hf4 = run("tp8_gqa", 4, 1, layout="hf")  # the checkpoint's own layout, sharded
+    res["hf_layout_names"] = sorted(sharding.flatten(hf4.runner.params))
 
     # Where every param and KV page lives at tp=4 (2 kv heads duplicated to 4).
     specs = {}
@@ -109,16 +112,16 @@ def _worker(out_path: str, tmp: str) -> None:
     kv = tp4.runner.kv_caches[0]
     res["kv"] = {"spec": list(kv.sharding.spec), "shape": list(kv.shape),
                  "shard_shape": list(kv.addressable_shards[0].data.shape)}
-    original = dict(iter_safetensors(ckpts["tp8_gqa"]))["model.layers.0.self_attn.k_proj.weight"]
-    heads = original.reshape(2, 8, -1)
-    k = tp4.runner.params["model"]["layers"]["0"]["self_attn"]["k_proj"]["weight"]
-    res["kv_head_of_shard"] = [
-        next(h for h in range(2) if np.array_equal(np.asarray(s.data), heads[h]))
-        for s in sorted(k.addressable_shards, key=lambda s: s.index[0].start)]
-    res["q_shard_devices"] = [str(s.device) for s in sorted(
-        tp4.runner.params["model"]["layers"]["0"]["self_attn"]["q_proj"]["weight"].addressable_shards,
-        key=lambda s: s.index[0].start)]
-    res["k_shard_devices"] = [str(s.device) for s in sorted(k.addressable_shards, key=lambda s: s.index[0].start)]
+    # The fused layout: device i's qkv_proj shard [1 kv head, 2 q heads + k + v, head_dim, hidden]
+    weights = dict(iter_safetensors(ckpts["tp8_gqa"]))
+    q_heads, k_heads, v_heads = (weights[f"model.layers.0.self_attn.{n}_proj.weight"].reshape(-1, 8, 64)
+                                 for n in "qkv")
+    qkv = tp4.runner.params["model"]["layers"]["0"]["self_attn"]["qkv_proj"]["weight"]
+    shards = [np.asarray(s.data) for s in sorted(qkv.addressable_shards, key=lambda s: s.index[0].start)]
+    res["kv_head_of_shard"] = [next(h for h in range(2) if np.array_equal(sh[0, 2], k_heads[h])) for sh in shards]
+    res["v_head_of_shard"] = [next(h for h in range(2) if np.array_equal(sh[0, 3], v_heads[h])) for sh in shards]
+    res["q_heads_of_shard"] = [[next(h for h in range(8) if np.array_equal(sh[0, j], q_heads[h])) for j in range(2)]
+                               for sh in shards]
 
     # Collectives of the compiled step, tp=2 and tp=4.
     res["hlo"] = {}
@@ -200,6 +203,10 @@ def test_data_parallel_requests_are_spread_over_replicas(seen):
 def _expected_spec(name: str) -> list:
     if name.endswith(("embed_tokens.weight", "lm_head.weight")):
         return ["tp", None]
+    if name.endswith("qkv_proj.weight"):  # [kv heads, group + 2, head_dim, hidden]
+        return ["tp", None, None, None]
+    if name.endswith("gate_up_proj.weight"):  # [2, intermediate, hidden]
+        return [None, "tp", None]
     if re.search(r"(q|k|v|gate|up)_proj\.weight$", name):
         return ["tp", None]
     if re.search(r"(q|k|v)_proj\.bias$", name):
@@ -212,20 +219,25 @@ def _expected_spec(name: str) -> list:
 
 def test_every_param_is_sharded_as_the_rules_say(seen):
     specs = seen["specs"]
-    assert len(specs) == 21  # 2 layers x 9 + embed, final norm, lm_head
+    assert len(specs) == 15  # 2 layers x 6 (fused layout) + embed, final norm, lm_head
     for name, s in specs.items():
         assert s["spec"] == _expected_spec(name), name
-        split = [d // 4 if ax == "tp" else d for d, ax in zip(s["shape"], s["spec"] + [None] * 2)]
+        split = [d // 4 if ax == "tp" else d for d, ax in zip(s["shape"], s["spec"] + [None] * 4)]
         assert s["shard_shape"] == split, name
-    # 2 kv heads of head_dim 8 duplicated to 4: one kv head per device
-    assert specs["model.layers.0.self_attn.k_proj.weight"]["shape"] == [32, 64]
-    assert specs["model.layers.0.self_attn.k_proj.weight"]["shard_shape"] == [8, 64]
+    # 2 kv heads of head_dim 8 duplicated to 4: one kv head (with its 2 q heads, k and v) per device
+    assert specs["model.layers.0.self_attn.qkv_proj.weight"]["shape"] == [4, 4, 8, 64]
+    assert specs["model.layers.0.self_attn.qkv_proj.weight"]["shard_shape"] == [1, 4, 8, 64]
+    assert specs["model.layers.0.mlp.gate_up_proj.weight"]["shard_shape"][:2] == [2, 32]
+    # the checkpoint's layout stays selectable (param_layout="hf") and gives the same tokens
+    assert "model.layers.0.self_attn.k_proj.weight" in seen["hf_layout_names"]
+    assert seen["tokens"]["tp8_gqa/tp4dp1/hf"] == seen["tokens"]["tp8_gqa/tp1dp1"]
 
 
 def test_kv_heads_are_duplicated_so_each_device_holds_the_head_of_its_q_heads(seen):
     # tp=4, 8 q heads, 2 kv heads: device i holds q heads 2i, 2i+1, whose kv head is i // 2
     assert seen["kv_head_of_shard"] == [0, 0, 1, 1]
-    assert seen["k_shard_devices"] == seen["q_shard_devices"]
+    assert seen["v_head_of_shard"] == [0, 0, 1, 1]
+    assert seen["q_heads_of_shard"] == [[0, 1], [2, 3], [4, 5], [6, 7]]
 
 
 def test_kv_pages_are_split_by_kv_head_keeping_k_and_v_together(seen):

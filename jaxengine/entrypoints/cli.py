@@ -39,6 +39,8 @@ ENGINE_ARG_HELP: dict[str, str] = {
     "attention_impl": "Attention implementation: auto (by backend), reference (pure jnp), gpu, tpu.",
     "matmul_impl": "Matmuls of decode-sized steps: auto (= reference, XLA), reference, or gpu (fused "
                    "Pallas kernels with RMSNorm/SwiGLU/residual folded in; opt-in, slower than XLA so far).",
+    "param_layout": "Params layout on the device: auto (= fused, or hf with --matmul-impl gpu), fused (q/k/v "
+                    "and gate/up each one tensor: one GEMM apiece), hf (the checkpoint's tensors as they are).",
     "token_buckets": "Token-count buckets the step is compiled for (default: powers of two).",
     "warmup": "Compile every bucket at start-up, so serving never compiles.",
     "use_tqdm_on_load": "Show progress bars while loading and compiling.",

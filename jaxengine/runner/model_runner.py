@@ -71,6 +71,22 @@ class SampleResult:
     top: list[tuple[int, float]]  # (token id, logprob), best first
 
 
+def uses_fused_matmul(runner_cfg: Any, model: ModuleType, model_cfg: Any, mesh: Any) -> bool:
+    """Whether decode-sized buckets run the fused-matmul kernels (opt-in, one device, tileable shapes)."""
+    return (fused_matmul.resolve_impl(runner_cfg.matmul_impl) == "gpu" and mesh is None
+            and bool(getattr(model, "fusable", None)) and model.fusable(model_cfg))
+
+
+def param_layout(runner_cfg: Any, model: ModuleType, model_cfg: Any, mesh: Any) -> str:
+    """The params layout the engine runs (RunnerConfig.param_layout; "auto" picks "fused" where the
+    model family has it, measured faster on the H100: BENCHMARKS.md)."""
+    if runner_cfg.param_layout != "auto":
+        return runner_cfg.param_layout
+    if not hasattr(model, "fuse_layer_weights") or uses_fused_matmul(runner_cfg, model, model_cfg, mesh):
+        return "hf"
+    return "fused"
+
+
 class ModelRunner:
     def __init__(self, cfg: EngineConfig, params: Any, model: ModuleType, num_pages: int,
                  mesh: Any = None):
@@ -92,10 +108,7 @@ class ModelRunner:
         # Single device only: under tensor parallelism the row-parallel matmuls need an
         # all-reduce before the residual add.
         self.matmul_impl = fused_matmul.resolve_impl(cfg.runner.matmul_impl)
-        fused = None
-        if (self.matmul_impl == "gpu" and mesh is None and getattr(model, "fusable", None)
-                and model.fusable(m)):
-            fused = fused_matmul.get_matmul("gpu")
+        fused = fused_matmul.get_matmul("gpu") if uses_fused_matmul(cfg.runner, model, m, mesh) else None
         self.fused_max_tokens = cfg.runner.fused_matmul_max_tokens if fused is not None else 0
         # mesh: a ("dp"=1, "tp") jax.sharding.Mesh; params arrive already sharded by sharding/ rules
         self.mesh = mesh
