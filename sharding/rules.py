@@ -169,15 +169,16 @@ def shard_params(params: Any, mesh: Mesh, cfg: Any) -> Any:
 
 
 def map_layers(params: Any, fn: Callable[[Any], Any], mesh: Mesh | None = None) -> Any:
-    """params with fn applied to every decoder layer (params["model"]["layers"][i]), one jitted call
-    per layer, each result placed by the partition rules on `mesh` (or on the default device).
+    """Apply fn to every decoder layer (params["model"]["layers"][i]) in place, one jitted call per
+    layer, each result placed by the partition rules on `mesh` (or on the default device); returns
+    params.
 
-    Builds a new tree; the old layers are dropped from the new tree's reach as it goes, so when the
-    caller holds no other reference to them (LLM() converting what it just loaded) peak memory grows
-    by about one layer, not by the model."""
+    In place on purpose: each old layer is dropped as soon as its replacement is made, so when the
+    caller holds no other reference to it (LLM() converting what it has just loaded) peak device
+    memory grows by one layer, not by the model."""
     from jaxengine.models.llama import unflatten
 
-    layers = dict(params["model"]["layers"])
+    layers = params["model"]["layers"]
     step = None
     for i in sorted(layers, key=int):
         if step is None:
@@ -188,7 +189,7 @@ def map_layers(params: Any, fn: Callable[[Any], Any], mesh: Mesh | None = None) 
                                     for n, a in flatten(shapes).items()})
             step = jax.jit(fn, out_shardings=out_sh)
         layers[i] = step(layers[i])
-    return {**params, "model": {**params["model"], "layers": layers}}
+    return params
 
 
 def params_sharding_tree(params: Any, mesh: Mesh) -> Any:

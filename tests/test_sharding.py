@@ -289,6 +289,44 @@ def test_partition_rules_by_name():
     assert partition_spec("lm_head.weight") == P("tp", None)
     # a vocab tp does not divide: replicated rather than refused
     assert partition_spec("model.embed_tokens.weight", (32001, 64), 4) == P()
+    # the fused layout's tensors split by kv head / intermediate column
+    assert partition_spec("model.layers.7.self_attn.qkv_proj.weight") == P("tp", None, None, None)
+    assert partition_spec("model.layers.7.self_attn.qkv_proj.bias") == P("tp", None, None)
+    assert partition_spec("model.layers.7.mlp.gate_up_proj.weight") == P(None, "tp", None)
+
+
+def test_layout_conversion_drops_each_old_layer_as_it_goes():
+    """map_layers converts in place: no old layer outlives its replacement (peak memory = one
+    layer more, not the model twice), and the new q/k/v tensor holds the checkpoint's heads."""
+    import gc
+    import weakref
+
+    import jax
+    import numpy as np
+    import tiny_checkpoints as tc
+
+    from jaxengine.config import ModelConfig
+    from jaxengine.models import llama
+    from jaxengine.sharding import map_layers
+
+    cfg = ModelConfig.from_hf_config(tc.hf_config("qwen2"), dtype="float32")  # q/k/v biases too
+    params = llama.init_params(cfg, jax.random.PRNGKey(0))
+    layer0 = params["model"]["layers"]["0"]
+    q = np.array(layer0["self_attn"]["q_proj"]["weight"])  # copies (np.asarray may view the buffer)
+    k_bias = np.array(layer0["self_attn"]["k_proj"]["bias"])
+    old = [weakref.ref(a) for layer in params["model"]["layers"].values() for a in jax.tree.leaves(layer)]
+    del layer0
+    out = map_layers(params, lambda layer: llama.fuse_layer_weights(layer, cfg))
+    jax.block_until_ready(out)  # a running conversion still holds its inputs
+    gc.collect()
+    assert out is params and llama.layout_of(params) == "fused"
+    # every array of the old layers is gone (the jitted conversion re-emits norms and o/down too)
+    assert [r() for r in old if r() is not None] == []
+    n, g, d = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
+    qkv = params["model"]["layers"]["0"]["self_attn"]["qkv_proj"]
+    assert qkv["weight"].shape == (n, g + 2, d, cfg.hidden_size)
+    np.testing.assert_array_equal(np.asarray(qkv["weight"][:, :g]).reshape(n * g * d, -1), q)
+    np.testing.assert_array_equal(np.asarray(qkv["bias"][:, g]).reshape(-1), k_bias)
 
 
 def test_model_checks_name_the_field():
