@@ -176,17 +176,14 @@ def map_layers(params: Any, fn: Callable[[Any], Any], mesh: Mesh | None = None) 
     In place on purpose: each old layer is dropped as soon as its replacement is made, so when the
     caller holds no other reference to it (LLM() converting what it has just loaded) peak device
     memory grows by one layer, not by the model."""
-    from jaxengine.models.llama import unflatten
-
     layers = params["model"]["layers"]
     step = None
     for i in sorted(layers, key=int):
         if step is None:
             out_sh = None
-            if mesh is not None:
-                shapes = jax.eval_shape(fn, layers[i])
-                out_sh = unflatten({n: param_sharding(mesh, f"model.layers.{i}.{n}", a.shape)
-                                    for n, a in flatten(shapes).items()})
+            if mesh is not None:  # the rules match full names: place the layer where it will live
+                tree = {"model": {"layers": {i: jax.eval_shape(fn, layers[i])}}}
+                out_sh = params_sharding_tree(tree, mesh)["model"]["layers"][i]
             step = jax.jit(fn, out_shardings=out_sh)
         layers[i] = step(layers[i])
     return params
