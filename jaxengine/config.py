@@ -184,6 +184,11 @@ class RunnerConfig:
     # fused-matmul kernels run (they take the hf layout).
     param_layout: str = dataclasses.field(
         default_factory=lambda: os.environ.get("JAXENGINE_PARAM_LAYOUT", "auto"))
+    # Multi-step decode programs (num_scheduler_steps > 1) run the decode attention that rotates
+    # q/k and writes the KV slots itself (ragged_paged_attention/decode.py: on GPU one Pallas
+    # kernel instead of rope + scatter + attention + combine).  False: the general path, for A/B.
+    fuse_decode_attention: bool = dataclasses.field(
+        default_factory=lambda: os.environ.get("JAXENGINE_FUSE_DECODE_ATTENTION", "1") not in ("0", "false"))
 
     def __post_init__(self):
         _check(self.attention_impl in ("auto", "reference", "gpu", "tpu"),

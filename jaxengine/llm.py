@@ -48,7 +48,7 @@ class LLM:
                  attention_impl: str = "auto", token_buckets: Sequence[int] | None = None,
                  warmup: bool = True, use_tqdm_on_load: bool = True, load_format: str = "auto",
                  async_scheduling: bool = True, matmul_impl: str = "auto", num_scheduler_steps: int = 1,
-                 param_layout: str | None = None):
+                 param_layout: str | None = None, fuse_decode_attention: bool | None = None):
         import jax
 
         from jaxengine import models
@@ -114,7 +114,9 @@ class LLM:
             compilation_cache_dir=(default_compilation_cache_dir() if compilation_cache_dir is None
                                    else compilation_cache_dir),
             attention_impl=attention_impl, matmul_impl=matmul_impl, warmup=warmup,
-            **({"param_layout": param_layout} if param_layout is not None else {}))
+            **({"param_layout": param_layout} if param_layout is not None else {}),
+            **({"fuse_decode_attention": bool(fuse_decode_attention)}
+               if fuse_decode_attention is not None else {}))
         _enable_compilation_cache(runner_cfg.compilation_cache_dir)
 
         from jaxengine.loader import orbax_ckpt

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 
 from jaxengine.config import ModelConfig
 from jaxengine.pallas_kernels.ragged_paged_attention import write_kv
+from jaxengine.pallas_kernels.ragged_paged_attention.decode import apply_rope, rope_cos_sin
 
 Params = dict[str, Any]
 
@@ -157,16 +158,12 @@ def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
     raise ValueError(f"rope_scaling type {kind!r} is not supported (supported: default, linear, llama3)")
 
 
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """x: [num_tokens, heads, head_dim]; cos/sin: [num_tokens, head_dim // 2] (rotate-half layout)."""
-    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    c, s = cos[:, None, :], sin[:, None, :]
-    return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
-
-
-def attention_block(p: Params, cfg: ModelConfig, x: jax.Array, cos: jax.Array, sin: jax.Array,
+def attention_block(p: Params, cfg: ModelConfig, x: jax.Array, rope: Any,
                     kv_pages: jax.Array, batch: dict[str, jax.Array],
-                    attention: Callable[..., jax.Array]) -> tuple[jax.Array, jax.Array]:
+                    attention: Callable[..., Any], decode: bool = False) -> tuple[jax.Array, jax.Array]:
+    """rope: (cos, sin) [num_tokens, head_dim // 2] each, or with decode=True the inv_freq that
+    `attention` (a decode_attention, pallas_kernels/ragged_paged_attention/decode.py) rotates
+    q and k with itself while it writes the KV slots."""
     t = x.shape[0]
     if "qkv_proj" in p:  # "fused" layout: one GEMM, [num_tokens, num_kv_heads, group + 2, head_dim]
         g = cfg.num_heads // cfg.num_kv_heads
@@ -182,10 +179,16 @@ def attention_block(p: Params, cfg: ModelConfig, x: jax.Array, cos: jax.Array, s
     if cfg.qk_norm:
         q = rms_norm(q, p["q_norm"]["weight"], cfg.rms_norm_eps)
         k = rms_norm(k, p["k_norm"]["weight"], cfg.rms_norm_eps)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    kv_pages = write_kv(kv_pages, k, v, batch["slot_mapping"])
-    out = attention(q, kv_pages, batch["kv_lens"], batch["page_indices"], batch["cu_q_lens"],
-                    batch["num_seqs"], sm_scale=cfg.head_dim ** -0.5, sliding_window=cfg.sliding_window)
+    if decode:
+        out, kv_pages = attention(q, k, v, kv_pages, batch["kv_lens"], batch["page_indices"],
+                                  batch["num_seqs"], rope, sm_scale=cfg.head_dim ** -0.5,
+                                  sliding_window=cfg.sliding_window)
+    else:
+        cos, sin = rope
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        kv_pages = write_kv(kv_pages, k, v, batch["slot_mapping"])
+        out = attention(q, kv_pages, batch["kv_lens"], batch["page_indices"], batch["cu_q_lens"],
+                        batch["num_seqs"], sm_scale=cfg.head_dim ** -0.5, sliding_window=cfg.sliding_window)
     return linear(out.reshape(t, cfg.num_heads * cfg.head_dim), p["o_proj"]), kv_pages
 
 
@@ -239,27 +242,33 @@ def fusable(cfg: ModelConfig, multiple: int = 16) -> bool:
 
 
 def forward(params: Params, cfg: ModelConfig, batch: dict[str, jax.Array], kv_caches: list[jax.Array],
-            attention: Callable[..., jax.Array], matmul: Any = None) -> tuple[jax.Array, list[jax.Array]]:
+            attention: Callable[..., jax.Array], matmul: Any = None,
+            decode_attention: Callable[..., Any] | None = None) -> tuple[jax.Array, list[jax.Array]]:
     """One ragged step.  Returns (logits [num_logits, vocab] float32, updated kv_caches).
 
     matmul: None (XLA's matmuls and elementwise fusions) or a fused-matmul namespace
-    (pallas_kernels.fused_matmul.get_matmul): the runner passes one for decode-sized buckets."""
+    (pallas_kernels.fused_matmul.get_matmul): the runner passes one for decode-sized buckets.
+    decode_attention: for a decode-only step (token row j is request j, at position
+    kv_lens[j] - 1), an implementation of ragged_paged_attention/decode.py that rotates q/k and
+    writes the KV slots itself; it replaces `attention`, the rope and the KV scatter."""
     model = params["model"]
-    if matmul is not None and layout_of(params) != "hf":
-        raise ValueError("the fused-matmul kernels take the 'hf' params layout")
+    if matmul is not None and (layout_of(params) != "hf" or decode_attention is not None):
+        raise ValueError("the fused-matmul kernels take the 'hf' params layout and the general attention path")
     x = model["embed_tokens"]["weight"][batch["input_ids"]]  # [num_tokens, hidden]
-    angles = batch["positions"].astype(jnp.float32)[:, None] * rope_inv_freq(cfg)[None, :]
-    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    if decode_attention is not None:
+        rope, attention = rope_inv_freq(cfg), decode_attention
+    else:
+        rope = rope_cos_sin(batch["positions"], rope_inv_freq(cfg))
     new_caches = []
     for i in range(cfg.num_layers):
         layer = model["layers"][str(i)]
         if matmul is not None:
-            x, kv = fused_layer(layer, cfg, x, cos, sin, kv_caches[i], batch, attention, matmul)
+            x, kv = fused_layer(layer, cfg, x, *rope, kv_caches[i], batch, attention, matmul)
             new_caches.append(kv)
             continue
         h, kv = attention_block(layer["self_attn"], cfg, rms_norm(x, layer["input_layernorm"]["weight"],
                                                                  cfg.rms_norm_eps),
-                                cos, sin, kv_caches[i], batch, attention)
+                                rope, kv_caches[i], batch, attention, decode=decode_attention is not None)
         new_caches.append(kv)
         x = x + h
         x = x + mlp_block(layer["mlp"], rms_norm(x, layer["post_attention_layernorm"]["weight"],

@@ -118,6 +118,10 @@ def main() -> None:
     ap.add_argument("--layout", default="fused", choices=["hf", "fused"],
                     help="params layout (models.llama.LAYOUTS; the engine's default is fused)")
     ap.add_argument("--attention", default="auto")
+    ap.add_argument("--decode-attention", nargs="+", default=["general"], choices=["general", "fused"],
+                    help="general: rope, KV scatter and ragged attention as the single-step program runs "
+                         "them; fused: the decode attention that does all three (the multi-step "
+                         "programs' path, ragged_paged_attention/decode.py); several: one run each")
     ap.add_argument("--profile-dir", default=None)
     ap.add_argument("--hlo-dir", default=None)
     ap.add_argument("--top", type=int, default=25, help="kernels listed per profile")
@@ -129,7 +133,7 @@ def main() -> None:
 
     from jaxengine.config import ModelConfig
     from jaxengine.models import get_model
-    from jaxengine.pallas_kernels.ragged_paged_attention import get_attention
+    from jaxengine.pallas_kernels.ragged_paged_attention import get_attention, get_decode_attention
 
     ceil = measure_ceilings()
     dev = jax.devices()[0]
@@ -139,8 +143,8 @@ def main() -> None:
     print(f"device {dev.device_kind}, jax {jax.__version__}, copy {ceil['copy_bytes_per_s'] / 1e12:.2f} TB/s, "
           f"matmul {ceil['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s, layout {args.layout}, "
           f"XLA_FLAGS={report['xla_flags']!r}")
-    print("| model | batch | context | ms / step | floor ms | of floor | weights GB/s |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| model | batch | decode attention | context | ms / step | floor ms | of floor | weights GB/s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     attention = get_attention(args.attention)
     for name in args.model:
         cfg = ModelConfig.from_hf_config(SHAPES[name], dtype="bfloat16")
@@ -150,7 +154,7 @@ def main() -> None:
         if args.layout == "fused":
             from jaxengine.sharding import map_layers
             params = map_layers(params, lambda layer: model.fuse_layer_weights(layer, cfg))
-        for batch in args.batch:
+        for batch, mode in [(b, m) for b in args.batch for m in args.decode_attention]:
             pages_per_seq = math.ceil((args.context + 1) / args.page_size)
             num_pages = 1 + batch * pages_per_seq
             shape = (num_pages, args.page_size, 2 * cfg.num_kv_heads, cfg.head_dim)
@@ -158,11 +162,14 @@ def main() -> None:
             tokens, seqs = engine_buckets(batch, args.min_token_bucket)
             inputs = jax.device_put(decode_batch(batch, args.context, args.page_size, pages_per_seq,
                                                  num_pages, tokens, seqs))
-            step = jax.jit(lambda p, kv, b: model.forward(p, cfg, b, kv, attention), donate_argnums=(1,))
+            decode_attention = get_decode_attention(args.attention) if mode == "fused" else None
+            step = jax.jit(lambda p, kv, b: model.forward(p, cfg, b, kv, attention,
+                                                          decode_attention=decode_attention),
+                           donate_argnums=(1,))
             compiled = step.lower(params, kv, inputs).compile()
             if args.hlo_dir:
                 os.makedirs(args.hlo_dir, exist_ok=True)
-                with open(os.path.join(args.hlo_dir, f"{name}-b{batch}-{args.layout}.txt"), "w") as f:
+                with open(os.path.join(args.hlo_dir, f"{name}-b{batch}-{args.layout}-{mode}.txt"), "w") as f:
                     f.write(compiled.as_text())
             for _ in range(3):
                 logits, kv = compiled(params, kv, inputs)
@@ -174,13 +181,13 @@ def main() -> None:
             step_s = (time.perf_counter() - t) / args.iters
             moved, flops = step_cost(cfg, params_bytes, batch, args.context)
             floor_s = max(moved / ceil["copy_bytes_per_s"], flops / ceil["matmul_flops_per_s"])
-            run = {"model": name, "batch": batch, "token_bucket": tokens, "step_ms": step_s * 1e3, "floor_ms": floor_s * 1e3,
+            run = {"model": name, "batch": batch, "decode_attention": mode, "token_bucket": tokens, "step_ms": step_s * 1e3, "floor_ms": floor_s * 1e3,
                    "fraction_of_floor": floor_s / step_s, "bytes_per_step": moved, "flops_per_step": flops,
                    "params_bytes": params_bytes}
-            print(f"| {name} | {batch} | {args.context} | {step_s * 1e3:.3f} | {floor_s * 1e3:.3f} | "
+            print(f"| {name} | {batch} | {mode} | {args.context} | {step_s * 1e3:.3f} | {floor_s * 1e3:.3f} | "
                   f"{100 * floor_s / step_s:.1f}% | {params_bytes / step_s / 1e9:.0f} |", flush=True)
             if args.profile_dir:
-                d = os.path.join(args.profile_dir, f"{name}-b{batch}-{args.layout}")
+                d = os.path.join(args.profile_dir, f"{name}-b{batch}-{args.layout}-{mode}")
                 steps = 10
                 with jax.profiler.trace(d, create_perfetto_trace=True):
                     for _ in range(steps):

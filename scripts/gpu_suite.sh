@@ -8,6 +8,7 @@
 # Parts, with their rough wall time on an H100:
 #   check       compiled kernel and engine tests (attention, fused matmul, multi-step, fused parity)  ~2 min
 #   forward     decode forward program alone, 8B and 1B at batch 1 and 64, with kernel tables + HLO ~3 min
+#   decode      bench_forward, 8B and 1B at batch 1 and 64, decode attention general vs fused (profiled) ~4 min
 #   layout      bench_forward, 8B and 1B at batch 1 and 64, params layout hf vs fused (profiled)  ~4 min
 #   tiling      bench_forward, 8B fused, with --xla_gpu_exhaustive_tiling_search=true            ~3 min
 #   multistep   1B and 8B, batch 1 and 64, num_scheduler_steps 1 vs 8 (4 engine starts)         ~6 min
@@ -39,13 +40,19 @@ for part in "$@"; do
   echo "== $part (t=$(( $(date +%s) - S )) s)"
   case $part in
     check)
-      (cd tests && timeout 300 python3 -m pytest -q test_ragged_paged_attention.py test_fused_matmul.py \
-        test_multi_step.py "test_parity.py::test_fused_matmul_greedy_decode_matches_transformers" \
+      (cd tests && timeout 300 python3 -m pytest -q test_ragged_paged_attention.py test_decode_attention.py \
+        test_fused_matmul.py test_multi_step.py "test_parity.py::test_fused_matmul_greedy_decode_matches_transformers" \
+        "test_parity.py::test_decode_attention_greedy_decode_matches_transformers" \
         --tb=short 2>&1 | grep -E "^E |passed|failed" | head -20) ;;
     forward)
       timeout 500 python3 scripts/bench_forward.py --model llama-3.1-8b llama-3.2-1b --batch 1 64 \
         --profile-dir /tmp/prof --hlo-dir "$OUT/hlo" --json "$OUT/forward.json" > "$OUT/forward.log" 2>&1
       grep -v "it/s" "$OUT/forward.log" | tail -130 ;;
+    decode)
+      timeout 500 python3 scripts/bench_forward.py --model llama-3.1-8b llama-3.2-1b --batch 1 64 \
+        --decode-attention general fused --profile-dir /tmp/prof --json "$OUT/forward_decode.json" \
+        > "$OUT/forward_decode.log" 2>&1
+      grep -v "it/s" "$OUT/forward_decode.log" | tail -150 ;;
     layout)
       timeout 250 python3 scripts/bench_forward.py --model llama-3.1-8b llama-3.2-1b --batch 1 64 --layout hf \
         --json "$OUT/forward_hf.json" > "$OUT/forward_hf.log" 2>&1; grep "^|" "$OUT/forward_hf.log"

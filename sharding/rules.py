@@ -230,6 +230,23 @@ def shard_attention(attention: Callable[..., jax.Array], mesh: Mesh) -> Callable
     return sharded
 
 
+def shard_decode_attention(decode_attention: Callable[..., Any], mesh: Mesh) -> Callable[..., Any]:
+    """`shard_attention` for a decode_attention (ragged_paged_attention/decode.py): q, k, v split
+    by head, the pages by kv head, and the updated pages come back split the same way."""
+    if mesh.shape[TP] == 1:
+        return decode_attention
+    heads, pages = P(None, TP, None), P(None, None, TP, None)
+
+    def sharded(q, k, v, kv_pages, kv_lens, page_indices, num_seqs, inv_freq, **kwargs):
+        f = functools.partial(decode_attention, **kwargs)
+        return jax.shard_map(
+            f, mesh=mesh, in_specs=(heads, heads, heads, pages, P(), P(), P(), P()),
+            out_specs=(heads, pages), check_vma=False,
+        )(q, k, v, kv_pages, kv_lens, page_indices, num_seqs, inv_freq)
+
+    return sharded
+
+
 def replica_params(params: Any, sub_mesh: Mesh) -> Any:
     """The params of one data-parallel replica, as arrays on its sub-mesh (a row of the full mesh).
 

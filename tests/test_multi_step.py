@@ -114,6 +114,20 @@ def test_abort_while_a_multi_step_is_in_flight_leaks_no_pages(multi):
     assert multi.engine.scheduler.kv.num_free_pages == multi.engine.scheduler.kv.num_pages
 
 
+@pytest.mark.parametrize("engine_args", [dict(fuse_decode_attention=False), dict(attention_impl="gpu")],
+                         ids=["general-attention-path", "gpu-decode-kernel"])
+def test_decode_attention_paths_give_the_same_greedy_outputs(single, llama_ckpt, engine_args):
+    """The multi-step programs' decode attention (rope + KV write + attention in one call) against
+    the general path, and the GPU kernel (interpret mode on CPU) inside the engine: the same greedy
+    tokens as single steps with the reference attention."""
+    params = SamplingParams(temperature=0.0, max_tokens=9, ignore_eos=True)
+    want, _ = run(single, PROMPTS[:5], params)
+    llm = LLM(llama_ckpt, **SMALL_ENGINE, num_scheduler_steps=K, **engine_args)
+    got, _ = run(llm, PROMPTS[:5], params)
+    assert [[c.token_ids for c in o.outputs] for o in got] == [[c.token_ids for c in o.outputs] for o in want]
+    assert llm.engine.scheduler.kv.num_free_pages == llm.engine.scheduler.kv.num_pages
+
+
 def test_bad_num_scheduler_steps_is_refused():
     with pytest.raises(ValueError, match="num_scheduler_steps"):
         SchedulerConfig(num_scheduler_steps=0)

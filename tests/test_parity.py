@@ -112,7 +112,7 @@ def build_batch(chunks: list[Chunk]) -> dict[str, np.ndarray]:
 class TinyRunner:
     """Params, KV pages and one jitted step: the smallest thing that drives forward() like the engine."""
 
-    def __init__(self, path: str, matmul=None, layout: str = "hf"):
+    def __init__(self, path: str, matmul=None, layout: str = "hf", decode_attention=None):
         self.cfg = ModelConfig.from_hf_config(load_hf_config(path), dtype="float32")
         self.model = get_model(self.cfg.architecture)
         self.params = load_params(iter_safetensors(path), self.model.param_shapes(self.cfg), "float32")
@@ -123,6 +123,10 @@ class TinyRunner:
         cfg, model, attention = self.cfg, self.model, get_attention("reference")
         self._step = jax.jit(lambda params, kv, batch: model.forward(params, cfg, batch, kv, attention,
                                                                      matmul=matmul))
+        # decode-only steps (one token per request, row j = request j) through a decode_attention
+        self._decode_step = None if decode_attention is None else jax.jit(
+            lambda params, kv, batch: model.forward(params, cfg, batch, kv, attention,
+                                                    decode_attention=decode_attention))
 
     def new_cache(self) -> list[jax.Array]:
         shape = (NUM_PAGES, PAGE_SIZE, 2 * self.cfg.num_kv_heads, self.cfg.head_dim)
@@ -131,8 +135,10 @@ class TinyRunner:
     def step(self, kv: list[jax.Array], chunks: list[Chunk]) -> tuple[list[np.ndarray], list[jax.Array]]:
         """Run one ragged step; returns each chunk's logits [len(tokens), vocab] and the new cache."""
         # GPUs default to TF32 for float32 matmuls; parity needs true float32.
+        decode_only = all(len(c.tokens) == 1 and c.seq == i for i, c in enumerate(chunks))
+        step = self._decode_step if decode_only and self._decode_step is not None else self._step
         with jax.default_matmul_precision("highest"):
-            logits, kv = self._step(self.params, kv, build_batch(chunks))
+            logits, kv = step(self.params, kv, build_batch(chunks))
         logits = np.asarray(logits)
         bounds = np.cumsum([0] + [len(c.tokens) for c in chunks])
         return [logits[a:b] for a, b in zip(bounds[:-1], bounds[1:])], kv
@@ -325,6 +331,18 @@ def test_fused_layout_refuses_the_fused_matmul_kernels(fused_layout_family_run):
     with pytest.raises(ValueError, match="hf"):
         runner.model.forward(runner.params, runner.cfg, build_batch([Chunk(0, golden["prompt"][0], 0)]),
                              runner.new_cache(), attention, matmul=get_matmul("reference"))
+
+
+@pytest.mark.parametrize("impl", ["reference", "gpu"])
+def test_decode_attention_greedy_decode_matches_transformers(impl, tmp_path_factory):
+    """Decode steps through the decode attention that rotates q/k and writes the KV slots itself
+    (the multi-step programs' path): the composite of the reference ops, and the GPU kernel
+    (interpret mode on CPU), every family (GQA, qk-norm, biases, sliding window, fused layout)."""
+    from jaxengine.pallas_kernels.ragged_paged_attention import get_decode_attention
+    for family in FAMILIES:
+        path = tiny_checkpoints.make_checkpoint(str(tmp_path_factory.mktemp(family)), family, seed=SEED)
+        runner = TinyRunner(path, layout="fused", decode_attention=get_decode_attention(impl))
+        check_greedy_decode(family, runner, load_golden(family), what=f"{impl} decode-attention decode")
 
 
 def test_fused_matmul_greedy_decode_matches_transformers(fused_family_run):

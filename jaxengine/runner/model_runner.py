@@ -22,7 +22,7 @@ import numpy as np
 from jaxengine.config import EngineConfig
 from jaxengine.engine.scheduler import PENDING_TOKEN, SchedulerOutput, uses_penalties
 from jaxengine.pallas_kernels import fused_matmul
-from jaxengine.pallas_kernels.ragged_paged_attention import get_attention, resolve_impl
+from jaxengine.pallas_kernels.ragged_paged_attention import get_attention, get_decode_attention, resolve_impl
 from jaxengine.runner import sampler
 from jaxengine.runner.compile_watch import CompileCounter
 
@@ -101,6 +101,9 @@ class ModelRunner:
         self.max_seqs = -(-cfg.scheduler.max_num_seqs // 8) * 8
         self.attention_impl = resolve_impl(cfg.runner.attention_impl)
         attention = get_attention(self.attention_impl)
+        # decode-only programs (multi-step): rope + KV write + attention in one call
+        decode_attention = (get_decode_attention(self.attention_impl)
+                            if cfg.runner.fuse_decode_attention else None)
         m = cfg.model
         # Decode-sized buckets stream every weight once; with matmul_impl="gpu" the fused kernels
         # (RMSNorm, SwiGLU and the residual adds folded into the matmuls) replace XLA's GEMMs and
@@ -116,6 +119,8 @@ class ModelRunner:
             from jaxengine import sharding
             m = sharding.sharded_model_config(m, mesh.shape["tp"])  # kv heads duplicated up to tp
             attention = sharding.shard_attention(attention, mesh)
+            if decode_attention is not None:
+                decode_attention = sharding.shard_decode_attention(decode_attention, mesh)
             kv_sharding, repl = sharding.kv_cache_sharding(mesh), sharding.replicated(mesh)
         dtype = jnp.dtype(m.dtype)
         # [num_pages, page_size, 2 * num_kv_heads, head_dim] per layer
@@ -216,7 +221,8 @@ class ModelRunner:
                 step = {**batch, "input_ids": ids, "positions": pos,
                         "slot_mapping": jnp.where(real, page * ps + pos % ps, oob),
                         "kv_lens": batch["kv_lens"] + jnp.where(seq_real, i, 0)}
-                logits, kv_caches = model.forward(params, m, step, kv_caches, attention)
+                logits, kv_caches = model.forward(params, m, step, kv_caches, attention,
+                                                  decode_attention=decode_attention)
                 logits = gather_logits(logits)
                 penalty_state, out = sample_and_count(logits, penalty_state,
                                                       {**samp, "rng_pos": samp["rng_pos"] + i}, full)

@@ -50,5 +50,17 @@ def get_attention(impl: str = "auto") -> Callable[..., jax.Array]:
     return module.ragged_paged_attention
 
 
-__all__ = ["get_attention", "resolve_impl", "available_impls", "write_kv",
+def get_decode_attention(impl: str = "auto") -> Callable[..., tuple[jax.Array, jax.Array]]:
+    """Decode-only attention with rope and the KV write folded in (decode.py's contract): the GPU
+    kernel does all of it in one Pallas kernel; other implementations compose rope, write_kv
+    and their ragged attention (`decode.composite`)."""
+    from .decode import composite
+    impl = resolve_impl(impl)
+    if impl == "gpu":
+        from .gpu_decode import decode_attention
+        return decode_attention
+    return composite(get_attention(impl))
+
+
+__all__ = ["get_attention", "get_decode_attention", "resolve_impl", "available_impls", "write_kv",
            "reference_ragged_paged_attention"]

@@ -1,0 +1,312 @@
+"""Decode attention for NVIDIA GPUs: rope, KV write and attention in one Pallas (Triton) kernel.
+
+The contract is `decode.py`'s.  Grid (kv head, kv split, request row).  Each program takes the
+`group` q heads of one kv head for one request as the rows of a 16-row matrix (Triton's smallest
+dot), rotates them in registers, and walks the request's *earlier* keys (positions below
+kv_len - 1) in blocks of `block_k` through the page table with an online softmax.  The step's own
+key never goes through memory: split 0 rotates it, scores it against q elementwise and starts
+its softmax state from it (m = its score, l = 1, acc = its value), and writes it and its value
+into their page slot.  No program of the launch reads that slot (every walk stops below it), so
+the write cannot race a read.  With kv splits > 1 (flash-decoding) the partial outputs are merged
+by `combine`, a second small Pallas kernel (XLA made two kernels of the jnp combine).
+
+Compared with the general path (q rope, K/V scatter, attention, two combine kernels) this is two
+kernels a layer instead of five, one with a single split.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+_LOG2E = math.log2(math.e)
+_DEFAULT_NUM_SMS = 132  # H100 SXM; only used to choose how many kv splits fill the chip
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def _decode_kernel(
+    kv_lens_ref,  # i32[max_num_seqs]
+    page_table_ref,  # i32[max_num_seqs * pages_per_seq]
+    num_seqs_ref,  # i32[1]
+    inv_freq_ref,  # f32[head_dim // 2]
+    q_ref,  # [num_tokens * num_q_heads (+ spare rows when interpreted), head_dim], not rotated
+    k_ref,  # [num_tokens * num_kv_heads, head_dim], not rotated
+    v_ref,  # [num_tokens * num_kv_heads, head_dim]
+    kv_ref,  # [num_pages * page_size * 2 * num_kv_heads, head_dim], aliased to kv_out_ref
+    *rest,
+    page_size: int,
+    pages_per_seq: int,
+    max_num_seqs: int,
+    num_q_heads: int,
+    num_kv_heads: int,
+    group: int,
+    block_m: int,
+    block_k: int,
+    num_splits: int,
+    rows_per_split: int,
+    clamp_rows: bool,
+    sm_scale: float,
+    sliding_window: int | None,
+    soft_cap: float | None,
+    precision,
+):
+    if num_splits == 1:
+        _zeros_ref, o_ref, kv_out_ref = rest  # o aliased onto zeros: padding rows stay 0
+        lse_ref = None
+    else:
+        o_ref, lse_ref, kv_out_ref = rest
+    h = pl.program_id(0)
+    split = pl.program_id(1)
+    j = pl.program_id(2)  # request row
+    head_dim = q_ref.shape[-1]
+    half = head_dim // 2
+
+    valid = (j < num_seqs_ref[0]) & (j < max_num_seqs)
+    seq = jnp.minimum(j, max_num_seqs - 1)
+    pos = jnp.where(valid, kv_lens_ref[seq] - 1, 0)  # this token's position = keys already paged
+    if sliding_window is not None:
+        kv_lo = lax.div(jnp.maximum(pos - sliding_window + 1, 0), block_k) * block_k
+    else:
+        kv_lo = jnp.int32(0)
+    num_blocks = jnp.where(pos > kv_lo, lax.div(pos - kv_lo + block_k - 1, block_k), 0)
+    per_split = lax.div(num_blocks + num_splits - 1, num_splits)
+    blk_lo = split * per_split
+    blk_hi = jnp.minimum(blk_lo + per_split, num_blocks)
+
+    # Rotary embedding, rotate-half layout, in float32 then rounded to the input dtype as the
+    # unfused path does: out[c] = x[c] cos - x[c + half] sin (c < half), x[c] cos + x[c - half] sin.
+    col = lax.broadcasted_iota(jnp.int32, (head_dim,), 0)
+    partner = jnp.where(col < half, col + half, col - half)
+    sign = jnp.where(col < half, -1.0, 1.0).astype(jnp.float32)
+    angle = pos.astype(jnp.float32) * plgpu.load(inv_freq_ref.at[lax.rem(col, half)])
+    cos, sin = jnp.cos(angle), jnp.sin(angle)
+
+    def rotate(x, x_partner):
+        return x.astype(jnp.float32) * cos + sign * x_partner.astype(jnp.float32) * sin
+
+    r = lax.broadcasted_iota(jnp.int32, (block_m,), 0)
+    row_valid = (r < group) & valid
+    q_row = j * num_q_heads + h * group + r
+    if clamp_rows:
+        q_row = jnp.where(row_valid, q_row, 0)
+    # else (interpreter): masked-off rows keep distinct indices (spare rows at the end), since the
+    # interpreter writes a masked lane's old value back to its index.
+    q = plgpu.load(q_ref.at[q_row[:, None], col[None, :]], mask=row_valid[:, None], other=0.0)
+    q_p = plgpu.load(q_ref.at[q_row[:, None], partner[None, :]], mask=row_valid[:, None], other=0.0)
+    q = rotate(q, q_p).astype(q_ref.dtype)  # [block_m, head_dim]
+
+    kv_row_new = j * num_kv_heads + h
+    k_new = plgpu.load(k_ref.at[kv_row_new, col])
+    k_new = rotate(k_new, plgpu.load(k_ref.at[kv_row_new, partner])).astype(kv_ref.dtype)
+    v_new = plgpu.load(v_ref.at[kv_row_new, col])
+    page_row0 = seq * pages_per_seq
+    # Split 0 owns the new key: it writes it (rotated) and its value into their slot.
+    slot_page = plgpu.load(page_table_ref.at[page_row0 + jnp.minimum(lax.div(pos, page_size),
+                                                                     pages_per_seq - 1)])
+    slot_row = (slot_page * page_size + lax.rem(pos, page_size)) * (2 * num_kv_heads) + 2 * h
+    write = (col >= 0) & valid & (split == 0)
+    plgpu.store(kv_out_ref.at[slot_row, col], k_new, mask=write)
+    plgpu.store(kv_out_ref.at[slot_row + 1, col], v_new.astype(kv_ref.dtype), mask=write)
+
+    def score(s):  # raw q.k -> log2-domain logits
+        s = s * sm_scale
+        if soft_cap is not None:
+            s = soft_cap * jnp.tanh(s / soft_cap)
+        return s * _LOG2E
+
+    s_new = score(jnp.sum(q.astype(jnp.float32) * k_new.astype(jnp.float32)[None, :], axis=1))
+    first = jnp.broadcast_to(split == 0, (block_m,))
+    m_i = jnp.where(first, s_new, -jnp.inf)  # [block_m]
+    l_i = first.astype(jnp.float32)
+    acc = l_i[:, None] * v_new.astype(jnp.float32)[None, :]  # [block_m, head_dim]
+
+    one_page_per_block = page_size % block_k == 0  # blocks never straddle pages (kv_lo is aligned)
+    kcol = col[None, :]
+
+    def body(b, carry):
+        acc, m_prev, l_prev = carry
+        start = kv_lo + b * block_k
+        k_pos = start + lax.broadcasted_iota(jnp.int32, (block_k,), 0)
+        k_valid = k_pos < pos
+        if sliding_window is not None:
+            k_valid &= pos - k_pos < sliding_window
+        if one_page_per_block:
+            page = plgpu.load(page_table_ref.at[page_row0 + lax.div(start, page_size)])
+            k_row = (page * page_size + lax.rem(k_pos, page_size)) * (2 * num_kv_heads) + 2 * h
+        else:
+            pt_idx = jnp.where(k_valid, page_row0 + lax.div(k_pos, page_size), 0)
+            page = plgpu.load(page_table_ref.at[pt_idx], mask=k_valid, other=0)
+            k_row = (page * page_size + lax.rem(k_pos, page_size)) * (2 * num_kv_heads) + 2 * h
+        k = plgpu.load(kv_ref.at[k_row[:, None], kcol], mask=k_valid[:, None], other=0.0)
+        v = plgpu.load(kv_ref.at[k_row[:, None] + 1, kcol], mask=k_valid[:, None], other=0.0)
+        s = score(plgpu.dot(q, k, trans_b=True, precision=precision))  # [block_m, block_k] f32
+        s = jnp.where(k_valid[None, :], s, -jnp.inf)
+        m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
+        m_safe = jnp.where(m_next == -jnp.inf, 0.0, m_next)  # splits that have seen no key yet
+        alpha = jnp.exp2(m_prev - m_safe)
+        p = jnp.exp2(s - m_safe[:, None])
+        l_next = l_prev * alpha + jnp.sum(p, axis=1)
+        pv = plgpu.dot(p.astype(v.dtype), v, precision=precision)
+        return acc * alpha[:, None] + pv, m_next, l_next
+
+    acc, m_i, l_i = lax.fori_loop(blk_lo, blk_hi, body, (acc, m_i, l_i))
+
+    has_keys = l_i > 0
+    out = acc / jnp.where(has_keys, l_i, 1.0)[:, None]
+    if num_splits == 1:
+        plgpu.store(o_ref.at[q_row[:, None], kcol], out.astype(o_ref.dtype), mask=row_valid[:, None])
+    else:
+        o_row = split * rows_per_split + q_row
+        plgpu.store(o_ref.at[o_row[:, None], kcol], out, mask=row_valid[:, None])
+        lse = jnp.where(has_keys, m_i + jnp.log2(jnp.where(has_keys, l_i, 1.0)), -jnp.inf)
+        plgpu.store(lse_ref.at[o_row], lse, mask=row_valid)
+
+
+def _combine_kernel(num_valid_ref, o_part_ref, lse_ref, out_ref, *, num_splits: int, rows: int,
+                    block_rows: int, rows_per_token: int):
+    """Merge the splits' partial outputs of `block_rows` rows by log-sum-exp; rows of padding
+    tokens (garbage in the partials) come out zero."""
+    i = pl.program_id(0)
+    row = i * block_rows + lax.broadcasted_iota(jnp.int32, (block_rows,), 0)
+    valid = lax.div(row, rows_per_token) < num_valid_ref[0]
+    head_dim = o_part_ref.shape[-1]
+    col = lax.broadcasted_iota(jnp.int32, (1, head_dim), 1)
+    lses = [jnp.where(valid, plgpu.load(lse_ref.at[s * rows + row]), -jnp.inf)
+            for s in range(num_splits)]
+    lse_max = functools.reduce(jnp.maximum, lses)
+    lse_max = jnp.where(lse_max == -jnp.inf, 0.0, lse_max)
+    num = jnp.zeros((block_rows, head_dim), jnp.float32)
+    total = jnp.zeros((block_rows,), jnp.float32)
+    for s in range(num_splits):
+        w = jnp.exp2(lses[s] - lse_max)  # 0 for splits without keys and for padding rows
+        part = plgpu.load(o_part_ref.at[(s * rows + row)[:, None], col])
+        num += w[:, None] * jnp.where(valid[:, None], part, 0.0)
+        total += w
+    out = num / jnp.where(total == 0, 1.0, total)[:, None]
+    plgpu.store(out_ref.at[row[:, None], col], out.astype(out_ref.dtype))
+
+
+def combine(o_part: jax.Array, lse: jax.Array, num_valid_tokens: jax.Array, *, num_splits: int,
+            num_tokens: int, num_q_heads: int, dtype, interpret: bool) -> jax.Array:
+    """o_part: f32[num_splits * rows, head_dim], lse: f32[num_splits * rows], split s's row x at
+    s * rows + x (rows >= num_tokens * num_q_heads; the first num_tokens * num_q_heads are
+    read).  Returns [num_tokens, num_q_heads, head_dim] in `dtype`; tokens at or past
+    num_valid_tokens[0] come out zero."""
+    head_dim = o_part.shape[-1]
+    rows = lse.shape[0] // num_splits
+    out_rows = num_tokens * num_q_heads
+    block_rows = math.gcd(out_rows, 32)
+    kernel = functools.partial(_combine_kernel, num_splits=num_splits, rows=rows,
+                               block_rows=block_rows, rows_per_token=num_q_heads)
+    out = pl.pallas_call(
+        kernel, grid=(out_rows // block_rows,),
+        out_shape=jax.ShapeDtypeStruct((out_rows, head_dim), dtype),
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1), interpret=interpret,
+        name=f"attention_split_combine_s{num_splits}",
+    )(num_valid_tokens.astype(jnp.int32).reshape(1), o_part, lse)
+    return out.reshape(num_tokens, num_q_heads, head_dim)
+
+
+def default_config(num_tokens: int, num_kv_heads: int, head_dim: int, page_size: int,
+                   pages_per_seq: int, num_sms: int = _DEFAULT_NUM_SMS) -> dict:
+    """Static (shape-only) choice of block_k and kv splits."""
+    block_k = 32 if head_dim <= 128 else 16  # as gpu.py (H100 sweep, NOTES.md)
+    block_k = min(block_k, _next_pow2(pages_per_seq * page_size))
+    max_blocks = -(-pages_per_seq * page_size // block_k)
+    programs = max(1, num_tokens * num_kv_heads)
+    num_splits = 1
+    while num_splits < 16 and programs * num_splits < 2 * num_sms and num_splits * 2 <= max_blocks:
+        num_splits *= 2
+    return dict(block_k=block_k, num_splits=num_splits, num_warps=4, num_stages=2)
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "block_k",
+                                             "num_splits", "num_warps", "num_stages", "interpret"))
+def _decode_attention(q, k, v, kv_pages, kv_lens, page_indices, num_seqs, inv_freq, *, sm_scale,
+                      sliding_window, soft_cap, block_k, num_splits, num_warps, num_stages, interpret):
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_pages, page_size, combined, _ = kv_pages.shape
+    num_kv_heads = combined // 2
+    group = num_q_heads // num_kv_heads
+    max_num_seqs, pages_per_seq = page_indices.shape
+    block_m = max(16, _next_pow2(group))
+    spare = block_m if interpret else 0  # interpreter: masked-off rows need distinct indices
+    rows = num_tokens * num_q_heads + spare
+    q2 = q.reshape(num_tokens * num_q_heads, head_dim)
+    if spare:
+        q2 = jnp.pad(q2, [(0, spare), (0, 0)])
+    kv2 = kv_pages.reshape(num_pages * page_size * combined, head_dim)
+    precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
+    kernel = functools.partial(
+        _decode_kernel, page_size=page_size, pages_per_seq=pages_per_seq, max_num_seqs=max_num_seqs,
+        num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, group=group, block_m=block_m,
+        block_k=block_k, num_splits=num_splits, rows_per_split=rows, clamp_rows=not interpret,
+        sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap, precision=precision)
+    args = [kv_lens.astype(jnp.int32), page_indices.reshape(-1).astype(jnp.int32),
+            num_seqs.astype(jnp.int32).reshape(1), inv_freq.astype(jnp.float32),
+            q2, k.reshape(num_tokens * num_kv_heads, head_dim),
+            v.reshape(num_tokens * num_kv_heads, head_dim), kv2]
+    kv_index = len(args) - 1
+    params = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+    grid = (num_kv_heads, num_splits, num_tokens)
+    name = f"decode_attention_bk{block_k}_s{num_splits}"
+    kv_shape = jax.ShapeDtypeStruct(kv2.shape, kv2.dtype)
+    if num_splits == 1:
+        out, kv2 = pl.pallas_call(
+            kernel, grid=grid, out_shape=(jax.ShapeDtypeStruct((rows, head_dim), q.dtype), kv_shape),
+            input_output_aliases={kv_index: 1, kv_index + 1: 0}, compiler_params=params,
+            interpret=interpret, name=name,
+        )(*args, jnp.zeros((rows, head_dim), q.dtype))
+        out = out[:num_tokens * num_q_heads].reshape(num_tokens, num_q_heads, head_dim)
+    else:
+        o_part, lse, kv2 = pl.pallas_call(
+            kernel, grid=grid,
+            out_shape=(jax.ShapeDtypeStruct((num_splits * rows, head_dim), jnp.float32),
+                       jax.ShapeDtypeStruct((num_splits * rows,), jnp.float32), kv_shape),
+            input_output_aliases={kv_index: 2}, compiler_params=params, interpret=interpret,
+            name=name,
+        )(*args)
+        num_valid = jnp.minimum(num_seqs.reshape(1), max_num_seqs)
+        out = combine(o_part, lse, num_valid, num_splits=num_splits, num_tokens=num_tokens,
+                      num_q_heads=num_q_heads, dtype=q.dtype, interpret=interpret)
+    return out, kv2.reshape(kv_pages.shape)
+
+
+def decode_attention(q, k, v, kv_pages, kv_lens, page_indices, num_seqs, inv_freq, *, sm_scale,
+                     sliding_window=None, soft_cap=None, block_k=None, num_splits=None,
+                     num_warps=None, num_stages=None, interpret=None):
+    """`decode.py`'s contract; the keyword tuning args override `default_config`.  `interpret`
+    defaults to True on the CPU backend (tests)."""
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_kv_heads = kv_pages.shape[2] // 2
+    if num_q_heads % num_kv_heads:
+        raise ValueError(f"num_q_heads ({num_q_heads}) must be a multiple of num_kv_heads "
+                         f"({num_kv_heads})")
+    if head_dim % 2 or _next_pow2(head_dim) != head_dim:
+        # Triton blocks are powers of two and zero-padding would move rope's halves: odd head
+        # dims take the composite path.
+        from .decode import composite
+        from .gpu import ragged_paged_attention
+        return composite(ragged_paged_attention)(
+            q, k, v, kv_pages, kv_lens, page_indices, num_seqs, inv_freq, sm_scale=sm_scale,
+            sliding_window=sliding_window, soft_cap=soft_cap)
+    if interpret is None:
+        interpret = jax.default_backend() == "cpu"
+    cfg = default_config(num_tokens, num_kv_heads, head_dim, kv_pages.shape[1], page_indices.shape[1])
+    for key, value in (("block_k", block_k), ("num_splits", num_splits), ("num_warps", num_warps),
+                       ("num_stages", num_stages)):
+        if value is not None:
+            cfg[key] = value
+    return _decode_attention(
+        q, k, v, kv_pages, kv_lens, page_indices, num_seqs, inv_freq, sm_scale=float(sm_scale),
+        sliding_window=sliding_window, soft_cap=None if soft_cap is None else float(soft_cap),
+        interpret=bool(interpret), **cfg)

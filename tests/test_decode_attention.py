@@ -1,0 +1,165 @@
+"""Decode attention with rope and the KV write folded in (ragged_paged_attention/decode.py): the GPU
+kernel against the composite of reference ops, on random decode steps, and every GPU kernel's
+lowering to Triton for the H100 (checked on CPU, so a kernel that cannot lower fails here and not
+on the device)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from test_ragged_paged_attention import STALE_VALUE, TOL, make_batch, rel_err
+from jaxengine.pallas_kernels.ragged_paged_attention import decode, get_decode_attention, gpu_decode
+
+BACKEND = jax.default_backend()
+
+
+def decode_step(seed, ctx_lens, *, num_kv_heads, group, head_dim, page_size, dtype, extra_seqs=2,
+                extra_tokens=3):
+    """A decode-only step: request j is row j with one new token at position ctx_lens[j] - 1.
+    The new token's slot holds a stale value before the call: reading it instead of using the
+    token's own k/v fails the comparison."""
+    b = make_batch(seed, [1] * len(ctx_lens), ctx_lens, num_kv_heads=num_kv_heads, group=group,
+                   head_dim=head_dim, page_size=page_size, dtype=jnp.float32,
+                   extra_seqs=extra_seqs, extra_tokens=extra_tokens)
+    kv = np.asarray(b.kv_pages).copy()
+    pages = np.asarray(b.page_indices)
+    for j, c in enumerate(ctx_lens):
+        kv[pages[j, (c - 1) // page_size], (c - 1) % page_size] = STALE_VALUE
+    rng = np.random.default_rng(seed + 1)
+    num_tokens = b.q.shape[0]
+    k = rng.standard_normal((num_tokens, num_kv_heads, head_dim))
+    v = rng.standard_normal((num_tokens, num_kv_heads, head_dim))
+    inv_freq = 1.0 / (10000.0 ** (np.arange(0, head_dim, 2) / head_dim))
+    return (b.q.astype(dtype), jnp.asarray(k, dtype), jnp.asarray(v, dtype), jnp.asarray(kv, dtype),
+            b.kv_lens, b.page_indices, b.num_seqs, jnp.asarray(inv_freq, jnp.float32))
+
+
+# (ctx_lens, group, head_dim, page_size, dtype, window, cap, overrides)
+CASES = [
+    ([37], 1, 64, 16, jnp.float32, None, None, {}),
+    ([1], 4, 64, 16, jnp.float32, None, None, {}),  # first token: no earlier key at all
+    ([1, 16, 17, 50, 3, 64, 33], 4, 128, 16, jnp.bfloat16, None, None, {}),
+    ([1, 16, 17, 50, 3, 64, 33], 4, 64, 16, jnp.float32, None, None, dict(num_splits=1)),
+    ([1, 16, 17, 50, 3, 64, 33], 8, 64, 32, jnp.float32, None, None, dict(num_splits=4, block_k=16)),
+    ([70, 5, 33], 4, 64, 16, jnp.float32, None, None, dict(block_k=16)),  # one page per block
+    ([70, 5, 33], 4, 64, 64, jnp.float32, None, None, dict(block_k=32, num_splits=2)),  # 2 blocks a page
+    ([70, 5, 33], 1, 64, 8, jnp.bfloat16, None, None, dict(block_k=32)),  # 4 pages a block
+    ([60, 9, 41], 4, 64, 16, jnp.float32, 12, None, {}),
+    ([60, 9, 41], 4, 64, 16, jnp.float32, 12, None, dict(num_splits=1)),
+    ([60, 9, 41], 8, 128, 16, jnp.float32, None, 5.0, {}),
+    ([int(x) for x in np.random.default_rng(0).integers(1, 80, 33)], 4, 64, 16, jnp.bfloat16, 20, 10.0, {}),
+]
+
+
+def _case_id(case):
+    ctx, group, head_dim, page_size, dtype, window, cap, over = case
+    return (f"n{len(ctx)}-g{group}-d{head_dim}-p{page_size}-{jnp.dtype(dtype).name}"
+            f"{'-win' if window else ''}{'-cap' if cap else ''}"
+            + "".join(f"-{k}{v}" for k, v in over.items()))
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_gpu_kernel_matches_composite_of_reference_ops(case):
+    ctx, group, head_dim, page_size, dtype, window, cap, over = case
+    args = decode_step(len(ctx) * 7 + group, ctx, num_kv_heads=1 if group == 8 else 2, group=group,
+                       head_dim=head_dim, page_size=page_size, dtype=dtype)
+    kw = dict(sm_scale=head_dim ** -0.5, sliding_window=window, soft_cap=cap)
+    with jax.default_matmul_precision("highest"):
+        want_out, want_kv = decode.reference_decode_attention(*args, **kw)
+    out, kv = gpu_decode.decode_attention(*args, **kw, **over)
+    n = len(ctx)
+    out = np.asarray(out.astype(jnp.float32))
+    assert out.shape == args[0].shape
+    assert np.all(out[n:] == 0), "padding rows must be zero"
+    assert np.all(np.isfinite(out[:n]))
+    err = rel_err(out[:n], np.asarray(want_out.astype(jnp.float32))[:n])
+    assert err <= TOL[dtype], f"relative error {err:.3g} > {TOL[dtype]}"
+    # Pages: the new slots hold the rotated k and v (up to rope's float32 rounding), every other
+    # slot is untouched, and padding rows wrote nothing.
+    kv, want_kv, before = (np.asarray(a.astype(jnp.float32)) for a in (kv, want_kv, args[3]))
+    changed = np.any(want_kv != before, axis=(2, 3))
+    assert changed.sum() == n
+    np.testing.assert_array_equal(kv[~changed], before[~changed])
+    np.testing.assert_allclose(kv[changed], want_kv[changed], rtol=TOL[dtype], atol=TOL[dtype])
+
+
+def test_composite_is_rope_then_write_then_attention():
+    """The composite writes rotated k (not k) and attends with rotated q: checked against
+    rotating by hand and calling the reference ragged attention on the written pages."""
+    from jaxengine.pallas_kernels.ragged_paged_attention import reference
+    ctx = [5, 20, 3]
+    q, k, v, kv, kv_lens, pages, num_seqs, inv_freq = decode_step(3, ctx, num_kv_heads=2, group=2,
+                                                                 head_dim=32, page_size=8, dtype=jnp.float32)
+    out, new_kv = decode.reference_decode_attention(q, k, v, kv, kv_lens, pages, num_seqs, inv_freq,
+                                                    sm_scale=0.3)
+    pos = np.zeros(q.shape[0], np.int32)
+    pos[:3] = np.asarray(ctx) - 1
+    cos, sin = decode.rope_cos_sin(jnp.asarray(pos), inv_freq)
+    k_rot = np.asarray(decode.apply_rope(k, cos, sin))
+    for j, c in enumerate(ctx):
+        slot = np.asarray(new_kv)[np.asarray(pages)[j, (c - 1) // 8], (c - 1) % 8]
+        np.testing.assert_array_equal(slot[0::2], k_rot[j])
+        np.testing.assert_array_equal(slot[1::2], np.asarray(v)[j])
+    cu = np.minimum(np.arange(pages.shape[0] + 1), 3).astype(np.int32)
+    want = reference.ragged_paged_attention(decode.apply_rope(q, cos, sin), new_kv, kv_lens, pages,
+                                            jnp.asarray(cu), num_seqs, sm_scale=0.3)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(want))
+
+
+def test_dispatch():
+    assert get_decode_attention("gpu") is gpu_decode.decode_attention
+    assert get_decode_attention("reference") is not gpu_decode.decode_attention
+    with pytest.raises(ValueError, match="attention impl"):
+        get_decode_attention("cuda-graphs")
+
+
+# ---------------------------------------------------------------------------------------------
+# Lowering to Triton for sm_90, without a GPU: Pallas lowers a kernel to Triton IR before XLA
+# compiles it, and a kernel that uses something the Triton lowering lacks fails at this stage.
+# The lowering asks the device for its compute capability; on CPU we name an H100.
+
+
+@pytest.fixture
+def as_h100(monkeypatch):
+    if BACKEND != "gpu":
+        from jax._src.pallas.triton import gpu_info
+        monkeypatch.setattr(gpu_info, "get_gpu_info", lambda: gpu_info._get_gpu_info_impl(gpu_info.GpuVersion.H100))
+
+
+def lower_for_cuda(fn, *shapes) -> str:
+    from jax import export
+    exp = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[
+        export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*shapes)
+    return exp.mlir_module()
+
+
+def _sds(shape, dtype=jnp.bfloat16):
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+
+T, HQ, HKV, D, PAGES, PS = 64, 32, 8, 128, 256, 16  # Llama-3-8B attention shapes
+
+
+@pytest.mark.parametrize("num_splits", [1, 8])
+def test_decode_kernel_lowers_to_triton_for_h100(as_h100, num_splits):
+    i32 = jnp.int32
+    mlir = lower_for_cuda(
+        lambda *a: gpu_decode.decode_attention(*a, sm_scale=0.088, num_splits=num_splits, interpret=False),
+        _sds((T, HQ, D)), _sds((T, HKV, D)), _sds((T, HKV, D)), _sds((PAGES, PS, 2 * HKV, D)),
+        _sds((T,), i32), _sds((T, 16), i32), _sds((1,), i32), _sds((D // 2,), jnp.float32))
+    # the attention kernel, plus the split combine when there are splits
+    assert mlir.count("xla.gpu.triton") == (1 if num_splits == 1 else 2)
+
+
+@pytest.mark.parametrize("num_tokens", [8, 2048])  # a decode bucket (splits) and a prefill bucket
+def test_ragged_kernel_lowers_to_triton_for_h100(as_h100, num_tokens):
+    from jaxengine.pallas_kernels.ragged_paged_attention import gpu
+    i32 = jnp.int32
+    mlir = lower_for_cuda(
+        lambda *a: gpu.ragged_paged_attention(*a, sm_scale=0.088, interpret=False),
+        _sds((num_tokens, HQ, D)), _sds((PAGES, PS, 2 * HKV, D)), _sds((T,), i32), _sds((T, 16), i32),
+        _sds((T + 1,), i32), _sds((1,), i32))
+    assert "xla.gpu.triton" in mlir
