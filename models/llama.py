@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 from jaxengine.config import ModelConfig
 from jaxengine.pallas_kernels.ragged_paged_attention import write_kv
-from jaxengine.pallas_kernels.ragged_paged_attention.decode import apply_rope, rope_cos_sin
+from jaxengine.pallas_kernels.ragged_paged_attention.decode import apply_rope, rope_cos_sin, split_qkv
 
 Params = dict[str, Any]
 
@@ -165,13 +165,16 @@ def attention_block(p: Params, cfg: ModelConfig, x: jax.Array, rope: Any,
     `attention` (a decode_attention, pallas_kernels/ragged_paged_attention/decode.py) rotates
     q and k with itself while it writes the KV slots."""
     t = x.shape[0]
+    kw = dict(sm_scale=cfg.head_dim ** -0.5, sliding_window=cfg.sliding_window)
+    decode_args = (batch["kv_lens"], batch["page_indices"], batch["num_seqs"], rope)
     if "qkv_proj" in p:  # "fused" layout: one GEMM, [num_tokens, num_kv_heads, group + 2, head_dim]
-        g = cfg.num_heads // cfg.num_kv_heads
         qkv = jnp.einsum("ti,ngdi->tngd", x, p["qkv_proj"]["weight"])
         if "bias" in p["qkv_proj"]:
             qkv = qkv + p["qkv_proj"]["bias"]
-        q = qkv[:, :, :g].reshape(t, cfg.num_heads, cfg.head_dim)  # q head i belongs to kv head i // g
-        k, v = qkv[:, :, g], qkv[:, :, g + 1]
+        if decode and not cfg.qk_norm:  # the kernel reads q, k and v out of the one buffer
+            out, kv_pages = attention(qkv, None, None, kv_pages, *decode_args, **kw)
+            return linear(out.reshape(t, cfg.num_heads * cfg.head_dim), p["o_proj"]), kv_pages
+        q, k, v = split_qkv(qkv)
     else:
         q = linear(x, p["q_proj"]).reshape(t, cfg.num_heads, cfg.head_dim)  # [num_tokens, num_q_heads, head_dim]
         k = linear(x, p["k_proj"]).reshape(t, cfg.num_kv_heads, cfg.head_dim)
@@ -180,15 +183,13 @@ def attention_block(p: Params, cfg: ModelConfig, x: jax.Array, rope: Any,
         q = rms_norm(q, p["q_norm"]["weight"], cfg.rms_norm_eps)
         k = rms_norm(k, p["k_norm"]["weight"], cfg.rms_norm_eps)
     if decode:
-        out, kv_pages = attention(q, k, v, kv_pages, batch["kv_lens"], batch["page_indices"],
-                                  batch["num_seqs"], rope, sm_scale=cfg.head_dim ** -0.5,
-                                  sliding_window=cfg.sliding_window)
+        out, kv_pages = attention(q, k, v, kv_pages, *decode_args, **kw)
     else:
         cos, sin = rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         kv_pages = write_kv(kv_pages, k, v, batch["slot_mapping"])
         out = attention(q, kv_pages, batch["kv_lens"], batch["page_indices"], batch["cu_q_lens"],
-                        batch["num_seqs"], sm_scale=cfg.head_dim ** -0.5, sliding_window=cfg.sliding_window)
+                        batch["num_seqs"], **kw)
     return linear(out.reshape(t, cfg.num_heads * cfg.head_dim), p["o_proj"]), kv_pages
 
 

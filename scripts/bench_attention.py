@@ -1,6 +1,6 @@
 """Benchmark ragged paged attention on the local accelerator; prints a table, writes JSON.
 
-    python scripts/bench_attention.py --out bench_attention.json [--quick]
+    python scripts/bench_attention.py --out bench_attention.json [--quick | --prefill-sweep]
 
 Shapes are Llama-3-8B's attention (32 q heads, 8 kv heads, head_dim 128, bf16).  Each figure is
 the median over repeats of the time per call, with every call inside one jitted fori_loop (so
@@ -9,6 +9,8 @@ bench_latency.py does: HBM bandwidth is the best of an XLA elementwise copy (byt
 an XLA read-only sum and, where torch is installed, torch's device copy; bf16 matmul rate the best
 of XLA's and torch's 8192^3 product.  "bytes" counts what a step must read at least once (each request's K/V for
 all kv heads, q) and write (out); "flops" counts 4 * head_dim per visible (q head, key) pair.
+"rel err" is against the jnp reference where it fits in memory, else (one whole causal prefill)
+against jax.nn.dot_product_attention on the same K/V gathered out of the pages.
 """
 
 from __future__ import annotations
@@ -32,10 +34,32 @@ NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM = 32, 8, 128
 DTYPE = jnp.bfloat16
 SM_SCALE = HEAD_DIM ** -0.5
 MAX_CTX_TOKENS = 1 << 21  # per case: 2M tokens of K/V = 8.6 GB in bf16
+# Prefill tuning sweep (chunks 4096 and 8192; group 4, so rows = 4 * block_q).  The defaults are
+# block_q 32 (128 rows), block_k 32, 8 warps, 2 stages, prescale_q off.  Every entry runs through
+# the kernel in tests/test_ragged_paged_attention.py, so the sweep never times an untested config.
+# Beside each: registers and shared memory from an offline Triton 3.6 compile for sm_90a (page 32).
+# At 2 stages the next block's K/V copy is issued after this block's dots and awaited first thing
+# in the next iteration (no overlap at 1 program per SM); 3+ stages keep a block in flight.
+PREFILL_SWEEP = {
+    "st3": dict(num_stages=3),  # 204 regs, 80 KB
+    "st4": dict(num_stages=4),  # 204 regs, 96 KB
+    "bq32bk64": dict(block_q=32, block_k=64),  # 234 regs, 96 KB
+    "bk64st3": dict(block_k=64, num_stages=3),  # 255 regs, 128 KB
+    "bk64st4": dict(block_k=64, num_stages=4),  # 255 regs, 160 KB
+    "bk128w8": dict(block_k=128, num_warps=8),  # 255 regs (8 B spilled), 160 KB
+    "bk128w8st3": dict(block_k=128, num_warps=8, num_stages=3),  # 40 B spilled, 224 KB
+    "bq64bk64w8": dict(block_q=64, block_k=64, num_warps=8),  # 256 rows: 1.4 KB spilled
+    "w4": dict(num_warps=4),  # 1 KB spilled
+    "bk64w4st3": dict(block_k=64, num_warps=4, num_stages=3),  # 1.5 KB spilled
+    "pq": dict(prescale_q=True),
+    "st3pq": dict(num_stages=3, prescale_q=True),
+    "bk64st3pq": dict(block_k=64, num_stages=3, prescale_q=True),
+}
 
 
 def timed(fn, *args, inner=10, repeats=5):
-    """Median seconds per call of fn(*args), fn's calls chained in one jitted loop."""
+    """(median seconds per call of fn(*args), its output), fn's calls chained in one jitted loop;
+    the output doubles as the correctness check, so each config compiles once."""
     def loop(*args):
         q = args[0]
         out = fn(*args)
@@ -44,13 +68,13 @@ def timed(fn, *args, inner=10, repeats=5):
             out = fn(q + (out.reshape(-1)[0] * 0).astype(q.dtype), *args[1:])
         return out
     loop = jax.jit(loop)
-    jax.block_until_ready(loop(*args))
+    out = jax.block_until_ready(loop(*args))
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         jax.block_until_ready(loop(*args))
         times.append((time.perf_counter() - t0) / (inner + 1))
-    return statistics.median(times)
+    return statistics.median(times), out
 
 
 def measure_ceilings():
@@ -114,6 +138,16 @@ def jax_gpu_paged_attention_peer(args, page_size):
     return fn, (q, k_pages, v_pages, page_indices, kv_lens)
 
 
+def dense_causal_reference(args, num_tokens):
+    """One request's whole causal prefill: its K/V gathered out of the pages into contiguous
+    arrays, then jax.nn.dot_product_attention (XLA's: ~9 GB of f32 logits at 8192 tokens)."""
+    q, kv_pages, _, page_indices, _, _ = args
+    ctx = kv_pages[page_indices[0]].reshape(-1, 2 * NUM_KV_HEADS, HEAD_DIM)[None, :num_tokens]
+    attend = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
+        q, k, v, is_causal=True, scale=SM_SCALE))
+    return attend(q[None], ctx[:, :, 0::2], ctx[:, :, 1::2])[0]
+
+
 def run_case(rows, kind, name, q_lens, ctx_lens, page_size, hbm, mxu, peers=(), variants=None):
     args, bytes_, flops = make_step(q_lens, ctx_lens, page_size)
     impls = {"ours": lambda *a: gpu.ragged_paged_attention(*a, sm_scale=SM_SCALE)}
@@ -125,14 +159,15 @@ def run_case(rows, kind, name, q_lens, ctx_lens, page_size, hbm, mxu, peers=(), 
         row = dict(kind=kind, case=name, page_size=page_size, impl=impl, bytes=bytes_,
                    flops=flops)
         try:
-            out = jax.jit(fn)(*args)
+            t, out = timed(fn, *args)
+            row.update(time_us=t * 1e6, hbm_frac=bytes_ / t / hbm, mxu_frac=flops / t / mxu)
             if ref_out is None and sum(q_lens) * max(ctx_lens) <= 64 * 4096:
                 ref_out = reference.ragged_paged_attention(*args, sm_scale=SM_SCALE)
+            elif ref_out is None and len(q_lens) == 1 and q_lens == ctx_lens:
+                ref_out = dense_causal_reference(args, q_lens[0])
             if ref_out is not None:
                 o, r = np.asarray(out, np.float32), np.asarray(ref_out, np.float32)
                 row["rel_err"] = float(np.linalg.norm(o - r) / np.linalg.norm(r))
-            t = timed(fn, *args)
-            row.update(time_us=t * 1e6, hbm_frac=bytes_ / t / hbm, mxu_frac=flops / t / mxu)
         except Exception as e:  # record and go on: one failing shape must not end the run
             row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
             traceback.print_exc(limit=3)
@@ -155,7 +190,7 @@ def run_case(rows, kind, name, q_lens, ctx_lens, page_size, hbm, mxu, peers=(), 
             elif peer == "reference":
                 fn = lambda *a: reference.ragged_paged_attention(*a, sm_scale=SM_SCALE)
                 pargs = args
-            t = timed(fn, *pargs, inner=3 if peer == "reference" else 10)
+            t, _ = timed(fn, *pargs, inner=3 if peer == "reference" else 10)
             row.update(time_us=t * 1e6, hbm_frac=bytes_ / t / hbm, mxu_frac=flops / t / mxu)
         except Exception as e:
             row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
@@ -179,6 +214,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench_attention.json")
     ap.add_argument("--quick", action="store_true", help="a few shapes only")
+    ap.add_argument("--prefill-sweep", action="store_true",
+                    help="prefill only: every chunk, PREFILL_SWEEP at 4096 and 8192, and those two "
+                         "chunks with a few variants at the other --page-sizes")
     ap.add_argument("--page-sizes", default="16,32,64")
     ap.add_argument("--decode-page-size", type=int, default=32)
     args = ap.parse_args()
@@ -197,40 +235,48 @@ def main():
             json.dump(result, f, indent=1)
 
     ps = args.decode_page_size
-    batches = [8, 64] if args.quick else [1, 8, 64, 256]
-    ctxs = [2048, 8192] if args.quick else [512, 2048, 8192, 32768]
-    for b in batches:
-        for c in ctxs:
-            if b * c > MAX_CTX_TOKENS:
-                continue
-            peers = ["jax_gpu_paged"] + (["reference"] if b * c <= 8 * 2048 else [])
-            save(); run_case(rows, "decode", f"b{b} ctx{c}", [1] * b, [c] * b, ps, hbm, mxu, peers)
-    # Tuning sweep on two decode shapes, then a page-size sweep.
-    sweep = {"bk64": dict(block_k=64), "st3": dict(num_stages=3), "st4": dict(num_stages=4),
-             "s8": dict(num_splits=8), "s16": dict(num_splits=16), "s16st3": dict(num_splits=16, num_stages=3),
-             "s32st3": dict(num_splits=32, num_stages=3), "bk64st3": dict(block_k=64, num_stages=3),
-             "s4": dict(num_splits=4)}
-    for b, c in [(8, 2048), (8, 8192), (64, 2048)]:
-        save(); run_case(rows, "decode-sweep", f"b{b} ctx{c}", [1] * b, [c] * b, ps, hbm, mxu,
-                 variants=sweep)
-    for p in [int(x) for x in args.page_sizes.split(",")]:
-        if p == ps:
-            continue
-        for b, c in [(8, 8192), (64, 2048)]:
-            save(); run_case(rows, "decode", f"b{b} ctx{c}", [1] * b, [c] * b, p, hbm, mxu)
-    chunks = [512, 2048] if args.quick else [512, 2048, 4096, 8192]
+    other_pages = [p for p in (int(x) for x in args.page_sizes.split(",")) if p != ps]
+    if not args.prefill_sweep:
+        batches = [8, 64] if args.quick else [1, 8, 64, 256]
+        ctxs = [2048, 8192] if args.quick else [512, 2048, 8192, 32768]
+        for b in batches:
+            for c in ctxs:
+                if b * c > MAX_CTX_TOKENS:
+                    continue
+                peers = ["jax_gpu_paged"] + (["reference"] if b * c <= 8 * 2048 else [])
+                save(); run_case(rows, "decode", f"b{b} ctx{c}", [1] * b, [c] * b, ps, hbm, mxu,
+                         peers)
+        # Tuning sweep on two decode shapes, then a page-size sweep.
+        sweep = {"bk64": dict(block_k=64), "st3": dict(num_stages=3), "st4": dict(num_stages=4),
+                 "s8": dict(num_splits=8), "s16": dict(num_splits=16),
+                 "s16st3": dict(num_splits=16, num_stages=3),
+                 "s32st3": dict(num_splits=32, num_stages=3),
+                 "bk64st3": dict(block_k=64, num_stages=3), "s4": dict(num_splits=4)}
+        for b, c in [(8, 2048), (8, 8192), (64, 2048)]:
+            save(); run_case(rows, "decode-sweep", f"b{b} ctx{c}", [1] * b, [c] * b, ps, hbm, mxu,
+                     variants=sweep)
+        for p in other_pages:
+            for b, c in [(8, 8192), (64, 2048)]:
+                save(); run_case(rows, "decode", f"b{b} ctx{c}", [1] * b, [c] * b, p, hbm, mxu)
+    chunks = [512, 2048, 4096] if args.quick else [512, 2048, 4096, 8192]
+    sweep_chunks = [4096] if args.quick else [4096, 8192]
     for t in chunks:
         peers = ["cudnn"] + (["reference"] if t <= 512 else [])
         save(); run_case(rows, "prefill", f"chunk{t}", [t], [t], ps, hbm, mxu, peers,
-                 variants={"bq16": dict(block_q=16), "bk32": dict(block_k=32),
-                           "bq64bk32": dict(block_q=64, block_k=32),
-                           "st3": dict(num_stages=3), "w4": dict(num_warps=4)}
-                 if t == 4096 else None)
+                 variants=PREFILL_SWEEP if t in sweep_chunks else None)
+    if args.prefill_sweep:
+        # The page size decides whether a block_k tile lies in one page (page_size % block_k == 0:
+        # one page-table read per block) or takes the per-key gather.
+        for p in other_pages:
+            for t in sweep_chunks:
+                save(); run_case(rows, "prefill", f"chunk{t}", [t], [t], p, hbm, mxu,
+                         variants={k: PREFILL_SWEEP[k] for k in ("st3", "bk64st3", "bk128w8")})
     save(); run_case(rows, "prefill", "chunk2048 at ctx8192", [2048], [8192], ps, hbm, mxu)
-    save(); run_case(rows, "mixed", "512 prefill + 63 dec ctx2048", [512] + [1] * 63,
-             [512] + [2048] * 63, ps, hbm, mxu)
-    save(); run_case(rows, "mixed", "4x256 prefill + 60 dec ctx4096", [256] * 4 + [1] * 60,
-             [1024] * 4 + [4096] * 60, ps, hbm, mxu)
+    if not args.prefill_sweep:
+        save(); run_case(rows, "mixed", "512 prefill + 63 dec ctx2048", [512] + [1] * 63,
+                 [512] + [2048] * 63, ps, hbm, mxu)
+        save(); run_case(rows, "mixed", "4x256 prefill + 60 dec ctx4096", [256] * 4 + [1] * 60,
+                 [1024] * 4 + [4096] * 60, ps, hbm, mxu)
     save()
 
 

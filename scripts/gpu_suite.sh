@@ -18,6 +18,7 @@
 #   throughput  bench_throughput, 8B, ShareGPT-like mix of 256 prompts, default and finer buckets  ~8 min
 #   startup     8B cold and warm compilation cache                                                ~2 min
 #   attention   bench_attention --quick                                                           ~4 min
+#   prefill     bench_attention --prefill-sweep (prefill chunks 512-8192, tile/stage sweep at 4k and 8k)  ~5 min
 #   hf-static   Hugging Face static-cache generate(), 8B batch 1 and 64 (long compile)            ~8 min
 #   hf-eager    Hugging Face eager generate(), 1B and 8B, batch 1 and 64                          ~2 min
 # Everything is also runnable by hand: each part is one or two commands below.
@@ -43,7 +44,7 @@ for part in "$@"; do
       (cd tests && timeout 300 python3 -m pytest -q test_ragged_paged_attention.py test_decode_attention.py \
         test_fused_matmul.py test_multi_step.py "test_parity.py::test_fused_matmul_greedy_decode_matches_transformers" \
         "test_parity.py::test_decode_attention_greedy_decode_matches_transformers" \
-        --tb=short 2>&1 | grep -E "^E |passed|failed" | head -20) ;;
+        --tb=short > "$OUT/check.log" 2>&1; grep -E "^E |passed|failed" "$OUT/check.log" | head -20) ;;
     forward)
       timeout 500 python3 scripts/bench_forward.py --model llama-3.1-8b llama-3.2-1b --batch 1 64 \
         --profile-dir /tmp/prof --hlo-dir "$OUT/hlo" --json "$OUT/forward.json" > "$OUT/forward.log" 2>&1
@@ -84,6 +85,9 @@ for part in "$@"; do
     attention)
       timeout 560 python3 scripts/bench_attention.py --quick --out "$OUT/attention.json" \
         > "$OUT/attention.log" 2>&1; grep "^|" "$OUT/attention.log" | head -60 ;;
+    prefill)
+      timeout 330 python3 scripts/bench_attention.py --prefill-sweep --out "$OUT/prefill.json" \
+        > "$OUT/prefill.log" 2>&1; grep -E "^\||device" "$OUT/prefill.log" | head -90 ;;
     hf-static)
       XLA_PYTHON_CLIENT_PREALLOCATE=false lat hf_static --model llama-3.1-8b --batch 1 64 --no-engine \
         --hf-peer static ;;

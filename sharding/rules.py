@@ -238,6 +238,13 @@ def shard_decode_attention(decode_attention: Callable[..., Any], mesh: Mesh) -> 
     heads, pages = P(None, TP, None), P(None, None, TP, None)
 
     def sharded(q, k, v, kv_pages, kv_lens, page_indices, num_seqs, inv_freq, **kwargs):
+        if k is None:  # fused q/k/v [num_tokens, num_kv_heads, group + 2, head_dim]: split by kv head
+            def f(qkv, *rest):
+                return decode_attention(qkv, None, None, *rest, **kwargs)
+            return jax.shard_map(
+                f, mesh=mesh, in_specs=(P(None, TP, None, None), pages, P(), P(), P(), P()),
+                out_specs=(heads, pages), check_vma=False,
+            )(q, kv_pages, kv_lens, page_indices, num_seqs, inv_freq)
         f = functools.partial(decode_attention, **kwargs)
         return jax.shard_map(
             f, mesh=mesh, in_specs=(heads, heads, heads, pages, P(), P(), P(), P()),

@@ -61,18 +61,34 @@ def _case_id(case):
             + "".join(f"-{k}{v}" for k, v in over.items()))
 
 
-@pytest.mark.parametrize("case", CASES, ids=_case_id)
-def test_gpu_kernel_matches_composite_of_reference_ops(case):
+def fuse_qkv(q, k, v):
+    """The fused layout's projection [num_tokens, num_kv_heads, group + 2, head_dim]."""
+    t, n, d = k.shape
+    return jnp.concatenate([q.reshape(t, n, -1, d), k[:, :, None], v[:, :, None]], axis=2)
+
+
+# every case with separate q/k/v; some also with the fused projection as input
+RUNS = [(c, False) for c in CASES] + [(CASES[i], True) for i in (0, 2, 4, 6, 9, 11)]
+
+
+@pytest.mark.parametrize("case,fused_input", RUNS,
+                         ids=[_case_id(c) + ("-fused-qkv" if f else "") for c, f in RUNS])
+def test_gpu_kernel_matches_composite_of_reference_ops(case, fused_input):
     ctx, group, head_dim, page_size, dtype, window, cap, over = case
     args = decode_step(len(ctx) * 7 + group, ctx, num_kv_heads=1 if group == 8 else 2, group=group,
                        head_dim=head_dim, page_size=page_size, dtype=dtype)
     kw = dict(sm_scale=head_dim ** -0.5, sliding_window=window, soft_cap=cap)
     with jax.default_matmul_precision("highest"):
         want_out, want_kv = decode.reference_decode_attention(*args, **kw)
+    if fused_input:
+        args = (fuse_qkv(*args[:3]), None, None) + args[3:]
+        with jax.default_matmul_precision("highest"):  # the composite takes the fused input too
+            again, _ = decode.reference_decode_attention(*args, **kw)
+        np.testing.assert_array_equal(np.asarray(again), np.asarray(want_out))
     out, kv = gpu_decode.decode_attention(*args, **kw, **over)
     n = len(ctx)
     out = np.asarray(out.astype(jnp.float32))
-    assert out.shape == args[0].shape
+    assert out.shape == want_out.shape
     assert np.all(out[n:] == 0), "padding rows must be zero"
     assert np.all(np.isfinite(out[:n]))
     err = rel_err(out[:n], np.asarray(want_out.astype(jnp.float32))[:n])
@@ -143,13 +159,20 @@ def _sds(shape, dtype=jnp.bfloat16):
 T, HQ, HKV, D, PAGES, PS = 64, 32, 8, 128, 256, 16  # Llama-3-8B attention shapes
 
 
+@pytest.mark.parametrize("fused_input", [False, True], ids=["qkv", "fused-qkv"])
 @pytest.mark.parametrize("num_splits", [1, 8])
-def test_decode_kernel_lowers_to_triton_for_h100(as_h100, num_splits):
+def test_decode_kernel_lowers_to_triton_for_h100(as_h100, num_splits, fused_input):
     i32 = jnp.int32
-    mlir = lower_for_cuda(
-        lambda *a: gpu_decode.decode_attention(*a, sm_scale=0.088, num_splits=num_splits, interpret=False),
-        _sds((T, HQ, D)), _sds((T, HKV, D)), _sds((T, HKV, D)), _sds((PAGES, PS, 2 * HKV, D)),
-        _sds((T,), i32), _sds((T, 16), i32), _sds((1,), i32), _sds((D // 2,), jnp.float32))
+    if fused_input:
+        qkv = (_sds((T, HKV, HQ // HKV + 2, D)),)
+        fn = lambda qkv, *a: gpu_decode.decode_attention(qkv, None, None, *a, sm_scale=0.088,  # noqa: E731
+                                                         num_splits=num_splits, interpret=False)
+    else:
+        qkv = (_sds((T, HQ, D)), _sds((T, HKV, D)), _sds((T, HKV, D)))
+        fn = lambda *a: gpu_decode.decode_attention(*a, sm_scale=0.088, num_splits=num_splits,  # noqa: E731
+                                                    interpret=False)
+    mlir = lower_for_cuda(fn, *qkv, _sds((PAGES, PS, 2 * HKV, D)), _sds((T,), i32), _sds((T, 16), i32),
+                          _sds((1,), i32), _sds((D // 2,), jnp.float32))
     # the attention kernel, plus the split combine when there are splits
     assert mlir.count("xla.gpu.triton") == (1 if num_splits == 1 else 2)
 

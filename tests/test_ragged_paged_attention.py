@@ -9,6 +9,8 @@ backend the GPU kernel runs compiled and the TPU kernels are not run.
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 import zlib
 
 import jax
@@ -222,6 +224,56 @@ def test_gpu_kv_splits_agree(num_splits):
     kw = dict(sm_scale=0.125, sliding_window=None, soft_cap=None)
     out = _gpu(*b.args(), num_splits=num_splits, block_q=4, block_k=16, **kw)
     check(out, b, reference_out(b, kw), jnp.float32)
+
+
+# Page 16, block_q 16 (32 rows at group 2).  The 70-token chunk at context 130 gives every q block
+# full blocks (unmasked loop) and diagonal ones (masked loop); with the windows, blocks at the
+# window's edge are masked too, before the full ones; with splits, shares hold both kinds.
+@pytest.mark.parametrize("block_k,window,num_splits", [
+    (8, None, 1),  # block_k < page_size: one page-table read per block
+    (8, 40, 2),  # window starts mid-page (kv_lo rounds down to block_k); kv splits
+    (16, 48, 1),  # block_k == page_size, sliding window
+    (32, 80, 3),  # block_k > page_size: per-key page-table reads; window and kv splits
+    (16, None, 2),  # kv splits on a chunked prefill
+])
+def test_gpu_full_and_masked_blocks_match_reference(block_k, window, num_splits):
+    b = make_batch(12, [70, 1, 9], [130, 75, 9], num_kv_heads=2, group=2, head_dim=32,
+                   page_size=16, dtype=jnp.float32)
+    kw = dict(sm_scale=32 ** -0.5, sliding_window=window)
+    out = _gpu(*b.args(), block_q=16, block_k=block_k, num_splits=num_splits, **kw)
+    check(out, b, reference_out(b, kw), jnp.float32)
+
+
+def _prefill_sweep_configs():
+    """bench_attention's prefill sweep.  Interpret mode ignores warps and stages, so on the CPU
+    the entries that differ only in those run once."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
+    from bench_attention import PREFILL_SWEEP
+
+    configs = {}
+    for name, kw in PREFILL_SWEEP.items():
+        if BACKEND == "cpu":
+            kw = {k: v for k, v in kw.items() if k not in ("num_warps", "num_stages")}
+        configs.setdefault(tuple(sorted(kw.items())), []).append(name)
+    return [pytest.param(dict(key), id="+".join(names)) for key, names in configs.items()]
+
+
+@pytest.mark.parametrize("config", _prefill_sweep_configs())
+def test_gpu_prefill_sweep_config_matches_reference(config):
+    """Every tile config the GPU sweep times, on the bench's group (4), page size (32) and dtype,
+    with a chunk long enough for full blocks at block_k 128."""
+    b = make_batch(13, [150, 1, 7], [300, 90, 40], num_kv_heads=2, group=4, head_dim=128,
+                   page_size=32, dtype=jnp.bfloat16)
+    kw = dict(sm_scale=128 ** -0.5)
+    check(_gpu(*b.args(), **config, **kw), b, reference_out(b, kw), jnp.bfloat16)
+
+
+@pytest.mark.parametrize("bad", [dict(block_k=48), dict(block_q=0), dict(num_splits=0)])
+def test_gpu_rejects_bad_tile_sizes(bad):
+    b = make_batch(14, [3], [3], num_kv_heads=1, group=1, head_dim=16, page_size=16,
+                   dtype=jnp.float32)
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        _gpu(*b.args(), sm_scale=0.25, **bad)
 
 
 def test_gpu_odd_head_dim_is_padded():

@@ -236,8 +236,12 @@ class ModelRunner:
                 0, k, body, (kv_caches, penalty_state, ids, outs))
             return kv_caches, store_last_tokens(penalty_state, samp, outs["tokens"][k - 1]), pack_samples(outs)
 
+        # The decode program: with num_scheduler_steps = 1 and the fused decode attention, a
+        # decode-only step runs multi_step with k = 1 (forward with the decode attention and the
+        # sampler in one program, one dispatch) instead of `forward` + `sample`.
+        self.decode_program = cfg.scheduler.num_scheduler_steps == 1 and decode_attention is not None
         self._multi_step = None
-        if cfg.scheduler.num_scheduler_steps > 1:
+        if cfg.scheduler.num_scheduler_steps > 1 or self.decode_program:
             kw = {}
             if mesh is not None:
                 kv_sh, pen_sh = [kv_sharding] * m.num_layers, {k: repl for k in self.penalty_state}
@@ -287,11 +291,12 @@ class ModelRunner:
             for mode in (sampler.MODES if s not in sampled else sampler.MODES[:1]):
                 self._run(batch, samp, mode=mode)
             sampled.add(s)
-        if self._multi_step is not None:  # every bucket a decode-only step can land in
+        if self._multi_step is not None:  # every bucket a decode-only step can land in (K >= 1)
             for t in sorted({self.bucket_for(n) for n in range(1, self.cfg.scheduler.max_num_seqs + 1)}):
                 batch, samp = self._empty_arrays(t, self.seqs_for(t))
                 for mode in sampler.MODES:
-                    self._run(batch, samp, mode=mode, num_steps=self.cfg.scheduler.num_scheduler_steps)
+                    self._run(batch, samp, mode=mode, num_steps=self.cfg.scheduler.num_scheduler_steps,
+                              program=True)
         tokens = np.full((self.cfg.scheduler.max_model_len,), -1, np.int32)
         self._dispatch_load_history(self.num_slots - 1, tokens, 0)
         jax.block_until_ready(self.penalty_state)
@@ -430,13 +435,18 @@ class ModelRunner:
                 samp["count_sampled"][i] = seq.sample
         batch["cu_q_lens"][len(seqs) + 1:] = pos
         batch["num_seqs"][0] = len(seqs)
-        return seqs, (out.num_steps, self._run(batch, samp, mode=mode, broadcast=True, num_steps=out.num_steps))
+        program = out.num_steps > 1 or (self.decode_program and all(
+            len(seq.token_ids) == 1 and seq.sample for seq in seqs))  # decode-only: row i is request i
+        return seqs, (out.num_steps, program, self._run(batch, samp, mode=mode, broadcast=True,
+                                                        num_steps=out.num_steps, program=program))
 
     def collect(self, handle: tuple) -> dict[str, SampleResult]:
         """Block until the step of `handle` is done; its sampled tokens by request id."""
-        seqs, (num_steps, result) = handle
-        if num_steps > 1:  # [K, S, ...]: one SampleResult per iteration
+        seqs, (num_steps, program, result) = handle
+        if program:  # [K, S, ...]: one SampleResult per iteration (K = 1: the decode program)
             hosts = [self._read_back(r) for r in zip(*(np.asarray(a) for a in jax.device_get(result)))]
+            if num_steps == 1:
+                return {seq.request_id: self._result(hosts[0], i, seq) for i, seq in enumerate(seqs) if seq.sample}
             return {seq.request_id: [self._result(h, i, seq) for h in hosts]
                     for i, seq in enumerate(seqs) if seq.sample}
         host = self._read_back(result)
@@ -504,17 +514,19 @@ class ModelRunner:
         return groups["batch"], groups["samp"]
 
     def _run(self, batch: dict[str, np.ndarray], samp: dict[str, np.ndarray], mode: int = 0,
-             broadcast: bool = False, num_steps: int = 1) -> dict[str, np.ndarray]:
+             broadcast: bool = False, num_steps: int = 1, program: bool = False) -> dict[str, np.ndarray]:
+        """program: run `multi_step` with k = num_steps (decode-only steps; implied by num_steps > 1)."""
+        program = program or num_steps > 1
         t, s = batch["input_ids"].shape[0], batch["kv_lens"].shape[0]
         ints, floats = self._pack(batch, samp, self._layout(t, s))
         if broadcast and self.channel is not None:
             from jaxengine.sharding import multihost
-            if num_steps > 1:
+            if program:
                 self.channel.send(multihost.OP_MULTI_STEP, t, s, num_steps * len(sampler.MODES) + mode,
                                   ints, floats)
             else:
                 self.channel.send(multihost.OP_STEP, t, s, mode, ints, floats)
-        if num_steps > 1:
+        if program:
             return self._dispatch_multi_step(ints, floats, t, s, num_steps, mode)
         return self._dispatch(ints, floats, t, s, mode)
 

@@ -17,6 +17,9 @@ Contract, for every implementation:
     kv_lens[j] - 1 (kv_lens counts this step's token); rows past num_seqs[0] are padding: their
     output is zero and nothing of theirs is written.  inv_freq: f32[head_dim // 2], the rotary
     frequencies (rotate-half layout, scaling already applied).
+    Instead of q, k, v, q may be the fused projection [num_tokens, num_kv_heads, group + 2,
+    head_dim] (per kv head: its q heads, then k, then v; the "fused" params layout's GEMM output)
+    with k = v = None: a kernel then reads the three from one buffer, with no slicing kernels.
 """
 
 from __future__ import annotations
@@ -56,11 +59,20 @@ def decode_slots(kv_lens: jax.Array, page_indices: jax.Array, num_seqs: jax.Arra
     return pos, slots
 
 
+def split_qkv(qkv: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """[num_tokens, num_kv_heads, group + 2, head_dim] -> q [num_tokens, num_q_heads, head_dim]
+    (q head i belongs to kv head i // group), k, v [num_tokens, num_kv_heads, head_dim]."""
+    t, n, g2, d = qkv.shape
+    return qkv[:, :, :g2 - 2].reshape(t, n * (g2 - 2), d), qkv[:, :, g2 - 2], qkv[:, :, g2 - 1]
+
+
 def composite(attention: Callable[..., jax.Array]) -> Callable[..., tuple[jax.Array, jax.Array]]:
     """`decode_attention` made of rope + write_kv + a ragged attention implementation."""
 
     def decode_attention(q, k, v, kv_pages, kv_lens, page_indices, num_seqs, inv_freq, *,
                          sm_scale, sliding_window=None, soft_cap=None):
+        if k is None:
+            q, k, v = split_qkv(q)
         num_tokens = q.shape[0]
         num_pages, page_size = kv_pages.shape[:2]
         max_num_seqs = page_indices.shape[0]

@@ -9,9 +9,10 @@ Each program takes the `block_q` tokens x `group` q heads that share one kv head
 of one matrix (M = block_q * group, padded to a power of two), so GQA reads each K/V row once
 per kv head, and walks the request's context in blocks of `block_k` tokens, gathering K/V rows
 through the page table, with an online softmax.  Causal and sliding-window bounds cut the
-walk short.  With kv splits > 1 (flash-decoding), each split walks an equal share of the
-blocks and writes a normalised partial output plus its log-sum-exp; a small jnp combine
-merges them.
+walk short; blocks that every row sees in full run without a mask, the boundary blocks (causal
+diagonal, window edge) after them with one.  With kv splits > 1 (flash-decoding), each split
+walks an equal share of the blocks and writes a normalised partial output plus its log-sum-exp;
+a small jnp combine merges them.
 
 Layout reads: kv_pages [num_pages, page_size, 2 * num_kv_heads, head_dim] is viewed as rows
 [num_pages * page_size * 2 * num_kv_heads, head_dim]; K of (page p, slot t, kv head h) is row
@@ -64,6 +65,7 @@ def _kernel(
     sliding_window: int | None,
     soft_cap: float | None,
     num_splits: int,
+    prescale_q: bool,
     precision,
 ):
     if num_splits == 1:
@@ -90,13 +92,29 @@ def _kernel(
     kv_hi = first_pos + num_rows  # keys [kv_lo, kv_hi) can be visible to this block
     if sliding_window is not None:
         kv_lo = jnp.maximum(first_pos - sliding_window + 1, 0)
+        # Aligned to block_k so that, with page_size % block_k == 0, no block crosses a page.
         kv_lo = lax.div(kv_lo, block_k) * block_k
     else:
         kv_lo = jnp.int32(0)
     num_blocks = jnp.where(num_rows > 0, lax.div(kv_hi - kv_lo + block_k - 1, block_k), 0)
+    # Blocks [full_lo, full_hi) are visible to every row, so they skip the mask: they end at or
+    # before the first query (whose own position is its last key) and, with a window, start
+    # inside the last query's window.  The others (the diagonal, the window's edge) are masked.
+    full_hi = jnp.clip(lax.div(first_pos + 1 - kv_lo, block_k), 0, num_blocks)
+    if sliding_window is not None:
+        # Ceil division; a negative numerator truncates towards 0, which the clip absorbs.
+        full_lo = lax.div(kv_hi - sliding_window - kv_lo + block_k - 1, block_k)
+        full_lo = jnp.clip(full_lo, 0, full_hi)
+    else:
+        full_lo = jnp.int32(0)
+    # kv splits (flash-decoding) cut [0, num_blocks) into equal shares; each share is walked as
+    # its part of the full blocks, then its masked blocks before and after them.
     per_split = lax.div(num_blocks + num_splits - 1, num_splits)
     blk_lo = split * per_split
     blk_hi = jnp.minimum(blk_lo + per_split, num_blocks)
+    num_lead = jnp.maximum(jnp.minimum(blk_hi, full_lo) - blk_lo, 0)
+    tail_lo = jnp.maximum(blk_lo, full_hi)
+    num_masked = num_lead + jnp.maximum(blk_hi - tail_lo, 0)
 
     # Rows of the q block: row r is token q_start + r // group, q head h * group + r % group.
     r = lax.broadcasted_iota(jnp.int32, (block_m,), 0)
@@ -113,40 +131,92 @@ def _kernel(
     # turns that into one pointer tensor, and the interpreter into a numpy-style gather.
     col = lax.broadcasted_iota(jnp.int32, (1, head_dim), 1)
     q = plgpu.load(q_ref.at[q_row[:, None], col], mask=row_valid[:, None], other=0.0)
+    if soft_cap is None:
+        # Scores go straight to base-2 logits: one multiply per score, or none with prescale_q
+        # (q is scaled once and rounded back to its dtype: a bf16 rounding of the logits).
+        qk_scale = sm_scale * _LOG2E
+        if prescale_q:
+            q = (q.astype(jnp.float32) * qk_scale).astype(q.dtype)
+            qk_scale = 1.0
     q_pos = first_pos + tok_off  # [block_m]
 
     page_row0 = seq * pages_per_seq
+    # page_size % block_k == 0 and kv_lo % block_k == 0: every block lies inside one page.
+    block_in_page = page_size % block_k == 0
+    k_iota = lax.broadcasted_iota(jnp.int32, (block_k,), 0)
 
-    def body(j, carry):
+    def block_pages(j, masked: bool):
+        """Page of block j: one scalar when the block lies in one page, else one per key.  The
+        index is clamped to the request's row: a look-ahead may name a block past the end."""
+        k_start = kv_lo + j * block_k
+        if block_in_page:
+            idx = lax.div(k_start, page_size)
+            return page_table_ref[page_row0 + jnp.clip(idx, 0, pages_per_seq - 1)]
+        idx = page_row0 + jnp.clip(lax.div(k_start + k_iota, page_size), 0, pages_per_seq - 1)
+        if masked:
+            k_valid = k_start + k_iota < kv_hi
+            return plgpu.load(page_table_ref.at[idx], mask=k_valid, other=0)
+        return plgpu.load(page_table_ref.at[idx])
+
+    def body(masked: bool, j, page, carry):
         acc, m_prev, l_prev = carry
-        k_pos = kv_lo + j * block_k + lax.broadcasted_iota(jnp.int32, (block_k,), 0)
-        k_valid = k_pos < kv_hi
-        pt_idx = jnp.where(k_valid, page_row0 + lax.div(k_pos, page_size), 0)
-        page = plgpu.load(page_table_ref.at[pt_idx], mask=k_valid, other=0)
-        k_row = (page * page_size + lax.rem(k_pos, page_size)) * (2 * num_kv_heads) + 2 * h
-        k = plgpu.load(kv_ref.at[k_row[:, None], col], mask=k_valid[:, None], other=0.0)  # [block_k, d]
-        v = plgpu.load(kv_ref.at[k_row[:, None] + 1, col], mask=k_valid[:, None], other=0.0)
-        s = plgpu.dot(q, k, trans_b=True, precision=precision) * sm_scale  # [block_m, block_k] f32
-        if soft_cap is not None:
-            s = soft_cap * jnp.tanh(s / soft_cap)
-        s = s * _LOG2E
-        visible = k_pos[None, :] <= q_pos[:, None]
-        if sliding_window is not None:
-            visible &= q_pos[:, None] - k_pos[None, :] < sliding_window
-        s = jnp.where(visible, s, -jnp.inf)
+        k_start = kv_lo + j * block_k
+        k_pos = k_start + k_iota
+        if block_in_page:
+            slot = page * page_size + lax.rem(k_start, page_size) + k_iota
+        else:
+            slot = page * page_size + lax.rem(k_pos, page_size)
+        k_row = slot * (2 * num_kv_heads) + 2 * h
+        # Full blocks lie below kv_hi <= kv_len: no load masks.  Masked blocks can run past
+        # kv_hi, where the slots hold stale values.
+        load_mask = (k_pos < kv_hi)[:, None] if masked else None
+        other = 0.0 if masked else None
+        k = plgpu.load(kv_ref.at[k_row[:, None], col], mask=load_mask, other=other)  # [block_k, d]
+        v = plgpu.load(kv_ref.at[k_row[:, None] + 1, col], mask=load_mask, other=other)
+        s = plgpu.dot(q, k, trans_b=True, precision=precision)  # [block_m, block_k] f32
+        if soft_cap is None:
+            if qk_scale != 1.0:
+                s = s * qk_scale
+        else:
+            s = soft_cap * jnp.tanh(s * sm_scale / soft_cap) * _LOG2E
+        if masked:
+            visible = k_pos[None, :] <= q_pos[:, None]
+            if sliding_window is not None:
+                visible &= q_pos[:, None] - k_pos[None, :] < sliding_window
+            s = jnp.where(visible, s, -jnp.inf)
         m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
-        # Rows that have seen no visible key yet keep m = -inf; subtract 0 there instead.
-        m_safe = jnp.where(m_next == -jnp.inf, 0.0, m_next)
+        if masked:
+            # Rows that have seen no visible key yet keep m = -inf; subtract 0 there instead.
+            m_safe = jnp.where(m_next == -jnp.inf, 0.0, m_next)
+        else:
+            m_safe = m_next  # every score of a full block is finite
         alpha = jnp.exp2(m_prev - m_safe)
         p = jnp.exp2(s - m_safe[:, None])
         l_next = l_prev * alpha + jnp.sum(p, axis=1)
         pv = plgpu.dot(p.astype(v.dtype), v, precision=precision)
         return acc * alpha[:, None] + pv, m_next, l_next
 
+    full_lo_split = jnp.maximum(blk_lo, full_lo)
+    full_hi_split = jnp.minimum(blk_hi, full_hi)
+
+    def full_body(j, carry):
+        # The page of block j + 1 is read one block ahead and carried: a K/V address that
+        # depends on a load of the same iteration makes Triton's pipeliner spend a stage on
+        # that load, leaving K/V one block of prefetch (issued after the dots, awaited at once).
+        page, carry = carry
+        next_page = block_pages(jnp.minimum(j + 1, full_hi_split - 1), False)
+        return next_page, body(False, j, page, carry)
+
+    def masked_body(i, carry):
+        j = i + jnp.where(i < num_lead, blk_lo, tail_lo - num_lead)
+        return body(True, j, block_pages(j, True), carry)
+
     acc = jnp.zeros((block_m, head_dim), jnp.float32)
     m_i = jnp.full((block_m,), -jnp.inf, jnp.float32)
     l_i = jnp.zeros((block_m,), jnp.float32)
-    acc, m_i, l_i = lax.fori_loop(blk_lo, blk_hi, body, (acc, m_i, l_i))
+    _, carry = lax.fori_loop(full_lo_split, full_hi_split, full_body,
+                             (block_pages(full_lo_split, False), (acc, m_i, l_i)))
+    acc, m_i, l_i = lax.fori_loop(0, num_masked, masked_body, carry)
 
     has_keys = l_i > 0
     out = acc / jnp.where(has_keys, l_i, 1.0)[:, None]
@@ -182,7 +252,7 @@ def _work_items(cu_q_lens, num_seqs, block_q: int, num_work: int):
 
 def default_config(num_tokens, max_num_seqs, num_q_heads, num_kv_heads, head_dim, page_size,
                    pages_per_seq, dtype, num_sms: int = _DEFAULT_NUM_SMS):
-    """Static (shape-only) choice of block_q, block_k, kv splits, warps and stages."""
+    """Static (shape-only) choice of block_q, block_k, kv splits, warps, stages and prescale_q."""
     group = num_q_heads // num_kv_heads
     decode_like = num_tokens <= max_num_seqs  # a bucket that holds only decode tokens
     if decode_like:
@@ -207,17 +277,17 @@ def default_config(num_tokens, max_num_seqs, num_q_heads, num_kv_heads, head_dim
     num_warps = 4 if block_m <= 64 else 8
     num_stages = 2
     return dict(block_q=block_q, block_k=block_k, num_splits=num_splits,
-                num_warps=num_warps, num_stages=num_stages)
+                num_warps=num_warps, num_stages=num_stages, prescale_q=False)
 
 
 @functools.partial(
     jax.jit,
     static_argnames=("sm_scale", "sliding_window", "soft_cap", "block_q", "block_k",
-                     "num_splits", "num_warps", "num_stages", "interpret"),
+                     "num_splits", "num_warps", "num_stages", "prescale_q", "interpret"),
 )
 def _ragged_paged_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *,
                             sm_scale, sliding_window, soft_cap, block_q, block_k, num_splits,
-                            num_warps, num_stages, interpret):
+                            num_warps, num_stages, prescale_q, interpret):
     num_tokens, num_q_heads, head_dim = q.shape
     num_pages, page_size, combined, _ = kv_pages.shape
     num_kv_heads = combined // 2
@@ -239,7 +309,7 @@ def _ragged_paged_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_s
         block_k=block_k, rows_per_split=(num_tokens + (-(-block_m // group) if interpret else 0))
         * num_q_heads, clamp_rows=not interpret, sm_scale=sm_scale,
         sliding_window=sliding_window, soft_cap=soft_cap, num_splits=num_splits,
-        precision=precision)
+        prescale_q=prescale_q, precision=precision)
     # Interpret mode: spare token rows so that masked-off rows can keep distinct indices.
     spare_tokens = 0 if not interpret else -(-block_m // group)
     rows = (num_tokens + spare_tokens) * num_q_heads
@@ -298,10 +368,14 @@ def ragged_paged_attention(
     num_splits: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    prescale_q: bool | None = None,
     interpret: bool | None = None,
 ) -> jax.Array:
     """Same contract as `reference.ragged_paged_attention`; the keyword tuning args override
-    `default_config`.  `interpret` defaults to True on the CPU backend (tests)."""
+    `default_config`.  block_q counts tokens (a program's rows are block_q * group, padded to a
+    power of two); block_k (keys per step) must be a power of two; prescale_q folds sm_scale into
+    q once instead of scaling every score (no effect with soft_cap).  `interpret` defaults to
+    True on the CPU backend (tests)."""
     num_tokens, num_q_heads, head_dim = q.shape
     _, page_size, combined, _ = kv_pages.shape
     num_kv_heads = combined // 2
@@ -319,15 +393,23 @@ def ragged_paged_attention(
             jnp.pad(q, pad), jnp.pad(kv_pages, [(0, 0)] + pad), kv_lens, page_indices,
             cu_q_lens, num_seqs, sm_scale=sm_scale, sliding_window=sliding_window,
             soft_cap=soft_cap, block_q=block_q, block_k=block_k, num_splits=num_splits,
-            num_warps=num_warps, num_stages=num_stages, interpret=interpret)
+            num_warps=num_warps, num_stages=num_stages, prescale_q=prescale_q,
+            interpret=interpret)
         return out[..., :head_dim]
     max_num_seqs, pages_per_seq = page_indices.shape
     cfg = default_config(num_tokens, max_num_seqs, num_q_heads, num_kv_heads, head_dim,
                          page_size, pages_per_seq, q.dtype)
     for key, value in (("block_q", block_q), ("block_k", block_k), ("num_splits", num_splits),
-                       ("num_warps", num_warps), ("num_stages", num_stages)):
+                       ("num_warps", num_warps), ("num_stages", num_stages),
+                       ("prescale_q", prescale_q)):
         if value is not None:
             cfg[key] = value
+    if cfg["block_q"] < 1:
+        raise ValueError(f"block_q must be >= 1, got {cfg['block_q']}")
+    if cfg["block_k"] < 1 or cfg["block_k"] & (cfg["block_k"] - 1):
+        raise ValueError(f"block_k must be a power of two, got {cfg['block_k']}")
+    if cfg["num_splits"] < 1:
+        raise ValueError(f"num_splits must be >= 1, got {cfg['num_splits']}")
     return _ragged_paged_attention(
         q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, sm_scale=float(sm_scale),
         sliding_window=sliding_window, soft_cap=None if soft_cap is None else float(soft_cap),

@@ -38,11 +38,14 @@ def _decode_kernel(
     page_table_ref,  # i32[max_num_seqs * pages_per_seq]
     num_seqs_ref,  # i32[1]
     inv_freq_ref,  # f32[head_dim // 2]
-    q_ref,  # [num_tokens * num_q_heads (+ spare rows when interpreted), head_dim], not rotated
-    k_ref,  # [num_tokens * num_kv_heads, head_dim], not rotated
-    v_ref,  # [num_tokens * num_kv_heads, head_dim]
+    # q, k, v rows [.., head_dim] (q and k not rotated): three arrays, or one fused projection
+    # passed three times; `rows` says where (token j, kv head h)'s rows are in each
+    q_ref,
+    k_ref,
+    v_ref,
     kv_ref,  # [num_pages * page_size * 2 * num_kv_heads, head_dim], aliased to kv_out_ref
     *rest,
+    rows: tuple[int, int, int, int, int, int],  # q (token, head) strides, k/v (token, head) strides, k/v offsets
     page_size: int,
     pages_per_seq: int,
     max_num_seqs: int,
@@ -93,21 +96,24 @@ def _decode_kernel(
     def rotate(x, x_partner):
         return x.astype(jnp.float32) * cos + sign * x_partner.astype(jnp.float32) * sin
 
+    q_tok, q_head, kv_tok, kv_head, k_off, v_off = rows
     r = lax.broadcasted_iota(jnp.int32, (block_m,), 0)
     row_valid = (r < group) & valid
-    q_row = j * num_q_heads + h * group + r
+    q_row = j * q_tok + h * q_head + r
+    o_row = j * num_q_heads + h * group + r  # output rows: [num_tokens, num_q_heads] flat
     if clamp_rows:
         q_row = jnp.where(row_valid, q_row, 0)
+        o_row = jnp.where(row_valid, o_row, 0)
     # else (interpreter): masked-off rows keep distinct indices (spare rows at the end), since the
     # interpreter writes a masked lane's old value back to its index.
     q = plgpu.load(q_ref.at[q_row[:, None], col[None, :]], mask=row_valid[:, None], other=0.0)
     q_p = plgpu.load(q_ref.at[q_row[:, None], partner[None, :]], mask=row_valid[:, None], other=0.0)
     q = rotate(q, q_p).astype(q_ref.dtype)  # [block_m, head_dim]
 
-    kv_row_new = j * num_kv_heads + h
-    k_new = plgpu.load(k_ref.at[kv_row_new, col])
-    k_new = rotate(k_new, plgpu.load(k_ref.at[kv_row_new, partner])).astype(kv_ref.dtype)
-    v_new = plgpu.load(v_ref.at[kv_row_new, col])
+    kv_row_new = j * kv_tok + h * kv_head
+    k_new = plgpu.load(k_ref.at[kv_row_new + k_off, col])
+    k_new = rotate(k_new, plgpu.load(k_ref.at[kv_row_new + k_off, partner])).astype(kv_ref.dtype)
+    v_new = plgpu.load(v_ref.at[kv_row_new + v_off, col])
     page_row0 = seq * pages_per_seq
     # Split 0 owns the new key: it writes it (rotated) and its value into their slot.
     slot_page = plgpu.load(page_table_ref.at[page_row0 + jnp.minimum(lax.div(pos, page_size),
@@ -163,9 +169,9 @@ def _decode_kernel(
     has_keys = l_i > 0
     out = acc / jnp.where(has_keys, l_i, 1.0)[:, None]
     if num_splits == 1:
-        plgpu.store(o_ref.at[q_row[:, None], kcol], out.astype(o_ref.dtype), mask=row_valid[:, None])
+        plgpu.store(o_ref.at[o_row[:, None], kcol], out.astype(o_ref.dtype), mask=row_valid[:, None])
     else:
-        o_row = split * rows_per_split + q_row
+        o_row = split * rows_per_split + o_row
         plgpu.store(o_ref.at[o_row[:, None], kcol], out, mask=row_valid[:, None])
         lse = jnp.where(has_keys, m_i + jnp.log2(jnp.where(has_keys, l_i, 1.0)), -jnp.inf)
         plgpu.store(lse_ref.at[o_row], lse, mask=row_valid)
@@ -180,16 +186,16 @@ def _combine_kernel(num_valid_ref, o_part_ref, lse_ref, out_ref, *, num_splits: 
     valid = lax.div(row, rows_per_token) < num_valid_ref[0]
     head_dim = o_part_ref.shape[-1]
     col = lax.broadcasted_iota(jnp.int32, (1, head_dim), 1)
-    lses = [jnp.where(valid, plgpu.load(lse_ref.at[s * rows + row]), -jnp.inf)
-            for s in range(num_splits)]
+    # masked: the rows of padding tokens (most of a batch-1 bucket) cost no memory traffic
+    lses = [plgpu.load(lse_ref.at[s * rows + row], mask=valid, other=-jnp.inf) for s in range(num_splits)]
     lse_max = functools.reduce(jnp.maximum, lses)
     lse_max = jnp.where(lse_max == -jnp.inf, 0.0, lse_max)
     num = jnp.zeros((block_rows, head_dim), jnp.float32)
     total = jnp.zeros((block_rows,), jnp.float32)
     for s in range(num_splits):
         w = jnp.exp2(lses[s] - lse_max)  # 0 for splits without keys and for padding rows
-        part = plgpu.load(o_part_ref.at[(s * rows + row)[:, None], col])
-        num += w[:, None] * jnp.where(valid[:, None], part, 0.0)
+        part = plgpu.load(o_part_ref.at[(s * rows + row)[:, None], col], mask=valid[:, None], other=0.0)
+        num += w[:, None] * part
         total += w
     out = num / jnp.where(total == 0, 1.0, total)[:, None]
     plgpu.store(out_ref.at[row[:, None], col], out.astype(out_ref.dtype))
@@ -204,7 +210,9 @@ def combine(o_part: jax.Array, lse: jax.Array, num_valid_tokens: jax.Array, *, n
     head_dim = o_part.shape[-1]
     rows = lse.shape[0] // num_splits
     out_rows = num_tokens * num_q_heads
-    block_rows = math.gcd(out_rows, 32)
+    # 8 rows a program: the one real token of a batch-1 bucket spreads over 4 programs (32 rows a
+    # program measured 4.2 us a layer at 8B b1 against XLA's two kernels' 3.4, H100)
+    block_rows = math.gcd(out_rows, 8)
     kernel = functools.partial(_combine_kernel, num_splits=num_splits, rows=rows,
                                block_rows=block_rows, rows_per_token=num_q_heads)
     out = pl.pallas_call(
@@ -233,28 +241,39 @@ def default_config(num_tokens: int, num_kv_heads: int, head_dim: int, page_size:
                                              "num_splits", "num_warps", "num_stages", "interpret"))
 def _decode_attention(q, k, v, kv_pages, kv_lens, page_indices, num_seqs, inv_freq, *, sm_scale,
                       sliding_window, soft_cap, block_k, num_splits, num_warps, num_stages, interpret):
-    num_tokens, num_q_heads, head_dim = q.shape
-    num_pages, page_size, combined, _ = kv_pages.shape
+    num_pages, page_size, combined, head_dim = kv_pages.shape
     num_kv_heads = combined // 2
-    group = num_q_heads // num_kv_heads
+    num_tokens = q.shape[0]
+    if k is None:  # one fused projection [num_tokens, num_kv_heads, group + 2, head_dim]
+        group = q.shape[2] - 2
+        per_head = group + 2
+        rows = (num_kv_heads * per_head, per_head, num_kv_heads * per_head, per_head, group, group + 1)
+    else:
+        group = q.shape[1] // num_kv_heads
+        rows = (num_kv_heads * group, group, num_kv_heads, 1, 0, 0)
+    num_q_heads = num_kv_heads * group
     max_num_seqs, pages_per_seq = page_indices.shape
     block_m = max(16, _next_pow2(group))
-    spare = block_m if interpret else 0  # interpreter: masked-off rows need distinct indices
-    rows = num_tokens * num_q_heads + spare
-    q2 = q.reshape(num_tokens * num_q_heads, head_dim)
+    # interpreter: masked-off rows keep distinct, in-range indices (spare rows at the end)
+    spare = block_m if interpret else 0
+    out_rows = num_tokens * num_q_heads + spare
+    q2 = q.reshape(-1, head_dim)
     if spare:
         q2 = jnp.pad(q2, [(0, spare), (0, 0)])
+    if k is None:
+        k2 = v2 = q2  # the same buffer three times: no copy, no slicing kernels
+    else:
+        k2, v2 = k.reshape(-1, head_dim), v.reshape(-1, head_dim)
     kv2 = kv_pages.reshape(num_pages * page_size * combined, head_dim)
     precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
     kernel = functools.partial(
-        _decode_kernel, page_size=page_size, pages_per_seq=pages_per_seq, max_num_seqs=max_num_seqs,
-        num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, group=group, block_m=block_m,
-        block_k=block_k, num_splits=num_splits, rows_per_split=rows, clamp_rows=not interpret,
-        sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap, precision=precision)
+        _decode_kernel, rows=rows, page_size=page_size, pages_per_seq=pages_per_seq,
+        max_num_seqs=max_num_seqs, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, group=group,
+        block_m=block_m, block_k=block_k, num_splits=num_splits, rows_per_split=out_rows,
+        clamp_rows=not interpret, sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
+        precision=precision)
     args = [kv_lens.astype(jnp.int32), page_indices.reshape(-1).astype(jnp.int32),
-            num_seqs.astype(jnp.int32).reshape(1), inv_freq.astype(jnp.float32),
-            q2, k.reshape(num_tokens * num_kv_heads, head_dim),
-            v.reshape(num_tokens * num_kv_heads, head_dim), kv2]
+            num_seqs.astype(jnp.int32).reshape(1), inv_freq.astype(jnp.float32), q2, k2, v2, kv2]
     kv_index = len(args) - 1
     params = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     grid = (num_kv_heads, num_splits, num_tokens)
@@ -262,16 +281,16 @@ def _decode_attention(q, k, v, kv_pages, kv_lens, page_indices, num_seqs, inv_fr
     kv_shape = jax.ShapeDtypeStruct(kv2.shape, kv2.dtype)
     if num_splits == 1:
         out, kv2 = pl.pallas_call(
-            kernel, grid=grid, out_shape=(jax.ShapeDtypeStruct((rows, head_dim), q.dtype), kv_shape),
+            kernel, grid=grid, out_shape=(jax.ShapeDtypeStruct((out_rows, head_dim), q.dtype), kv_shape),
             input_output_aliases={kv_index: 1, kv_index + 1: 0}, compiler_params=params,
             interpret=interpret, name=name,
-        )(*args, jnp.zeros((rows, head_dim), q.dtype))
+        )(*args, jnp.zeros((out_rows, head_dim), q.dtype))
         out = out[:num_tokens * num_q_heads].reshape(num_tokens, num_q_heads, head_dim)
     else:
         o_part, lse, kv2 = pl.pallas_call(
             kernel, grid=grid,
-            out_shape=(jax.ShapeDtypeStruct((num_splits * rows, head_dim), jnp.float32),
-                       jax.ShapeDtypeStruct((num_splits * rows,), jnp.float32), kv_shape),
+            out_shape=(jax.ShapeDtypeStruct((num_splits * out_rows, head_dim), jnp.float32),
+                       jax.ShapeDtypeStruct((num_splits * out_rows,), jnp.float32), kv_shape),
             input_output_aliases={kv_index: 2}, compiler_params=params, interpret=interpret,
             name=name,
         )(*args)
@@ -284,10 +303,13 @@ def _decode_attention(q, k, v, kv_pages, kv_lens, page_indices, num_seqs, inv_fr
 def decode_attention(q, k, v, kv_pages, kv_lens, page_indices, num_seqs, inv_freq, *, sm_scale,
                      sliding_window=None, soft_cap=None, block_k=None, num_splits=None,
                      num_warps=None, num_stages=None, interpret=None):
-    """`decode.py`'s contract; the keyword tuning args override `default_config`.  `interpret`
-    defaults to True on the CPU backend (tests)."""
-    num_tokens, num_q_heads, head_dim = q.shape
+    """`decode.py`'s contract (q may be the fused projection with k = v = None); the keyword
+    tuning args override `default_config`.  `interpret` defaults to True on the CPU backend."""
     num_kv_heads = kv_pages.shape[2] // 2
+    head_dim = kv_pages.shape[3]
+    num_q_heads = q.shape[1] if k is not None else num_kv_heads * (q.shape[2] - 2)
+    if k is None and q.shape[1] != num_kv_heads:
+        raise ValueError(f"fused q/k/v has {q.shape[1]} kv heads, the pages {num_kv_heads}")
     if num_q_heads % num_kv_heads:
         raise ValueError(f"num_q_heads ({num_q_heads}) must be a multiple of num_kv_heads "
                          f"({num_kv_heads})")
@@ -301,7 +323,7 @@ def decode_attention(q, k, v, kv_pages, kv_lens, page_indices, num_seqs, inv_fre
             sliding_window=sliding_window, soft_cap=soft_cap)
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
-    cfg = default_config(num_tokens, num_kv_heads, head_dim, kv_pages.shape[1], page_indices.shape[1])
+    cfg = default_config(q.shape[0], num_kv_heads, head_dim, kv_pages.shape[1], page_indices.shape[1])
     for key, value in (("block_k", block_k), ("num_splits", num_splits), ("num_warps", num_warps),
                        ("num_stages", num_stages)):
         if value is not None:
