@@ -48,7 +48,8 @@ class LLM:
                  attention_impl: str = "auto", token_buckets: Sequence[int] | None = None,
                  warmup: bool = True, use_tqdm_on_load: bool = True, load_format: str = "auto",
                  async_scheduling: bool = True, matmul_impl: str = "auto", num_scheduler_steps: int = 1,
-                 param_layout: str | None = None, fuse_decode_attention: bool | None = None):
+                 param_layout: str | None = None, fuse_decode_attention: bool | None = None,
+                 decode_program: bool | None = None):
         import jax
 
         from jaxengine import models
@@ -116,7 +117,8 @@ class LLM:
             attention_impl=attention_impl, matmul_impl=matmul_impl, warmup=warmup,
             **({"param_layout": param_layout} if param_layout is not None else {}),
             **({"fuse_decode_attention": bool(fuse_decode_attention)}
-               if fuse_decode_attention is not None else {}))
+               if fuse_decode_attention is not None else {}),
+            **({"decode_program": bool(decode_program)} if decode_program is not None else {}))
         _enable_compilation_cache(runner_cfg.compilation_cache_dir)
 
         from jaxengine.loader import orbax_ckpt

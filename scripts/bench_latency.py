@@ -260,6 +260,10 @@ def main() -> None:
                     help="decode-bucket matmuls: fused Pallas kernels (gpu) or XLA (reference; auto)")
     ap.add_argument("--param-layout", default="auto", choices=["auto", "hf", "fused"],
                     help="params layout on the device (auto = fused unless --matmul gpu)")
+    ap.add_argument("--decode-program", action="store_true",
+                    help="K = 1: decode-only steps as one program (forward with the fused decode attention + sampler)")
+    ap.add_argument("--no-fuse-decode-attention", action="store_true",
+                    help="decode programs use the general rope + KV scatter + attention path")
     ap.add_argument("--hf-peer", nargs="*", default=[], choices=["eager", "static"])
     ap.add_argument("--peer-batch", nargs="*", type=int, default=None,
                     help="batch sizes for the peer (default: --batch)")
@@ -295,7 +299,8 @@ def main() -> None:
                       max_num_batched_tokens=args.max_num_batched_tokens,
                       kv_cache_memory_bytes=int(args.kv_cache_gib * 2**30), attention_impl=args.attention,
                       matmul_impl=args.matmul, num_scheduler_steps=args.num_scheduler_steps,
-                      param_layout=args.param_layout)
+                      param_layout=args.param_layout, decode_program=args.decode_program,
+                      fuse_decode_attention=not args.no_fuse_decode_attention)
             startup_s = time.perf_counter() - t0
         llm._step_log = StepLog(llm.runner)
         for batch in args.batch:
@@ -308,6 +313,8 @@ def main() -> None:
             r.update(model=name, startup_s=startup_s, attention=llm.runner.attention_impl,
                      matmul=llm.runner.matmul_impl, fused_matmul_max_tokens=llm.runner.fused_max_tokens,
                      num_scheduler_steps=args.num_scheduler_steps,
+                     decode_program=llm.runner.decode_program,
+                     fuse_decode_attention=llm.config.runner.fuse_decode_attention,
                      param_layout=llm.runner.model.layout_of(llm.runner.params),
                      roofline_s=bound, roofline_fraction=bound / r["total_s"],
                      compiles_after_warmup=llm.num_compilations_since_warmup())

@@ -12,6 +12,7 @@
 #   layout      bench_forward, 8B and 1B at batch 1 and 64, params layout hf vs fused (profiled)  ~4 min
 #   tiling      bench_forward, 8B fused, with --xla_gpu_exhaustive_tiling_search=true            ~3 min
 #   multistep   1B and 8B, batch 1 and 64, num_scheduler_steps 1 vs 8 (4 engine starts)         ~6 min
+#   decodeprog  1B and 8B, batch 1 and 64, K = 1: two programs a decode step vs the decode program (A/B)  ~5 min
 #   batches     8B 128/128 at batch 8, 32, 128, 256                                               ~3 min
 #   long        8B 1024/128 at 64 and 4096/256 at 8                                              ~4 min
 #   qwen3       Qwen3-8B shape, batch 1 and 64                                                    ~3 min
@@ -68,6 +69,9 @@ for part in "$@"; do
       for k in 1 8; do
         lat "latency_k$k" --model llama-3.2-1b llama-3.1-8b --batch 1 64 --num-scheduler-steps $k
       done ;;
+    decodeprog)
+      lat k1_two_programs --model llama-3.2-1b llama-3.1-8b --batch 1 64
+      lat k1_decode_program --model llama-3.2-1b llama-3.1-8b --batch 1 64 --decode-program ;;
     batches) lat batches --model llama-3.1-8b --batch 8 32 128 256 --kv-cache-gib 16 ;;
     long)
       lat long1024 --model llama-3.1-8b --batch 64 --input-len 1024 --output-len 128

@@ -114,17 +114,25 @@ def test_abort_while_a_multi_step_is_in_flight_leaks_no_pages(multi):
     assert multi.engine.scheduler.kv.num_free_pages == multi.engine.scheduler.kv.num_pages
 
 
-@pytest.mark.parametrize("engine_args", [dict(fuse_decode_attention=False), dict(attention_impl="gpu")],
-                         ids=["general-attention-path", "gpu-decode-kernel"])
+@pytest.mark.parametrize("engine_args", [
+    dict(num_scheduler_steps=K, fuse_decode_attention=False),
+    dict(num_scheduler_steps=K, attention_impl="gpu"),
+    dict(decode_program=True),
+    dict(decode_program=True, attention_impl="gpu"),
+], ids=["general-attention-path", "gpu-decode-kernel", "k1-decode-program", "k1-decode-program-gpu"])
 def test_decode_attention_paths_give_the_same_greedy_outputs(single, llama_ckpt, engine_args):
-    """The multi-step programs' decode attention (rope + KV write + attention in one call) against
-    the general path, and the GPU kernel (interpret mode on CPU) inside the engine: the same greedy
-    tokens as single steps with the reference attention."""
+    """The decode programs' attention (rope + KV write + attention in one call) against the
+    general path, the GPU kernel (interpret mode on CPU) inside the engine, and K = 1 decode
+    programs: the same greedy tokens as single steps with the reference attention."""
     params = SamplingParams(temperature=0.0, max_tokens=9, ignore_eos=True)
     want, _ = run(single, PROMPTS[:5], params)
-    llm = LLM(llama_ckpt, **SMALL_ENGINE, num_scheduler_steps=K, **engine_args)
+    llm = LLM(llama_ckpt, **SMALL_ENGINE, **engine_args)
+    assert llm.runner.decode_program == engine_args.get("decode_program", False)
     got, _ = run(llm, PROMPTS[:5], params)
     assert [[c.token_ids for c in o.outputs] for o in got] == [[c.token_ids for c in o.outputs] for o in want]
+    # the decode steps ran as decode programs: at K = 1 the 8 after the prefill's token, each one
+    assert llm.runner.num_program_steps >= (8 if llm.runner.decode_program else 1)
+    assert llm.runner.compile_counter.since() == 0
     assert llm.engine.scheduler.kv.num_free_pages == llm.engine.scheduler.kv.num_pages
 
 

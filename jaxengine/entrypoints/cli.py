@@ -46,9 +46,11 @@ ENGINE_ARG_HELP: dict[str, str] = {
     "use_tqdm_on_load": "Show progress bars while loading and compiling.",
     "num_scheduler_steps": "Multi-step decoding: decode-only steps with greedy/temperature sampling run "
                            "this many tokens per device program (host work paid once per K tokens).",
-    "fuse_decode_attention": "Multi-step decode programs rotate q/k, write the KV slots and attend in one "
-                             "call (one Pallas kernel on GPU); default on ($JAXENGINE_FUSE_DECODE_ATTENTION=0 "
-                             "or --no-fuse-decode-attention: the general path).",
+    "fuse_decode_attention": "Decode programs (multi-step, --decode-program) rotate q/k, write the KV slots and "
+                             "attend in one call (one Pallas kernel on GPU); default on "
+                             "($JAXENGINE_FUSE_DECODE_ATTENTION=0 or --no-fuse-decode-attention: the general path).",
+    "decode_program": "With --num-scheduler-steps 1: run decode-only steps as one device program (forward with "
+                      "the fused decode attention + sampler) instead of two; opt-in ($JAXENGINE_DECODE_PROGRAM=1).",
     "async_scheduling": "Schedule and dispatch step N+1 before reading back step N's tokens, so host "
                         "work overlaps the device (default on; --no-async-scheduling turns it off).",
     "load_format": "How to get weights: auto (from the checkpoint) or dummy (random, right shapes; benchmarks).",

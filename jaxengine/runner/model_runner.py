@@ -138,6 +138,7 @@ class ModelRunner:
                                   for k, v in self.penalty_state.items()}
         self._free_slots = list(range(self.num_slots - 1))
         self.num_device_inputs = 0  # input tokens taken from the device (asynchronous scheduling)
+        self.num_program_steps = 0  # steps run as a decode program (multi-step or K = 1)
         self._slots: dict[str, int] = {}
         self.vocab_size = m.vocab_size
         self.num_logprobs = min(cfg.runner.max_logprobs, m.vocab_size)
@@ -240,10 +241,10 @@ class ModelRunner:
             kv_caches, penalty_state, _, outs = carry
             return kv_caches, store_last_tokens(penalty_state, samp, outs["tokens"][k - 1]), pack_samples(outs)
 
-        # The decode program: with num_scheduler_steps = 1 and the fused decode attention, a
+        # The decode program (RunnerConfig.decode_program, opt-in): with num_scheduler_steps = 1, a
         # decode-only step runs multi_step with k = 1 (forward with the decode attention and the
         # sampler in one program, one dispatch) instead of `forward` + `sample`.
-        self.decode_program = cfg.scheduler.num_scheduler_steps == 1 and decode_attention is not None
+        self.decode_program = cfg.scheduler.num_scheduler_steps == 1 and cfg.runner.decode_program
         self._multi_step = None
         if cfg.scheduler.num_scheduler_steps > 1 or self.decode_program:
             kw = {}
@@ -441,6 +442,7 @@ class ModelRunner:
         batch["num_seqs"][0] = len(seqs)
         program = out.num_steps > 1 or (self.decode_program and all(
             len(seq.token_ids) == 1 and seq.sample for seq in seqs))  # decode-only: row i is request i
+        self.num_program_steps += program
         return seqs, (out.num_steps, program, self._run(batch, samp, mode=mode, broadcast=True,
                                                         num_steps=out.num_steps, program=program))
 
