@@ -191,9 +191,9 @@ class RunnerConfig:
         default_factory=lambda: os.environ.get("JAXENGINE_FUSE_DECODE_ATTENTION", "1") not in ("0", "false"))
     # With num_scheduler_steps = 1: run each decode-only step as one program (forward with the
     # decode attention above, then the sampler: the multi-step program with K = 1) instead of
-    # `forward` + `sample`.  Opt-in: on the H100, 8B batch 1 went 165.0 -> 169.9 tok/s, but 1B
-    # batch 1 came out at 466-530 tok/s against 593 for the two-program path (different machines;
-    # not yet measured side by side).  Costs one program per decode bucket and sampling mode.
+    # `forward` + `sample`.  Opt-in: on H100s, 8B batch 1 169.9 tok/s against 162.5 for the
+    # two-program path, but 1B batch 1 466-530 against 593 (runs on different machines, not yet
+    # side by side: scripts/gpu_suite.sh decodeprog).  One more program per decode bucket and mode.
     decode_program: bool = dataclasses.field(
         default_factory=lambda: os.environ.get("JAXENGINE_DECODE_PROGRAM", "0") in ("1", "true"))
 

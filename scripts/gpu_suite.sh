@@ -6,7 +6,7 @@
 # Installs this checkout into /tmp/site once (no dependencies: the machine has jax, torch and
 # transformers), writes JSON and logs under $OUT (default ./gpu_out) and prints a summary per part.
 # Parts, with their rough wall time on an H100:
-#   check       compiled kernel and engine tests (attention, fused matmul, multi-step, fused parity)  ~2 min
+#   check       compiled kernel and engine tests (attention, decode kernel, fused matmul, multi-step, parity) >5 min
 #   forward     decode forward program alone, 8B and 1B at batch 1 and 64, with kernel tables + HLO ~3 min
 #   decode      bench_forward, 8B and 1B at batch 1 and 64, decode attention general vs fused (profiled) ~4 min
 #   layout      bench_forward, 8B and 1B at batch 1 and 64, params layout hf vs fused (profiled)  ~4 min
@@ -42,7 +42,7 @@ for part in "$@"; do
   echo "== $part (t=$(( $(date +%s) - S )) s)"
   case $part in
     check)
-      (cd tests && timeout 300 python3 -m pytest -q test_ragged_paged_attention.py test_decode_attention.py \
+      (cd tests && timeout 540 python3 -m pytest -q test_ragged_paged_attention.py test_decode_attention.py \
         test_fused_matmul.py test_multi_step.py "test_parity.py::test_fused_matmul_greedy_decode_matches_transformers" \
         "test_parity.py::test_decode_attention_greedy_decode_matches_transformers" \
         --tb=short > "$OUT/check.log" 2>&1; grep -E "^E |passed|failed" "$OUT/check.log" | head -20) ;;
