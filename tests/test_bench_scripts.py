@@ -154,3 +154,17 @@ def test_bench_forward_times_a_decode_step_and_reads_kernels_from_a_trace(tmp_pa
     rows = bf.kernel_table(str(tmp_path / "trace"), steps=2)
     assert rows == [{"kernel": "gemm", "count_per_step": 2.0, "us_per_step": 16.0},
                     {"kernel": "fusion", "count_per_step": 1.0, "us_per_step": 2.0}]
+
+
+def test_host_overhead_times_each_part_for_both_input_paths(tmp_path):
+    """host_overhead.py: per-part host times for device_put and numpy inputs, one row each."""
+    import subprocess
+    out = tmp_path / "h.json"
+    here = os.path.dirname(os.path.abspath(__file__))
+    subprocess.run([sys.executable, os.path.join(here, "..", "scripts", "host_overhead.py"), "--batch", "2",
+                    "--tokens", "6", "--rounds", "1", "--json", str(out)], check=True, capture_output=True)
+    runs = json.load(open(out))["runs"]
+    assert [(r["batch"], r["inputs"]) for r in runs] == [(2, "device_put"), (2, "numpy")]
+    for r in runs:
+        parts = [r[k] for k in ("dispatch_us", "collect_us", "schedule_us", "_process_us")]
+        assert all(p > 0 for p in parts) and sum(parts) < r["step_us"] * 1.01
