@@ -549,11 +549,11 @@ class ModelRunner:
             args = self._put_inputs(*(np.asarray(a) for a in args))
         self.penalty_state = self._load_history(self.penalty_state, *args)
 
-    def _put_inputs(self, *arrays: np.ndarray) -> tuple[Any, ...]:
+    def _put_inputs(self, *arrays: np.ndarray) -> tuple[jax.Array, ...]:
         if self.mesh is None:
-            # numpy straight into the jitted call: its C++ dispatch copies them to the device for
-            # ~5 us, where jax.device_put costs ~70-80 us of host time (CPU, jax 0.11.2)
-            return arrays
+            # (numpy straight into the jitted call measured ~75 us less host time a step on CPU,
+            # scripts/host_overhead.py; not adopted until it is measured on a GPU)
+            return jax.device_put(arrays)
         from jaxengine import sharding
         return tuple(sharding.put_array(a, sharding.replicated(self.mesh)) for a in arrays)
 
