@@ -23,6 +23,7 @@ from jaxengine.config import EngineConfig
 from jaxengine.engine.scheduler import PENDING_TOKEN, SchedulerOutput, uses_penalties
 from jaxengine.pallas_kernels import fused_matmul
 from jaxengine.pallas_kernels.ragged_paged_attention import get_attention, get_decode_attention, resolve_impl
+from jaxengine.pallas_kernels.ragged_paged_attention.decode import decode_slots
 from jaxengine.runner import sampler
 from jaxengine.runner.compile_watch import CompileCounter
 
@@ -194,9 +195,6 @@ class ModelRunner:
             penalty_state, out = sample_and_count(logits, penalty_state, samp, mode == sampler.FULL)
             return store_last_tokens(penalty_state, samp, out["tokens"]), pack_samples(out)
 
-        ps = self.page_size
-        oob = num_pages * ps
-
         # Multi-step decoding (SchedulerOutput.num_steps = K > 1): a decode-only step run as K
         # iterations of forward + sample inside one program, per sampling mode like `sample`.
         # Token row j is request j; iteration i feeds each request's token sampled by iteration
@@ -207,21 +205,16 @@ class ModelRunner:
             t, s = bucket
             full = mode == sampler.FULL
             ids = input_ids(batch, penalty_state["last_tokens"])
-            row = jnp.arange(t)
-            real = row < batch["num_seqs"][0]
-            seq_of_row = jnp.minimum(row, s - 1)
+            seq_of_row = jnp.minimum(jnp.arange(t), s - 1)
             seq_real = jnp.arange(s) < batch["num_seqs"][0]
-            pos0 = batch["positions"]
-            max_page = batch["page_indices"].shape[1] - 1
             n_top = self.num_logprobs
 
             def body(i, carry):
                 kv_caches, penalty_state, ids, outs = carry
-                pos = pos0 + i
-                page = batch["page_indices"][seq_of_row, jnp.minimum(pos // ps, max_page)]
-                step = {**batch, "input_ids": ids, "positions": pos,
-                        "slot_mapping": jnp.where(real, page * ps + pos % ps, oob),
-                        "kv_lens": batch["kv_lens"] + jnp.where(seq_real, i, 0)}
+                kv_lens = batch["kv_lens"] + jnp.where(seq_real, i, 0)
+                pos, slots = decode_slots(kv_lens, batch["page_indices"], batch["num_seqs"], t,
+                                          self.page_size, num_pages)
+                step = {**batch, "input_ids": ids, "positions": pos, "slot_mapping": slots, "kv_lens": kv_lens}
                 logits, kv_caches = model.forward(params, m, step, kv_caches, attention,
                                                   decode_attention=decode_attention)
                 logits = gather_logits(logits)

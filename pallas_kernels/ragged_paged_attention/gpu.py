@@ -250,6 +250,15 @@ def _work_items(cu_q_lens, num_seqs, block_q: int, num_work: int):
     return seq, start, end
 
 
+def kv_splits(programs: int, max_blocks: int, num_sms: int = _DEFAULT_NUM_SMS) -> int:
+    """Flash-decoding splits: double (up to 16) until about 2 programs per SM exist, keeping at
+    least one key block per split."""
+    num_splits = 1
+    while num_splits < 16 and programs * num_splits < 2 * num_sms and num_splits * 2 <= max_blocks:
+        num_splits *= 2
+    return num_splits
+
+
 def default_config(num_tokens, max_num_seqs, num_q_heads, num_kv_heads, head_dim, page_size,
                    pages_per_seq, dtype, num_sms: int = _DEFAULT_NUM_SMS):
     """Static (shape-only) choice of block_q, block_k, kv splits, warps, stages and prescale_q."""
@@ -269,10 +278,7 @@ def default_config(num_tokens, max_num_seqs, num_q_heads, num_kv_heads, head_dim
     num_work = min(num_tokens, num_tokens // block_q + max_num_seqs)
     programs = max(1, num_work * num_kv_heads)
     max_blocks = -(-pages_per_seq * page_size // block_k)
-    num_splits = 1
-    if decode_like:
-        while num_splits < 16 and programs * num_splits < 2 * num_sms and num_splits * 2 <= max_blocks:
-            num_splits *= 2
+    num_splits = kv_splits(programs, max_blocks, num_sms) if decode_like else 1
     block_m = _next_pow2(block_q * group)
     num_warps = 4 if block_m <= 64 else 8
     # Prefill 3 stages: the K/V copy of the next block overlaps this block's dots (at 2 Triton

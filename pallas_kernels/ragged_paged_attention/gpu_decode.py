@@ -25,12 +25,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-_LOG2E = math.log2(math.e)
-_DEFAULT_NUM_SMS = 132  # H100 SXM; only used to choose how many kv splits fill the chip
-
-
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, (x - 1).bit_length())
+from .decode import composite
+from .gpu import _DEFAULT_NUM_SMS, _LOG2E, _next_pow2, kv_splits, ragged_paged_attention
 
 
 def _decode_kernel(
@@ -230,10 +226,7 @@ def default_config(num_tokens: int, num_kv_heads: int, head_dim: int, page_size:
     block_k = 32 if head_dim <= 128 else 16  # as gpu.py (H100 sweep, NOTES.md)
     block_k = min(block_k, _next_pow2(pages_per_seq * page_size))
     max_blocks = -(-pages_per_seq * page_size // block_k)
-    programs = max(1, num_tokens * num_kv_heads)
-    num_splits = 1
-    while num_splits < 16 and programs * num_splits < 2 * num_sms and num_splits * 2 <= max_blocks:
-        num_splits *= 2
+    num_splits = kv_splits(max(1, num_tokens * num_kv_heads), max_blocks, num_sms)
     return dict(block_k=block_k, num_splits=num_splits, num_warps=4, num_stages=2)
 
 
@@ -316,8 +309,6 @@ def decode_attention(q, k, v, kv_pages, kv_lens, page_indices, num_seqs, inv_fre
     if head_dim % 2 or _next_pow2(head_dim) != head_dim:
         # Triton blocks are powers of two and zero-padding would move rope's halves: odd head
         # dims take the composite path.
-        from .decode import composite
-        from .gpu import ragged_paged_attention
         return composite(ragged_paged_attention)(
             q, k, v, kv_pages, kv_lens, page_indices, num_seqs, inv_freq, sm_scale=sm_scale,
             sliding_window=sliding_window, soft_cap=soft_cap)
