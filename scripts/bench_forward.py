@@ -66,16 +66,22 @@ def engine_buckets(batch: int, min_token_bucket: int = 8) -> tuple[int, int]:
 
 
 def step_cost(cfg, params_bytes: int, batch: int, context: int) -> tuple[float, float]:
-    """(bytes that must move, FLOPs) of one decode step."""
-    kv_token = 2 * cfg.num_kv_heads * cfg.head_dim * np.dtype(cfg.dtype).itemsize * cfg.num_layers
-    moved = params_bytes + batch * ((context + 1) * kv_token + kv_token)  # weights, KV read, KV written
-    flops = 2 * batch * (params_bytes / np.dtype(cfg.dtype).itemsize)  # every weight once per token
+    """(bytes that must move, FLOPs) of one decode step.  An untied embedding table is not streamed:
+    the step gathers `batch` rows of it (before 2026-11-23's sixth session the whole table was
+    counted, which put the 8B floor ~7% too high and its fractions ~7% too flattering)."""
+    itemsize = np.dtype(cfg.dtype).itemsize
+    kv_token = 2 * cfg.num_kv_heads * cfg.head_dim * itemsize * cfg.num_layers
+    streamed = params_bytes
+    if not cfg.tie_word_embeddings:
+        streamed -= (cfg.vocab_size - batch) * cfg.hidden_size * itemsize
+    moved = streamed + batch * ((context + 1) * kv_token + kv_token)  # weights, KV read, KV written
+    flops = 2 * batch * (streamed / itemsize)  # every streamed weight once per token
     flops += 4 * batch * context * cfg.num_heads * cfg.head_dim * cfg.num_layers  # q.k and p.v
     return float(moved), float(flops)
 
 
-def kernel_table(trace_dir: str, steps: int) -> list[dict]:
-    """Device kernels of the trace, by name: count and microseconds per step."""
+def _device_events(trace_dir: str) -> list[dict]:
+    """The kernel events ("X") of the newest trace under trace_dir, on the devices' stream lines."""
     files = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)
     files += glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
     if not files:
@@ -92,18 +98,31 @@ def kernel_table(trace_dir: str, steps: int) -> list[dict]:
     # the same time: count the stream lines only, where there are any.
     streams = {key for key, name in threads.items() if key[0] in device and "stream" in name.lower()}
     print(f"  trace lines: {sorted(set(n for k, n in threads.items() if k[0] in device))[:12]}")
+    return [e for e in events if e.get("ph") == "X" and e.get("pid") in device and "dur" in e
+            and (not streams or (e["pid"], e.get("tid")) in streams)]
+
+
+def kernel_table(trace_dir: str, steps: int) -> list[dict]:
+    """Device kernels of the trace, by name: count and microseconds per step."""
     totals: dict[str, list[float]] = collections.defaultdict(lambda: [0, 0.0])
-    for e in events:
-        if e.get("ph") != "X" or e.get("pid") not in device or "dur" not in e:
-            continue
-        if streams and (e["pid"], e.get("tid")) not in streams:
-            continue
+    for e in _device_events(trace_dir):
         t = totals[e["name"]]
         t[0] += 1
         t[1] += float(e["dur"])
     rows = [{"kernel": k, "count_per_step": c / steps, "us_per_step": d / steps} for k, (c, d) in totals.items()]
     rows.sort(key=lambda r: -r["us_per_step"])
     return rows
+
+
+def device_busy(trace_dir: str) -> dict[str, float]:
+    """Kernel time against the span from the first kernel's start to the last one's end, in us: the
+    difference is time the device sat idle (waiting for the host, a read-back or a launch)."""
+    ev = _device_events(trace_dir)
+    if not ev:
+        return {"busy_us": 0.0, "span_us": 0.0}
+    busy = sum(float(e["dur"]) for e in ev)
+    span = max(float(e["ts"]) + float(e["dur"]) for e in ev) - min(float(e["ts"]) for e in ev)
+    return {"busy_us": busy, "span_us": span}
 
 
 def main() -> None:

@@ -192,6 +192,25 @@ def run_engine(llm, batch: int, input_len: int, output_len: int, seed: int = 0, 
             "stream": stream, "num_steps": len(log.steps), "steps": list(log.steps)}
 
 
+def profile_run(llm, batch: int, args, trace_dir: str, top: int = 30) -> dict:
+    """One more run under jax.profiler (its own run: tracing costs time), then the device kernels
+    per output token by name and the device's busy time against the run's kernel span."""
+    import jax
+    from bench_forward import device_busy, kernel_table
+
+    out_len = min(args.output_len, 32)
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        run_engine(llm, batch, args.input_len, out_len, seed=2)
+    rows = kernel_table(trace_dir, steps=out_len)
+    busy = device_busy(trace_dir)
+    print(f"  profile b{batch}: {sum(r['count_per_step'] for r in rows):.0f} kernels and "
+          f"{sum(r['us_per_step'] for r in rows):.0f} us an output token; device busy "
+          f"{busy['busy_us'] / 1e3:.2f} of {busy['span_us'] / 1e3:.2f} ms", flush=True)
+    for r in rows[:top]:
+        print(f"    {r['us_per_step']:9.1f} us  x{r['count_per_step']:5.1f}  {r['kernel'][:110]}")
+    return {"output_len": out_len, "kernels_per_output_token": rows, **busy}
+
+
 def run_hf(shape: dict, batch: int, input_len: int, output_len: int, mode: str) -> dict:
     import torch
     import transformers
@@ -264,6 +283,9 @@ def main() -> None:
                     help="K = 1: decode-only steps as one program (forward with the fused decode attention + sampler)")
     ap.add_argument("--no-fuse-decode-attention", action="store_true",
                     help="decode programs use the general rope + KV scatter + attention path")
+    ap.add_argument("--numpy-inputs", action="store_true",
+                    help="A/B of the host path: hand the step's numpy buffers to the jitted call instead "
+                         "of jax.device_put first (scripts/host_overhead.py times the parts)")
     ap.add_argument("--hf-peer", nargs="*", default=[], choices=["eager", "static"])
     ap.add_argument("--peer-batch", nargs="*", type=int, default=None,
                     help="batch sizes for the peer (default: --batch)")
@@ -303,17 +325,18 @@ def main() -> None:
                       fuse_decode_attention=not args.no_fuse_decode_attention)
             startup_s = time.perf_counter() - t0
         llm._step_log = StepLog(llm.runner)
+        if args.numpy_inputs and llm.runner.mesh is None:
+            llm.runner._put_inputs = lambda *a: a
         for batch in args.batch:
             run_engine(llm, batch, args.input_len, min(args.output_len, 8), seed=1)  # warm the paths
             r = run_engine(llm, batch, args.input_len, args.output_len, stream=args.stream)
             if args.profile_dir:  # a separate run, so tracing overhead stays out of the figures
-                with jax.profiler.trace(os.path.join(args.profile_dir, f"{name}-b{batch}")):
-                    run_engine(llm, batch, args.input_len, min(args.output_len, 32), seed=2)
+                r["profile"] = profile_run(llm, batch, args, os.path.join(args.profile_dir, f"{name}-b{batch}"))
             bound = sum(step_bound_s(s, llm.config, ceil) for s in r.pop("steps"))
             r.update(model=name, startup_s=startup_s, attention=llm.runner.attention_impl,
                      matmul=llm.runner.matmul_impl, fused_matmul_max_tokens=llm.runner.fused_max_tokens,
                      num_scheduler_steps=args.num_scheduler_steps,
-                     decode_program=llm.runner.decode_program,
+                     decode_program=llm.runner.decode_program, numpy_inputs=args.numpy_inputs,
                      fuse_decode_attention=llm.config.runner.fuse_decode_attention,
                      param_layout=llm.runner.model.layout_of(llm.runner.params),
                      roofline_s=bound, roofline_fraction=bound / r["total_s"],

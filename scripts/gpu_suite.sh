@@ -13,6 +13,9 @@
 #   tiling      bench_forward, 8B fused, with --xla_gpu_exhaustive_tiling_search=true            ~3 min
 #   multistep   1B and 8B, batch 1 and 64, num_scheduler_steps 1 vs 8 (4 engine starts)         ~6 min
 #   decodeprog  1B and 8B, batch 1 and 64, K = 1: two programs a decode step vs the decode program (A/B)  ~5 min
+#   profile     K = 8 engine runs under jax.profiler: kernels per output token, device busy vs span  ~5 min
+#   hostpath    1B K = 1 at batch 1 and 64: two programs, numpy inputs, decode program (profiled);
+#               then host_overhead.py on this machine                                             ~5 min
 #   batches     8B 128/128 at batch 8, 32, 128, 256                                               ~3 min
 #   long        8B 1024/128 at 64 and 4096/256 at 8                                              ~4 min
 #   qwen3       Qwen3-8B shape, batch 1 and 64                                                    ~3 min
@@ -72,6 +75,18 @@ for part in "$@"; do
     decodeprog)
       lat k1_two_programs --model llama-3.2-1b llama-3.1-8b --batch 1 64
       lat k1_decode_program --model llama-3.2-1b llama-3.1-8b --batch 1 64 --decode-program ;;
+    profile)
+      lat profile_k8_1b --model llama-3.2-1b --batch 1 64 --num-scheduler-steps 8 --profile-dir /tmp/prof
+      grep -A12 "profile b" "$OUT/profile_k8_1b.log" | head -40
+      lat profile_k8_8b --model llama-3.1-8b --batch 1 --num-scheduler-steps 8 --profile-dir /tmp/prof
+      grep -A30 "profile b" "$OUT/profile_k8_8b.log" | head -34 ;;
+    hostpath)
+      lat host_two_programs --model llama-3.2-1b --batch 1 64 --profile-dir /tmp/prof
+      lat host_numpy_inputs --model llama-3.2-1b --batch 1 64 --numpy-inputs
+      lat host_decode_program --model llama-3.2-1b --batch 1 64 --decode-program --profile-dir /tmp/prof
+      grep -h -A6 "profile b" "$OUT/host_two_programs.log" "$OUT/host_decode_program.log" | head -30
+      timeout 150 python3 scripts/host_overhead.py --batch 1 64 --json "$OUT/host_overhead.json" \
+        > "$OUT/host_overhead.log" 2>&1; grep -v "it/s" "$OUT/host_overhead.log" | tail -8 ;;
     batches) lat batches --model llama-3.1-8b --batch 8 32 128 256 --kv-cache-gib 16 ;;
     long)
       lat long1024 --model llama-3.1-8b --batch 64 --input-len 1024 --output-len 128

@@ -141,12 +141,13 @@ def test_bench_forward_times_a_decode_step_and_reads_kernels_from_a_trace(tmp_pa
               {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}},
               {"ph": "M", "name": "thread_name", "pid": 1, "tid": 5, "args": {"name": "Stream #13(Compute)"}},
               {"ph": "M", "name": "thread_name", "pid": 1, "tid": 6, "args": {"name": "XLA Ops"}}]
-    for _ in range(2):  # two steps
-        events += [{"ph": "X", "pid": 1, "tid": 5, "name": "gemm", "dur": 10.0},
-                   {"ph": "X", "pid": 1, "tid": 5, "name": "gemm", "dur": 6.0},
-                   {"ph": "X", "pid": 1, "tid": 5, "name": "fusion", "dur": 2.0},
-                   {"ph": "X", "pid": 1, "tid": 6, "name": "dot.1", "dur": 16.0},
-                   {"ph": "X", "pid": 2, "tid": 1, "name": "python", "dur": 99.0}]
+    for step in range(2):  # two steps, 30 us apart, each 18 us of kernels
+        t0 = 100.0 + 30.0 * step
+        events += [{"ph": "X", "pid": 1, "tid": 5, "name": "gemm", "ts": t0, "dur": 10.0},
+                   {"ph": "X", "pid": 1, "tid": 5, "name": "gemm", "ts": t0 + 10, "dur": 6.0},
+                   {"ph": "X", "pid": 1, "tid": 5, "name": "fusion", "ts": t0 + 16, "dur": 2.0},
+                   {"ph": "X", "pid": 1, "tid": 6, "name": "dot.1", "ts": t0, "dur": 16.0},
+                   {"ph": "X", "pid": 2, "tid": 1, "name": "python", "ts": 0.0, "dur": 999.0}]
     d = tmp_path / "trace" / "plugins" / "profile" / "x"
     d.mkdir(parents=True)
     with gzip.open(d / "perfetto_trace.json.gz", "wt") as f:
@@ -154,6 +155,30 @@ def test_bench_forward_times_a_decode_step_and_reads_kernels_from_a_trace(tmp_pa
     rows = bf.kernel_table(str(tmp_path / "trace"), steps=2)
     assert rows == [{"kernel": "gemm", "count_per_step": 2.0, "us_per_step": 16.0},
                     {"kernel": "fusion", "count_per_step": 1.0, "us_per_step": 2.0}]
+    # 36 us of kernels from t = 100 to t = 148: the device sat idle 12 us between the steps
+    assert bf.device_busy(str(tmp_path / "trace")) == {"busy_us": 36.0, "span_us": 48.0}
+
+
+def test_the_forward_floor_streams_what_the_engine_roofline_streams():
+    """bench_forward's decode floor and bench_latency's per-step bound count the same bytes: an
+    untied embedding table is gathered (batch rows), not streamed."""
+    import jax
+
+    import bench_forward as bf
+    import types
+
+    from jaxengine.config import ModelConfig
+    from jaxengine.models import get_model
+
+    ceil = {"copy_bytes_per_s": 1.0, "matmul_flops_per_s": 1e30}  # the bound is then bytes
+    for name in ("llama-3.1-8b", "llama-3.2-1b"):  # untied and tied embeddings
+        cfg = ModelConfig.from_hf_config(bl.SHAPES[name], dtype="bfloat16")
+        shapes = jax.eval_shape(lambda: get_model(cfg.architecture).init_params(cfg, jax.random.PRNGKey(0)))
+        params_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(shapes))
+        for batch in (1, 64):
+            moved, _ = bf.step_cost(cfg, params_bytes, batch, context=256)
+            bound = bl.step_bound_s([(256, 1)] * batch, types.SimpleNamespace(model=cfg), ceil)
+            assert abs(moved - bound) < 1e-4 * bound, (name, batch, moved, bound)  # norms and gathered rows
 
 
 def test_host_overhead_times_each_part_for_both_input_paths(tmp_path):
