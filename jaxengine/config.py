@@ -197,7 +197,15 @@ class RunnerConfig:
     decode_program: bool = dataclasses.field(
         default_factory=lambda: os.environ.get("JAXENGINE_DECODE_PROGRAM", "0") in ("1", "true"))
 
+    # Residual add + the RMSNorm after it as one call (pallas_kernels/residual_norm) in every
+    # program: "gpu" the Pallas kernel (one kernel where XLA:GPU launches two or more), "reference"
+    # the jnp composition, "off" the model's own ops, "auto" = gpu on a GPU backend, off elsewhere.
+    residual_norm: str = dataclasses.field(
+        default_factory=lambda: os.environ.get("JAXENGINE_RESIDUAL_NORM", "auto"))
+
     def __post_init__(self):
+        _check(self.residual_norm in ("auto", "gpu", "reference", "off"),
+               f"residual_norm must be one of auto, gpu, reference, off; got {self.residual_norm!r}")
         _check(self.attention_impl in ("auto", "reference", "gpu", "tpu"),
                f"attention_impl must be one of auto, reference, gpu, tpu; got {self.attention_impl!r}")
         _check(self.matmul_impl in ("auto", "reference", "gpu"),

@@ -244,14 +244,18 @@ def fusable(cfg: ModelConfig, multiple: int = 16) -> bool:
 
 def forward(params: Params, cfg: ModelConfig, batch: dict[str, jax.Array], kv_caches: list[jax.Array],
             attention: Callable[..., jax.Array], matmul: Any = None,
-            decode_attention: Callable[..., Any] | None = None) -> tuple[jax.Array, list[jax.Array]]:
+            decode_attention: Callable[..., Any] | None = None,
+            residual_norm: Callable[..., Any] | None = None) -> tuple[jax.Array, list[jax.Array]]:
     """One ragged step.  Returns (logits [num_logits, vocab] float32, updated kv_caches).
 
     matmul: None (XLA's matmuls and elementwise fusions) or a fused-matmul namespace
     (pallas_kernels.fused_matmul.get_matmul): the runner passes one for decode-sized buckets.
     decode_attention: for a decode-only step (token row j is request j, at position
     kv_lens[j] - 1), an implementation of ragged_paged_attention/decode.py that rotates q/k and
-    writes the KV slots itself; it replaces `attention`, the rope and the KV scatter."""
+    writes the KV slots itself; it replaces `attention`, the rope and the KV scatter.
+    residual_norm: an implementation of pallas_kernels/residual_norm (residual add + the next
+    RMSNorm as one call): each layer then ends with the next layer's input norm (the last with
+    the final norm, over every row before the logits rows are gathered: rows are independent)."""
     model = params["model"]
     if matmul is not None and (layout_of(params) != "hf" or decode_attention is not None):
         raise ValueError("the fused-matmul kernels take the 'hf' params layout and the general attention path")
@@ -261,6 +265,9 @@ def forward(params: Params, cfg: ModelConfig, batch: dict[str, jax.Array], kv_ca
     else:
         rope = rope_cos_sin(batch["positions"], rope_inv_freq(cfg))
     new_caches = []
+    if residual_norm is not None and matmul is None:
+        return _forward_residual_norm(params, cfg, batch, kv_caches, attention, x, rope, residual_norm,
+                                      decode=decode_attention is not None)
     for i in range(cfg.num_layers):
         layer = model["layers"][str(i)]
         if matmul is not None:
@@ -277,4 +284,22 @@ def forward(params: Params, cfg: ModelConfig, batch: dict[str, jax.Array], kv_ca
     x = rms_norm(x[batch["logits_indices"]], model["norm"]["weight"], cfg.rms_norm_eps)
     head = model["embed_tokens"]["weight"] if cfg.tie_word_embeddings else params["lm_head"]["weight"]
     logits = jnp.einsum("sh,vh->sv", x, head, preferred_element_type=jnp.float32)
+    return logits, new_caches
+
+
+def _forward_residual_norm(params, cfg, batch, kv_caches, attention, x, rope, residual_norm, *, decode):
+    """forward's layer loop with each residual add and the RMSNorm after it as one call."""
+    model, eps, n = params["model"], cfg.rms_norm_eps, cfg.num_layers
+    layers = [model["layers"][str(i)] for i in range(n)]
+    _, normed = residual_norm(x, None, layers[0]["input_layernorm"]["weight"], eps)
+    new_caches = []
+    for i, layer in enumerate(layers):
+        h, kv = attention_block(layer["self_attn"], cfg, normed, rope, kv_caches[i], batch, attention,
+                                decode=decode)
+        new_caches.append(kv)
+        x, normed = residual_norm(x, h, layer["post_attention_layernorm"]["weight"], eps)
+        nxt = layers[i + 1]["input_layernorm"]["weight"] if i + 1 < n else model["norm"]["weight"]
+        x, normed = residual_norm(x, mlp_block(layer["mlp"], normed), nxt, eps)
+    head = model["embed_tokens"]["weight"] if cfg.tie_word_embeddings else params["lm_head"]["weight"]
+    logits = jnp.einsum("sh,vh->sv", normed[batch["logits_indices"]], head, preferred_element_type=jnp.float32)
     return logits, new_caches

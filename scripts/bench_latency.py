@@ -283,6 +283,8 @@ def main() -> None:
                     help="K = 1: decode-only steps as one program (forward with the fused decode attention + sampler)")
     ap.add_argument("--no-fuse-decode-attention", action="store_true",
                     help="decode programs use the general rope + KV scatter + attention path")
+    ap.add_argument("--residual-norm", default="auto", choices=["auto", "gpu", "reference", "off"],
+                    help="residual add + RMSNorm as one Pallas kernel (RunnerConfig.residual_norm)")
     ap.add_argument("--numpy-inputs", action="store_true",
                     help="A/B of the host path: hand the step's numpy buffers to the jitted call instead "
                          "of jax.device_put first (scripts/host_overhead.py times the parts)")
@@ -322,7 +324,8 @@ def main() -> None:
                       kv_cache_memory_bytes=int(args.kv_cache_gib * 2**30), attention_impl=args.attention,
                       matmul_impl=args.matmul, num_scheduler_steps=args.num_scheduler_steps,
                       param_layout=args.param_layout, decode_program=args.decode_program,
-                      fuse_decode_attention=not args.no_fuse_decode_attention)
+                      fuse_decode_attention=not args.no_fuse_decode_attention,
+                      residual_norm=args.residual_norm)
             startup_s = time.perf_counter() - t0
         llm._step_log = StepLog(llm.runner)
         if args.numpy_inputs and llm.runner.mesh is None:
@@ -337,6 +340,7 @@ def main() -> None:
                      matmul=llm.runner.matmul_impl, fused_matmul_max_tokens=llm.runner.fused_max_tokens,
                      num_scheduler_steps=args.num_scheduler_steps,
                      decode_program=llm.runner.decode_program, numpy_inputs=args.numpy_inputs,
+                     residual_norm=llm.runner.residual_norm_impl,
                      fuse_decode_attention=llm.config.runner.fuse_decode_attention,
                      param_layout=llm.runner.model.layout_of(llm.runner.params),
                      roofline_s=bound, roofline_fraction=bound / r["total_s"],

@@ -16,6 +16,8 @@
 #   profile     K = 8 engine runs under jax.profiler: kernels per output token, device busy vs span  ~5 min
 #   hostpath    1B K = 1 at batch 1 and 64: two programs, numpy inputs, decode program (profiled);
 #               then host_overhead.py on this machine                                             ~5 min
+#   norm        bench_forward 8B and 1B, b1 and b64, fused decode attention, residual norm off vs the
+#               Pallas kernel (profiled, HLO), then the engine at K = 8 with the kernel (default)  ~7 min
 #   batches     8B 128/128 at batch 8, 32, 128, 256                                               ~3 min
 #   long        8B 1024/128 at 64 and 4096/256 at 8                                              ~4 min
 #   qwen3       Qwen3-8B shape, batch 1 and 64                                                    ~3 min
@@ -87,6 +89,12 @@ for part in "$@"; do
       grep -h -A6 "profile b" "$OUT/host_two_programs.log" "$OUT/host_decode_program.log" | head -30
       timeout 150 python3 scripts/host_overhead.py --batch 1 64 --json "$OUT/host_overhead.json" \
         > "$OUT/host_overhead.log" 2>&1; grep -v "it/s" "$OUT/host_overhead.log" | tail -8 ;;
+    norm)
+      timeout 260 python3 scripts/bench_forward.py --model llama-3.1-8b llama-3.2-1b --batch 1 64 \
+        --decode-attention fused --residual-norm off gpu --profile-dir /tmp/prof --hlo-dir "$OUT/hlo" --top 16 \
+        --json "$OUT/forward_norm.json" > "$OUT/forward_norm.log" 2>&1
+      grep -E "^\||kernels of|^ +[0-9.]+ us" "$OUT/forward_norm.log" | head -90
+      lat norm_k8 --model llama-3.2-1b llama-3.1-8b --batch 1 64 --num-scheduler-steps 8 ;;
     batches) lat batches --model llama-3.1-8b --batch 8 32 128 256 --kv-cache-gib 16 ;;
     long)
       lat long1024 --model llama-3.1-8b --batch 64 --input-len 1024 --output-len 128

@@ -9,10 +9,10 @@ from .mesh import AXES, make_mesh, replica_meshes
 from .rules import (RULES, check_model, expand_kv, flatten, is_kv_proj, kv_cache_sharding, kv_replicas, make_put,
                     map_layers,
                     param_sharding, param_shardings, params_sharding_tree, partition_spec, put_array,
-                    replicated, shard_attention, shard_decode_attention, shard_params, sharded_model_config,
+                    replicated, shard_attention, shard_decode_attention, shard_replicated, shard_params, sharded_model_config,
                     sharded_param_shapes, zeros, replica_params, vocab_sharding)
 
 __all__ = ["AXES", "make_mesh", "replica_meshes", "RULES", "check_model", "expand_kv", "flatten", "is_kv_proj",
            "kv_cache_sharding", "kv_replicas", "make_put", "map_layers", "param_sharding", "param_shardings",
            "params_sharding_tree", "partition_spec", "put_array", "replicated", "shard_attention",
-           "shard_decode_attention", "shard_params", "sharded_model_config", "sharded_param_shapes", "zeros", "replica_params", "vocab_sharding"]
+           "shard_decode_attention", "shard_replicated", "shard_params", "sharded_model_config", "sharded_param_shapes", "zeros", "replica_params", "vocab_sharding"]

@@ -254,6 +254,28 @@ def shard_decode_attention(decode_attention: Callable[..., Any], mesh: Mesh) -> 
     return sharded
 
 
+def shard_replicated(fn: Callable[..., Any], mesh: Mesh) -> Callable[..., Any]:
+    """A kernel that takes and returns arrays whole, run on every device of the mesh as is (e.g.
+    the residual-norm kernel on the replicated activations): a Pallas call has no SPMD
+    partitioning rule of its own, so it goes inside a shard_map with replicated specs.  Positional
+    arguments that are not arrays (None, Python numbers) stay static."""
+    def sharded(*args, **kwargs):
+        present = [i for i, a in enumerate(args) if isinstance(a, jax.Array)]
+
+        def f(*xs):
+            full = list(args)
+            for i, x in zip(present, xs):
+                full[i] = x
+            return fn(*full, **kwargs)
+
+        xs = [args[i] for i in present]
+        out = jax.eval_shape(f, *xs)
+        return jax.shard_map(f, mesh=mesh, in_specs=tuple(P() for _ in xs),
+                             out_specs=jax.tree.map(lambda _: P(), out), check_vma=False)(*xs)
+
+    return sharded
+
+
 def replica_params(params: Any, sub_mesh: Mesh) -> Any:
     """The params of one data-parallel replica, as arrays on its sub-mesh (a row of the full mesh).
 

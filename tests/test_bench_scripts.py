@@ -129,11 +129,11 @@ def test_bench_forward_times_a_decode_step_and_reads_kernels_from_a_trace(tmp_pa
     here = os.path.dirname(os.path.abspath(__file__))
     subprocess.run([sys.executable, os.path.join(here, "..", "scripts", "bench_forward.py"), "--model", "tiny",
                     "--batch", "1", "4", "--context", "20", "--iters", "3", "--decode-attention", "general",
-                    "fused", "--json", str(out)], check=True, capture_output=True)
+                    "fused", "--residual-norm", "off", "gpu", "--json", str(out)], check=True, capture_output=True)
     runs = json.load(open(out))["runs"]
-    assert [(r["batch"], r["decode_attention"]) for r in runs] == [(1, "general"), (1, "fused"), (4, "general"),
-                                                                  (4, "fused")]
-    runs = [r for r in runs if r["decode_attention"] == "general"]
+    assert [(r["batch"], r["decode_attention"], r["residual_norm"]) for r in runs] == [
+        (b, m, rn) for b in (1, 4) for m in ("general", "fused") for rn in ("off", "gpu")]
+    runs = [r for r in runs if r["decode_attention"] == "general" and r["residual_norm"] == "off"]
     assert all(0 < r["floor_ms"] < r["step_ms"] for r in runs)
     assert runs[1]["bytes_per_step"] > runs[0]["bytes_per_step"]  # three more requests' KV
     # A GPU trace: one device with a stream line and a derived "XLA Ops" line repeating its time

@@ -125,7 +125,9 @@ def test_abort_while_a_multi_step_is_in_flight_leaks_no_pages(multi):
     dict(num_scheduler_steps=K, attention_impl="gpu"),
     dict(decode_program=True),
     dict(decode_program=True, attention_impl="gpu"),
-], ids=["general-attention-path", "gpu-decode-kernel", "k1-decode-program", "k1-decode-program-gpu"])
+    dict(num_scheduler_steps=K, attention_impl="gpu", residual_norm="gpu"),
+], ids=["general-attention-path", "gpu-decode-kernel", "k1-decode-program", "k1-decode-program-gpu",
+        "gpu-decode-kernel-residual-norm-kernel"])
 def test_decode_attention_paths_give_the_same_greedy_outputs(single, llama_ckpt, engine_args):
     """The decode programs' attention (rope + KV write + attention in one call) against the
     general path, the GPU kernel (interpret mode on CPU) inside the engine, and K = 1 decode
@@ -134,6 +136,7 @@ def test_decode_attention_paths_give_the_same_greedy_outputs(single, llama_ckpt,
     want, _ = run(single, PROMPTS[:5], params)
     llm = LLM(llama_ckpt, **SMALL_ENGINE, **engine_args)
     assert llm.runner.decode_program == engine_args.get("decode_program", False)
+    assert llm.runner.residual_norm_impl == engine_args.get("residual_norm", "off")  # auto: off on CPU
     got, _ = run(llm, PROMPTS[:5], params)
     assert [[c.token_ids for c in o.outputs] for o in got] == [[c.token_ids for c in o.outputs] for o in want]
     # the decode steps ran as decode programs: at K = 1 the 8 after the prefill's token, each one

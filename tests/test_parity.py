@@ -112,7 +112,7 @@ def build_batch(chunks: list[Chunk]) -> dict[str, np.ndarray]:
 class TinyRunner:
     """Params, KV pages and one jitted step: the smallest thing that drives forward() like the engine."""
 
-    def __init__(self, path: str, matmul=None, layout: str = "hf", decode_attention=None):
+    def __init__(self, path: str, matmul=None, layout: str = "hf", decode_attention=None, residual_norm=None):
         self.cfg = ModelConfig.from_hf_config(load_hf_config(path), dtype="float32")
         self.model = get_model(self.cfg.architecture)
         self.params = load_params(iter_safetensors(path), self.model.param_shapes(self.cfg), "float32")
@@ -122,11 +122,12 @@ class TinyRunner:
             assert self.model.layout_of(self.params) == "fused"
         cfg, model, attention = self.cfg, self.model, get_attention("reference")
         self._step = jax.jit(lambda params, kv, batch: model.forward(params, cfg, batch, kv, attention,
-                                                                     matmul=matmul))
+                                                                     matmul=matmul, residual_norm=residual_norm))
         # decode-only steps (one token per request, row j = request j) through a decode_attention
         self._decode_step = None if decode_attention is None else jax.jit(
             lambda params, kv, batch: model.forward(params, cfg, batch, kv, attention,
-                                                    decode_attention=decode_attention))
+                                                    decode_attention=decode_attention,
+                                                    residual_norm=residual_norm))
 
     def new_cache(self) -> list[jax.Array]:
         shape = (NUM_PAGES, PAGE_SIZE, 2 * self.cfg.num_kv_heads, self.cfg.head_dim)
@@ -343,6 +344,19 @@ def test_decode_attention_greedy_decode_matches_transformers(impl, tmp_path_fact
         path = tiny_checkpoints.make_checkpoint(str(tmp_path_factory.mktemp(family)), family, seed=SEED)
         runner = TinyRunner(path, layout="fused", decode_attention=get_decode_attention(impl))
         check_greedy_decode(family, runner, load_golden(family), what=f"{impl} decode-attention decode")
+
+
+def test_residual_norm_kernel_greedy_decode_matches_transformers(tmp_path_factory):
+    """The GPU engine's default decode path: every residual add + RMSNorm through the Pallas kernel
+    (prefill and decode steps) and decode steps through the GPU decode attention, both in interpret
+    mode on CPU (compiled on a GPU), every family."""
+    from jaxengine.pallas_kernels.ragged_paged_attention import get_decode_attention
+    from jaxengine.pallas_kernels.residual_norm import get_residual_norm
+    for family in FAMILIES:
+        path = tiny_checkpoints.make_checkpoint(str(tmp_path_factory.mktemp(family)), family, seed=SEED)
+        runner = TinyRunner(path, layout="fused", decode_attention=get_decode_attention("gpu"),
+                            residual_norm=get_residual_norm("gpu"))
+        check_greedy_decode(family, runner, load_golden(family), what="residual-norm kernel decode")
 
 
 def test_fused_matmul_greedy_decode_matches_transformers(fused_family_run):

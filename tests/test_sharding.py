@@ -79,13 +79,15 @@ def _worker(out_path: str, tmp: str) -> None:
     ckpts = {f: tc.make_checkpoint(os.path.join(tmp, f), f, with_tokenizer=(f == "tp8_gqa"))
              for f in ["tp8_gqa", *OTHER_FAMILIES]}
 
-    def run(family, tp, dp, model=None, k=1, layout=None, decode_program=False):
+    def run(family, tp, dp, model=None, k=1, layout=None, decode_program=False, residual_norm=None):
         llm = LLM(model or ckpts[family], tensor_parallel_size=tp, data_parallel_size=dp, **engine,
-                  num_scheduler_steps=k, param_layout=layout, decode_program=decode_program)
+                  num_scheduler_steps=k, param_layout=layout, decode_program=decode_program,
+                  residual_norm=residual_norm)
         steps = llm.engine.num_steps
         toks = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)]
         key = (f"{family}/tp{tp}dp{dp}" + ("/orbax" if model else "") + (f"/k{k}" if k > 1 else "")
-               + (f"/{layout}" if layout else "") + ("/decode_program" if decode_program else ""))
+               + (f"/{layout}" if layout else "") + ("/decode_program" if decode_program else "")
+               + (f"/residual_norm_{residual_norm}" if residual_norm else ""))
         res["tokens"][key] = toks
         res.setdefault("steps", {})[key] = llm.engine.num_steps - steps
         return llm
@@ -102,6 +104,7 @@ def _worker(out_path: str, tmp: str) -> None:
     run("tp8_gqa", 4, 1, k=4)  # multi-step decoding, sharded (decode attention on the fused q/k/v)
     qk_norm_family = next(f for f in OTHER_FAMILIES if "qwen3" in f)
     run(qk_norm_family, OTHER_FAMILIES[qk_norm_family][-1], 1, decode_program=True)  # separate q/k/v
+    run("tp8_gqa", 2, 1, residual_norm="gpu")  # the residual-norm kernel (interpret) in a shard_map
     hf4 = run("tp8_gqa", 4, 1, layout="hf")  # the checkpoint's own layout, sharded
     res["hf_layout_names"] = sorted(sharding.flatten(hf4.runner.params))
 
@@ -198,6 +201,12 @@ def test_decode_program_under_tensor_parallelism_matches_one_device(seen):
     separately) sharded over tp: the same greedy tokens as one device."""
     [key] = [k for k in seen["tokens"] if k.endswith("/decode_program")]
     assert seen["tokens"][key] == seen["tokens"][key.split("/")[0] + "/tp1dp1"]
+
+
+def test_residual_norm_kernel_under_tensor_parallelism_matches_one_device(seen):
+    """The residual-add + RMSNorm Pallas kernel (interpret mode) inside a replicated shard_map at
+    tp = 2, every program of the step: the same greedy tokens as one device without it."""
+    assert seen["tokens"]["tp8_gqa/tp2dp1/residual_norm_gpu"] == seen["tokens"]["tp8_gqa/tp1dp1"]
 
 
 @pytest.mark.parametrize("family,tp", [(f, tp) for f, tps in OTHER_FAMILIES.items() for tp in tps])

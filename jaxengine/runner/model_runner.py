@@ -22,6 +22,7 @@ import numpy as np
 from jaxengine.config import EngineConfig
 from jaxengine.engine.scheduler import PENDING_TOKEN, SchedulerOutput, uses_penalties
 from jaxengine.pallas_kernels import fused_matmul
+from jaxengine.pallas_kernels import residual_norm as residual_norm_kernels
 from jaxengine.pallas_kernels.ragged_paged_attention import get_attention, get_decode_attention, resolve_impl
 from jaxengine.pallas_kernels.ragged_paged_attention.decode import decode_slots
 from jaxengine.runner import sampler
@@ -88,6 +89,14 @@ def param_layout(runner_cfg: Any, model: ModuleType, model_cfg: Any, mesh: Any) 
     return "fused"
 
 
+def residual_norm_impl(setting: str) -> str:
+    """RunnerConfig.residual_norm -> "gpu", "reference" or "off" ("auto": the kernel where XLA
+    would launch the add and the norm as separate kernels, i.e. on a GPU backend)."""
+    if setting == "auto":
+        return "gpu" if jax.default_backend() in ("gpu", "cuda") else "off"
+    return setting
+
+
 class ModelRunner:
     def __init__(self, cfg: EngineConfig, params: Any, model: ModuleType, num_pages: int,
                  mesh: Any = None):
@@ -105,6 +114,10 @@ class ModelRunner:
         # decode-only programs (multi-step): rope + KV write + attention in one call
         decode_attention = (get_decode_attention(self.attention_impl)
                             if cfg.runner.fuse_decode_attention else None)
+        # residual add + RMSNorm as one call (None: the model's own ops)
+        self.residual_norm_impl = residual_norm_impl(cfg.runner.residual_norm)
+        residual_norm = (None if self.residual_norm_impl == "off"
+                         else residual_norm_kernels.get_residual_norm(self.residual_norm_impl))
         m = cfg.model
         # Decode-sized buckets stream every weight once; with matmul_impl="gpu" the fused kernels
         # (RMSNorm, SwiGLU and the residual adds folded into the matmuls) replace XLA's GEMMs and
@@ -122,6 +135,8 @@ class ModelRunner:
             attention = sharding.shard_attention(attention, mesh)
             if decode_attention is not None:
                 decode_attention = sharding.shard_decode_attention(decode_attention, mesh)
+            if residual_norm is not None:
+                residual_norm = sharding.shard_replicated(residual_norm, mesh)
             kv_sharding, repl = sharding.kv_cache_sharding(mesh), sharding.replicated(mesh)
         dtype = jnp.dtype(m.dtype)
         # [num_pages, page_size, 2 * num_kv_heads, head_dim] per layer
@@ -183,7 +198,8 @@ class ModelRunner:
             batch, _ = self._unpack(ints, floats, self._layout(*bucket))
             batch["input_ids"] = input_ids(batch, last_tokens)
             matmul = fused if bucket[0] <= self.fused_max_tokens else None
-            logits, kv_caches = model.forward(params, m, batch, kv_caches, attention, matmul=matmul)
+            logits, kv_caches = model.forward(params, m, batch, kv_caches, attention, matmul=matmul,
+                                              residual_norm=residual_norm)
             logits = gather_logits(logits)
             # the sampling knobs lead both buffers: handed on as they are, so the sampler's
             # programs depend on the request bucket only, not on the token bucket
@@ -216,7 +232,8 @@ class ModelRunner:
                                           self.page_size, num_pages)
                 step = {**batch, "input_ids": ids, "positions": pos, "slot_mapping": slots, "kv_lens": kv_lens}
                 logits, kv_caches = model.forward(params, m, step, kv_caches, attention,
-                                                  decode_attention=decode_attention)
+                                                  decode_attention=decode_attention,
+                                                  residual_norm=residual_norm)
                 logits = gather_logits(logits)
                 penalty_state, out = sample_and_count(logits, penalty_state,
                                                       {**samp, "rng_pos": samp["rng_pos"] + i}, full)
