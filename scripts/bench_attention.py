@@ -200,6 +200,66 @@ def run_case(rows, kind, name, q_lens, ctx_lens, page_size, hbm, mxu, peers=(), 
     del args
 
 
+DECODE_KERNEL_SWEEP = dict(batches=(1, 8, 64), contexts=(256, 1024, 4096), splits=(None, 1, 2, 4, 8),
+                          page_size=16, pages_per_seq=512)  # an 8k-token page table, as a server has
+
+
+def decode_kernel_sweep(rows, hbm, mxu, cfg=DECODE_KERNEL_SWEEP, inner=10, repeats=5):
+    """The engine's decode-only kernel (gpu_decode: rope + KV write + attention, fused q/k/v
+    input, with its split combine) at each batch, context and kv split count (None = the default
+    heuristic), pages chained through a donated loop as the engine does.  The page table is as
+    wide as a server's (pages_per_seq), so the default splits are what a server would run."""
+    from jaxengine.pallas_kernels.ragged_paged_attention import gpu_decode
+
+    ps, width = cfg["page_size"], cfg["pages_per_seq"]
+    group = NUM_Q_HEADS // NUM_KV_HEADS
+    inv_freq = 1.0 / (500000.0 ** (jnp.arange(0, HEAD_DIM, 2, dtype=jnp.float32) / HEAD_DIM))
+    for b in cfg["batches"]:
+        t = max(8, 1 << (b - 1).bit_length())  # the runner's token bucket
+        for c in cfg["contexts"]:
+            need = -(-(c + 1) // ps)
+            pages = jax.random.normal(jax.random.key(c), (1 + b * need, ps, 2 * NUM_KV_HEADS, HEAD_DIM), DTYPE)
+            table = np.zeros((t, width), np.int32)
+            table[:b, :need] = 1 + np.arange(b * need).reshape(b, need)
+            kv_lens = np.zeros(t, np.int32)
+            kv_lens[:b] = c + 1
+            qkv = jax.random.normal(jax.random.key(1), (t, NUM_KV_HEADS, group + 2, HEAD_DIM), DTYPE)
+            rest = (jnp.asarray(kv_lens), jnp.asarray(table), jnp.asarray([b], jnp.int32), inv_freq)
+            kv_bytes = b * (c + 1) * 2 * NUM_KV_HEADS * HEAD_DIM * 2
+            flops = 4 * HEAD_DIM * NUM_Q_HEADS * b * (c + 1)
+            default = gpu_decode.default_config(t, NUM_KV_HEADS, HEAD_DIM, ps, width)["num_splits"]
+            for splits in cfg["splits"]:
+                kw = {} if splits is None else {"num_splits": splits}
+
+                def loop(qkv, pages, *rest, kw=kw):
+                    out = None
+                    for _ in range(inner):
+                        dep = 0 if out is None else (out.reshape(-1)[0] * 0).astype(qkv.dtype)
+                        out, pages = gpu_decode.decode_attention(qkv + dep, None, None, pages, *rest,
+                                                                 sm_scale=SM_SCALE, **kw)
+                    return out, pages
+
+                f = jax.jit(loop, donate_argnums=(1,))
+                row = dict(kind="decode-kernel", case=f"b{b} ctx{c}", page_size=ps,
+                           impl=f"splits={splits or f'default({default})'}", bytes=kv_bytes, flops=flops)
+                try:
+                    out, pages = f(qkv, pages, *rest)
+                    jax.block_until_ready(out)
+                    times = []
+                    for _ in range(repeats):
+                        t0 = time.perf_counter()
+                        out, pages = f(qkv, pages, *rest)
+                        jax.block_until_ready(out)
+                        times.append((time.perf_counter() - t0) / inner)
+                    tm = statistics.median(times)
+                    row.update(time_us=tm * 1e6, hbm_frac=kv_bytes / tm / hbm, mxu_frac=flops / tm / mxu)
+                except Exception as e:  # noqa: BLE001 - record and go on
+                    row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                rows.append(row)
+                print_row(row)
+            del pages
+
+
 def print_row(r):
     if "error" in r:
         print(f"| {r['kind']} | {r['case']} | {r['page_size']} | {r['impl']} | ERROR {r['error'][:80]} |",
@@ -217,6 +277,8 @@ def main():
     ap.add_argument("--prefill-sweep", action="store_true",
                     help="prefill only: every chunk, PREFILL_SWEEP at 4096 and 8192, and those two "
                          "chunks with a few variants at the other --page-sizes")
+    ap.add_argument("--decode-kernel-sweep", action="store_true",
+                    help="only the engine's decode kernel (gpu_decode) over batch x context x kv splits")
     ap.add_argument("--page-sizes", default="16,32,64")
     ap.add_argument("--decode-page-size", type=int, default=32)
     args = ap.parse_args()
@@ -234,6 +296,10 @@ def main():
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
 
+    if args.decode_kernel_sweep:
+        decode_kernel_sweep(rows, hbm, mxu)
+        save()
+        return
     ps = args.decode_page_size
     other_pages = [p for p in (int(x) for x in args.page_sizes.split(",")) if p != ps]
     if not args.prefill_sweep:

@@ -193,3 +193,18 @@ def test_host_overhead_times_each_part_for_both_input_paths(tmp_path):
     for r in runs:
         parts = [r[k] for k in ("dispatch_us", "collect_us", "schedule_us", "_process_us")]
         assert all(p > 0 for p in parts) and sum(parts) < r["step_us"] * 1.01
+
+
+def test_decode_kernel_sweep_times_every_split_count():
+    """bench_attention --decode-kernel-sweep on a small grid (interpret mode on CPU): one row per
+    (batch, context, splits), each timed, none failing."""
+    import bench_attention as ba
+
+    rows = []
+    cfg = dict(batches=(1, 3), contexts=(20,), splits=(None, 2), page_size=8, pages_per_seq=8)
+    ba.decode_kernel_sweep(rows, hbm=1e12, mxu=1e14, cfg=cfg, inner=1, repeats=1)
+    assert [(r["case"], r["impl"].split("(")[0]) for r in rows] == [
+        ("b1 ctx20", "splits=default"), ("b1 ctx20", "splits=2"), ("b3 ctx20", "splits=default"),
+        ("b3 ctx20", "splits=2")]
+    assert all("error" not in r and r["time_us"] > 0 for r in rows), rows
+    assert rows[2]["bytes"] == 3 * rows[0]["bytes"]
