@@ -49,10 +49,11 @@ for part in "$@"; do
   echo "== $part (t=$(( $(date +%s) - S )) s)"
   case $part in
     check)
-      (cd tests && timeout 540 python3 -m pytest -q test_ragged_paged_attention.py test_decode_attention.py \
-        test_fused_matmul.py test_multi_step.py "test_parity.py::test_fused_matmul_greedy_decode_matches_transformers" \
-        "test_parity.py::test_decode_attention_greedy_decode_matches_transformers" \
-        --tb=short > "$OUT/check.log" 2>&1; grep -E "^E |passed|failed" "$OUT/check.log" | head -20) ;;
+      (cd tests && timeout 540 python3 -m pytest -q test_residual_norm.py test_decode_attention.py \
+        "test_parity.py::test_residual_norm_kernel_greedy_decode_matches_transformers" \
+        "test_parity.py::test_decode_attention_greedy_decode_matches_transformers" test_multi_step.py \
+        test_ragged_paged_attention.py test_fused_matmul.py "test_parity.py::test_fused_matmul_greedy_decode_matches_transformers" \
+        -rf --tb=short > "$OUT/check.log" 2>&1; grep -E "^E |passed|failed|^FAILED" "$OUT/check.log" | head -30) ;;
     forward)
       timeout 500 python3 scripts/bench_forward.py --model llama-3.1-8b llama-3.2-1b --batch 1 64 \
         --profile-dir /tmp/prof --hlo-dir "$OUT/hlo" --json "$OUT/forward.json" > "$OUT/forward.log" 2>&1
