@@ -136,7 +136,8 @@ def test_decode_attention_paths_give_the_same_greedy_outputs(single, llama_ckpt,
     want, _ = run(single, PROMPTS[:5], params)
     llm = LLM(llama_ckpt, **SMALL_ENGINE, **engine_args)
     assert llm.runner.decode_program == engine_args.get("decode_program", False)
-    assert llm.runner.residual_norm_impl == engine_args.get("residual_norm", "off")  # auto: off on CPU
+    from jaxengine.runner.model_runner import residual_norm_impl  # auto: the kernel on a GPU, else off
+    assert llm.runner.residual_norm_impl == engine_args.get("residual_norm", residual_norm_impl("auto"))
     got, _ = run(llm, PROMPTS[:5], params)
     assert [[c.token_ids for c in o.outputs] for o in got] == [[c.token_ids for c in o.outputs] for o in want]
     # the decode steps ran as decode programs: at K = 1 the 8 after the prefill's token, each one
