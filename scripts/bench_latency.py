@@ -285,9 +285,9 @@ def main() -> None:
                     help="decode programs use the general rope + KV scatter + attention path")
     ap.add_argument("--residual-norm", default="auto", choices=["auto", "gpu", "reference", "off"],
                     help="residual add + RMSNorm as one Pallas kernel (RunnerConfig.residual_norm)")
-    ap.add_argument("--numpy-inputs", action="store_true",
-                    help="A/B of the host path: hand the step's numpy buffers to the jitted call instead "
-                         "of jax.device_put first (scripts/host_overhead.py times the parts)")
+    ap.add_argument("--device-put-inputs", action="store_true",
+                    help="A/B of the host path: jax.device_put the step's numpy buffers first (the runner's "
+                         "way before the sixth session) instead of handing them to the jitted call")
     ap.add_argument("--hf-peer", nargs="*", default=[], choices=["eager", "static"])
     ap.add_argument("--peer-batch", nargs="*", type=int, default=None,
                     help="batch sizes for the peer (default: --batch)")
@@ -328,8 +328,8 @@ def main() -> None:
                       residual_norm=args.residual_norm)
             startup_s = time.perf_counter() - t0
         llm._step_log = StepLog(llm.runner)
-        if args.numpy_inputs and llm.runner.mesh is None:
-            llm.runner._put_inputs = lambda *a: a
+        if args.device_put_inputs and llm.runner.mesh is None:
+            llm.runner._put_inputs = lambda *a: jax.device_put(a)
         for batch in args.batch:
             run_engine(llm, batch, args.input_len, min(args.output_len, 8), seed=1)  # warm the paths
             r = run_engine(llm, batch, args.input_len, args.output_len, stream=args.stream)
@@ -339,7 +339,7 @@ def main() -> None:
             r.update(model=name, startup_s=startup_s, attention=llm.runner.attention_impl,
                      matmul=llm.runner.matmul_impl, fused_matmul_max_tokens=llm.runner.fused_max_tokens,
                      num_scheduler_steps=args.num_scheduler_steps,
-                     decode_program=llm.runner.decode_program, numpy_inputs=args.numpy_inputs,
+                     decode_program=llm.runner.decode_program, device_put_inputs=args.device_put_inputs,
                      residual_norm=llm.runner.residual_norm_impl,
                      fuse_decode_attention=llm.config.runner.fuse_decode_attention,
                      param_layout=llm.runner.model.layout_of(llm.runner.params),

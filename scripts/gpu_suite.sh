@@ -14,7 +14,7 @@
 #   multistep   1B and 8B, batch 1 and 64, num_scheduler_steps 1 vs 8 (4 engine starts)         ~6 min
 #   decodeprog  1B and 8B, batch 1 and 64, K = 1: two programs a decode step vs the decode program (A/B)  ~5 min
 #   profile     K = 8 engine runs under jax.profiler: kernels per output token, device busy vs span  ~5 min
-#   hostpath    1B K = 1 at batch 1 and 64: two programs, numpy inputs, decode program (profiled);
+#   hostpath    1B K = 1 at batch 1 and 64: two programs, device_put inputs, decode program (profiled);
 #               then host_overhead.py on this machine                                             ~5 min
 #   norm        bench_forward 8B and 1B, b1 and b64, fused decode attention, residual norm off vs the
 #               Pallas kernel (profiled, HLO), then the engine at K = 8 with the kernel (default)  ~7 min
@@ -87,7 +87,7 @@ for part in "$@"; do
       grep -A30 "profile b" "$OUT/profile_k8_8b.log" | head -34 ;;
     hostpath)
       lat host_two_programs --model llama-3.2-1b --batch 1 64 --profile-dir /tmp/prof
-      lat host_numpy_inputs --model llama-3.2-1b --batch 1 64 --numpy-inputs
+      lat host_device_put_inputs --model llama-3.2-1b --batch 1 64 --device-put-inputs
       lat host_decode_program --model llama-3.2-1b --batch 1 64 --decode-program --profile-dir /tmp/prof
       grep -h -A6 "profile b" "$OUT/host_two_programs.log" "$OUT/host_decode_program.log" | head -30
       timeout 150 python3 scripts/host_overhead.py --batch 1 64 --json "$OUT/host_overhead.json" \

@@ -559,11 +559,14 @@ class ModelRunner:
             args = self._put_inputs(*(np.asarray(a) for a in args))
         self.penalty_state = self._load_history(self.penalty_state, *args)
 
-    def _put_inputs(self, *arrays: np.ndarray) -> tuple[jax.Array, ...]:
+    def _put_inputs(self, *arrays: np.ndarray) -> tuple[Any, ...]:
         if self.mesh is None:
-            # (numpy straight into the jitted call measured ~75 us less host time a step on CPU,
-            # scripts/host_overhead.py; not adopted until it is measured on a GPU)
-            return jax.device_put(arrays)
+            # numpy straight into the jitted call (its C++ dispatch copies them to the device), not
+            # jax.device_put first: H100, 1B K = 1, same machine, 2026-11-23 sixth session: batch 1
+            # 426.9 -> 499.8 tok/s, batch 64 16,584 -> 28,601 (BENCHMARKS.md); ~75 us less host
+            # time a step on CPU (scripts/host_overhead.py).  The buffers are fresh each step
+            # (_pack), so nothing the device may still read is overwritten.
+            return arrays
         from jaxengine import sharding
         return tuple(sharding.put_array(a, sharding.replicated(self.mesh)) for a in arrays)
 
