@@ -52,6 +52,7 @@ PREFILL_SWEEP = {
     "w4": dict(num_warps=4),  # 1 KB spilled
     "bk64w4st3": dict(block_k=64, num_warps=4, num_stages=3),  # 1.5 KB spilled
     "pq": dict(prescale_q=True),
+    "bq64bk64w8st4": dict(block_q=64, block_k=64, num_warps=8, num_stages=4),
     "st3pq": dict(num_stages=3, prescale_q=True),
     "bk64st3pq": dict(block_k=64, num_stages=3, prescale_q=True),
 }
@@ -200,6 +201,15 @@ def run_case(rows, kind, name, q_lens, ctx_lens, page_size, hbm, mxu, peers=(), 
     del args
 
 
+# --prefill-tiles: the 256-row tile (64 tokens x group 4, block_k 64, 8 warps) on what the engine
+# runs, pure prefill and a mixed step (decode rows pay for the whole tile there), beside the default.
+PREFILL_TILE_CASES = [("2x1024", [1024, 1024], [1024, 1024]), ("chunk2048", [2048], [2048]),
+                      ("chunk4096", [4096], [4096]), ("chunk8192", [8192], [8192]),
+                      ("chunk2048 at ctx8192", [2048], [8192]),
+                      ("512 prefill + 63 dec ctx2048", [512] + [1] * 63, [512] + [2048] * 63)]
+PREFILL_TILE_VARIANTS = ("bq64bk64w8", "bq64bk64w8st4")
+
+
 DECODE_KERNEL_SWEEP = dict(batches=(1, 8, 64), contexts=(256, 1024, 4096), splits=(None, 1, 2, 4, 8),
                           page_size=16, pages_per_seq=512)  # an 8k-token page table, as a server has
 
@@ -277,6 +287,8 @@ def main():
     ap.add_argument("--prefill-sweep", action="store_true",
                     help="prefill only: every chunk, PREFILL_SWEEP at 4096 and 8192, and those two "
                          "chunks with a few variants at the other --page-sizes")
+    ap.add_argument("--prefill-tiles", action="store_true",
+                    help="only PREFILL_TILE_CASES with PREFILL_TILE_VARIANTS beside the default (and cuDNN)")
     ap.add_argument("--decode-kernel-sweep", action="store_true",
                     help="only the engine's decode kernel (gpu_decode) over batch x context x kv splits")
     ap.add_argument("--page-sizes", default="16,32,64")
@@ -298,6 +310,14 @@ def main():
 
     if args.decode_kernel_sweep:
         decode_kernel_sweep(rows, hbm, mxu)
+        save()
+        return
+    if args.prefill_tiles:
+        variants = {k: PREFILL_SWEEP[k] for k in PREFILL_TILE_VARIANTS}
+        for name, q_lens, ctx_lens in PREFILL_TILE_CASES:
+            peers = ["cudnn"] if len(q_lens) == 1 and q_lens == ctx_lens else []
+            save(); run_case(rows, "prefill", name, q_lens, ctx_lens, args.decode_page_size, hbm, mxu, peers,
+                     variants=variants)
         save()
         return
     ps = args.decode_page_size
