@@ -1,6 +1,6 @@
 """Host time of an engine step, by part, with an interleaved A/B of how the step's inputs reach the
 device: `jax.device_put` first, or numpy straight into the jitted call (the runner's way since
-the sixth session: on an H100 it took 1B K = 1 from 16,584 to 28,601 tok/s at batch 64).
+the sixth session; on an H100 ahead in 1B K = 1 runs, but those vary by 20-40%: BENCHMARKS.md).
 
     python scripts/host_overhead.py --batch 1 64 [--decode-program] [--json out.json]
 

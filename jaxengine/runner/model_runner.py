@@ -562,10 +562,11 @@ class ModelRunner:
     def _put_inputs(self, *arrays: np.ndarray) -> tuple[Any, ...]:
         if self.mesh is None:
             # numpy straight into the jitted call (its C++ dispatch copies them to the device), not
-            # jax.device_put first: H100, 1B K = 1, same machine, 2026-11-23 sixth session: batch 1
-            # 426.9 -> 499.8 tok/s, batch 64 16,584 -> 28,601 (BENCHMARKS.md); ~75 us less host
-            # time a step on CPU (scripts/host_overhead.py).  The buffers are fresh each step
-            # (_pack), so nothing the device may still read is overwritten.
+            # jax.device_put first: ~75 us less host time a step on CPU (scripts/host_overhead.py,
+            # interleaved A/B).  On an H100 (1B, K = 1, host-bound) it was ahead in 5 of 6
+            # same-call pairings at batch 1 and 64, but runs of one config there vary by 20-40%
+            # (BENCHMARKS.md, sixth session).  The buffers are fresh each step (_pack): nothing the device may still
+            # read is overwritten.
             return arrays
         from jaxengine import sharding
         return tuple(sharding.put_array(a, sharding.replicated(self.mesh)) for a in arrays)
