@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from jaxengine.config import ModelConfig
 from jaxengine.pallas_kernels.ragged_paged_attention import write_kv
 from jaxengine.pallas_kernels.ragged_paged_attention.decode import apply_rope, rope_cos_sin, split_qkv
+from jaxengine.pallas_kernels.residual_norm.reference import rms_norm  # as Hugging Face: float32, cast, scale
 
 Params = dict[str, Any]
 
@@ -120,13 +121,6 @@ def unflatten(flat: dict[str, Any]) -> Params:
 
 
 # ----------------------------------------------------------------------------------- layers
-def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
-    # As Hugging Face: normalise in float32, cast back, then scale.
-    x32 = x.astype(jnp.float32)
-    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return weight * x32.astype(x.dtype)
-
-
 def linear(x: jax.Array, p: Params) -> jax.Array:
     y = jnp.einsum("...i,oi->...o", x, p["weight"])
     if "bias" in p:
@@ -264,10 +258,10 @@ def forward(params: Params, cfg: ModelConfig, batch: dict[str, jax.Array], kv_ca
         rope, attention = rope_inv_freq(cfg), decode_attention
     else:
         rope = rope_cos_sin(batch["positions"], rope_inv_freq(cfg))
-    new_caches = []
     if residual_norm is not None and matmul is None:
         return _forward_residual_norm(params, cfg, batch, kv_caches, attention, x, rope, residual_norm,
                                       decode=decode_attention is not None)
+    new_caches = []
     for i in range(cfg.num_layers):
         layer = model["layers"][str(i)]
         if matmul is not None:
@@ -282,9 +276,14 @@ def forward(params: Params, cfg: ModelConfig, batch: dict[str, jax.Array], kv_ca
         x = x + mlp_block(layer["mlp"], rms_norm(x, layer["post_attention_layernorm"]["weight"],
                                                  cfg.rms_norm_eps))
     x = rms_norm(x[batch["logits_indices"]], model["norm"]["weight"], cfg.rms_norm_eps)
+    return lm_head(params, cfg, x), new_caches
+
+
+def lm_head(params: Params, cfg: ModelConfig, x: jax.Array) -> jax.Array:
+    """Logits (float32) of the final-normed rows x."""
+    model = params["model"]
     head = model["embed_tokens"]["weight"] if cfg.tie_word_embeddings else params["lm_head"]["weight"]
-    logits = jnp.einsum("sh,vh->sv", x, head, preferred_element_type=jnp.float32)
-    return logits, new_caches
+    return jnp.einsum("sh,vh->sv", x, head, preferred_element_type=jnp.float32)
 
 
 def _forward_residual_norm(params, cfg, batch, kv_caches, attention, x, rope, residual_norm, *, decode):
@@ -300,6 +299,4 @@ def _forward_residual_norm(params, cfg, batch, kv_caches, attention, x, rope, re
         x, normed = residual_norm(x, h, layer["post_attention_layernorm"]["weight"], eps)
         nxt = layers[i + 1]["input_layernorm"]["weight"] if i + 1 < n else model["norm"]["weight"]
         x, normed = residual_norm(x, mlp_block(layer["mlp"], normed), nxt, eps)
-    head = model["embed_tokens"]["weight"] if cfg.tie_word_embeddings else params["lm_head"]["weight"]
-    logits = jnp.einsum("sh,vh->sv", normed[batch["logits_indices"]], head, preferred_element_type=jnp.float32)
-    return logits, new_caches
+    return lm_head(params, cfg, normed[batch["logits_indices"]]), new_caches

@@ -80,8 +80,12 @@ def step_cost(cfg, params_bytes: int, batch: int, context: int) -> tuple[float, 
     return float(moved), float(flops)
 
 
-def _device_events(trace_dir: str) -> list[dict]:
-    """The kernel events ("X") of the newest trace under trace_dir, on the devices' stream lines."""
+def device_events(trace: str | list[dict]) -> list[dict]:
+    """The kernel events ("X") of the newest trace under a trace dir, on the devices' stream lines
+    (a list of events is returned as it is: read a trace once, then table it several ways)."""
+    if not isinstance(trace, str):
+        return trace
+    trace_dir = trace
     files = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)
     files += glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
     if not files:
@@ -102,10 +106,11 @@ def _device_events(trace_dir: str) -> list[dict]:
             and (not streams or (e["pid"], e.get("tid")) in streams)]
 
 
-def kernel_table(trace_dir: str, steps: int) -> list[dict]:
-    """Device kernels of the trace, by name: count and microseconds per step."""
+def kernel_table(trace: str | list[dict], steps: int) -> list[dict]:
+    """Device kernels of the trace (a trace dir, or its events from device_events), by name:
+    count and microseconds per step."""
     totals: dict[str, list[float]] = collections.defaultdict(lambda: [0, 0.0])
-    for e in _device_events(trace_dir):
+    for e in device_events(trace):
         t = totals[e["name"]]
         t[0] += 1
         t[1] += float(e["dur"])
@@ -114,10 +119,10 @@ def kernel_table(trace_dir: str, steps: int) -> list[dict]:
     return rows
 
 
-def device_busy(trace_dir: str) -> dict[str, float]:
+def device_busy(trace: str | list[dict]) -> dict[str, float]:
     """Kernel time against the span from the first kernel's start to the last one's end, in us: the
     difference is time the device sat idle (waiting for the host, a read-back or a launch)."""
-    ev = _device_events(trace_dir)
+    ev = device_events(trace)
     if not ev:
         return {"busy_us": 0.0, "span_us": 0.0}
     busy = sum(float(e["dur"]) for e in ev)

@@ -196,13 +196,14 @@ def profile_run(llm, batch: int, args, trace_dir: str, top: int = 30) -> dict:
     """One more run under jax.profiler (its own run: tracing costs time), then the device kernels
     per output token by name and the device's busy time against the run's kernel span."""
     import jax
-    from bench_forward import device_busy, kernel_table
+    from bench_forward import device_busy, device_events, kernel_table
 
     out_len = min(args.output_len, 32)
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
         run_engine(llm, batch, args.input_len, out_len, seed=2)
-    rows = kernel_table(trace_dir, steps=out_len)
-    busy = device_busy(trace_dir)
+    events = device_events(trace_dir)
+    rows = kernel_table(events, steps=out_len)
+    busy = device_busy(events)
     print(f"  profile b{batch}: {sum(r['count_per_step'] for r in rows):.0f} kernels and "
           f"{sum(r['us_per_step'] for r in rows):.0f} us an output token; device busy "
           f"{busy['busy_us'] / 1e3:.2f} of {busy['span_us'] / 1e3:.2f} ms", flush=True)

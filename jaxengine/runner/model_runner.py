@@ -90,10 +90,10 @@ def param_layout(runner_cfg: Any, model: ModuleType, model_cfg: Any, mesh: Any) 
 
 
 def residual_norm_impl(setting: str) -> str:
-    """RunnerConfig.residual_norm -> "gpu", "reference" or "off" ("auto": the kernel where XLA
-    would launch the add and the norm as separate kernels, i.e. on a GPU backend)."""
+    """RunnerConfig.residual_norm -> "gpu", "reference" or "off" ("auto": the kernel where the
+    package's auto picks it, i.e. on a GPU backend; elsewhere the model's own ops)."""
     if setting == "auto":
-        return "gpu" if jax.default_backend() in ("gpu", "cuda") else "off"
+        return "off" if residual_norm_kernels.resolve_impl("auto") == "reference" else "gpu"
     return setting
 
 
@@ -565,8 +565,8 @@ class ModelRunner:
             # jax.device_put first: ~75 us less host time a step on CPU (scripts/host_overhead.py,
             # interleaved A/B).  On an H100 (1B, K = 1, host-bound) it was ahead in 5 of 6
             # same-call pairings at batch 1 and 64, but runs of one config there vary by 20-40%
-            # (BENCHMARKS.md, sixth session).  The buffers are fresh each step (_pack): nothing the device may still
-            # read is overwritten.
+            # (BENCHMARKS.md, sixth session).  The buffers are fresh each step (_pack): nothing
+            # the device may still read is overwritten.
             return arrays
         from jaxengine import sharding
         return tuple(sharding.put_array(a, sharding.replicated(self.mesh)) for a in arrays)

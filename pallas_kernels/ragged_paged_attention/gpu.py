@@ -218,12 +218,20 @@ def _kernel(
                              (block_pages(full_lo_split, False), (acc, m_i, l_i)))
     acc, m_i, l_i = lax.fori_loop(0, num_masked, masked_body, carry)
 
+    store_output(o_ref, lse_ref, acc, m_i, l_i, q_row, col, row_valid, split, rows_per_split, num_splits)
+
+
+def store_output(o_ref, lse_ref, acc, m_i, l_i, row, col, row_valid, split, rows_per_split: int,
+                 num_splits: int):
+    """A program's epilogue, shared by the ragged and the decode kernel: the normalised rows in
+    the output dtype (one split), or a split's float32 partial rows and their log2-sum-exp (rows
+    without keys: -inf) at split * rows_per_split + row for the combine."""
     has_keys = l_i > 0
     out = acc / jnp.where(has_keys, l_i, 1.0)[:, None]
     if num_splits == 1:
-        plgpu.store(o_ref.at[q_row[:, None], col], out.astype(o_ref.dtype), mask=row_valid[:, None])
+        plgpu.store(o_ref.at[row[:, None], col], out.astype(o_ref.dtype), mask=row_valid[:, None])
     else:
-        o_row = split * rows_per_split + q_row
+        o_row = split * rows_per_split + row
         plgpu.store(o_ref.at[o_row[:, None], col], out, mask=row_valid[:, None])
         lse = jnp.where(has_keys, m_i + jnp.log2(jnp.where(has_keys, l_i, 1.0)), -jnp.inf)
         plgpu.store(lse_ref.at[o_row], lse, mask=row_valid)

@@ -26,7 +26,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from .decode import composite
-from .gpu import _DEFAULT_NUM_SMS, _LOG2E, _next_pow2, kv_splits, ragged_paged_attention
+from .gpu import _DEFAULT_NUM_SMS, _LOG2E, _next_pow2, kv_splits, ragged_paged_attention, store_output
 
 
 def _decode_kernel(
@@ -162,15 +162,7 @@ def _decode_kernel(
 
     acc, m_i, l_i = lax.fori_loop(blk_lo, blk_hi, body, (acc, m_i, l_i))
 
-    has_keys = l_i > 0
-    out = acc / jnp.where(has_keys, l_i, 1.0)[:, None]
-    if num_splits == 1:
-        plgpu.store(o_ref.at[o_row[:, None], kcol], out.astype(o_ref.dtype), mask=row_valid[:, None])
-    else:
-        o_row = split * rows_per_split + o_row
-        plgpu.store(o_ref.at[o_row[:, None], kcol], out, mask=row_valid[:, None])
-        lse = jnp.where(has_keys, m_i + jnp.log2(jnp.where(has_keys, l_i, 1.0)), -jnp.inf)
-        plgpu.store(lse_ref.at[o_row], lse, mask=row_valid)
+    store_output(o_ref, lse_ref, acc, m_i, l_i, o_row, kcol, row_valid, split, rows_per_split, num_splits)
 
 
 def _combine_kernel(num_valid_ref, o_part_ref, lse_ref, out_ref, *, num_splits: int, rows: int,

@@ -24,10 +24,6 @@ from .reference import residual_rms_norm as reference_residual_rms_norm
 MAX_HIDDEN = 16384
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
 def _kernel(*refs, eps: float, hidden: int, block_h: int, has_delta: bool):
     if has_delta:
         x_ref, d_ref, w_ref, h_ref, n_ref = refs
@@ -52,7 +48,7 @@ def _kernel(*refs, eps: float, hidden: int, block_h: int, has_delta: bool):
 @functools.partial(jax.jit, static_argnames=("eps", "interpret"))
 def _call(x, delta, weight, *, eps: float, interpret: bool):
     rows, hidden = x.shape
-    block_h = _next_pow2(hidden)
+    block_h = pl.next_power_of_2(hidden)
     has_delta = delta is not None
     out_dtype = jnp.result_type(weight.dtype, x.dtype)
     kernel = functools.partial(_kernel, eps=eps, hidden=hidden, block_h=block_h, has_delta=has_delta)
