@@ -149,8 +149,9 @@ def dense_causal_reference(args, num_tokens):
     return attend(q[None], ctx[:, :, 0::2], ctx[:, :, 1::2])[0]
 
 
-def run_case(rows, kind, name, q_lens, ctx_lens, page_size, hbm, mxu, peers=(), variants=None):
-    args, bytes_, flops = make_step(q_lens, ctx_lens, page_size)
+def run_case(rows, kind, name, q_lens, ctx_lens, page_size, hbm, mxu, peers=(), variants=None,
+             max_num_seqs=None):
+    args, bytes_, flops = make_step(q_lens, ctx_lens, page_size, max_num_seqs=max_num_seqs)
     impls = {"ours": lambda *a: gpu.ragged_paged_attention(*a, sm_scale=SM_SCALE)}
     for vname, kw in (variants or {}).items():
         impls[f"ours[{vname}]"] = (lambda kw: lambda *a: gpu.ragged_paged_attention(
@@ -201,13 +202,24 @@ def run_case(rows, kind, name, q_lens, ctx_lens, page_size, hbm, mxu, peers=(), 
     del args
 
 
-# --prefill-tiles: the 256-row tile (64 tokens x group 4, block_k 64, 8 warps) on what the engine
-# runs, pure prefill and a mixed step (decode rows pay for the whole tile there), beside the default.
-PREFILL_TILE_CASES = [("2x1024", [1024, 1024], [1024, 1024]), ("chunk2048", [2048], [2048]),
-                      ("chunk4096", [4096], [4096]), ("chunk8192", [8192], [8192]),
-                      ("chunk2048 at ctx8192", [2048], [8192]),
-                      ("512 prefill + 63 dec ctx2048", [512] + [1] * 63, [512] + [2048] * 63)]
-PREFILL_TILE_VARIANTS = ("bq64bk64w8", "bq64bk64w8st4")
+# --prefill-tiles: what the engine runs in its big prefill buckets (pure prefill, chunks at a long
+# context, mixed steps whose decode rows would pay for a whole 256-row tile), the default (two
+# launches from 2048 tokens: 256-row tiles for the long requests, a decode tile for the short)
+# beside one launch of the old 128-row default tile and one launch of the 256-row tile.
+# (name, q_lens, ctx_lens, max_num_seqs: the page table's rows, 64 in the engine by default)
+PREFILL_TILE_CASES = [
+    ("2x1024", [1024, 1024], [1024, 1024], 64), ("chunk2048", [2048], [2048], 64),
+    ("chunk4096", [4096], [4096], 64), ("chunk8192", [8192], [8192], 64),
+    ("chunk2048 at ctx8192", [2048], [8192], 64),
+    ("512 prefill + 63 dec ctx2048", [512] + [1] * 63, [512] + [2048] * 63, 64),
+    ("1984 prefill + 64 dec ctx2048", [1984] + [1] * 64, [1984] + [2048] * 64, 80),
+    ("1024 prefill at ctx3072 + 1024 dec ctx1024", [1024] + [1] * 1024,
+     [3072] + [1024] * 1024, 1025),
+]
+PREFILL_TILE_VARIANTS = {
+    "1x128": dict(block_q=32, block_k=32, num_warps=8, num_stages=3),  # one launch, old default
+    "1x256": PREFILL_SWEEP["bq64bk64w8"],  # one launch, the long tile for every request
+}
 
 
 DECODE_KERNEL_SWEEP = dict(batches=(1, 8, 64), contexts=(256, 1024, 4096), splits=(None, 1, 2, 4, 8),
@@ -313,11 +325,10 @@ def main():
         save()
         return
     if args.prefill_tiles:
-        variants = {k: PREFILL_SWEEP[k] for k in PREFILL_TILE_VARIANTS}
-        for name, q_lens, ctx_lens in PREFILL_TILE_CASES:
+        for name, q_lens, ctx_lens, max_seqs in PREFILL_TILE_CASES:
             peers = ["cudnn"] if len(q_lens) == 1 and q_lens == ctx_lens else []
             save(); run_case(rows, "prefill", name, q_lens, ctx_lens, args.decode_page_size, hbm, mxu, peers,
-                     variants=variants)
+                     variants=PREFILL_TILE_VARIANTS, max_num_seqs=max_seqs)
         save()
         return
     ps = args.decode_page_size

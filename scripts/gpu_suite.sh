@@ -26,6 +26,8 @@
 #   throughput  bench_throughput, 8B, ShareGPT-like mix of 256 prompts, default and finer buckets  ~8 min
 #   startup     8B cold and warm compilation cache                                                ~2 min
 #   attention   bench_attention --quick                                                           ~4 min
+#   kernels     compiled attention, decode-attention and residual-norm kernel tests only      ~3 min
+#   tiles       bench_attention --prefill-tiles (two-launch default vs one launch, 128 and 256 rows)  ~3 min
 #   prefill     bench_attention --prefill-sweep (prefill chunks 512-8192, tile/stage sweep at 4k and 8k)  ~5 min
 #   hf-static   Hugging Face static-cache generate(), 8B batch 1 and 64 (long compile)            ~8 min
 #   hf-eager    Hugging Face eager generate(), 1B and 8B, batch 1 and 64                          ~2 min
@@ -121,6 +123,12 @@ for part in "$@"; do
     attention)
       timeout 560 python3 scripts/bench_attention.py --quick --out "$OUT/attention.json" \
         > "$OUT/attention.log" 2>&1; grep "^|" "$OUT/attention.log" | head -60 ;;
+    kernels)
+      (cd tests && timeout 300 python3 -m pytest -q test_ragged_paged_attention.py test_decode_attention.py \
+        test_residual_norm.py -rf --tb=short > "$OUT/kernels.log" 2>&1; grep -E "^E |passed|failed|^FAILED" "$OUT/kernels.log" | head -30) ;;
+    tiles)
+      timeout 300 python3 scripts/bench_attention.py --prefill-tiles --out "$OUT/prefill_tiles.json" \
+        > "$OUT/prefill_tiles.log" 2>&1; grep -E "^\||device" "$OUT/prefill_tiles.log" | head -60 ;;
     prefill)
       timeout 330 python3 scripts/bench_attention.py --prefill-sweep --out "$OUT/prefill.json" \
         > "$OUT/prefill.log" 2>&1; grep -E "^\||device" "$OUT/prefill.log" | head -90 ;;

@@ -244,6 +244,50 @@ def test_gpu_full_and_masked_blocks_match_reference(block_k, window, num_splits)
     check(out, b, reference_out(b, kw), jnp.float32)
 
 
+# Two launches (short_q > 0): requests of more than short_q tokens in the first, the others in a
+# second that writes into the first's output.  Lengths on both sides of each threshold; a window
+# and a soft cap; groups 1, 2 and 8 (the short tile grows to 16 rows).
+@pytest.mark.parametrize("group,short_q,window,cap", [
+    (4, 1, None, None),  # decode tokens vs the rest
+    (2, 3, 40, None),  # a 3-token request is short, a 4-token one long; sliding window
+    (1, 8, None, 4.0),  # group 1: a 16-token short tile; soft cap
+    (8, 5, None, None),
+])
+def test_gpu_long_short_launches_match_reference(group, short_q, window, cap):
+    b = make_batch(21 + group, [150, 1, 3, 4, 40, 1, 9], [300, 90, 17, 4, 40, 1, 60],
+                   num_kv_heads=2 if group < 8 else 1, group=group, head_dim=64, page_size=16,
+                   dtype=jnp.float32)
+    kw = dict(sm_scale=0.125, sliding_window=window, soft_cap=cap)
+    out = _gpu(*b.args(), short_q=short_q, **kw)
+    check(out, b, reference_out(b, kw), jnp.float32)
+    # An explicit long tile with the split, too.
+    out = _gpu(*b.args(), block_q=16, block_k=16, short_q=short_q, **kw)
+    check(out, b, reference_out(b, kw), jnp.float32)
+
+
+def test_gpu_default_config_splits_big_prefill_buckets():
+    """Big prefill buckets get the 256-row tile plus a decode-tile launch; decode buckets and
+    small prefill buckets one launch; an explicit tile, one launch of that tile."""
+    from jaxengine.pallas_kernels.ragged_paged_attention import gpu
+    shape = dict(max_num_seqs=64, num_q_heads=32, num_kv_heads=8, head_dim=128, page_size=16,
+                 pages_per_seq=512, dtype=jnp.bfloat16)
+    big = gpu.default_config(4096, **shape)
+    assert (big["block_q"], big["block_k"], big["num_warps"], big["short_q"]) == (64, 64, 8, 4)
+    assert gpu.default_config(512, **shape)["short_q"] == 0
+    assert gpu.default_config(64, **shape)["short_q"] == 0  # decode-only bucket
+    assert gpu.default_config(4096, **shape, long_tile=False)["short_q"] == 0
+
+
+def test_gpu_default_two_launch_bucket_matches_reference():
+    """A 2048-token bucket through the default config (long/short launches): one long chunk,
+    a short prefill and decode tokens at various contexts, bucket padding rows."""
+    b = make_batch(31, [1900, 2, 1, 1, 100, 1], [1990, 2, 700, 33, 100, 5], num_kv_heads=1,
+                   group=4, head_dim=32, page_size=16, dtype=jnp.bfloat16, extra_tokens=43)
+    assert b.q.shape[0] == 2048
+    kw = dict(sm_scale=32 ** -0.5)
+    check(_gpu(*b.args(), **kw), b, reference_out(b, kw), jnp.bfloat16)
+
+
 def _prefill_sweep_configs():
     """bench_attention's prefill sweep.  Interpret mode ignores warps and stages, so on the CPU
     the entries that differ only in those run once."""

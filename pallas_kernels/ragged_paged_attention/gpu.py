@@ -237,11 +237,18 @@ def store_output(o_ref, lse_ref, acc, m_i, l_i, row, col, row_valid, split, rows
         plgpu.store(lse_ref.at[o_row], lse, mask=row_valid)
 
 
-def _work_items(cu_q_lens, num_seqs, block_q: int, num_work: int):
-    """Split every request's query rows into blocks of block_q tokens: (seq, start, end) each."""
+def _work_items(cu_q_lens, num_seqs, block_q: int, num_work: int, short_q: int = 0,
+                select: str = "all"):
+    """Split every request's query rows into blocks of block_q tokens: (seq, start, end) each.
+    select "long" / "short" keeps only the requests with more than / at most short_q tokens."""
     max_num_seqs = cu_q_lens.shape[0] - 1
     q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
-    q_lens = jnp.where(jnp.arange(max_num_seqs) < num_seqs[0], q_lens, 0)
+    keep = jnp.arange(max_num_seqs) < num_seqs[0]
+    if select == "long":
+        keep &= q_lens > short_q
+    elif select == "short":
+        keep &= q_lens <= short_q
+    q_lens = jnp.where(keep, q_lens, 0)
     blocks = (q_lens + block_q - 1) // block_q
     cum = jnp.cumsum(blocks)
     w = jnp.arange(num_work, dtype=jnp.int32)
@@ -268,8 +275,9 @@ def kv_splits(programs: int, max_blocks: int, num_sms: int = _DEFAULT_NUM_SMS) -
 
 
 def default_config(num_tokens, max_num_seqs, num_q_heads, num_kv_heads, head_dim, page_size,
-                   pages_per_seq, dtype, num_sms: int = _DEFAULT_NUM_SMS):
-    """Static (shape-only) choice of block_q, block_k, kv splits, warps, stages and prescale_q."""
+                   pages_per_seq, dtype, num_sms: int = _DEFAULT_NUM_SMS, long_tile: bool = True):
+    """Static (shape-only) choice of block_q, block_k, kv splits, warps, stages, prescale_q and
+    short_q (the long/short two-launch split of big prefill buckets; long_tile=False: never)."""
     group = num_q_heads // num_kv_heads
     decode_like = num_tokens <= max_num_seqs  # a bucket that holds only decode tokens
     if decode_like:
@@ -293,62 +301,103 @@ def default_config(num_tokens, max_num_seqs, num_q_heads, num_kv_heads, head_dim
     # waits for it at once).  H100 sweep, fifth session: 4k chunk 495 -> 430 us (35.7 -> 41.2% of
     # the bf16 matmul rate), 8k 1608 -> 1497 us (44.0 -> 47.2%), page 16 alike.
     num_stages = 2 if decode_like else 3
-    return dict(block_q=block_q, block_k=block_k, num_splits=num_splits,
-                num_warps=num_warps, num_stages=num_stages, prescale_q=False)
+    cfg = dict(block_q=block_q, block_k=block_k, num_splits=num_splits, num_warps=num_warps,
+               num_stages=num_stages, prescale_q=False, short_q=0)
+    if long_tile and not decode_like and num_tokens >= LONG_TILE_MIN_TOKENS and head_dim <= 128:
+        # Big prefill buckets: two launches.  Requests of more than short_q tokens take 256-row
+        # tiles (64 tokens at group 4), block_k 64, 8 warps, 3 stages; the short ones (decode
+        # tokens mixed into the step) a decode tile of 16 rows in a second launch, since a
+        # 256-row tile spent on one decode token costs 16x its compute (H100, sixth session:
+        # 512 prefill + 63 decodes 237 -> 344 us with the big tile for all).  At 2048-8192
+        # tokens the big tile took 2-14% off pure prefill (NOTES.md).
+        cfg.update(block_q=max(1, 256 // group),
+                   block_k=min(64, _next_pow2(pages_per_seq * page_size)), num_warps=8,
+                   short_q=max(1, 16 // group))
+    return cfg
+
+
+# Prefill buckets of at least this many tokens use the two-launch long/short split (default_config).
+LONG_TILE_MIN_TOKENS = 2048
 
 
 @functools.partial(
     jax.jit,
     static_argnames=("sm_scale", "sliding_window", "soft_cap", "block_q", "block_k",
-                     "num_splits", "num_warps", "num_stages", "prescale_q", "interpret"),
+                     "num_splits", "num_warps", "num_stages", "prescale_q", "short_q",
+                     "interpret"),
 )
 def _ragged_paged_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *,
                             sm_scale, sliding_window, soft_cap, block_q, block_k, num_splits,
-                            num_warps, num_stages, prescale_q, interpret):
+                            num_warps, num_stages, prescale_q, short_q, interpret):
     num_tokens, num_q_heads, head_dim = q.shape
     num_pages, page_size, combined, _ = kv_pages.shape
     num_kv_heads = combined // 2
     group = num_q_heads // num_kv_heads
     max_num_seqs, pages_per_seq = page_indices.shape
-    block_m = _next_pow2(block_q * group)
-    num_work = min(num_tokens, num_tokens // block_q + max_num_seqs)
 
-    work_seq, work_start, work_end = _work_items(cu_q_lens, num_seqs, block_q, num_work)
     q2 = q.reshape(num_tokens * num_q_heads, head_dim)
+    # Interpret mode: spare token rows so that masked-off rows can keep distinct indices.
+    # The short launch's tile: 16 rows (Triton's smallest dot) and at least short_q tokens, so
+    # that a short request is one work item.
+    short_tile = max(short_q, 16 // group, 1)
+    spare_tokens = 0
     if interpret:
-        q2 = jnp.pad(q2, [(0, -(-block_m // group) * num_q_heads), (0, 0)])
+        spare_tokens = max(-(-_next_pow2(b * group) // group) for b in (block_q, short_tile))
+        q2 = jnp.pad(q2, [(0, spare_tokens * num_q_heads), (0, 0)])
+    rows = (num_tokens + spare_tokens) * num_q_heads
     kv2 = kv_pages.reshape(num_pages * page_size * combined, head_dim)
+    scalars = [kv_lens.astype(jnp.int32), page_indices.reshape(-1).astype(jnp.int32),
+               cu_q_lens.astype(jnp.int32)]
     precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
 
-    kernel = functools.partial(
-        _kernel, page_size=page_size, pages_per_seq=pages_per_seq, num_q_heads=num_q_heads,
-        num_kv_heads=num_kv_heads, group=group, block_q=block_q, block_m=block_m,
-        block_k=block_k, rows_per_split=(num_tokens + (-(-block_m // group) if interpret else 0))
-        * num_q_heads, clamp_rows=not interpret, sm_scale=sm_scale,
-        sliding_window=sliding_window, soft_cap=soft_cap, num_splits=num_splits,
-        prescale_q=prescale_q, precision=precision)
-    # Interpret mode: spare token rows so that masked-off rows can keep distinct indices.
-    spare_tokens = 0 if not interpret else -(-block_m // group)
-    rows = (num_tokens + spare_tokens) * num_q_heads
-    args = [work_seq, work_start, work_end, kv_lens.astype(jnp.int32),
-            page_indices.reshape(-1).astype(jnp.int32), cu_q_lens.astype(jnp.int32), q2, kv2]
-    params = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
-    grid = (num_kv_heads, num_splits, num_work)
-    name = f"ragged_paged_attention_bq{block_q}_bk{block_k}_s{num_splits}"
-    if num_splits == 1:
-        out = pl.pallas_call(
-            kernel, grid=grid, out_shape=jax.ShapeDtypeStruct((rows, head_dim), q.dtype),
-            input_output_aliases={len(args): 0}, compiler_params=params, interpret=interpret,
-            name=name,
-        )(*args, jnp.zeros((rows, head_dim), q.dtype))
+    def launch(tile_q, tile_k, warps, stages, splits, num_work, select, out_init=None):
+        work = _work_items(cu_q_lens, num_seqs, tile_q, num_work, short_q, select)
+        kernel = functools.partial(
+            _kernel, page_size=page_size, pages_per_seq=pages_per_seq, num_q_heads=num_q_heads,
+            num_kv_heads=num_kv_heads, group=group, block_q=tile_q,
+            block_m=_next_pow2(tile_q * group), block_k=tile_k, rows_per_split=rows,
+            clamp_rows=not interpret, sm_scale=sm_scale, sliding_window=sliding_window,
+            soft_cap=soft_cap, num_splits=splits, prescale_q=prescale_q, precision=precision)
+        args = [*work, *scalars, q2, kv2]
+        params = plgpu.CompilerParams(num_warps=warps, num_stages=stages)
+        grid = (num_kv_heads, splits, num_work)
+        name = f"ragged_paged_attention_bq{tile_q}_bk{tile_k}_s{splits}"
+        if splits == 1:
+            # The output is aliased onto a zeros buffer (or the previous launch's output): rows
+            # no program writes (bucket padding, the other launch's requests) keep it.
+            if out_init is None:
+                out_init = jnp.zeros((rows, head_dim), q.dtype)
+            return pl.pallas_call(
+                kernel, grid=grid, out_shape=jax.ShapeDtypeStruct((rows, head_dim), q.dtype),
+                input_output_aliases={len(args): 0}, compiler_params=params,
+                interpret=interpret, name=name,
+            )(*args, out_init)
+        return pl.pallas_call(
+            kernel, grid=grid,
+            out_shape=(jax.ShapeDtypeStruct((splits * rows, head_dim), jnp.float32),
+                       jax.ShapeDtypeStruct((splits * rows,), jnp.float32)),
+            compiler_params=params, interpret=interpret, name=name,
+        )(*args)
+
+    def finish(out):
         return out[:num_tokens * num_q_heads].reshape(num_tokens, num_q_heads, head_dim)
 
-    o_part, lse = pl.pallas_call(
-        kernel, grid=grid,
-        out_shape=(jax.ShapeDtypeStruct((num_splits * rows, head_dim), jnp.float32),
-                   jax.ShapeDtypeStruct((num_splits * rows,), jnp.float32)),
-        compiler_params=params, interpret=interpret, name=name,
-    )(*args)
+    if short_q:
+        # Two launches over disjoint requests, the second writing into the first's output: the
+        # long requests (> short_q tokens) with this tile, the short ones (decode tokens) with a
+        # decode tile.  Work-item bounds: a long request has > short_q tokens, a short one fits
+        # in one item.
+        long_work = min(num_tokens, num_tokens // block_q
+                        + min(max_num_seqs, num_tokens // (short_q + 1)))
+        out = launch(block_q, block_k, num_warps, num_stages, 1, long_work, "long")
+        short_work = min(max_num_seqs, num_tokens)
+        out = launch(short_tile, min(32, block_k), 4, 2, 1, short_work, "short", out)
+        return finish(out)
+
+    num_work = min(num_tokens, num_tokens // block_q + max_num_seqs)
+    if num_splits == 1:
+        return finish(launch(block_q, block_k, num_warps, num_stages, 1, num_work, "all"))
+    o_part, lse = launch(block_q, block_k, num_warps, num_stages, num_splits, num_work, "all")
     # Combine the splits (flash-decoding).  Rows no work item wrote (bucket padding) hold
     # garbage: mask them by token before any arithmetic.  Written split by split (num_splits is
     # static and small) as one elementwise expression, in the hope of one XLA fusion; on the H100
@@ -386,13 +435,18 @@ def ragged_paged_attention(
     num_warps: int | None = None,
     num_stages: int | None = None,
     prescale_q: bool | None = None,
+    short_q: int | None = None,
     interpret: bool | None = None,
 ) -> jax.Array:
     """Same contract as `reference.ragged_paged_attention`; the keyword tuning args override
     `default_config`.  block_q counts tokens (a program's rows are block_q * group, padded to a
     power of two); block_k (keys per step) must be a power of two; prescale_q folds sm_scale into
-    q once instead of scaling every score (no effect with soft_cap).  `interpret` defaults to
-    True on the CPU backend (tests)."""
+    q once instead of scaling every score (no effect with soft_cap).  short_q > 0 splits the step
+    into two launches: requests of more than short_q tokens with the tile above, the others
+    (decode tokens) with a 16-row decode tile; 0 makes one launch.  Left at None it is
+    default_config's (two launches for big prefill buckets) unless a tile keyword is given, so a
+    tile given is the tile every request gets.  `interpret` defaults to True on the CPU backend
+    (tests)."""
     num_tokens, num_q_heads, head_dim = q.shape
     _, page_size, combined, _ = kv_pages.shape
     num_kv_heads = combined // 2
@@ -411,14 +465,18 @@ def ragged_paged_attention(
             cu_q_lens, num_seqs, sm_scale=sm_scale, sliding_window=sliding_window,
             soft_cap=soft_cap, block_q=block_q, block_k=block_k, num_splits=num_splits,
             num_warps=num_warps, num_stages=num_stages, prescale_q=prescale_q,
-            interpret=interpret)
+            short_q=short_q, interpret=interpret)
         return out[..., :head_dim]
     max_num_seqs, pages_per_seq = page_indices.shape
     cfg = default_config(num_tokens, max_num_seqs, num_q_heads, num_kv_heads, head_dim,
                          page_size, pages_per_seq, q.dtype)
-    for key, value in (("block_q", block_q), ("block_k", block_k), ("num_splits", num_splits),
-                       ("num_warps", num_warps), ("num_stages", num_stages),
-                       ("prescale_q", prescale_q)):
+    tile = (("block_q", block_q), ("block_k", block_k), ("num_splits", num_splits),
+            ("num_warps", num_warps), ("num_stages", num_stages), ("prescale_q", prescale_q))
+    if any(value is not None for _, value in tile):
+        # An explicit tile replaces default_config's tile, long/short split included.
+        cfg = default_config(num_tokens, max_num_seqs, num_q_heads, num_kv_heads, head_dim,
+                             page_size, pages_per_seq, q.dtype, long_tile=False)
+    for key, value in tile + (("short_q", short_q),):
         if value is not None:
             cfg[key] = value
     if cfg["block_q"] < 1:
@@ -427,6 +485,9 @@ def ragged_paged_attention(
         raise ValueError(f"block_k must be a power of two, got {cfg['block_k']}")
     if cfg["num_splits"] < 1:
         raise ValueError(f"num_splits must be >= 1, got {cfg['num_splits']}")
+    if cfg["short_q"] < 0 or (cfg["short_q"] and cfg["num_splits"] > 1):
+        raise ValueError(f"short_q must be >= 0, and 0 with kv splits; got {cfg['short_q']} "
+                         f"with num_splits {cfg['num_splits']}")
     return _ragged_paged_attention(
         q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, sm_scale=float(sm_scale),
         sliding_window=sliding_window, soft_cap=None if soft_cap is None else float(soft_cap),
