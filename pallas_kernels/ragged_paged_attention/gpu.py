@@ -84,141 +84,146 @@ def _kernel(
     seq = work_seq_ref[w]
     q_start = work_q_start_ref[w]
     q_end = work_q_end_ref[w]  # == q_start for padding work items
-    kv_len = kv_lens_ref[seq]
-    cu_start = cu_q_lens_ref[seq]
-    q_len = cu_q_lens_ref[seq + 1] - cu_start
     num_rows = q_end - q_start
-    first_pos = kv_len - q_len + (q_start - cu_start)  # position of the block's first query
-    kv_hi = first_pos + num_rows  # keys [kv_lo, kv_hi) can be visible to this block
-    if sliding_window is not None:
-        kv_lo = jnp.maximum(first_pos - sliding_window + 1, 0)
-        # Aligned to block_k so that, with page_size % block_k == 0, no block crosses a page.
-        kv_lo = lax.div(kv_lo, block_k) * block_k
-    else:
-        kv_lo = jnp.int32(0)
-    num_blocks = jnp.where(num_rows > 0, lax.div(kv_hi - kv_lo + block_k - 1, block_k), 0)
-    # Blocks [full_lo, full_hi) are visible to every row, so they skip the mask: they end at or
-    # before the first query (whose own position is its last key) and, with a window, start
-    # inside the last query's window.  The others (the diagonal, the window's edge) are masked.
-    full_hi = jnp.clip(lax.div(first_pos + 1 - kv_lo, block_k), 0, num_blocks)
-    if sliding_window is not None:
-        # Ceil division; a negative numerator truncates towards 0, which the clip absorbs.
-        full_lo = lax.div(kv_hi - sliding_window - kv_lo + block_k - 1, block_k)
-        full_lo = jnp.clip(full_lo, 0, full_hi)
-    else:
-        full_lo = jnp.int32(0)
-    # kv splits (flash-decoding) cut [0, num_blocks) into equal shares; each share is walked as
-    # its part of the full blocks, then its masked blocks before and after them.
-    per_split = lax.div(num_blocks + num_splits - 1, num_splits)
-    blk_lo = split * per_split
-    blk_hi = jnp.minimum(blk_lo + per_split, num_blocks)
-    num_lead = jnp.maximum(jnp.minimum(blk_hi, full_lo) - blk_lo, 0)
-    tail_lo = jnp.maximum(blk_lo, full_hi)
-    num_masked = num_lead + jnp.maximum(blk_hi - tail_lo, 0)
 
-    # Rows of the q block: row r is token q_start + r // group, q head h * group + r % group.
-    r = lax.broadcasted_iota(jnp.int32, (block_m,), 0)
-    tok_off = lax.div(r, group)
-    row_valid = (r < block_q * group) & (tok_off < num_rows)
-    q_row = (q_start + tok_off) * num_q_heads + h * group + lax.rem(r, group)
-    if clamp_rows:
-        q_row = jnp.where(row_valid, q_row, 0)
-    # else: the buffers have spare token rows at the end and masked-off rows keep their own
-    # (distinct) index: the interpreter implements a masked scatter as "write back the old
-    # value", which must not land on a row that another lane of the same store writes.
-    head_dim = q_ref.shape[-1]
-    # Gathers index with two broadcast int arrays (rows [n, 1], columns [1, head_dim]): Triton
-    # turns that into one pointer tensor, and the interpreter into a numpy-style gather.
-    col = lax.broadcasted_iota(jnp.int32, (1, head_dim), 1)
-    q = plgpu.load(q_ref.at[q_row[:, None], col], mask=row_valid[:, None], other=0.0)
-    if soft_cap is None:
-        # Scores go straight to base-2 logits: one multiply per score, or none with prescale_q
-        # (q is scaled once and rounded back to its dtype: a bf16 rounding of the logits).
-        qk_scale = sm_scale * _LOG2E
-        if prescale_q:
-            q = (q.astype(jnp.float32) * qk_scale).astype(q.dtype)
-            qk_scale = 1.0
-    q_pos = first_pos + tok_off  # [block_m]
-
-    page_row0 = seq * pages_per_seq
-    # page_size % block_k == 0 and kv_lo % block_k == 0: every block lies inside one page.
-    block_in_page = page_size % block_k == 0
-    k_iota = lax.broadcasted_iota(jnp.int32, (block_k,), 0)
-
-    def block_pages(j, masked: bool):
-        """Page of block j: one scalar when the block lies in one page, else one per key.  The
-        index is clamped to the request's row: a look-ahead may name a block past the end."""
-        k_start = kv_lo + j * block_k
-        if block_in_page:
-            idx = lax.div(k_start, page_size)
-            return page_table_ref[page_row0 + jnp.clip(idx, 0, pages_per_seq - 1)]
-        idx = page_row0 + jnp.clip(lax.div(k_start + k_iota, page_size), 0, pages_per_seq - 1)
-        if masked:
-            k_valid = k_start + k_iota < kv_hi
-            return plgpu.load(page_table_ref.at[idx], mask=k_valid, other=0)
-        return plgpu.load(page_table_ref.at[idx])
-
-    def body(masked: bool, j, page, carry):
-        acc, m_prev, l_prev = carry
-        k_start = kv_lo + j * block_k
-        k_pos = k_start + k_iota
-        if block_in_page:
-            slot = page * page_size + lax.rem(k_start, page_size) + k_iota
+    # Padding work items (and, with two launches, those of the other launch's requests) exit at
+    # once, after three scalar loads: a short launch of a pure-prefill step is all of them.
+    @pl.when(num_rows > 0)
+    def _program():
+        kv_len = kv_lens_ref[seq]
+        cu_start = cu_q_lens_ref[seq]
+        q_len = cu_q_lens_ref[seq + 1] - cu_start
+        first_pos = kv_len - q_len + (q_start - cu_start)  # position of the block's first query
+        kv_hi = first_pos + num_rows  # keys [kv_lo, kv_hi) can be visible to this block
+        if sliding_window is not None:
+            kv_lo = jnp.maximum(first_pos - sliding_window + 1, 0)
+            # Aligned to block_k so that, with page_size % block_k == 0, no block crosses a page.
+            kv_lo = lax.div(kv_lo, block_k) * block_k
         else:
-            slot = page * page_size + lax.rem(k_pos, page_size)
-        k_row = slot * (2 * num_kv_heads) + 2 * h
-        # Full blocks lie below kv_hi <= kv_len: no load masks.  Masked blocks can run past
-        # kv_hi, where the slots hold stale values.
-        load_mask = (k_pos < kv_hi)[:, None] if masked else None
-        other = 0.0 if masked else None
-        k = plgpu.load(kv_ref.at[k_row[:, None], col], mask=load_mask, other=other)  # [block_k, d]
-        v = plgpu.load(kv_ref.at[k_row[:, None] + 1, col], mask=load_mask, other=other)
-        s = plgpu.dot(q, k, trans_b=True, precision=precision)  # [block_m, block_k] f32
+            kv_lo = jnp.int32(0)
+        num_blocks = lax.div(kv_hi - kv_lo + block_k - 1, block_k)
+        # Blocks [full_lo, full_hi) are visible to every row, so they skip the mask: they end at or
+        # before the first query (whose own position is its last key) and, with a window, start
+        # inside the last query's window.  The others (the diagonal, the window's edge) are masked.
+        full_hi = jnp.clip(lax.div(first_pos + 1 - kv_lo, block_k), 0, num_blocks)
+        if sliding_window is not None:
+            # Ceil division; a negative numerator truncates towards 0, which the clip absorbs.
+            full_lo = lax.div(kv_hi - sliding_window - kv_lo + block_k - 1, block_k)
+            full_lo = jnp.clip(full_lo, 0, full_hi)
+        else:
+            full_lo = jnp.int32(0)
+        # kv splits (flash-decoding) cut [0, num_blocks) into equal shares; each share is walked as
+        # its part of the full blocks, then its masked blocks before and after them.
+        per_split = lax.div(num_blocks + num_splits - 1, num_splits)
+        blk_lo = split * per_split
+        blk_hi = jnp.minimum(blk_lo + per_split, num_blocks)
+        num_lead = jnp.maximum(jnp.minimum(blk_hi, full_lo) - blk_lo, 0)
+        tail_lo = jnp.maximum(blk_lo, full_hi)
+        num_masked = num_lead + jnp.maximum(blk_hi - tail_lo, 0)
+
+        # Rows of the q block: row r is token q_start + r // group, q head h * group + r % group.
+        r = lax.broadcasted_iota(jnp.int32, (block_m,), 0)
+        tok_off = lax.div(r, group)
+        row_valid = (r < block_q * group) & (tok_off < num_rows)
+        q_row = (q_start + tok_off) * num_q_heads + h * group + lax.rem(r, group)
+        if clamp_rows:
+            q_row = jnp.where(row_valid, q_row, 0)
+        # else: the buffers have spare token rows at the end and masked-off rows keep their own
+        # (distinct) index: the interpreter implements a masked scatter as "write back the old
+        # value", which must not land on a row that another lane of the same store writes.
+        head_dim = q_ref.shape[-1]
+        # Gathers index with two broadcast int arrays (rows [n, 1], columns [1, head_dim]): Triton
+        # turns that into one pointer tensor, and the interpreter into a numpy-style gather.
+        col = lax.broadcasted_iota(jnp.int32, (1, head_dim), 1)
+        q = plgpu.load(q_ref.at[q_row[:, None], col], mask=row_valid[:, None], other=0.0)
         if soft_cap is None:
-            if qk_scale != 1.0:
-                s = s * qk_scale
-        else:
-            s = soft_cap * jnp.tanh(s * sm_scale / soft_cap) * _LOG2E
-        if masked:
-            visible = k_pos[None, :] <= q_pos[:, None]
-            if sliding_window is not None:
-                visible &= q_pos[:, None] - k_pos[None, :] < sliding_window
-            s = jnp.where(visible, s, -jnp.inf)
-        m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
-        if masked:
-            # Rows that have seen no visible key yet keep m = -inf; subtract 0 there instead.
-            m_safe = jnp.where(m_next == -jnp.inf, 0.0, m_next)
-        else:
-            m_safe = m_next  # every score of a full block is finite
-        alpha = jnp.exp2(m_prev - m_safe)
-        p = jnp.exp2(s - m_safe[:, None])
-        l_next = l_prev * alpha + jnp.sum(p, axis=1)
-        pv = plgpu.dot(p.astype(v.dtype), v, precision=precision)
-        return acc * alpha[:, None] + pv, m_next, l_next
+            # Scores go straight to base-2 logits: one multiply per score, or none with prescale_q
+            # (q is scaled once and rounded back to its dtype: a bf16 rounding of the logits).
+            qk_scale = sm_scale * _LOG2E
+            if prescale_q:
+                q = (q.astype(jnp.float32) * qk_scale).astype(q.dtype)
+                qk_scale = 1.0
+        q_pos = first_pos + tok_off  # [block_m]
 
-    full_lo_split = jnp.maximum(blk_lo, full_lo)
-    full_hi_split = jnp.minimum(blk_hi, full_hi)
+        page_row0 = seq * pages_per_seq
+        # page_size % block_k == 0 and kv_lo % block_k == 0: every block lies inside one page.
+        block_in_page = page_size % block_k == 0
+        k_iota = lax.broadcasted_iota(jnp.int32, (block_k,), 0)
 
-    def full_body(j, carry):
-        # The page of block j + 1 is read one block ahead and carried: a K/V address that
-        # depends on a load of the same iteration makes Triton's pipeliner spend a stage on
-        # that load, leaving K/V one block of prefetch (issued after the dots, awaited at once).
-        page, carry = carry
-        next_page = block_pages(jnp.minimum(j + 1, full_hi_split - 1), False)
-        return next_page, body(False, j, page, carry)
+        def block_pages(j, masked: bool):
+            """Page of block j: one scalar when the block lies in one page, else one per key.  The
+            index is clamped to the request's row: a look-ahead may name a block past the end."""
+            k_start = kv_lo + j * block_k
+            if block_in_page:
+                idx = lax.div(k_start, page_size)
+                return page_table_ref[page_row0 + jnp.clip(idx, 0, pages_per_seq - 1)]
+            idx = page_row0 + jnp.clip(lax.div(k_start + k_iota, page_size), 0, pages_per_seq - 1)
+            if masked:
+                k_valid = k_start + k_iota < kv_hi
+                return plgpu.load(page_table_ref.at[idx], mask=k_valid, other=0)
+            return plgpu.load(page_table_ref.at[idx])
 
-    def masked_body(i, carry):
-        j = i + jnp.where(i < num_lead, blk_lo, tail_lo - num_lead)
-        return body(True, j, block_pages(j, True), carry)
+        def body(masked: bool, j, page, carry):
+            acc, m_prev, l_prev = carry
+            k_start = kv_lo + j * block_k
+            k_pos = k_start + k_iota
+            if block_in_page:
+                slot = page * page_size + lax.rem(k_start, page_size) + k_iota
+            else:
+                slot = page * page_size + lax.rem(k_pos, page_size)
+            k_row = slot * (2 * num_kv_heads) + 2 * h
+            # Full blocks lie below kv_hi <= kv_len: no load masks.  Masked blocks can run past
+            # kv_hi, where the slots hold stale values.
+            load_mask = (k_pos < kv_hi)[:, None] if masked else None
+            other = 0.0 if masked else None
+            k = plgpu.load(kv_ref.at[k_row[:, None], col], mask=load_mask, other=other)  # [block_k, d]
+            v = plgpu.load(kv_ref.at[k_row[:, None] + 1, col], mask=load_mask, other=other)
+            s = plgpu.dot(q, k, trans_b=True, precision=precision)  # [block_m, block_k] f32
+            if soft_cap is None:
+                if qk_scale != 1.0:
+                    s = s * qk_scale
+            else:
+                s = soft_cap * jnp.tanh(s * sm_scale / soft_cap) * _LOG2E
+            if masked:
+                visible = k_pos[None, :] <= q_pos[:, None]
+                if sliding_window is not None:
+                    visible &= q_pos[:, None] - k_pos[None, :] < sliding_window
+                s = jnp.where(visible, s, -jnp.inf)
+            m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
+            if masked:
+                # Rows that have seen no visible key yet keep m = -inf; subtract 0 there instead.
+                m_safe = jnp.where(m_next == -jnp.inf, 0.0, m_next)
+            else:
+                m_safe = m_next  # every score of a full block is finite
+            alpha = jnp.exp2(m_prev - m_safe)
+            p = jnp.exp2(s - m_safe[:, None])
+            l_next = l_prev * alpha + jnp.sum(p, axis=1)
+            pv = plgpu.dot(p.astype(v.dtype), v, precision=precision)
+            return acc * alpha[:, None] + pv, m_next, l_next
 
-    acc = jnp.zeros((block_m, head_dim), jnp.float32)
-    m_i = jnp.full((block_m,), -jnp.inf, jnp.float32)
-    l_i = jnp.zeros((block_m,), jnp.float32)
-    _, carry = lax.fori_loop(full_lo_split, full_hi_split, full_body,
-                             (block_pages(full_lo_split, False), (acc, m_i, l_i)))
-    acc, m_i, l_i = lax.fori_loop(0, num_masked, masked_body, carry)
+        full_lo_split = jnp.maximum(blk_lo, full_lo)
+        full_hi_split = jnp.minimum(blk_hi, full_hi)
 
-    store_output(o_ref, lse_ref, acc, m_i, l_i, q_row, col, row_valid, split, rows_per_split, num_splits)
+        def full_body(j, carry):
+            # The page of block j + 1 is read one block ahead and carried: a K/V address that
+            # depends on a load of the same iteration makes Triton's pipeliner spend a stage on
+            # that load, leaving K/V one block of prefetch (issued after the dots, awaited at once).
+            page, carry = carry
+            next_page = block_pages(jnp.minimum(j + 1, full_hi_split - 1), False)
+            return next_page, body(False, j, page, carry)
+
+        def masked_body(i, carry):
+            j = i + jnp.where(i < num_lead, blk_lo, tail_lo - num_lead)
+            return body(True, j, block_pages(j, True), carry)
+
+        acc = jnp.zeros((block_m, head_dim), jnp.float32)
+        m_i = jnp.full((block_m,), -jnp.inf, jnp.float32)
+        l_i = jnp.zeros((block_m,), jnp.float32)
+        _, carry = lax.fori_loop(full_lo_split, full_hi_split, full_body,
+                                 (block_pages(full_lo_split, False), (acc, m_i, l_i)))
+        acc, m_i, l_i = lax.fori_loop(0, num_masked, masked_body, carry)
+
+        store_output(o_ref, lse_ref, acc, m_i, l_i, q_row, col, row_valid, split, rows_per_split, num_splits)
 
 
 def store_output(o_ref, lse_ref, acc, m_i, l_i, row, col, row_valid, split, rows_per_split: int,
