@@ -222,6 +222,18 @@ PREFILL_TILE_VARIANTS = {
 }
 
 
+# --long-tile-sweep: the long launch's tile of the two-launch default (short_q = 4 keeps the split),
+# on the pure and mixed steps of the big prefill buckets.
+LONG_TILE_SWEEP = {
+    "2x256st4": dict(block_q=64, block_k=64, num_warps=8, num_stages=4, short_q=4),
+    "2x256bk32": dict(block_q=64, block_k=32, num_warps=8, num_stages=3, short_q=4),
+    "2x128bk64": dict(block_q=32, block_k=64, num_warps=8, num_stages=3, short_q=4),
+    "2x128": dict(block_q=32, block_k=32, num_warps=8, num_stages=3, short_q=4),
+}
+LONG_TILE_CASES = [c for c in PREFILL_TILE_CASES
+                   if c[0] in ("chunk2048", "chunk4096", "chunk8192", "1984 prefill + 64 dec ctx2048")]
+
+
 DECODE_KERNEL_SWEEP = dict(batches=(1, 8, 64), contexts=(256, 1024, 4096), splits=(None, 1, 2, 4, 8),
                           page_size=16, pages_per_seq=512)  # an 8k-token page table, as a server has
 
@@ -301,6 +313,10 @@ def main():
                          "chunks with a few variants at the other --page-sizes")
     ap.add_argument("--prefill-tiles", action="store_true",
                     help="only PREFILL_TILE_CASES with PREFILL_TILE_VARIANTS beside the default (and cuDNN)")
+    ap.add_argument("--long-tile-sweep", action="store_true",
+                    help="only LONG_TILE_CASES with LONG_TILE_SWEEP (two-launch long tiles) beside the default")
+    ap.add_argument("--decode-only", action="store_true",
+                    help="only the decode table (batch 8 and 64 at context 2k and 8k with --quick), with the peers")
     ap.add_argument("--decode-kernel-sweep", action="store_true",
                     help="only the engine's decode kernel (gpu_decode) over batch x context x kv splits")
     ap.add_argument("--page-sizes", default="16,32,64")
@@ -322,6 +338,12 @@ def main():
 
     if args.decode_kernel_sweep:
         decode_kernel_sweep(rows, hbm, mxu)
+        save()
+        return
+    if args.long_tile_sweep:
+        for name, q_lens, ctx_lens, max_seqs in LONG_TILE_CASES:
+            save(); run_case(rows, "prefill", name, q_lens, ctx_lens, args.decode_page_size, hbm, mxu,
+                     variants=LONG_TILE_SWEEP, max_num_seqs=max_seqs)
         save()
         return
     if args.prefill_tiles:
@@ -349,6 +371,9 @@ def main():
                  "s16st3": dict(num_splits=16, num_stages=3),
                  "s32st3": dict(num_splits=32, num_stages=3),
                  "bk64st3": dict(block_k=64, num_stages=3), "s4": dict(num_splits=4)}
+        if args.decode_only:
+            save()
+            return
         for b, c in [(8, 2048), (8, 8192), (64, 2048)]:
             save(); run_case(rows, "decode-sweep", f"b{b} ctx{c}", [1] * b, [c] * b, ps, hbm, mxu,
                      variants=sweep)

@@ -289,13 +289,13 @@ def test_gpu_default_two_launch_bucket_matches_reference():
 
 
 def _prefill_sweep_configs():
-    """bench_attention's prefill sweep.  Interpret mode ignores warps and stages, so on the CPU
-    the entries that differ only in those run once."""
+    """bench_attention's prefill and long-tile sweeps.  Interpret mode ignores warps and stages,
+    so on the CPU the entries that differ only in those run once."""
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
-    from bench_attention import PREFILL_SWEEP
+    from bench_attention import LONG_TILE_SWEEP, PREFILL_SWEEP
 
     configs = {}
-    for name, kw in PREFILL_SWEEP.items():
+    for name, kw in {**PREFILL_SWEEP, **LONG_TILE_SWEEP}.items():
         if BACKEND == "cpu":
             kw = {k: v for k, v in kw.items() if k not in ("num_warps", "num_stages")}
         configs.setdefault(tuple(sorted(kw.items())), []).append(name)
