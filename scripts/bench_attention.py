@@ -61,14 +61,7 @@ PREFILL_SWEEP = {
 def timed(fn, *args, inner=10, repeats=5):
     """(median seconds per call of fn(*args), its output), fn's calls chained in one jitted loop;
     the output doubles as the correctness check, so each config compiles once."""
-    def loop(*args):
-        q = args[0]
-        out = fn(*args)
-        for _ in range(inner):  # unrolled: an XLA while loop would add a host sync per trip
-            # A false dependency on the previous output keeps the calls in order and alive.
-            out = fn(q + (out.reshape(-1)[0] * 0).astype(q.dtype), *args[1:])
-        return out
-    loop = jax.jit(loop)
+    loop = _chained(fn, inner)
     out = jax.block_until_ready(loop(*args))
     times = []
     for _ in range(repeats):
@@ -76,6 +69,43 @@ def timed(fn, *args, inner=10, repeats=5):
         jax.block_until_ready(loop(*args))
         times.append((time.perf_counter() - t0) / (inner + 1))
     return statistics.median(times), out
+
+
+def _chained(fn, inner):
+    def loop(*args):
+        q = args[0]
+        out = fn(*args)
+        for _ in range(inner):  # unrolled: an XLA while loop would add a host sync per trip
+            # A false dependency on the previous output keeps the calls in order and alive.
+            out = fn(q + (out.reshape(-1)[0] * 0).astype(q.dtype), *args[1:])
+        return out
+    return jax.jit(loop)
+
+
+def device_time(fn, *args, inner=10):
+    """Seconds of device kernel time per call of fn (the sum of its kernels' durations in a
+    jax.profiler trace of one chained loop, less the loop's own dependency kernel, timed the same
+    way on a loop of the identity), or None where the trace has no device kernels (CPU).  Unlike
+    timed(), this leaves out host dispatch and the gaps between kernels."""
+    import tempfile
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_forward import device_events
+
+    def busy(f):
+        loop = _chained(f, inner)
+        jax.block_until_ready(loop(*args))
+        with tempfile.TemporaryDirectory() as d:
+            with jax.profiler.trace(d):
+                jax.block_until_ready(loop(*args))
+            events = device_events(d)
+        return sum(float(e["dur"]) for e in events) * 1e-6 / (inner + 1) if events else None
+
+    total = busy(fn)
+    if total is None:
+        return None
+    harness = busy(lambda q, *rest: q) or 0.0
+    return max(total - harness, 0.0)
 
 
 def measure_ceilings():
@@ -163,6 +193,8 @@ def run_case(rows, kind, name, q_lens, ctx_lens, page_size, hbm, mxu, peers=(), 
         try:
             t, out = timed(fn, *args)
             row.update(time_us=t * 1e6, hbm_frac=bytes_ / t / hbm, mxu_frac=flops / t / mxu)
+            if DEVICE_TIME:
+                _add_device_time(row, device_time(fn, *args), bytes_, flops, hbm, mxu)
             if ref_out is None and sum(q_lens) * max(ctx_lens) <= 64 * 4096:
                 ref_out = reference.ragged_paged_attention(*args, sm_scale=SM_SCALE)
             elif ref_out is None and len(q_lens) == 1 and q_lens == ctx_lens:
@@ -194,6 +226,8 @@ def run_case(rows, kind, name, q_lens, ctx_lens, page_size, hbm, mxu, peers=(), 
                 pargs = args
             t, _ = timed(fn, *pargs, inner=3 if peer == "reference" else 10)
             row.update(time_us=t * 1e6, hbm_frac=bytes_ / t / hbm, mxu_frac=flops / t / mxu)
+            if DEVICE_TIME and peer != "reference":
+                _add_device_time(row, device_time(fn, *pargs), bytes_, flops, hbm, mxu)
         except Exception as e:
             row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
             traceback.print_exc(limit=3)
@@ -294,14 +328,28 @@ def decode_kernel_sweep(rows, hbm, mxu, cfg=DECODE_KERNEL_SWEEP, inner=10, repea
             del pages
 
 
+# --device-time: also each case's device kernel time (device_time()), as device_us and the two
+# fractions against it.
+DEVICE_TIME = False
+
+
+def _add_device_time(row, t, bytes_, flops, hbm, mxu):
+    if t:
+        row.update(device_us=t * 1e6, device_hbm_frac=bytes_ / t / hbm, device_mxu_frac=flops / t / mxu)
+
+
 def print_row(r):
     if "error" in r:
         print(f"| {r['kind']} | {r['case']} | {r['page_size']} | {r['impl']} | ERROR {r['error'][:80]} |",
               flush=True)
         return
     err = f"{r['rel_err']:.1e}" if "rel_err" in r else "-"
+    dev = ""
+    if "device_us" in r:
+        dev = (f" {r['device_us']:.1f} | {r['device_hbm_frac'] * 100:.0f}% | "
+               f"{r['device_mxu_frac'] * 100:.1f}% |")
     print(f"| {r['kind']} | {r['case']} | {r['page_size']} | {r['impl']} | {r['time_us']:.1f} | "
-          f"{r['hbm_frac'] * 100:.0f}% | {r['mxu_frac'] * 100:.1f}% | {err} |", flush=True)
+          f"{r['hbm_frac'] * 100:.0f}% | {r['mxu_frac'] * 100:.1f}% | {err} |{dev}", flush=True)
 
 
 def main():
@@ -317,17 +365,23 @@ def main():
                     help="only LONG_TILE_CASES with LONG_TILE_SWEEP (two-launch long tiles) beside the default")
     ap.add_argument("--decode-only", action="store_true",
                     help="only the decode table (batch 8 and 64 at context 2k and 8k with --quick), with the peers")
+    ap.add_argument("--device-time", action="store_true",
+                    help="also time each case's device kernels from a jax.profiler trace (no host dispatch, "
+                         "no gaps between kernels, less the timing loop's own kernel): device us columns")
     ap.add_argument("--decode-kernel-sweep", action="store_true",
                     help="only the engine's decode kernel (gpu_decode) over batch x context x kv splits")
     ap.add_argument("--page-sizes", default="16,32,64")
     ap.add_argument("--decode-page-size", type=int, default=32)
     args = ap.parse_args()
+    global DEVICE_TIME
+    DEVICE_TIME = args.device_time
     dev = jax.devices()[0]
     hbm, mxu = measure_ceilings()
     print(f"device: {dev.device_kind}; jax {jax.__version__}; measured copy bandwidth "
           f"{hbm / 1e12:.2f} TB/s; measured bf16 matmul {mxu / 1e12:.0f} TFLOP/s", flush=True)
-    print("| kind | case | page | impl | time us | of HBM bw | of bf16 mm | rel err |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    dev_cols = " device us | of HBM bw (device) | of bf16 mm (device) |" if args.device_time else ""
+    print("| kind | case | page | impl | time us | of HBM bw | of bf16 mm | rel err |" + dev_cols)
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |" + " --- |" * (3 if args.device_time else 0))
     rows = []
 
     def save():  # after every case too, so a run cut short still leaves its figures
