@@ -29,7 +29,7 @@
 #   kernels     compiled attention, decode-attention and residual-norm kernel tests only      ~3 min
 #   tiles       bench_attention --prefill-tiles (two-launch default vs one launch, 128 and 256 rows)  ~3 min
 #   longtiles   bench_attention --long-tile-sweep (the two-launch default's long tile: stages, block_k, 128 rows)  ~2 min
-#   decodeonly  bench_attention --quick --decode-only (ragged kernel decode, batch 8/64 x context 2k/8k, peers)  ~1 min
+#   decodeonly  bench_attention --quick --decode-only --device-time (ragged kernel decode, batch 8/64 x context 2k/8k, peers)  ~1 min
 #   prefill     bench_attention --prefill-sweep (prefill chunks 512-8192, tile/stage sweep at 4k and 8k)  ~5 min
 #   hf-static   Hugging Face static-cache generate(), 8B batch 1 and 64 (long compile)            ~8 min
 #   hf-eager    Hugging Face eager generate(), 1B and 8B, batch 1 and 64                          ~2 min
@@ -135,7 +135,7 @@ for part in "$@"; do
       timeout 200 python3 scripts/bench_attention.py --long-tile-sweep --out "$OUT/long_tiles.json" \
         > "$OUT/long_tiles.log" 2>&1; grep -E "^\||device" "$OUT/long_tiles.log" | head -40 ;;
     decodeonly)
-      timeout 200 python3 scripts/bench_attention.py --quick --decode-only --out "$OUT/decode_only.json" \
+      timeout 200 python3 scripts/bench_attention.py --quick --decode-only --device-time --out "$OUT/decode_only.json" \
         > "$OUT/decode_only.log" 2>&1; grep -E "^\||device" "$OUT/decode_only.log" | head -30 ;;
     prefill)
       timeout 330 python3 scripts/bench_attention.py --prefill-sweep --out "$OUT/prefill.json" \
