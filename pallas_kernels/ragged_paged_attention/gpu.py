@@ -2,7 +2,8 @@
 
 One `pallas_call` serves a whole ragged step (prefill chunks and decode tokens together).
 
-Work decomposition (built in jnp from cu_q_lens, padded to a static count):
+Work decomposition (padded to a static count; each program finds its own item from cu_q_lens with
+a cumulative sum over the request rows, `_find_work`, so no XLA kernels run before the launch):
     work item = (request, block of `block_q` consecutive query tokens of that request)
     grid      = (work item, kv head, kv split)
 Each program takes the `block_q` tokens x `group` q heads that share one kv head as the rows
@@ -12,7 +13,7 @@ through the page table, with an online softmax.  Causal and sliding-window bound
 walk short; blocks that every row sees in full run without a mask, the boundary blocks (causal
 diagonal, window edge) after them with one.  With kv splits > 1 (flash-decoding), each split
 walks an equal share of the blocks and writes a normalised partial output plus its log-sum-exp;
-a small jnp combine merges them.
+a second small Pallas kernel (`combine`, shared with gpu_decode) merges them.
 
 Layout reads: kv_pages [num_pages, page_size, 2 * num_kv_heads, head_dim] is viewed as rows
 [num_pages * page_size * 2 * num_kv_heads, head_dim]; K of (page p, slot t, kv head h) is row
@@ -41,9 +42,7 @@ def _next_pow2(x: int) -> int:
 
 def _kernel(
     # scalars-in-memory
-    work_seq_ref,  # i32[num_work]
-    work_q_start_ref,  # i32[num_work]
-    work_q_end_ref,  # i32[num_work]
+    num_seqs_ref,  # i32[1]
     kv_lens_ref,  # i32[max_num_seqs]
     page_table_ref,  # i32[max_num_seqs * pages_per_seq]
     cu_q_lens_ref,  # i32[max_num_seqs + 1]
@@ -67,6 +66,9 @@ def _kernel(
     num_splits: int,
     prescale_q: bool,
     precision,
+    max_num_seqs: int,
+    short_q: int,
+    select: str,
 ):
     if num_splits == 1:
         _zeros_in_ref, o_ref = rest  # output aliased onto a zeros buffer: padding rows stay 0
@@ -81,10 +83,8 @@ def _kernel(
     split = pl.program_id(1)
     w = pl.num_programs(2) - 1 - pl.program_id(2)
 
-    seq = work_seq_ref[w]
-    q_start = work_q_start_ref[w]
-    q_end = work_q_end_ref[w]  # == q_start for padding work items
-    num_rows = q_end - q_start
+    seq, q_start, num_rows = _find_work(w, cu_q_lens_ref, num_seqs_ref, max_num_seqs=max_num_seqs,
+                                        block_q=block_q, short_q=short_q, select=select)
 
     # Padding work items (and, with two launches, those of the other launch's requests) exit at
     # once, after three scalar loads: a short launch of a pure-prefill step is all of them.
@@ -242,6 +242,39 @@ def store_output(o_ref, lse_ref, acc, m_i, l_i, row, col, row_valid, split, rows
         plgpu.store(lse_ref.at[o_row], lse, mask=row_valid)
 
 
+def _find_work(w, cu_q_lens_ref, num_seqs_ref, *, max_num_seqs: int, block_q: int, short_q: int,
+               select: str):
+    """Work item w of the launch, found by the program itself: (seq, first token, rows; 0 rows
+    for padding items).  Same numbering as `_work_items` (each selected request's query rows in
+    blocks of block_q tokens, requests in order), from a cumulative sum over the request rows, so
+    no XLA kernels build a work list before the launch (the jnp version cost three small kernels
+    a call)."""
+    n = _next_pow2(max_num_seqs)
+    i = lax.broadcasted_iota(jnp.int32, (n,), 0)
+    in_range = i < max_num_seqs
+    i_c = jnp.minimum(i, max_num_seqs - 1)
+    lo = plgpu.load(cu_q_lens_ref.at[i_c])
+    hi = plgpu.load(cu_q_lens_ref.at[i_c + 1])
+    q_lens = hi - lo
+    keep = in_range & (i < num_seqs_ref[0])
+    if select == "long":
+        keep &= q_lens > short_q
+    elif select == "short":
+        keep &= q_lens <= short_q
+    blocks = jnp.where(keep, lax.div(q_lens + block_q - 1, block_q), 0)
+    cum = jnp.cumsum(blocks)  # inclusive; non-decreasing
+    # w's request is the first whose inclusive count passes w; past the total, w is padding.
+    seq = jnp.sum((cum <= w).astype(jnp.int32))
+    valid = seq < max_num_seqs
+    seq = jnp.minimum(seq, max_num_seqs - 1)
+    mine = i == seq
+    before = jnp.sum(jnp.where(mine, cum - blocks, 0))
+    q_start = jnp.sum(jnp.where(mine, lo, 0)) + (w - before) * block_q
+    q_end = jnp.minimum(q_start + block_q, jnp.sum(jnp.where(mine, hi, 0)))
+    num_rows = jnp.where(valid, q_end - q_start, 0)
+    return seq, jnp.where(valid, q_start, 0), num_rows
+
+
 def _work_items(cu_q_lens, num_seqs, block_q: int, num_work: int, short_q: int = 0,
                 select: str = "all"):
     """Split every request's query rows into blocks of block_q tokens: (seq, start, end) each.
@@ -268,6 +301,64 @@ def _work_items(cu_q_lens, num_seqs, block_q: int, num_work: int, short_q: int =
     start = jnp.where(valid, start, 0).astype(jnp.int32)
     end = jnp.where(valid, end, 0).astype(jnp.int32)
     return seq, start, end
+
+
+def _combine_kernel(*refs, num_splits: int, rows: int, block_rows: int, rows_per_token: int,
+                    from_cu: bool):
+    """Merge the splits' partial outputs of `block_rows` rows by log-sum-exp; rows of padding
+    tokens (garbage in the partials) come out zero."""
+    if from_cu:  # valid tokens: cu_q_lens[num_seqs]
+        num_seqs_ref, cu_ref, o_part_ref, lse_ref, out_ref = refs
+        num_valid = cu_ref[jnp.minimum(num_seqs_ref[0], cu_ref.shape[0] - 1)]
+    else:
+        num_valid_ref, o_part_ref, lse_ref, out_ref = refs
+        num_valid = num_valid_ref[0]
+    i = pl.program_id(0)
+    row = i * block_rows + lax.broadcasted_iota(jnp.int32, (block_rows,), 0)
+    valid = lax.div(row, rows_per_token) < num_valid
+    head_dim = o_part_ref.shape[-1]
+    col = lax.broadcasted_iota(jnp.int32, (1, head_dim), 1)
+    # masked: the rows of padding tokens (most of a batch-1 bucket) cost no memory traffic
+    lses = [plgpu.load(lse_ref.at[s * rows + row], mask=valid, other=-jnp.inf) for s in range(num_splits)]
+    lse_max = functools.reduce(jnp.maximum, lses)
+    lse_max = jnp.where(lse_max == -jnp.inf, 0.0, lse_max)
+    num = jnp.zeros((block_rows, head_dim), jnp.float32)
+    total = jnp.zeros((block_rows,), jnp.float32)
+    for s in range(num_splits):
+        w = jnp.exp2(lses[s] - lse_max)  # 0 for splits without keys and for padding rows
+        part = plgpu.load(o_part_ref.at[(s * rows + row)[:, None], col], mask=valid[:, None], other=0.0)
+        num += w[:, None] * part
+        total += w
+    out = num / jnp.where(total == 0, 1.0, total)[:, None]
+    plgpu.store(out_ref.at[row[:, None], col], out.astype(out_ref.dtype))
+
+
+def combine(o_part: jax.Array, lse: jax.Array, num_valid_tokens: jax.Array | None, *, num_splits: int,
+            num_tokens: int, num_q_heads: int, dtype, interpret: bool,
+            cu_q_lens: jax.Array | None = None, num_seqs: jax.Array | None = None) -> jax.Array:
+    """The kv splits' merge (flash-decoding), one Pallas kernel.  o_part: f32[num_splits * rows,
+    head_dim], lse: f32[num_splits * rows], split s's row x at s * rows + x (rows >= num_tokens *
+    num_q_heads; the first num_tokens * num_q_heads are read).  Returns [num_tokens,
+    num_q_heads, head_dim] in `dtype`; tokens at or past num_valid_tokens[0] (or, given
+    num_valid_tokens=None, cu_q_lens[num_seqs[0]]) come out zero."""
+    head_dim = o_part.shape[-1]
+    rows = lse.shape[0] // num_splits
+    out_rows = num_tokens * num_q_heads
+    # 8 rows a program: the one real token of a batch-1 bucket spreads over 4 programs (32 rows a
+    # program measured 4.2 us a layer at 8B b1 against XLA's two kernels' 3.4, H100)
+    block_rows = math.gcd(out_rows, 8)
+    from_cu = num_valid_tokens is None
+    kernel = functools.partial(_combine_kernel, num_splits=num_splits, rows=rows,
+                               block_rows=block_rows, rows_per_token=num_q_heads, from_cu=from_cu)
+    counts = ((num_seqs.reshape(1).astype(jnp.int32), cu_q_lens.astype(jnp.int32)) if from_cu
+              else (num_valid_tokens.astype(jnp.int32).reshape(1),))
+    out = pl.pallas_call(
+        kernel, grid=(out_rows // block_rows,),
+        out_shape=jax.ShapeDtypeStruct((out_rows, head_dim), dtype),
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1), interpret=interpret,
+        name=f"attention_split_combine_s{num_splits}",
+    )(*counts, o_part, lse)
+    return out.reshape(num_tokens, num_q_heads, head_dim)
 
 
 def kv_splits(programs: int, max_blocks: int, num_sms: int = _DEFAULT_NUM_SMS) -> int:
@@ -356,14 +447,14 @@ def _ragged_paged_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_s
     precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
 
     def launch(tile_q, tile_k, warps, stages, splits, num_work, select, out_init=None):
-        work = _work_items(cu_q_lens, num_seqs, tile_q, num_work, short_q, select)
         kernel = functools.partial(
             _kernel, page_size=page_size, pages_per_seq=pages_per_seq, num_q_heads=num_q_heads,
             num_kv_heads=num_kv_heads, group=group, block_q=tile_q,
             block_m=_next_pow2(tile_q * group), block_k=tile_k, rows_per_split=rows,
             clamp_rows=not interpret, sm_scale=sm_scale, sliding_window=sliding_window,
-            soft_cap=soft_cap, num_splits=splits, prescale_q=prescale_q, precision=precision)
-        args = [*work, *scalars, q2, kv2]
+            soft_cap=soft_cap, num_splits=splits, prescale_q=prescale_q, precision=precision,
+            max_num_seqs=max_num_seqs, short_q=short_q, select=select)
+        args = [num_seqs.reshape(1).astype(jnp.int32), *scalars, q2, kv2]
         params = plgpu.CompilerParams(num_warps=warps, num_stages=stages)
         grid = (num_kv_heads, splits, num_work)
         name = f"ragged_paged_attention_bq{tile_q}_bk{tile_k}_s{splits}"
@@ -403,24 +494,10 @@ def _ragged_paged_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_s
     if num_splits == 1:
         return finish(launch(block_q, block_k, num_warps, num_stages, 1, num_work, "all"))
     o_part, lse = launch(block_q, block_k, num_warps, num_stages, num_splits, num_work, "all")
-    # Combine the splits (flash-decoding).  Rows no work item wrote (bucket padding) hold
-    # garbage: mask them by token before any arithmetic.  Written split by split (num_splits is
-    # static and small) as one elementwise expression, in the hope of one XLA fusion; on the H100
-    # XLA still makes two kernels (the max over splits, then the weighted sum: 1.4 + 2.0 us a layer
-    # at the 8-token bucket, fourth session's trace), as with the reduction form before it.  The
-    # engine figures since then were measured with this form.
-    o_part = o_part.reshape(num_splits, -1, num_q_heads, head_dim)
-    lse = lse.reshape(num_splits, -1, num_q_heads)
-    valid = (jnp.arange(num_tokens) < cu_q_lens[num_seqs[0]])[:, None]
-    lses = [jnp.where(valid, lse[i, :num_tokens], -jnp.inf) for i in range(num_splits)]
-    lse_max = functools.reduce(jnp.maximum, lses)
-    lse_max = jnp.where(lse_max == -jnp.inf, 0.0, lse_max)
-    weights = [jnp.exp2(x - lse_max) for x in lses]  # [num_tokens, num_q_heads] each
-    total = functools.reduce(jnp.add, weights)
-    num = functools.reduce(jnp.add, [w[..., None] * jnp.where(valid[..., None], o_part[i, :num_tokens], 0.0)
-                                     for i, w in enumerate(weights)])
-    out = num / jnp.where(total == 0, 1.0, total)[..., None]
-    return out.astype(q.dtype)
+    # Merge the splits: one Pallas kernel (combine); rows of padding tokens come out zero.
+    return combine(o_part, lse, None, num_splits=num_splits, num_tokens=num_tokens,
+                   num_q_heads=num_q_heads, dtype=q.dtype, interpret=interpret,
+                   cu_q_lens=cu_q_lens, num_seqs=num_seqs)
 
 
 def ragged_paged_attention(

@@ -17,7 +17,6 @@ kernels a layer instead of five, one with a single split.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +25,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from .decode import composite
-from .gpu import _DEFAULT_NUM_SMS, _LOG2E, _next_pow2, kv_splits, ragged_paged_attention, store_output
+from .gpu import _DEFAULT_NUM_SMS, _LOG2E, _next_pow2, combine, kv_splits, ragged_paged_attention, store_output
 
 
 def _decode_kernel(
@@ -163,53 +162,6 @@ def _decode_kernel(
     acc, m_i, l_i = lax.fori_loop(blk_lo, blk_hi, body, (acc, m_i, l_i))
 
     store_output(o_ref, lse_ref, acc, m_i, l_i, o_row, kcol, row_valid, split, rows_per_split, num_splits)
-
-
-def _combine_kernel(num_valid_ref, o_part_ref, lse_ref, out_ref, *, num_splits: int, rows: int,
-                    block_rows: int, rows_per_token: int):
-    """Merge the splits' partial outputs of `block_rows` rows by log-sum-exp; rows of padding
-    tokens (garbage in the partials) come out zero."""
-    i = pl.program_id(0)
-    row = i * block_rows + lax.broadcasted_iota(jnp.int32, (block_rows,), 0)
-    valid = lax.div(row, rows_per_token) < num_valid_ref[0]
-    head_dim = o_part_ref.shape[-1]
-    col = lax.broadcasted_iota(jnp.int32, (1, head_dim), 1)
-    # masked: the rows of padding tokens (most of a batch-1 bucket) cost no memory traffic
-    lses = [plgpu.load(lse_ref.at[s * rows + row], mask=valid, other=-jnp.inf) for s in range(num_splits)]
-    lse_max = functools.reduce(jnp.maximum, lses)
-    lse_max = jnp.where(lse_max == -jnp.inf, 0.0, lse_max)
-    num = jnp.zeros((block_rows, head_dim), jnp.float32)
-    total = jnp.zeros((block_rows,), jnp.float32)
-    for s in range(num_splits):
-        w = jnp.exp2(lses[s] - lse_max)  # 0 for splits without keys and for padding rows
-        part = plgpu.load(o_part_ref.at[(s * rows + row)[:, None], col], mask=valid[:, None], other=0.0)
-        num += w[:, None] * part
-        total += w
-    out = num / jnp.where(total == 0, 1.0, total)[:, None]
-    plgpu.store(out_ref.at[row[:, None], col], out.astype(out_ref.dtype))
-
-
-def combine(o_part: jax.Array, lse: jax.Array, num_valid_tokens: jax.Array, *, num_splits: int,
-            num_tokens: int, num_q_heads: int, dtype, interpret: bool) -> jax.Array:
-    """o_part: f32[num_splits * rows, head_dim], lse: f32[num_splits * rows], split s's row x at
-    s * rows + x (rows >= num_tokens * num_q_heads; the first num_tokens * num_q_heads are
-    read).  Returns [num_tokens, num_q_heads, head_dim] in `dtype`; tokens at or past
-    num_valid_tokens[0] come out zero."""
-    head_dim = o_part.shape[-1]
-    rows = lse.shape[0] // num_splits
-    out_rows = num_tokens * num_q_heads
-    # 8 rows a program: the one real token of a batch-1 bucket spreads over 4 programs (32 rows a
-    # program measured 4.2 us a layer at 8B b1 against XLA's two kernels' 3.4, H100)
-    block_rows = math.gcd(out_rows, 8)
-    kernel = functools.partial(_combine_kernel, num_splits=num_splits, rows=rows,
-                               block_rows=block_rows, rows_per_token=num_q_heads)
-    out = pl.pallas_call(
-        kernel, grid=(out_rows // block_rows,),
-        out_shape=jax.ShapeDtypeStruct((out_rows, head_dim), dtype),
-        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1), interpret=interpret,
-        name=f"attention_split_combine_s{num_splits}",
-    )(num_valid_tokens.astype(jnp.int32).reshape(1), o_part, lse)
-    return out.reshape(num_tokens, num_q_heads, head_dim)
 
 
 def default_config(num_tokens: int, num_kv_heads: int, head_dim: int, page_size: int,
