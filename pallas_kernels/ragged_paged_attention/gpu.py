@@ -247,7 +247,7 @@ def _find_work(w, cu_q_lens_ref, num_seqs_ref, *, max_num_seqs: int, block_q: in
     """Work item w of the launch, found by the program itself: (seq, first token, rows; 0 rows
     for padding items).  Same numbering as `_work_items` (each selected request's query rows in
     blocks of block_q tokens, requests in order), from a cumulative sum over the request rows, so
-    no XLA kernels build a work list before the launch (the jnp version cost three small kernels
+    no XLA ops build a work list before the launch (the jnp version is a few small ones
     a call)."""
     n = _next_pow2(max_num_seqs)
     i = lax.broadcasted_iota(jnp.int32, (n,), 0)
