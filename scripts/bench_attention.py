@@ -221,6 +221,19 @@ def run_case(rows, kind, name, q_lens, ctx_lens, page_size, hbm, mxu, peers=(), 
                 fn = lambda q, k, v: jax.nn.dot_product_attention(
                     q, k, v, is_causal=True, scale=SM_SCALE, implementation="cudnn")
                 pargs = (q[None], k, v)
+            elif peer == "mgpu_flash":
+                # jax's Hopper flash attention (Mosaic GPU: TMA copies, wgmma, warpgroup
+                # pipelining) on the dense equivalent, as for cuDNN: the yardstick for a Mosaic
+                # version of our prefill kernel.
+                from jax.experimental.pallas.ops.gpu import attention_mgpu
+                q = args[0]
+                t_ = q.shape[0]
+                k = jax.random.normal(jax.random.key(5), (1, t_, NUM_KV_HEADS, HEAD_DIM), DTYPE)
+                v = jax.random.normal(jax.random.key(6), (1, t_, NUM_KV_HEADS, HEAD_DIM), DTYPE)
+                cfg = attention_mgpu.TuningConfig(block_q=64, block_kv=128, max_concurrent_steps=2,
+                                                  causal=True)
+                fn = lambda q, k, v: attention_mgpu.attention(q, k, v, cfg)  # noqa: E731  (unscaled q: time only)
+                pargs = (q[None], k, v)
             elif peer == "reference":
                 fn = lambda *a: reference.ragged_paged_attention(*a, sm_scale=SM_SCALE)
                 pargs = args
@@ -402,7 +415,7 @@ def main():
         return
     if args.prefill_tiles:
         for name, q_lens, ctx_lens, max_seqs in PREFILL_TILE_CASES:
-            peers = ["cudnn"] if len(q_lens) == 1 and q_lens == ctx_lens else []
+            peers = ["cudnn", "mgpu_flash"] if len(q_lens) == 1 and q_lens == ctx_lens else []
             save(); run_case(rows, "prefill", name, q_lens, ctx_lens, args.decode_page_size, hbm, mxu, peers,
                      variants=PREFILL_TILE_VARIANTS, max_num_seqs=max_seqs)
         save()
@@ -437,7 +450,7 @@ def main():
     chunks = [512, 2048, 4096] if args.quick else [512, 2048, 4096, 8192]
     sweep_chunks = [4096] if args.quick else [4096, 8192]
     for t in chunks:
-        peers = ["cudnn"] + (["reference"] if t <= 512 else [])
+        peers = ["cudnn", "mgpu_flash"] + (["reference"] if t <= 512 else [])
         save(); run_case(rows, "prefill", f"chunk{t}", [t], [t], ps, hbm, mxu, peers,
                  variants=PREFILL_SWEEP if t in sweep_chunks else None)
     if args.prefill_sweep:
