@@ -86,8 +86,9 @@ def _kernel(
     seq, q_start, num_rows = _find_work(w, cu_q_lens_ref, num_seqs_ref, max_num_seqs=max_num_seqs,
                                         block_q=block_q, short_q=short_q, select=select)
 
-    # Padding work items (and, with two launches, those of the other launch's requests) exit at
-    # once, after three scalar loads: a short launch of a pure-prefill step is all of them.
+    # Padding work items (and, with two launches, those of the other launch's requests) exit
+    # after finding that out, before any q or K/V traffic: a short launch of a pure-prefill step
+    # is all of them.
     @pl.when(num_rows > 0)
     def _program():
         kv_len = kv_lens_ref[seq]
