@@ -179,6 +179,13 @@ def dense_causal_reference(args, num_tokens):
     return attend(q[None], ctx[:, :, 0::2], ctx[:, :, 1::2])[0]
 
 
+def dense_kv(num_tokens):
+    """Random K and V [1, num_tokens, kv heads, head_dim] for the dense prefill peers."""
+    shape = (1, num_tokens, NUM_KV_HEADS, HEAD_DIM)
+    return (jax.random.normal(jax.random.key(5), shape, DTYPE),
+            jax.random.normal(jax.random.key(6), shape, DTYPE))
+
+
 def run_case(rows, kind, name, q_lens, ctx_lens, page_size, hbm, mxu, peers=(), variants=None,
              max_num_seqs=None):
     args, bytes_, flops = make_step(q_lens, ctx_lens, page_size, max_num_seqs=max_num_seqs)
@@ -215,9 +222,7 @@ def run_case(rows, kind, name, q_lens, ctx_lens, page_size, hbm, mxu, peers=(), 
                 fn, pargs = jax_gpu_paged_attention_peer(args, page_size)
             elif peer == "cudnn":
                 q = args[0]
-                t_ = q.shape[0]
-                k = jax.random.normal(jax.random.key(5), (1, t_, NUM_KV_HEADS, HEAD_DIM), DTYPE)
-                v = jax.random.normal(jax.random.key(6), (1, t_, NUM_KV_HEADS, HEAD_DIM), DTYPE)
+                k, v = dense_kv(q.shape[0])
                 fn = lambda q, k, v: jax.nn.dot_product_attention(
                     q, k, v, is_causal=True, scale=SM_SCALE, implementation="cudnn")
                 pargs = (q[None], k, v)
@@ -227,9 +232,7 @@ def run_case(rows, kind, name, q_lens, ctx_lens, page_size, hbm, mxu, peers=(), 
                 # version of our prefill kernel.
                 from jax.experimental.pallas.ops.gpu import attention_mgpu
                 q = args[0]
-                t_ = q.shape[0]
-                k = jax.random.normal(jax.random.key(5), (1, t_, NUM_KV_HEADS, HEAD_DIM), DTYPE)
-                v = jax.random.normal(jax.random.key(6), (1, t_, NUM_KV_HEADS, HEAD_DIM), DTYPE)
+                k, v = dense_kv(q.shape[0])
                 cfg = attention_mgpu.TuningConfig(block_q=64, block_kv=128, max_concurrent_steps=2,
                                                   causal=True)
                 fn = lambda q, k, v: attention_mgpu.attention(q, k, v, cfg)  # noqa: E731  (unscaled q: time only)

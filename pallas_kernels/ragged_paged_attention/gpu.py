@@ -276,18 +276,13 @@ def _find_work(w, cu_q_lens_ref, num_seqs_ref, *, max_num_seqs: int, block_q: in
     return seq, jnp.where(valid, q_start, 0), num_rows
 
 
-def _work_items(cu_q_lens, num_seqs, block_q: int, num_work: int, short_q: int = 0,
-                select: str = "all"):
-    """Split every request's query rows into blocks of block_q tokens: (seq, start, end) each.
-    select "long" / "short" keeps only the requests with more than / at most short_q tokens."""
+def _work_items(cu_q_lens, num_seqs, block_q: int, num_work: int):
+    """Split every request's query rows into blocks of block_q tokens: (seq, start, end) each, as
+    jnp arrays (the TPU kernel's scalar-prefetched work list; the GPU kernel's programs find
+    theirs with `_find_work`)."""
     max_num_seqs = cu_q_lens.shape[0] - 1
     q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
-    keep = jnp.arange(max_num_seqs) < num_seqs[0]
-    if select == "long":
-        keep &= q_lens > short_q
-    elif select == "short":
-        keep &= q_lens <= short_q
-    q_lens = jnp.where(keep, q_lens, 0)
+    q_lens = jnp.where(jnp.arange(max_num_seqs) < num_seqs[0], q_lens, 0)
     blocks = (q_lens + block_q - 1) // block_q
     cum = jnp.cumsum(blocks)
     w = jnp.arange(num_work, dtype=jnp.int32)
@@ -404,7 +399,7 @@ def default_config(num_tokens, max_num_seqs, num_q_heads, num_kv_heads, head_dim
         # Big prefill buckets: two launches.  Requests of more than short_q tokens take 256-row
         # tiles (64 tokens at group 4), block_k 64, 8 warps, 3 stages; the short ones (decode
         # tokens mixed into the step) a decode tile of 16 rows in a second launch, since a
-        # 256-row tile spent on one decode token costs 16x its compute (H100, sixth session:
+        # 256-row tile spent on one decode token costs 16x the decode tile's compute (H100, sixth session:
         # 512 prefill + 63 decodes 237 -> 344 us with the big tile for all).  At 2048-8192
         # tokens the big tile took 2-14% off pure prefill (NOTES.md).
         cfg.update(block_q=max(1, 256 // group),
@@ -433,10 +428,10 @@ def _ragged_paged_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_s
     max_num_seqs, pages_per_seq = page_indices.shape
 
     q2 = q.reshape(num_tokens * num_q_heads, head_dim)
-    # Interpret mode: spare token rows so that masked-off rows can keep distinct indices.
     # The short launch's tile: 16 rows (Triton's smallest dot) and at least short_q tokens, so
     # that a short request is one work item.
     short_tile = max(short_q, 16 // group, 1)
+    # Interpret mode: spare token rows so that masked-off rows can keep distinct indices.
     spare_tokens = 0
     if interpret:
         spare_tokens = max(-(-_next_pow2(b * group) // group) for b in (block_q, short_tile))
