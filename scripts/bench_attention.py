@@ -279,6 +279,8 @@ LONG_TILE_SWEEP = {
     "2x256bk32": dict(block_q=64, block_k=32, num_warps=8, num_stages=3, short_q=4),
     "2x128bk64": dict(block_q=32, block_k=64, num_warps=8, num_stages=3, short_q=4),
     "2x128": dict(block_q=32, block_k=32, num_warps=8, num_stages=3, short_q=4),
+    "2x256pq": dict(block_q=64, block_k=64, num_warps=8, num_stages=3, short_q=4, prescale_q=True),
+    "2x256st2": dict(block_q=64, block_k=64, num_warps=8, num_stages=2, short_q=4),
 }
 LONG_TILE_CASES = [c for c in PREFILL_TILE_CASES
                    if c[0] in ("chunk2048", "chunk4096", "chunk8192", "1984 prefill + 64 dec ctx2048")]
@@ -286,6 +288,19 @@ LONG_TILE_CASES = [c for c in PREFILL_TILE_CASES
 
 DECODE_KERNEL_SWEEP = dict(batches=(1, 8, 64), contexts=(256, 1024, 4096), splits=(None, 1, 2, 4, 8),
                           page_size=16, pages_per_seq=512)  # an 8k-token page table, as a server has
+# --decode-kernel-sweep --quick: the default split count only, at the engine's page size (16), at
+# the contexts of the 128/128 and 1024/128 engine runs and issue 3's 2k.
+DECODE_KERNEL_QUICK = dict(DECODE_KERNEL_SWEEP, contexts=(256, 1024, 2048), splits=(None,))
+
+# --decode-sweep: the ragged kernel's decode tile (issue 3's batch 8 / context 2k case, where the
+# default falls short of 80% of the copy rate, and two reference points), device-timed with
+# --device-time.  Default at b8 ctx 2k: 8 splits of 8 blocks, block_k 32, 2 stages, 4 warps.
+DECODE_SWEEP = {"st3": dict(num_stages=3), "st4": dict(num_stages=4), "s4": dict(num_splits=4),
+                "s4st3": dict(num_splits=4, num_stages=3), "s16": dict(num_splits=16),
+                "s16st3": dict(num_splits=16, num_stages=3), "bk64": dict(block_k=64),
+                "bk64st3": dict(block_k=64, num_stages=3), "s4bk64st3": dict(num_splits=4, block_k=64, num_stages=3),
+                "bk16s16": dict(block_k=16, num_splits=16), "w2": dict(num_warps=2)}
+DECODE_SWEEP_CASES = [(8, 2048), (8, 8192), (64, 2048)]
 
 
 def decode_kernel_sweep(rows, hbm, mxu, cfg=DECODE_KERNEL_SWEEP, inner=10, repeats=5):
@@ -337,6 +352,16 @@ def decode_kernel_sweep(rows, hbm, mxu, cfg=DECODE_KERNEL_SWEEP, inner=10, repea
                         times.append((time.perf_counter() - t0) / inner)
                     tm = statistics.median(times)
                     row.update(time_us=tm * 1e6, hbm_frac=kv_bytes / tm / hbm, mxu_frac=flops / tm / mxu)
+                    if DEVICE_TIME:  # the decode kernel and its combine; not the loop's own kernels
+                        import tempfile
+                        with tempfile.TemporaryDirectory() as d:
+                            with jax.profiler.trace(d):
+                                out, pages = f(qkv, pages, *rest)
+                                jax.block_until_ready(out)
+                            events = [e for e in device_events_of(d)
+                                      if e.get("name", "").startswith(("decode_attention", "attention_split_combine"))]
+                        busy = sum(float(e["dur"]) for e in events) * 1e-6 / inner if events else None
+                        _add_device_time(row, busy, kv_bytes, flops, hbm, mxu)
                 except Exception as e:  # noqa: BLE001 - record and go on
                     row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
                 rows.append(row)
@@ -347,6 +372,12 @@ def decode_kernel_sweep(rows, hbm, mxu, cfg=DECODE_KERNEL_SWEEP, inner=10, repea
 # --device-time: also each case's device kernel time (device_time()), as device_us and the two
 # fractions against it.
 DEVICE_TIME = False
+
+
+def device_events_of(trace_dir):
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_forward import device_events
+    return device_events(trace_dir)
 
 
 def _add_device_time(row, t, bytes_, flops, hbm, mxu):
@@ -386,6 +417,8 @@ def main():
                          "no gaps between kernels, less the timing loop's own kernel): device us columns")
     ap.add_argument("--decode-kernel-sweep", action="store_true",
                     help="only the engine's decode kernel (gpu_decode) over batch x context x kv splits")
+    ap.add_argument("--decode-sweep", action="store_true",
+                    help="only the ragged kernel's decode tile sweep (DECODE_SWEEP at DECODE_SWEEP_CASES)")
     ap.add_argument("--page-sizes", default="16,32,64")
     ap.add_argument("--decode-page-size", type=int, default=32)
     args = ap.parse_args()
@@ -407,7 +440,13 @@ def main():
             json.dump(result, f, indent=1)
 
     if args.decode_kernel_sweep:
-        decode_kernel_sweep(rows, hbm, mxu)
+        decode_kernel_sweep(rows, hbm, mxu, DECODE_KERNEL_QUICK if args.quick else DECODE_KERNEL_SWEEP)
+        save()
+        return
+    if args.decode_sweep:
+        for b, c in DECODE_SWEEP_CASES:
+            save(); run_case(rows, "decode-sweep", f"b{b} ctx{c}", [1] * b, [c] * b, args.decode_page_size,
+                     hbm, mxu, variants=DECODE_SWEEP)
         save()
         return
     if args.long_tile_sweep:

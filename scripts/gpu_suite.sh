@@ -31,6 +31,10 @@
 #   longtiles   bench_attention --long-tile-sweep (the two-launch default's long tile: stages, block_k, 128 rows)  ~2 min
 #   decodeonly  bench_attention --quick --decode-only --device-time (ragged kernel decode, batch 8/64 x context 2k/8k, peers)  ~1 min
 #   prefill     bench_attention --prefill-sweep (prefill chunks 512-8192, tile/stage sweep at 4k and 8k)  ~5 min
+#   decodesweep bench_attention --decode-sweep --device-time (ragged kernel decode tiles at b8 ctx 2k/8k, b64 2k)  ~2 min
+#   abdecode    decode kernel (device-timed, --decode-kernel-sweep --quick) and bench_forward 1B/8B b1/b64
+#               with this checkout, then with the install at $OLD_SITE (an A/B of two commits)  ~5 min
+#   xlaflags    bench_forward 1B/8B b1/b64 under XLA_FLAGS: default, PDL on, PDL off, split-K autotuning off  ~6 min
 #   hf-static   Hugging Face static-cache generate(), 8B batch 1 and 64 (long compile)            ~8 min
 #   hf-eager    Hugging Face eager generate(), 1B and 8B, batch 1 and 64                          ~2 min
 # Everything is also runnable by hand: each part is one or two commands below.
@@ -140,6 +144,29 @@ for part in "$@"; do
     prefill)
       timeout 330 python3 scripts/bench_attention.py --prefill-sweep --out "$OUT/prefill.json" \
         > "$OUT/prefill.log" 2>&1; grep -E "^\||device" "$OUT/prefill.log" | head -90 ;;
+    decodesweep)
+      timeout 200 python3 scripts/bench_attention.py --decode-sweep --device-time --out "$OUT/decode_sweep.json" \
+        > "$OUT/decode_sweep.log" 2>&1; grep -E "^\||device" "$OUT/decode_sweep.log" | head -50 ;;
+    abdecode)
+      for v in new old; do
+        site=/tmp/site; [ $v = old ] && site=${OLD_SITE:?set OLD_SITE}
+        PYTHONPATH=$site timeout 200 python3 scripts/bench_attention.py --decode-kernel-sweep --quick --device-time \
+          --out "$OUT/decode_kernel_$v.json" > "$OUT/decode_kernel_$v.log" 2>&1
+        echo "-- $v: decode kernel"; grep -E "^\|" "$OUT/decode_kernel_$v.log"
+        PYTHONPATH=$site timeout 240 python3 scripts/bench_forward.py --model llama-3.2-1b llama-3.1-8b --batch 1 64 \
+          --decode-attention fused --residual-norm gpu --json "$OUT/forward_$v.json" > "$OUT/forward_$v.log" 2>&1
+        echo "-- $v: forward"; grep -E "^\|" "$OUT/forward_$v.log"
+      done ;;
+    xlaflags)
+      i=0
+      for f in "" "--xla_gpu_enable_pdl=true --xla_gpu_enable_pdl_launch=true" "--xla_gpu_enable_pdl=false" \
+               "--xla_gpu_enable_split_k_autotuning=false"; do
+        i=$((i + 1))
+        XLA_FLAGS="${XLA_FLAGS:-} $f" timeout 150 python3 scripts/bench_forward.py --model llama-3.2-1b llama-3.1-8b \
+          --batch 1 64 --decode-attention fused --residual-norm gpu --json "$OUT/forward_flags$i.json" \
+          > "$OUT/forward_flags$i.log" 2>&1
+        echo "-- XLA_FLAGS=$f"; grep -E "^\|" "$OUT/forward_flags$i.log"
+      done ;;
     hf-static)
       XLA_PYTHON_CLIENT_PREALLOCATE=false lat hf_static --model llama-3.1-8b --batch 1 64 --no-engine \
         --hf-peer static ;;

@@ -50,6 +50,8 @@ CASES = [
     ([60, 9, 41], 4, 64, 16, jnp.float32, 12, None, {}),
     ([60, 9, 41], 4, 64, 16, jnp.float32, 12, None, dict(num_splits=1)),
     ([60, 9, 41], 8, 128, 16, jnp.float32, None, 5.0, {}),
+    # splits take blocks round robin: several blocks a split, a window starting mid-context
+    ([300, 129, 65], 4, 64, 16, jnp.float32, 100, None, dict(num_splits=3, block_k=16)),
     ([int(x) for x in np.random.default_rng(0).integers(1, 80, 33)], 4, 64, 16, jnp.bfloat16, 20, 10.0, {}),
 ]
 

@@ -312,6 +312,28 @@ def test_gpu_prefill_sweep_config_matches_reference(config):
     check(_gpu(*b.args(), **config, **kw), b, reference_out(b, kw), jnp.bfloat16)
 
 
+def _decode_sweep_configs():
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
+    from bench_attention import DECODE_SWEEP
+
+    configs = {}
+    for name, kw in DECODE_SWEEP.items():
+        if BACKEND == "cpu":
+            kw = {k: v for k, v in kw.items() if k not in ("num_warps", "num_stages")}
+        configs.setdefault(tuple(sorted(kw.items())), []).append(name)
+    return [pytest.param(dict(key), id="+".join(names)) for key, names in configs.items()]
+
+
+@pytest.mark.parametrize("config", _decode_sweep_configs())
+def test_gpu_decode_sweep_config_matches_reference(config):
+    """Every decode tile config the GPU sweep times, on a decode step of the bench's group,
+    page size and dtype (contexts of several blocks a split, a partial last page)."""
+    b = make_batch(17, [1] * 3, [300, 65, 129], num_kv_heads=2, group=4, head_dim=128,
+                   page_size=32, dtype=jnp.bfloat16)
+    kw = dict(sm_scale=128 ** -0.5)
+    check(_gpu(*b.args(), **config, **kw), b, reference_out(b, kw), jnp.bfloat16)
+
+
 @pytest.mark.parametrize("bad", [dict(block_k=48), dict(block_q=0), dict(num_splits=0)])
 def test_gpu_rejects_bad_tile_sizes(bad):
     b = make_batch(14, [3], [3], num_kv_heads=1, group=1, head_dim=16, page_size=16,

@@ -314,18 +314,21 @@ def _combine_kernel(*refs, num_splits: int, rows: int, block_rows: int, rows_per
     valid = lax.div(row, rows_per_token) < num_valid
     head_dim = o_part_ref.shape[-1]
     col = lax.broadcasted_iota(jnp.int32, (1, head_dim), 1)
-    # masked: the rows of padding tokens (most of a batch-1 bucket) cost no memory traffic
-    lses = [plgpu.load(lse_ref.at[s * rows + row], mask=valid, other=-jnp.inf) for s in range(num_splits)]
+    # Unmasked loads (every row is inside the buffers), so that they do not wait for the valid
+    # count's load (two dependent loads in from_cu mode); the rows of padding tokens, which no
+    # split program wrote, hold garbage, and only the final select looks at `valid`.
+    lses = [plgpu.load(lse_ref.at[s * rows + row]) for s in range(num_splits)]
+    parts = [plgpu.load(o_part_ref.at[(s * rows + row)[:, None], col]) for s in range(num_splits)]
     lse_max = functools.reduce(jnp.maximum, lses)
     lse_max = jnp.where(lse_max == -jnp.inf, 0.0, lse_max)
     num = jnp.zeros((block_rows, head_dim), jnp.float32)
     total = jnp.zeros((block_rows,), jnp.float32)
     for s in range(num_splits):
-        w = jnp.exp2(lses[s] - lse_max)  # 0 for splits without keys and for padding rows
-        part = plgpu.load(o_part_ref.at[(s * rows + row)[:, None], col], mask=valid[:, None], other=0.0)
-        num += w[:, None] * part
+        w = jnp.exp2(lses[s] - lse_max)  # 0 for splits without keys
+        num += w[:, None] * parts[s]
         total += w
     out = num / jnp.where(total == 0, 1.0, total)[:, None]
+    out = jnp.where(valid[:, None], out, 0.0)
     plgpu.store(out_ref.at[row[:, None], col], out.astype(out_ref.dtype))
 
 

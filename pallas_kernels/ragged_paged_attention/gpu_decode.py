@@ -76,9 +76,11 @@ def _decode_kernel(
     else:
         kv_lo = jnp.int32(0)
     num_blocks = jnp.where(pos > kv_lo, lax.div(pos - kv_lo + block_k - 1, block_k), 0)
-    per_split = lax.div(num_blocks + num_splits - 1, num_splits)
-    blk_lo = split * per_split
-    blk_hi = jnp.minimum(blk_lo + per_split, num_blocks)
+    # kv splits take the blocks round robin: split s walks blocks s, s + num_splits, ...  Its
+    # first block is then known from the program id alone (no window), so the page-table read
+    # for it is issued at once, beside the kv_lens read, not after it: at short contexts (one
+    # block a split) that is one memory latency off the kernel's critical path.
+    num_iters = lax.div(jnp.maximum(num_blocks - split, 0) + num_splits - 1, num_splits)
 
     # Rotary embedding, rotate-half layout, in float32 then rounded to the input dtype as the
     # unfused path does: out[c] = x[c] cos - x[c + half] sin (c < half), x[c] cos + x[c - half] sin.
@@ -96,13 +98,17 @@ def _decode_kernel(
     row_valid = (r < group) & valid
     q_row = j * q_tok + h * q_head + r
     o_row = j * num_q_heads + h * group + r  # output rows: [num_tokens, num_q_heads] flat
+    # q is loaded under the static row mask only (every token row of the bucket exists in q): a
+    # mask on `valid` would make the load wait for num_seqs.  Rows past num_seqs are not stored.
+    q_mask = r < group
     if clamp_rows:
-        q_row = jnp.where(row_valid, q_row, 0)
+        q_row = jnp.where(q_mask, q_row, 0)
         o_row = jnp.where(row_valid, o_row, 0)
     # else (interpreter): masked-off rows keep distinct indices (spare rows at the end), since the
     # interpreter writes a masked lane's old value back to its index.
-    q = plgpu.load(q_ref.at[q_row[:, None], col[None, :]], mask=row_valid[:, None], other=0.0)
-    q_p = plgpu.load(q_ref.at[q_row[:, None], partner[None, :]], mask=row_valid[:, None], other=0.0)
+    q_mask = q_mask[:, None]
+    q = plgpu.load(q_ref.at[q_row[:, None], col[None, :]], mask=q_mask, other=0.0)
+    q_p = plgpu.load(q_ref.at[q_row[:, None], partner[None, :]], mask=q_mask, other=0.0)
     q = rotate(q, q_p).astype(q_ref.dtype)  # [block_m, head_dim]
 
     kv_row_new = j * kv_tok + h * kv_head
@@ -132,21 +138,34 @@ def _decode_kernel(
 
     one_page_per_block = page_size % block_k == 0  # blocks never straddle pages (kv_lo is aligned)
     kcol = col[None, :]
+    k_iota = lax.broadcasted_iota(jnp.int32, (block_k,), 0)
+    num_pages_total = kv_ref.shape[0] // (page_size * 2 * num_kv_heads)
 
-    def body(b, carry):
-        acc, m_prev, l_prev = carry
+    def block_pages(b):
+        """Page(s) of block b, read unmasked at an index clamped into the request's row (a
+        look-ahead can name a block past the end), the id clamped into the pool: keys past the
+        end are masked at the K/V load, so a stale id there is never dereferenced."""
         start = kv_lo + b * block_k
-        k_pos = start + lax.broadcasted_iota(jnp.int32, (block_k,), 0)
+        if one_page_per_block:
+            idx = jnp.clip(lax.div(start, page_size), 0, pages_per_seq - 1)
+            page = page_table_ref[page_row0 + idx]
+        else:
+            idx = jnp.clip(lax.div(start + k_iota, page_size), 0, pages_per_seq - 1)
+            page = plgpu.load(page_table_ref.at[page_row0 + idx])
+        return jnp.clip(page, 0, num_pages_total - 1)
+
+    def body(i, carry):
+        # The page(s) of the split's next block are read one block ahead and carried: a K/V
+        # address that depends on a load of the same iteration costs Triton's pipeliner a stage.
+        page, acc, m_prev, l_prev = carry
+        b = split + i * num_splits
+        next_page = block_pages(b + num_splits)
+        start = kv_lo + b * block_k
+        k_pos = start + k_iota
         k_valid = k_pos < pos
         if sliding_window is not None:
             k_valid &= pos - k_pos < sliding_window
-        if one_page_per_block:
-            page = plgpu.load(page_table_ref.at[page_row0 + lax.div(start, page_size)])
-            k_row = (page * page_size + lax.rem(k_pos, page_size)) * (2 * num_kv_heads) + 2 * h
-        else:
-            pt_idx = jnp.where(k_valid, page_row0 + lax.div(k_pos, page_size), 0)
-            page = plgpu.load(page_table_ref.at[pt_idx], mask=k_valid, other=0)
-            k_row = (page * page_size + lax.rem(k_pos, page_size)) * (2 * num_kv_heads) + 2 * h
+        k_row = (page * page_size + lax.rem(k_pos, page_size)) * (2 * num_kv_heads) + 2 * h
         k = plgpu.load(kv_ref.at[k_row[:, None], kcol], mask=k_valid[:, None], other=0.0)
         v = plgpu.load(kv_ref.at[k_row[:, None] + 1, kcol], mask=k_valid[:, None], other=0.0)
         s = score(plgpu.dot(q, k, trans_b=True, precision=precision))  # [block_m, block_k] f32
@@ -157,9 +176,9 @@ def _decode_kernel(
         p = jnp.exp2(s - m_safe[:, None])
         l_next = l_prev * alpha + jnp.sum(p, axis=1)
         pv = plgpu.dot(p.astype(v.dtype), v, precision=precision)
-        return acc * alpha[:, None] + pv, m_next, l_next
+        return next_page, acc * alpha[:, None] + pv, m_next, l_next
 
-    acc, m_i, l_i = lax.fori_loop(blk_lo, blk_hi, body, (acc, m_i, l_i))
+    _, acc, m_i, l_i = lax.fori_loop(0, num_iters, body, (block_pages(split), acc, m_i, l_i))
 
     store_output(o_ref, lse_ref, acc, m_i, l_i, o_row, kcol, row_valid, split, rows_per_split, num_splits)
 

@@ -34,13 +34,15 @@ def _kernel(*refs, eps: float, hidden: int, block_h: int, has_delta: bool):
     mask = None if block_h == hidden else col < hidden
     load = functools.partial(plgpu.load, mask=mask, other=0.0) if mask is not None else plgpu.load
     x = load(x_ref.at[i, col])
+    # The weight is loaded first thing, beside x: issued after the row's reduction (a barrier
+    # across warps), its memory latency would come after the reduction's instead of with x's.
+    w = load(w_ref.at[col])
     if has_delta:
         d = load(d_ref.at[i, col])
         x = (x.astype(jnp.float32) + d.astype(jnp.float32)).astype(h_ref.dtype)
         plgpu.store(h_ref.at[i, col], x, mask=mask)
     x32 = x.astype(jnp.float32)
     inv = lax.rsqrt(jnp.sum(x32 * x32) / hidden + eps)
-    w = load(w_ref.at[col])
     out = w * (x32 * inv).astype(x.dtype)
     plgpu.store(n_ref.at[i, col], out.astype(n_ref.dtype), mask=mask)
 
