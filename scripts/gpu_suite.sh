@@ -32,8 +32,9 @@
 #   decodeonly  bench_attention --quick --decode-only --device-time (ragged kernel decode, batch 8/64 x context 2k/8k, peers)  ~1 min
 #   prefill     bench_attention --prefill-sweep (prefill chunks 512-8192, tile/stage sweep at 4k and 8k)  ~5 min
 #   decodesweep bench_attention --decode-sweep --device-time (ragged kernel decode tiles at b8 ctx 2k/8k, b64 2k)  ~2 min
-#   abdecode    decode kernel (device-timed, --decode-kernel-sweep --quick) and bench_forward 1B/8B b1/b64
-#               with this checkout, then with the install at $OLD_SITE (an A/B of two commits)  ~5 min
+#   abdecode    decode kernel (device-timed, --decode-kernel-sweep --quick), ragged kernel decode steps
+#               (--quick --decode-only --device-time) and bench_forward 1B/8B b1/b64, with this checkout,
+#               then with the install at $OLD_SITE (an A/B of two commits)                        ~7 min
 #   xlaflags    bench_forward 1B/8B b1/b64 under XLA_FLAGS: default, PDL on, PDL off, split-K autotuning off  ~6 min
 #   hf-static   Hugging Face static-cache generate(), 8B batch 1 and 64 (long compile)            ~8 min
 #   hf-eager    Hugging Face eager generate(), 1B and 8B, batch 1 and 64                          ~2 min
@@ -153,6 +154,9 @@ for part in "$@"; do
         PYTHONPATH=$site timeout 200 python3 scripts/bench_attention.py --decode-kernel-sweep --quick --device-time \
           --out "$OUT/decode_kernel_$v.json" > "$OUT/decode_kernel_$v.log" 2>&1
         echo "-- $v: decode kernel"; grep -E "^\|" "$OUT/decode_kernel_$v.log"
+        PYTHONPATH=$site timeout 150 python3 scripts/bench_attention.py --quick --decode-only --device-time \
+          --out "$OUT/decode_only_$v.json" > "$OUT/decode_only_$v.log" 2>&1
+        echo "-- $v: ragged kernel, decode steps"; grep -E "^\|" "$OUT/decode_only_$v.log" | grep -v reference
         PYTHONPATH=$site timeout 240 python3 scripts/bench_forward.py --model llama-3.2-1b llama-3.1-8b --batch 1 64 \
           --decode-attention fused --residual-norm gpu --json "$OUT/forward_$v.json" > "$OUT/forward_$v.log" 2>&1
         echo "-- $v: forward"; grep -E "^\|" "$OUT/forward_$v.log"

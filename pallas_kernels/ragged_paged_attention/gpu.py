@@ -11,9 +11,9 @@ of one matrix (M = block_q * group, padded to a power of two), so GQA reads each
 per kv head, and walks the request's context in blocks of `block_k` tokens, gathering K/V rows
 through the page table, with an online softmax.  Causal and sliding-window bounds cut the
 walk short; blocks that every row sees in full run without a mask, the boundary blocks (causal
-diagonal, window edge) after them with one.  With kv splits > 1 (flash-decoding), each split
-walks an equal share of the blocks and writes a normalised partial output plus its log-sum-exp;
-a second small Pallas kernel (`combine`, shared with gpu_decode) merges them.
+diagonal, window edge) after them with one.  With kv splits > 1 (flash-decoding), split s
+walks blocks s, s + splits, ... (round robin) and writes a normalised partial output plus its
+log-sum-exp; a second small Pallas kernel (`combine`, shared with gpu_decode) merges them.
 
 Layout reads: kv_pages [num_pages, page_size, 2 * num_kv_heads, head_dim] is viewed as rows
 [num_pages * page_size * 2 * num_kv_heads, head_dim]; K of (page p, slot t, kv head h) is row
@@ -113,14 +113,16 @@ def _kernel(
             full_lo = jnp.clip(full_lo, 0, full_hi)
         else:
             full_lo = jnp.int32(0)
-        # kv splits (flash-decoding) cut [0, num_blocks) into equal shares; each share is walked as
-        # its part of the full blocks, then its masked blocks before and after them.
-        per_split = lax.div(num_blocks + num_splits - 1, num_splits)
-        blk_lo = split * per_split
-        blk_hi = jnp.minimum(blk_lo + per_split, num_blocks)
-        num_lead = jnp.maximum(jnp.minimum(blk_hi, full_lo) - blk_lo, 0)
-        tail_lo = jnp.maximum(blk_lo, full_hi)
-        num_masked = num_lead + jnp.maximum(blk_hi - tail_lo, 0)
+        # kv splits (flash-decoding) take the blocks round robin: split s walks blocks s + i * S
+        # (S = num_splits), its full ones first, then its masked ones before and after them.
+        # Round robin rather than equal contiguous shares: without a window a split's first block
+        # is s, known before kv_len is, so its page-table read does not wait for the kv_lens read.
+        def count_below(x):  # the split's blocks below block x: #{i >= 0 : s + i * S < x}
+            return lax.div(jnp.maximum(x - split, 0) + num_splits - 1, num_splits)
+
+        i_lo, i_hi = count_below(full_lo), count_below(full_hi)
+        num_lead = i_lo
+        num_masked = num_lead + count_below(num_blocks) - i_hi
 
         # Rows of the q block: row r is token q_start + r // group, q head h * group + r % group.
         r = lax.broadcasted_iota(jnp.int32, (block_m,), 0)
@@ -202,26 +204,25 @@ def _kernel(
             pv = plgpu.dot(p.astype(v.dtype), v, precision=precision)
             return acc * alpha[:, None] + pv, m_next, l_next
 
-        full_lo_split = jnp.maximum(blk_lo, full_lo)
-        full_hi_split = jnp.minimum(blk_hi, full_hi)
-
-        def full_body(j, carry):
-            # The page of block j + 1 is read one block ahead and carried: a K/V address that
-            # depends on a load of the same iteration makes Triton's pipeliner spend a stage on
-            # that load, leaving K/V one block of prefetch (issued after the dots, awaited at once).
+        def full_body(i, carry):
+            # The page of the split's next block is read one block ahead and carried: a K/V
+            # address that depends on a load of the same iteration makes Triton's pipeliner spend
+            # a stage on that load, leaving K/V one block of prefetch (issued after the dots,
+            # awaited at once).  block_pages clamps a look-ahead past the end into the row.
             page, carry = carry
-            next_page = block_pages(jnp.minimum(j + 1, full_hi_split - 1), False)
+            j = split + i * num_splits
+            next_page = block_pages(j + num_splits, False)
             return next_page, body(False, j, page, carry)
 
         def masked_body(i, carry):
-            j = i + jnp.where(i < num_lead, blk_lo, tail_lo - num_lead)
+            j = split + (i + jnp.where(i < num_lead, 0, i_hi - num_lead)) * num_splits
             return body(True, j, block_pages(j, True), carry)
 
         acc = jnp.zeros((block_m, head_dim), jnp.float32)
         m_i = jnp.full((block_m,), -jnp.inf, jnp.float32)
         l_i = jnp.zeros((block_m,), jnp.float32)
-        _, carry = lax.fori_loop(full_lo_split, full_hi_split, full_body,
-                                 (block_pages(full_lo_split, False), (acc, m_i, l_i)))
+        _, carry = lax.fori_loop(i_lo, i_hi, full_body,
+                                 (block_pages(split + i_lo * num_splits, False), (acc, m_i, l_i)))
         acc, m_i, l_i = lax.fori_loop(0, num_masked, masked_body, carry)
 
         store_output(o_ref, lse_ref, acc, m_i, l_i, q_row, col, row_valid, split, rows_per_split, num_splits)
