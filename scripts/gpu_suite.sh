@@ -35,7 +35,7 @@
 #   abdecode    decode kernel (device-timed, --decode-kernel-sweep --quick), ragged kernel decode steps
 #               (--quick --decode-only --device-time) and bench_forward 1B/8B b1/b64, with this checkout,
 #               then with the install at $OLD_SITE (an A/B of two commits)                        ~7 min
-#   xlaflags    bench_forward 1B/8B b1/b64 under XLA_FLAGS: default, PDL on, PDL off, split-K autotuning off  ~6 min
+#   xlaflags    bench_forward 1B/8B b1/b64 under XLA_FLAGS: default, PDL on, PDL off (on one machine)  ~1 min
 #   hf-static   Hugging Face static-cache generate(), 8B batch 1 and 64 (long compile)            ~8 min
 #   hf-eager    Hugging Face eager generate(), 1B and 8B, batch 1 and 64                          ~2 min
 # Everything is also runnable by hand: each part is one or two commands below.
@@ -163,10 +163,9 @@ for part in "$@"; do
       done ;;
     xlaflags)
       i=0
-      for f in "" "--xla_gpu_enable_pdl=true --xla_gpu_enable_pdl_launch=true" "--xla_gpu_enable_pdl=false" \
-               "--xla_gpu_enable_split_k_autotuning=false"; do
+      for f in "" "--xla_gpu_enable_pdl=true --xla_gpu_enable_pdl_launch=true" "--xla_gpu_enable_pdl=false"; do
         i=$((i + 1))
-        XLA_FLAGS="${XLA_FLAGS:-} $f" timeout 150 python3 scripts/bench_forward.py --model llama-3.2-1b llama-3.1-8b \
+        XLA_FLAGS=$(echo ${XLA_FLAGS:-} $f) timeout 150 python3 scripts/bench_forward.py --model llama-3.2-1b llama-3.1-8b \
           --batch 1 64 --decode-attention fused --residual-norm gpu --json "$OUT/forward_flags$i.json" \
           > "$OUT/forward_flags$i.log" 2>&1
         echo "-- XLA_FLAGS=$f"; grep -E "^\|" "$OUT/forward_flags$i.log"
