@@ -62,6 +62,20 @@ def test_greedy_output_is_identical_under_preemption(llama_ckpt, alone):
     assert tiny.kv_cache.num_free_pages == tiny.kv_cache.num_pages
 
 
+def test_reused_runner_slots_carry_no_state_of_their_last_request(llm, alone):
+    """The runner keeps each slot's page-table row and sampling knobs between steps; a slot that
+    served a sampled request with penalties and long page tables then serves greedy ones, and a
+    seeded request gives the same tokens in whichever slot it lands."""
+    sampled = SamplingParams(temperature=0.9, top_k=7, top_p=0.8, repetition_penalty=1.3,
+                             presence_penalty=0.5, max_tokens=40, ignore_eos=True, seed=11)
+    first = tokens(llm.generate(PROMPTS[:6], sampled, use_tqdm=False))
+    assert tokens(llm.generate(PROMPTS[6:12], GREEDY, use_tqdm=False)) == alone[6:12]
+    # the same seeded requests, shifted by one so that each lands in another slot
+    again = tokens(llm.generate([PROMPTS[12]] + PROMPTS[:6], sampled, use_tqdm=False))
+    assert again[1:] == first
+    assert tokens(llm.generate(PROMPTS[:6], GREEDY, use_tqdm=False)) == alone[:6]
+
+
 def test_greedy_output_is_identical_with_prefix_cache_hits(llm, alone):
     shared = [1] + list(range(40, 80))  # 41 tokens: two full pages shared
     prompts = [{"prompt_token_ids": shared + p["prompt_token_ids"][:8]} for p in PROMPTS[:6]]

@@ -165,9 +165,10 @@ class EngineCore:
             changed[group.request_id] = group
         outputs = []
         for group in changed.values():
-            if stream or group.finished:
+            finished = group.finished
+            if stream or finished:
                 outputs.append(self._make_output(group))
-            if group.finished:
+            if finished:
                 self._groups.pop(group.request_id, None)
                 for child in group.children:
                     self._child_group.pop(child.request_id, None)

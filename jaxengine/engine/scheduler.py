@@ -148,7 +148,9 @@ class Scheduler:
             request_id=req.request_id,
             token_ids=token_ids,
             start_pos=start,
-            page_table=list(self.kv.tables[req.request_id]),
+            # the live table, not a copy: the runner reads it when the step is dispatched (right
+            # after this schedule) and copies only pages it has not seen (tables only grow)
+            page_table=self.kv.tables[req.request_id],
             sample=sample,
             params=req.params,
             seed=req.seed,
@@ -258,7 +260,7 @@ class Scheduler:
         for seq, req in zip(seqs, reqs):
             req.num_computed_tokens += k - 1
             req.num_pending += k - 1
-            seq.page_table = list(self.kv.tables[req.request_id])
+            seq.page_table = self.kv.tables[req.request_id]
         return k
 
     # -------------------------------------------------------------------------------- update

@@ -65,6 +65,16 @@ def token_buckets(cfg: EngineConfig) -> tuple[int, ...]:
     return tuple(out)
 
 
+# Sampling knobs kept per runner slot (ModelRunner._slot_samp) and their values for an empty slot;
+# the other per-request sampler inputs change every step and are built in dispatch().
+_SLOT_SAMPLING_DEFAULTS = {
+    "temperature": np.zeros((1,), np.float32), "top_k": np.zeros((1,), np.int32),
+    "top_p": np.ones((1,), np.float32), "min_p": np.zeros((1,), np.float32),
+    "seed": np.zeros((1,), np.uint32), "presence_penalty": np.zeros((1,), np.float32),
+    "frequency_penalty": np.zeros((1,), np.float32), "repetition_penalty": np.ones((1,), np.float32),
+}
+
+
 @dataclasses.dataclass
 class SampleResult:
     token: int
@@ -153,6 +163,15 @@ class ModelRunner:
             self.penalty_state = {k: sharding.zeros(v.shape, v.dtype, repl)
                                   for k, v in self.penalty_state.items()}
         self._free_slots = list(range(self.num_slots - 1))
+        # Host rows per slot, written when a request takes the slot: its page table (new pages
+        # appended as they come; tables only grow while a request holds its slot) and its
+        # sampling knobs (fixed per request).  A step gathers its requests' rows in one fancy index
+        # instead of copying each table and reading each knob every step (host time per step).
+        self._slot_pages = np.zeros((self.num_slots, self.pages_per_seq), np.int32)
+        self._slot_num_pages = [0] * self.num_slots
+        self._slot_samp = {k: v.repeat(self.num_slots) for k, v in _SLOT_SAMPLING_DEFAULTS.items()}
+        self._slot_full = np.zeros((self.num_slots,), np.bool_)  # needs the FULL sampler
+        self._slot_penalties = np.zeros((self.num_slots,), np.bool_)
         self.num_device_inputs = 0  # input tokens taken from the device (asynchronous scheduling)
         self.num_program_steps = 0  # steps run as a decode program (multi-step or K = 1)
         self._slots: dict[str, int] = {}
@@ -347,11 +366,26 @@ class ModelRunner:
         }
         return batch, samp
 
-    def _slot_for(self, request_id: str) -> int:
-        slot = self._slots.get(request_id)
+    def _slot_for(self, seq: Any) -> int:
+        slot = self._slots.get(seq.request_id)
         if slot is None:
             slot = self._free_slots.pop()
-            self._slots[request_id] = slot
+            self._slots[seq.request_id] = slot
+            self._slot_pages[slot] = 0
+            self._slot_num_pages[slot] = 0
+            p = seq.params
+            penalties = uses_penalties(p)
+            row = self._slot_samp
+            row["temperature"][slot] = p.temperature
+            row["top_k"][slot] = p.top_k
+            row["top_p"][slot] = p.top_p
+            row["min_p"][slot] = p.min_p
+            row["seed"][slot] = seq.seed % (1 << 32)
+            row["presence_penalty"][slot] = p.presence_penalty if penalties else 0.0
+            row["frequency_penalty"][slot] = p.frequency_penalty if penalties else 0.0
+            row["repetition_penalty"][slot] = p.repetition_penalty if penalties else 1.0
+            self._slot_penalties[slot] = penalties
+            self._slot_full[slot] = sampler.needs_full(p, penalties)
         return slot
 
     def release(self, request_ids: list[str]) -> None:
@@ -383,12 +417,12 @@ class ModelRunner:
         kv_lens: list[int] = []
         cu: list[int] = []
         pos = 0
-        page_indices = batch["page_indices"]
-        for i, seq in enumerate(seqs):
+        slot_pages, slot_num_pages = self._slot_pages, self._slot_num_pages
+        for seq in seqs:
             n = len(seq.token_ids)
             table = seq.page_table
             start = seq.start_pos
-            slot = self._slot_for(seq.request_id)
+            slot = self._slot_for(seq)
             seq_slots.append(slot)
             ids.extend(seq.token_ids)
             if n == 1:
@@ -400,11 +434,16 @@ class ModelRunner:
                 slots.extend((np.asarray(table)[r // ps] * ps + r % ps).tolist())
             if seq.token_ids[-1] == PENDING_TOKEN:  # sampled by the step in flight
                 pending_rows.append(pos + n - 1)
-            page_indices[i, :len(table)] = table
+            have = slot_num_pages[slot]
+            if len(table) != have:  # pages added since the slot's row was last written
+                slot_pages[slot, have:len(table)] = table[have:]
+                slot_num_pages[slot] = len(table)
             pos += n
             kv_lens.append(start + n)
             cu.append(pos)
         ns = len(seqs)
+        sl = np.asarray(seq_slots, np.int64)
+        batch["page_indices"][:ns] = slot_pages[sl]
         input_ids = batch["input_ids"]
         input_ids[:pos] = ids
         batch["positions"][:pos] = positions
@@ -413,41 +452,32 @@ class ModelRunner:
             rows = np.asarray(pending_rows)
             input_ids[rows] = 0
             seq_of_row = np.searchsorted(np.asarray(cu), rows, side="right")
-            batch["input_slot"][rows] = np.asarray(seq_slots)[seq_of_row]
+            batch["input_slot"][rows] = sl[seq_of_row]
             self.num_device_inputs += len(pending_rows)
         batch["kv_lens"][:ns] = kv_lens
         batch["cu_q_lens"][1:ns + 1] = cu
         batch["logits_indices"][:ns] = np.asarray(cu) - 1 if ns else []
-        params = [seq.params for seq in seqs]
-        samp["temperature"][:ns] = [p.temperature for p in params]
-        samp["top_k"][:ns] = [p.top_k for p in params]
-        samp["top_p"][:ns] = [p.top_p for p in params]
-        samp["min_p"][:ns] = [p.min_p for p in params]
-        samp["seed"][:ns] = [seq.seed % (1 << 32) for seq in seqs]
+        for key, rows_of_slot in self._slot_samp.items():
+            samp[key][:ns] = rows_of_slot[sl]
         samp["rng_pos"][:ns] = kv_lens
         samp["penalty_slot"][:ns] = seq_slots
-        samp["store_token"][:ns] = [seq.sample for seq in seqs]
-        mode = sampler.PLAIN
-        for i, seq in enumerate(seqs):
-            p = seq.params
-            penalties = uses_penalties(p)
-            if sampler.needs_full(p, penalties):
-                mode = sampler.FULL
-            if penalties:
-                slot = seq_slots[i]
+        store = np.fromiter((seq.sample for seq in seqs), np.bool_, ns)
+        samp["store_token"][:ns] = store
+        penalties = self._slot_penalties[sl]
+        samp["use_penalty"][:ns] = penalties
+        samp["count_sampled"][:ns] = store & penalties
+        mode = sampler.FULL if self._slot_full[sl].any() else sampler.PLAIN
+        if penalties.any():
+            for i in np.flatnonzero(penalties).tolist():
+                seq = seqs[i]
                 if seq.penalty_history is not None:
                     tokens, prompt_len = seq.penalty_history
                     padded = np.full((self.cfg.scheduler.max_model_len,), -1, np.int32)
                     padded[:len(tokens)] = tokens
                     if self.channel is not None:
                         from jaxengine.sharding import multihost
-                        self.channel.send(multihost.OP_LOAD_HISTORY, slot, prompt_len, 0, padded)
-                    self._dispatch_load_history(slot, padded, prompt_len)
-                samp["presence_penalty"][i] = p.presence_penalty
-                samp["frequency_penalty"][i] = p.frequency_penalty
-                samp["repetition_penalty"][i] = p.repetition_penalty
-                samp["use_penalty"][i] = True
-                samp["count_sampled"][i] = seq.sample
+                        self.channel.send(multihost.OP_LOAD_HISTORY, seq_slots[i], prompt_len, 0, padded)
+                    self._dispatch_load_history(seq_slots[i], padded, prompt_len)
         batch["cu_q_lens"][len(seqs) + 1:] = pos
         batch["num_seqs"][0] = len(seqs)
         program = out.num_steps > 1 or (self.decode_program and all(
