@@ -288,21 +288,22 @@ def test_gpu_default_two_launch_bucket_matches_reference():
     check(_gpu(*b.args(), **kw), b, reference_out(b, kw), jnp.bfloat16)
 
 
-def _prefill_sweep_configs():
-    """bench_attention's prefill and long-tile sweeps.  Interpret mode ignores warps and stages,
-    so on the CPU the entries that differ only in those run once."""
+def _sweep_configs(*tables: str):
+    """bench_attention's sweep tables (named), one param per distinct config.  Interpret mode
+    ignores warps and stages, so on the CPU the entries that differ only in those run once."""
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
-    from bench_attention import LONG_TILE_SWEEP, PREFILL_SWEEP
+    import bench_attention
 
     configs = {}
-    for name, kw in {**PREFILL_SWEEP, **LONG_TILE_SWEEP}.items():
-        if BACKEND == "cpu":
-            kw = {k: v for k, v in kw.items() if k not in ("num_warps", "num_stages")}
-        configs.setdefault(tuple(sorted(kw.items())), []).append(name)
+    for table in tables:
+        for name, kw in getattr(bench_attention, table).items():
+            if BACKEND == "cpu":
+                kw = {k: v for k, v in kw.items() if k not in ("num_warps", "num_stages")}
+            configs.setdefault(tuple(sorted(kw.items())), []).append(name)
     return [pytest.param(dict(key), id="+".join(names)) for key, names in configs.items()]
 
 
-@pytest.mark.parametrize("config", _prefill_sweep_configs())
+@pytest.mark.parametrize("config", _sweep_configs("PREFILL_SWEEP", "LONG_TILE_SWEEP"))
 def test_gpu_prefill_sweep_config_matches_reference(config):
     """Every tile config the GPU sweep times, on the bench's group (4), page size (32) and dtype,
     with a chunk long enough for full blocks at block_k 128."""
@@ -312,19 +313,7 @@ def test_gpu_prefill_sweep_config_matches_reference(config):
     check(_gpu(*b.args(), **config, **kw), b, reference_out(b, kw), jnp.bfloat16)
 
 
-def _decode_sweep_configs():
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
-    from bench_attention import DECODE_SWEEP
-
-    configs = {}
-    for name, kw in DECODE_SWEEP.items():
-        if BACKEND == "cpu":
-            kw = {k: v for k, v in kw.items() if k not in ("num_warps", "num_stages")}
-        configs.setdefault(tuple(sorted(kw.items())), []).append(name)
-    return [pytest.param(dict(key), id="+".join(names)) for key, names in configs.items()]
-
-
-@pytest.mark.parametrize("config", _decode_sweep_configs())
+@pytest.mark.parametrize("config", _sweep_configs("DECODE_SWEEP"))
 def test_gpu_decode_sweep_config_matches_reference(config):
     """Every decode tile config the GPU sweep times, on a decode step of the bench's group,
     page size and dtype (contexts of several blocks a split, a partial last page)."""
