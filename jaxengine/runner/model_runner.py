@@ -164,11 +164,13 @@ class ModelRunner:
                                   for k, v in self.penalty_state.items()}
         self._free_slots = list(range(self.num_slots - 1))
         # Host rows per slot, written when a request takes the slot: its page table (new pages
-        # appended as they come; tables only grow while a request holds its slot) and its
+        # appended as they come: a table only grows while its request holds the slot; a row that
+        # finds another table object than the one it copied is rewritten whole) and its
         # sampling knobs (fixed per request).  A step gathers its requests' rows in one fancy index
         # instead of copying each table and reading each knob every step (host time per step).
         self._slot_pages = np.zeros((self.num_slots, self.pages_per_seq), np.int32)
         self._slot_num_pages = [0] * self.num_slots
+        self._slot_tables: list[list[int] | None] = [None] * self.num_slots  # the table each row copies
         self._slot_samp = {k: v.repeat(self.num_slots) for k, v in _SLOT_SAMPLING_DEFAULTS.items()}
         self._slot_full = np.zeros((self.num_slots,), np.bool_)  # needs the FULL sampler
         self._slot_penalties = np.zeros((self.num_slots,), np.bool_)
@@ -371,8 +373,7 @@ class ModelRunner:
         if slot is None:
             slot = self._free_slots.pop()
             self._slots[seq.request_id] = slot
-            self._slot_pages[slot] = 0
-            self._slot_num_pages[slot] = 0
+            self._slot_tables[slot] = None  # its page row is rewritten from the request's table
             p = seq.params
             penalties = uses_penalties(p)
             row = self._slot_samp
@@ -417,7 +418,7 @@ class ModelRunner:
         kv_lens: list[int] = []
         cu: list[int] = []
         pos = 0
-        slot_pages, slot_num_pages = self._slot_pages, self._slot_num_pages
+        slot_pages, slot_num_pages, slot_tables = self._slot_pages, self._slot_num_pages, self._slot_tables
         for seq in seqs:
             n = len(seq.token_ids)
             table = seq.page_table
@@ -435,7 +436,12 @@ class ModelRunner:
             if seq.token_ids[-1] == PENDING_TOKEN:  # sampled by the step in flight
                 pending_rows.append(pos + n - 1)
             have = slot_num_pages[slot]
-            if len(table) != have:  # pages added since the slot's row was last written
+            if slot_tables[slot] is not table:  # another table than the row holds: write it all
+                slot_pages[slot] = 0
+                slot_pages[slot, :len(table)] = table
+                slot_tables[slot] = table
+                slot_num_pages[slot] = len(table)
+            elif len(table) != have:  # pages added since the slot's row was last written
                 slot_pages[slot, have:len(table)] = table[have:]
                 slot_num_pages[slot] = len(table)
             pos += n
