@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pytest
 
 import jaxengine
@@ -70,6 +71,13 @@ def test_logprobs_list_the_sampled_and_top_tokens(llm):
     for tok, entry in zip(c.token_ids, c.logprobs):
         assert tok in entry and entry[tok].rank == 1 and len(entry) == 3
         assert entry[tok].decoded_token is not None
+        # real log-probabilities (read back as float32 bits beside the int32 ids): <= 0, best first,
+        # the greedy token the most likely, a distribution's worth at most
+        by_rank = sorted(entry.values(), key=lambda lp: lp.rank)
+        assert [lp.rank for lp in by_rank] == [1, 2, 3]
+        assert all(-50 < lp.logprob <= 0 for lp in by_rank)
+        assert by_rank[0].logprob >= by_rank[1].logprob >= by_rank[2].logprob
+        assert sum(np.exp(lp.logprob) for lp in by_rank) <= 1 + 1e-5
     assert c.cumulative_logprob == pytest.approx(sum(e[t].logprob for t, e in zip(c.token_ids, c.logprobs)),
                                                  abs=1e-4)
 
