@@ -375,7 +375,6 @@ class ModelRunner:
         if slot is None:
             slot = self._free_slots.pop()
             self._slots[seq.request_id] = slot
-            self._slot_tables[slot] = None  # its page row is rewritten from the request's table
             p = seq.params
             penalties = uses_penalties(p)
             row = self._slot_samp

@@ -117,8 +117,8 @@ def _kernel(
         # (S = num_splits), its full ones first, then its masked ones before and after them.
         # Round robin rather than equal contiguous shares: without a window a split's first block
         # is s, known before kv_len is, so its page-table read does not wait for the kv_lens read.
-        def count_below(x):  # the split's blocks below block x: #{i >= 0 : s + i * S < x}
-            return lax.div(jnp.maximum(x - split, 0) + num_splits - 1, num_splits)
+        def count_below(x):
+            return split_blocks_below(x, split, num_splits)
 
         i_lo, i_hi = count_below(full_lo), count_below(full_hi)
         num_lead = i_lo
@@ -226,6 +226,12 @@ def _kernel(
         acc, m_i, l_i = lax.fori_loop(0, num_masked, masked_body, carry)
 
         store_output(o_ref, lse_ref, acc, m_i, l_i, q_row, col, row_valid, split, rows_per_split, num_splits)
+
+
+def split_blocks_below(x, split, num_splits: int):
+    """How many of a kv split's blocks (round robin: split, split + num_splits, ...) lie below
+    block x: #{i >= 0 : split + i * num_splits < x}.  Shared by the ragged and the decode kernel."""
+    return lax.div(jnp.maximum(x - split, 0) + num_splits - 1, num_splits)
 
 
 def store_output(o_ref, lse_ref, acc, m_i, l_i, row, col, row_valid, split, rows_per_split: int,

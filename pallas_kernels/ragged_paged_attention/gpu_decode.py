@@ -25,7 +25,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from .decode import composite
-from .gpu import _DEFAULT_NUM_SMS, _LOG2E, _next_pow2, combine, kv_splits, ragged_paged_attention, store_output
+from .gpu import (_DEFAULT_NUM_SMS, _LOG2E, _next_pow2, combine, kv_splits, ragged_paged_attention,
+                  split_blocks_below, store_output)
 
 
 def _decode_kernel(
@@ -80,7 +81,7 @@ def _decode_kernel(
     # first block is then known from the program id alone (no window), so the page-table read
     # for it is issued at once, beside the kv_lens read, not after it: at short contexts (one
     # block a split) that is one memory latency off the kernel's critical path.
-    num_iters = lax.div(jnp.maximum(num_blocks - split, 0) + num_splits - 1, num_splits)
+    num_iters = split_blocks_below(num_blocks, split, num_splits)
 
     # Rotary embedding, rotate-half layout, in float32 then rounded to the input dtype as the
     # unfused path does: out[c] = x[c] cos - x[c + half] sin (c < half), x[c] cos + x[c - half] sin.
