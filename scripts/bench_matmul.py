@@ -1,7 +1,7 @@
 """Benchmark the fused decode matmuls against XLA on the local accelerator; prints a table, writes JSON.
 
     python scripts/bench_matmul.py --out bench_matmul.json [--models llama-8b,llama-1b]
-        [--rows 1,8,16,32,64] [--sweep]
+        [--rows 1,8,16,32,64] [--sweep] [--plain]
 
 For each model shape and row count (the token bucket of a decode step) and each of a layer's four
 matmul groups (q/k/v with the input RMSNorm; gate/up with the post-attention RMSNorm and SwiGLU;
@@ -12,6 +12,10 @@ copies (>= 512 MiB) that nothing is served from L2, as in a real model, repeated
 >= 6 GiB have moved (see `timed`).  "bytes" = the weights plus
 x, residual and output, once; the fraction is against the copy bandwidth measured in the same run
 (bench_latency.measure_ceilings: best of XLA's and torch's copy).
+
+--plain times the engine's four decode GEMMs as plain x @ w.T (q/k/v and gate/up as one weight
+each, the fused layout) with XLA against the Mosaic GPU kernel of pallas_kernels/decode_matmul
+(TMA + wgmma), --sweep its tile_k / splits / stages.
 """
 
 from __future__ import annotations
@@ -53,8 +57,20 @@ def ops_for(shape):
     }
 
 
+def plain_ops_for(shape):
+    """--plain: the engine's four decode GEMMs as it runs them (fused layout), x @ w.T alone."""
+    h, f, q, kv = shape["h"], shape["f"], shape["q"], shape["kv"]
+    return {"qkv": ([(q + 2 * kv, h)], h, "plain"), "gate_up": ([(2 * f, h)], h, "plain"),
+            "o": ([(h, q)], q, "plain"), "down": ([(h, f)], f, "plain")}
+
+
 def make_call(kind, impl, cfg=None):
     cfg = cfg or {}
+    if kind == "plain":
+        if impl == "xla":
+            return lambda x, g, ws, r: jnp.einsum("mk,nk->mn", x, ws[0])
+        from jaxengine.pallas_kernels.decode_matmul import gpu as mgpu
+        return lambda x, g, ws, r: mgpu.decode_matmul(x, ws[0], **cfg)
     if kind == "norm_linear":
         if impl == "xla":
             return lambda x, g, ws, r: reference.norm_linear(x, g, EPS, ws)
@@ -99,6 +115,12 @@ def sweep_configs(kind):
         yield dict(block_n=bn, block_k=bk, num_warps=w, num_stages=st)
 
 
+def plain_sweep_configs(k):
+    for tk, sp, st in itertools.product((128, 256), (1, 2, 4), (4, 6)):
+        if k % (tk * sp) == 0:
+            yield dict(tile_k=tk, splits=sp, stages=st)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench_matmul.json")
@@ -108,6 +130,9 @@ def main():
     ap.add_argument("--sweep-rows", default="8,64", help="row counts the sweep runs at")
     ap.add_argument("--ops", default=None, help="comma-separated subset of the ops (default: all)")
     ap.add_argument("--min-gib", type=float, default=6.0, help="bytes moved per timed jit call")
+    ap.add_argument("--plain", action="store_true",
+                    help="the four plain decode GEMMs: XLA against the Mosaic GPU decode_matmul "
+                         "(pallas_kernels/decode_matmul) instead of the fused Triton kernels")
     args = ap.parse_args()
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from bench_latency import measure_ceilings
@@ -130,7 +155,8 @@ def main():
     sweep_rows = {int(v) for v in args.sweep_rows.split(",")}
     for model in args.models.split(","):
         shape = MODELS[model]
-        for name, (wshapes, k, kind) in ops_for(shape).items():
+        ops = plain_ops_for(shape) if args.plain else ops_for(shape)
+        for name, (wshapes, k, kind) in ops.items():
             if args.ops and name not in args.ops.split(","):
                 continue
             wbytes = sum(a * b for a, b in wshapes) * 2
@@ -143,16 +169,16 @@ def main():
                 n_out = wshapes[0][0] if kind != "norm_linear" else sum(s[0] for s in wshapes)
                 r = jax.random.normal(jax.random.fold_in(key, m + 1), (m, wshapes[0][0]), DTYPE)
                 bytes_ = wbytes + 2 * m * (k + n_out + (n_out if kind == "residual" else 0))
-                variants = [("xla", None), ("pallas", None)]
+                kernel = "mgpu" if kind == "plain" else "pallas"
+                variants = [("xla", None), (kernel, None)]
                 if args.sweep and m in sweep_rows:
-                    variants += [("pallas", c) for c in sweep_configs(kind)]
+                    configs = plain_sweep_configs(k) if kind == "plain" else sweep_configs(kind)
+                    variants += [(kernel, c) for c in configs]
                 want = None
                 best = None
                 for impl, cfg in variants:
                     row = dict(model=model, rows=m, op=name, impl=impl, bytes=bytes_,
-                               config=cfg or (gpu.default_config(m, [s[0] for s in wshapes], k,
-                                                                 gate_up=kind == "gate_up")
-                                              if impl == "pallas" else None),
+                               config=cfg or _default_config(impl, kind, m, wshapes, k),
                                default=cfg is None)
                     try:
                         call = make_call(kind, impl, cfg)
@@ -174,7 +200,7 @@ def main():
                     if cfg is not None and "error" not in row and (best is None or row["time_us"] < best["time_us"]):
                         best = row
                 if best is not None:
-                    best = dict(best, impl="pallas-best")
+                    best = dict(best, impl=f"{kernel}-best")
                     rows_out.append(best)
                     _print(best)
                 save()
@@ -182,12 +208,21 @@ def main():
     save()
 
 
+def _default_config(impl, kind, m, wshapes, k):
+    if impl == "pallas":
+        return gpu.default_config(m, [s[0] for s in wshapes], k, gate_up=kind == "gate_up")
+    if impl == "mgpu":
+        from jaxengine.pallas_kernels.decode_matmul import gpu as mgpu
+        return mgpu.default_config(m, wshapes[0][0], k)
+    return None
+
+
 def _print(r):
     if "error" in r:
         print(f"| {r['model']} | {r['rows']} | {r['op']} | {r['impl']} | {r['config']} | ERROR "
               f"{r['error'][:100]} |", flush=True)
         return
-    cfg = "-" if not r["config"] else ",".join(f"{k[6:] if k.startswith('block_') else k[4:]}"
+    cfg = "-" if not r["config"] else ",".join(f"{k[6:] if k.startswith('block_') else k[4:] if k.startswith('num_') else k}"
                                                f"={v}" for k, v in r["config"].items())
     print(f"| {r['model']} | {r['rows']} | {r['op']} | {r['impl']} | {cfg} | {r['time_us']:.1f} | "
           f"{r['bytes_per_s'] / 1e12:.2f} | {r['hbm_frac'] * 100:.0f}% |", flush=True)

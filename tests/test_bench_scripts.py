@@ -62,6 +62,29 @@ def test_bench_matmul_times_the_same_computation_both_ways():
         assert len(list(bm.sweep_configs(kind))) > 10
 
 
+def test_bench_matmul_plain_gemms_are_the_same_both_ways():
+    """--plain: XLA's einsum and the Mosaic GPU decode_matmul compute one thing per GEMM (Mosaic
+    GPU's interpreter on CPU), and the sweep only names configs that tile K."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import bench_matmul as bm
+
+    key = jax.random.key(2)
+    ops = bm.plain_ops_for(bm.MODELS["tiny"])
+    assert set(ops) == {"qkv", "gate_up", "o", "down"}
+    for name, (wshapes, k, kind) in ops.items():
+        ws = [jax.random.normal(jax.random.fold_in(key, 7), wshapes[0], jnp.bfloat16) * 0.1]
+        x = jax.random.normal(key, (3, k), jnp.bfloat16)
+        want = bm.make_call(kind, "xla")(x, None, ws, None)
+        got = bm.make_call(kind, "mgpu", dict(tile_k=64, splits=1, stages=2))(x, None, ws, None)
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                                   rtol=2e-2, atol=2e-2, err_msg=name)
+    configs = list(bm.plain_sweep_configs(4096))
+    assert len(configs) >= 8 and all(4096 % (c["tile_k"] * c["splits"]) == 0 for c in configs)
+
+
 def test_a_multi_step_dispatch_is_logged_as_its_decode_iterations(tmp_path):
     """num_scheduler_steps=K: one dispatch runs K decode iterations, and the roofline counts K steps."""
     with open(tmp_path / "config.json", "w") as f:

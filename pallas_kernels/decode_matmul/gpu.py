@@ -1,0 +1,139 @@
+"""Weight-streaming matmul for decode-sized steps on Hopper: a Pallas Mosaic GPU kernel (TMA +
+wgmma), y = x @ w.T with x [M, K] (M small: the step's token rows) and w [N, K] (the model's
+[out, in] weight, K contiguous).
+
+Why not XLA's GEMM: at M = 1-64 a decode GEMM only streams the weight; XLA's Triton GEMMs read the
+H100/H200's q/k/v and o weights at about half the copy rate and split K with a reduction kernel of
+their own (BENCHMARKS.md, "Where the time goes").  Pallas-Triton kernels gather through pointer
+tensors and stayed at 2.0-2.3 TB/s (fused_matmul/NOTES.md); TMA copies whole tiles with no
+address arithmetic per element.
+
+Decomposition ("swap AB"): wgmma's M side is 64, so the weight is the A operand, a [64, tile_k]
+tile of 64 output features, and x^T the B operand, [tile_k, m_pad] with m_pad the token rows
+padded to a multiple of 8 (wgmma's N takes 8-256), so a batch-1 step reads an 8-row x tile, not a
+64-row one.  A CTA owns 64 output features and one of `splits` equal K ranges; it streams its
+weight tiles through a `stages`-deep TMA ring (plgpu.emit_pipeline) and accumulates y^T [64,
+m_pad] in registers.  splits > 1 (split-K, so that N / 64 x splits fills the SMs) writes float32
+partials that one XLA fusion sums; the output is stored transposed ([N, m_pad]) and XLA's slice +
+transpose back is fused with that sum (or is a bitcast at m = 1).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+# H100 / H200 SXM: 132 SMs.  Used to pick splits (how many CTAs fill the chip).
+_DEFAULT_NUM_SMS = 132
+TILE_N = 64  # wgmma's M: output features a CTA owns
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def default_config(m: int, n: int, k: int, num_sms: int = _DEFAULT_NUM_SMS) -> dict:
+    """tile_k, splits and stages for x [m, k] @ w[n, k].T: the split count (dividing the K steps)
+    whose CTA count n / 64 x splits wastes the least of the last wave, fewest splits on ties."""
+    tile_k = 128 if k % 128 == 0 else 64
+    k_steps = k // tile_k
+    n_tiles = n // TILE_N
+
+    def waste(s):
+        ctas = n_tiles * s
+        return (-ctas % num_sms) / (ctas + (-ctas % num_sms))
+
+    splits = min((s for s in range(1, 9) if k_steps % s == 0), key=lambda s: (round(waste(s), 2), s))
+    return dict(tile_k=tile_k, splits=splits, stages=4)
+
+
+def _check(m, n, k, tile_k, splits):
+    if n % TILE_N:
+        raise ValueError(f"decode_matmul: N ({n}) must be a multiple of {TILE_N}")
+    if tile_k % 64 or k % (tile_k * splits):
+        raise ValueError(f"decode_matmul: K ({k}) must be a multiple of tile_k ({tile_k}, a "
+                         f"multiple of 64) x splits ({splits})")
+    if not 1 <= m <= 256:
+        raise ValueError(f"decode_matmul: M ({m}) must be 1-256 (decode-sized)")
+
+
+@functools.partial(jax.jit, static_argnames=("tile_k", "splits", "stages", "interpret"))
+def _decode_matmul(x, w, *, tile_k: int, splits: int, stages: int, interpret: bool):
+    m, k = x.shape
+    n = w.shape[0]
+    m_pad = _round_up(m, 8)
+    if m_pad != m:
+        x = jnp.pad(x, [(0, m_pad - m), (0, 0)])
+    k_steps = k // tile_k // splits
+    swizzle = plgpu.find_swizzle(64 * jnp.dtype(w.dtype).itemsize * 8)  # 128 B rows of 64 bf16
+    transforms = (plgpu.TilingTransform((8, swizzle // jnp.dtype(w.dtype).itemsize)),
+                  plgpu.SwizzleTransform(swizzle))
+    part_dtype = x.dtype if splits == 1 else jnp.float32
+
+    def body(w_gmem, x_gmem, o_gmem):
+        n_idx = lax.axis_index("n")
+        s_idx = lax.axis_index("s")
+        k0 = s_idx * k_steps
+
+        def acc_scope(acc_ref):
+            def step(_, w_smem, x_smem):
+                plgpu.wgmma(acc_ref, w_smem, x_smem.T)  # [64, tile_k] @ [tile_k, m_pad]
+                plgpu.wgmma_wait(1)  # one wgmma in flight; its stage is released a step late
+
+            plgpu.emit_pipeline(
+                step, grid=(k_steps,),
+                in_specs=[
+                    plgpu.BlockSpec((TILE_N, tile_k), lambda i: (n_idx, k0 + i),
+                                    transforms=transforms, delay_release=1),
+                    plgpu.BlockSpec((m_pad, tile_k), lambda i: (0, k0 + i),
+                                    transforms=transforms, delay_release=1),
+                ],
+                max_concurrent_steps=stages,
+            )(w_gmem, x_gmem)
+            return acc_ref[...]
+
+        acc = pl.run_scoped(acc_scope, plgpu.ACC((TILE_N, m_pad), jnp.float32))
+
+        @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((TILE_N, m_pad), part_dtype))
+        def _store(o_smem):
+            o_smem[...] = acc.astype(part_dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[s_idx, pl.ds(n_idx * TILE_N, TILE_N)])
+            plgpu.wait_smem_to_gmem(0)
+
+    kernel = plgpu.kernel(
+        body, out_type=jax.ShapeDtypeStruct((splits, n, m_pad), part_dtype),
+        grid=(n // TILE_N, splits), grid_names=("n", "s"),
+        interpret=plgpu.InterpretGPUParams() if interpret else None,
+    )
+    parts = kernel(w, x)
+    out = parts[0] if splits == 1 else parts.sum(0)
+    return out[:, :m].T.astype(x.dtype)
+
+
+def decode_matmul(x: jax.Array, w: jax.Array, *, tile_k: int | None = None,
+                  splits: int | None = None, stages: int | None = None,
+                  interpret: bool | None = None) -> jax.Array:
+    """x [M, K] @ w[N, K].T -> [M, N] in x's dtype (float32 accumulation).  x and w bf16 or f16;
+    N a multiple of 64, K of 64.  Tuning keywords override `default_config`.  `interpret`
+    defaults to True on the CPU backend (Mosaic GPU's interpreter: tests)."""
+    m, k = x.shape
+    n, k2 = w.shape
+    if k != k2:
+        raise ValueError(f"decode_matmul: x has K = {k}, w has K = {k2}")
+    if x.dtype != w.dtype or x.dtype not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(f"decode_matmul: x and w must both be bfloat16 or float16, got {x.dtype} "
+                         f"and {w.dtype}")
+    cfg = default_config(m, n, k)
+    for key, value in (("tile_k", tile_k), ("splits", splits), ("stages", stages)):
+        if value is not None:
+            cfg[key] = value
+    _check(m, n, k, cfg["tile_k"], cfg["splits"])
+    if interpret is None:
+        interpret = jax.default_backend() == "cpu"
+    return _decode_matmul(x, w, interpret=bool(interpret), **cfg)
