@@ -84,10 +84,9 @@ def make_call(kind, impl, cfg=None):
     return lambda x, g, ws, r: gpu.linear_residual(x, ws[0], r, **cfg)
 
 
-def timed(call, x, g, copies, r, repeats=5, min_bytes=6 << 30, bytes_per_call=1):
-    """Median device seconds per call: the calls cycle over the distinct weight copies, repeated
-    inside one jit until >= min_bytes move, so the host's dispatch of the jit (hundreds of us with
-    many arguments) is a small part of what is timed."""
+def _loop(call, copies, min_bytes, bytes_per_call):
+    """(jitted loop, calls per loop): the calls cycle over the distinct weight copies, repeated
+    inside one jit until >= min_bytes move."""
     reps = max(1, -(-min_bytes // (bytes_per_call * len(copies))))
 
     def loop(x, g, copies, r):
@@ -100,14 +99,43 @@ def timed(call, x, g, copies, r, repeats=5, min_bytes=6 << 30, bytes_per_call=1)
             xr = x + (dep * 0).astype(x.dtype)
             outs.append([call(xr, g, ws, r) for ws in copies])
         return outs
-    loop = jax.jit(loop)
+    return jax.jit(loop), reps * len(copies)
+
+
+def timed(call, x, g, copies, r, repeats=5, min_bytes=6 << 30, bytes_per_call=1):
+    """Median seconds per call, host-timed over one jit of many chained calls, so the host's
+    dispatch of the jit (hundreds of us with many arguments) is a small part of what is timed;
+    each call's dependency ops and the gaps between kernels are in it."""
+    loop, calls = _loop(call, copies, min_bytes, bytes_per_call)
     jax.block_until_ready(loop(x, g, copies, r))
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         jax.block_until_ready(loop(x, g, copies, r))
-        times.append((time.perf_counter() - t0) / (reps * len(copies)))
+        times.append((time.perf_counter() - t0) / calls)
     return statistics.median(times)
+
+
+def device_kernels(call, x, g, copies, r, min_bytes=1 << 30, bytes_per_call=1):
+    """Device kernels of one call, from a jax.profiler trace of the chained loop: [(name, us per
+    call)], biggest first, less the dependency kernels (the same loop around the identity)."""
+    import tempfile
+
+    from bench_forward import kernel_table
+
+    def table(f):
+        loop, calls = _loop(f, copies, min_bytes, bytes_per_call)
+        jax.block_until_ready(loop(x, g, copies, r))
+        with tempfile.TemporaryDirectory() as d:
+            with jax.profiler.trace(d):
+                jax.block_until_ready(loop(x, g, copies, r))
+            return {row["kernel"]: row["us_per_step"] for row in kernel_table(d, calls)}
+
+    harness = table(lambda x, g, ws, r: x[:, :ws[0].shape[0]] if x.shape[1] >= ws[0].shape[0]
+                    else jnp.pad(x, [(0, 0), (0, ws[0].shape[0] - x.shape[1])]))
+    got = table(call)
+    rows = [(k, us - harness.get(k, 0.0)) for k, us in got.items()]
+    return sorted([row for row in rows if row[1] > 0.05], key=lambda row: -row[1])
 
 
 def sweep_configs(kind):
@@ -115,10 +143,13 @@ def sweep_configs(kind):
         yield dict(block_n=bn, block_k=bk, num_warps=w, num_stages=st)
 
 
-def plain_sweep_configs(k):
-    for tk, sp, st in itertools.product((128, 256), (1, 2, 4), (4, 6)):
-        if k % (tk * sp) == 0:
-            yield dict(tile_k=tk, splits=sp, stages=st)
+def plain_sweep_configs(k, m=64):
+    """(tile_k, stages) x splits x warp specialisation, within ~200 KiB of shared memory (a stage
+    holds a [64, tile_k] weight tile and an [m padded to 8, tile_k] x tile)."""
+    for (tk, st), sp, ws in itertools.product(((128, 4), (128, 8), (256, 4), (256, 6)), (1, 2, 4),
+                                              (False, True)):
+        if k % (tk * sp) == 0 and st * (64 + -(-m // 8) * 8) * tk * 2 <= 200 << 10:
+            yield dict(tile_k=tk, splits=sp, stages=st, warp_specialized=ws)
 
 
 def main():
@@ -130,6 +161,9 @@ def main():
     ap.add_argument("--sweep-rows", default="8,64", help="row counts the sweep runs at")
     ap.add_argument("--ops", default=None, help="comma-separated subset of the ops (default: all)")
     ap.add_argument("--min-gib", type=float, default=6.0, help="bytes moved per timed jit call")
+    ap.add_argument("--device-time", action="store_true",
+                    help="also each call's device kernels (jax.profiler trace, dependency ops "
+                         "subtracted): kernel-only time, no launch gaps")
     ap.add_argument("--plain", action="store_true",
                     help="the four plain decode GEMMs: XLA against the Mosaic GPU decode_matmul "
                          "(pallas_kernels/decode_matmul) instead of the fused Triton kernels")
@@ -172,7 +206,7 @@ def main():
                 kernel = "mgpu" if kind == "plain" else "pallas"
                 variants = [("xla", None), (kernel, None)]
                 if args.sweep and m in sweep_rows:
-                    configs = plain_sweep_configs(k) if kind == "plain" else sweep_configs(kind)
+                    configs = plain_sweep_configs(k, m) if kind == "plain" else sweep_configs(kind)
                     variants += [(kernel, c) for c in configs]
                 want = None
                 best = None
@@ -191,6 +225,12 @@ def main():
                             row["rel_err"] = float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
                         t = timed(call, x, g, copies, r, bytes_per_call=bytes_, min_bytes=int(args.min_gib * 2**30))
                         row.update(time_us=t * 1e6, bytes_per_s=bytes_ / t, hbm_frac=bytes_ / t / hbm)
+                        if args.device_time:
+                            kernels = device_kernels(call, x, g, copies, r, bytes_per_call=bytes_)
+                            dev_us = sum(us for _, us in kernels)
+                            if dev_us > 0:  # no device kernels in a CPU trace
+                                row.update(device_us=dev_us, device_frac=bytes_ / (dev_us * 1e-6) / hbm,
+                                           kernels=[(k[:60], round(us, 2)) for k, us in kernels[:4]])
                     except Exception as e:  # one failing config must not end the run
                         row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
                         if cfg is None:
@@ -224,8 +264,12 @@ def _print(r):
         return
     cfg = "-" if not r["config"] else ",".join(f"{k[6:] if k.startswith('block_') else k[4:] if k.startswith('num_') else k}"
                                                f"={v}" for k, v in r["config"].items())
+    dev = ""
+    if "device_us" in r:
+        dev = (f" device {r['device_us']:.1f} us ({r['device_frac'] * 100:.0f}%): "
+               + ", ".join(f"{k} {us}" for k, us in r["kernels"]) + " |")
     print(f"| {r['model']} | {r['rows']} | {r['op']} | {r['impl']} | {cfg} | {r['time_us']:.1f} | "
-          f"{r['bytes_per_s'] / 1e12:.2f} | {r['hbm_frac'] * 100:.0f}% |", flush=True)
+          f"{r['bytes_per_s'] / 1e12:.2f} | {r['hbm_frac'] * 100:.0f}% |{dev}", flush=True)
 
 
 if __name__ == "__main__":

@@ -36,8 +36,8 @@
 #               (--quick --decode-only --device-time) and bench_forward 1B/8B b1/b64, with this checkout,
 #               then with the install at $OLD_SITE (an A/B of two commits)                        ~7 min
 #   xlaflags    bench_forward 1B/8B b1/b64 under XLA_FLAGS: default, PDL on, PDL off (on one machine)  ~1 min
-#   mgpumm      compiled decode_matmul tests, then bench_matmul --plain: the four decode GEMMs, XLA
-#               against the Mosaic GPU decode_matmul, 8B sweep at 1 and 64 rows, 1B defaults     ~6 min
+#   mgpumm      compiled decode_matmul tests, then bench_matmul --plain --device-time: the four 8B
+#               decode GEMMs, XLA against the Mosaic GPU decode_matmul and a config sweep       ~9 min
 #   hf-static   Hugging Face static-cache generate(), 8B batch 1 and 64 (long compile)            ~8 min
 #   hf-eager    Hugging Face eager generate(), 1B and 8B, batch 1 and 64                          ~2 min
 # Everything is also runnable by hand: each part is one or two commands below.
@@ -150,12 +150,12 @@ for part in "$@"; do
     mgpumm)
       (cd tests && timeout 120 python3 -m pytest -q test_decode_matmul.py -rf --tb=short > "$OUT/mgpumm_tests.log" 2>&1
        grep -E "^E |passed|failed|^FAILED" "$OUT/mgpumm_tests.log" | head -20)
-      timeout 330 python3 scripts/bench_matmul.py --plain --models llama-8b --rows 1,8,64 --sweep --sweep-rows 1,64 \
-        --min-gib 2 --out "$OUT/matmul_plain_8b.json" > "$OUT/matmul_plain_8b.log" 2>&1
-      grep -E "^\||device|Error" "$OUT/matmul_plain_8b.log" | head -120
-      timeout 120 python3 scripts/bench_matmul.py --plain --models llama-1b --rows 1,64 --min-gib 2 \
-        --out "$OUT/matmul_plain_1b.json" > "$OUT/matmul_plain_1b.log" 2>&1
-      grep -E "^\||Error" "$OUT/matmul_plain_1b.log" | head -30 ;;
+      timeout 250 python3 scripts/bench_matmul.py --plain --models llama-8b --ops qkv,o --rows 1,64 --sweep \
+        --sweep-rows 1,64 --device-time --min-gib 1 --out "$OUT/matmul_plain_qkv_o.json" > "$OUT/matmul_plain_qkv_o.log" 2>&1
+      grep -E "^\||device:|Error" "$OUT/matmul_plain_qkv_o.log" | head -90
+      timeout 170 python3 scripts/bench_matmul.py --plain --models llama-8b --ops gate_up,down --rows 1,64 --sweep \
+        --sweep-rows 64 --device-time --min-gib 1 --out "$OUT/matmul_plain_gu_down.json" > "$OUT/matmul_plain_gu_down.log" 2>&1
+      grep -E "^\||Error" "$OUT/matmul_plain_gu_down.log" | head -60 ;;
     decodesweep)
       timeout 200 python3 scripts/bench_attention.py --decode-sweep --device-time --out "$OUT/decode_sweep.json" \
         > "$OUT/decode_sweep.log" 2>&1; grep -E "^\||device" "$OUT/decode_sweep.log" | head -50 ;;

@@ -26,6 +26,8 @@ if BACKEND == "gpu" and "H100" not in jax.devices()[0].device_kind and "H200" no
     (13, 256, 256, dict(tile_k=64, splits=4, stages=2)),
     (64, 128, 1024, dict(tile_k=256, splits=2, stages=2)),
     (37, 64, 128, dict(tile_k=128, splits=1, stages=4)),
+    (3, 128, 512, dict(tile_k=128, splits=2, stages=3, warp_specialized=True)),
+    (64, 64, 256, dict(tile_k=64, splits=1, stages=2, warp_specialized=True)),
 ])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "f16"])
 def test_kernel_matches_reference(m, n, k, cfg, dtype):

@@ -49,7 +49,7 @@ def default_config(m: int, n: int, k: int, num_sms: int = _DEFAULT_NUM_SMS) -> d
         return (-ctas % num_sms) / (ctas + (-ctas % num_sms))
 
     splits = min((s for s in range(1, 9) if k_steps % s == 0), key=lambda s: (round(waste(s), 2), s))
-    return dict(tile_k=tile_k, splits=splits, stages=4)
+    return dict(tile_k=tile_k, splits=splits, stages=4, warp_specialized=False)
 
 
 def _check(m, n, k, tile_k, splits):
@@ -62,8 +62,10 @@ def _check(m, n, k, tile_k, splits):
         raise ValueError(f"decode_matmul: M ({m}) must be 1-256 (decode-sized)")
 
 
-@functools.partial(jax.jit, static_argnames=("tile_k", "splits", "stages", "interpret"))
-def _decode_matmul(x, w, *, tile_k: int, splits: int, stages: int, interpret: bool):
+@functools.partial(jax.jit, static_argnames=("tile_k", "splits", "stages", "warp_specialized",
+                                             "interpret"))
+def _decode_matmul(x, w, *, tile_k: int, splits: int, stages: int, warp_specialized: bool,
+                   interpret: bool):
     m, k = x.shape
     n = w.shape[0]
     m_pad = _round_up(m, 8)
@@ -74,6 +76,50 @@ def _decode_matmul(x, w, *, tile_k: int, splits: int, stages: int, interpret: bo
     transforms = (plgpu.TilingTransform((8, swizzle // jnp.dtype(w.dtype).itemsize)),
                   plgpu.SwizzleTransform(swizzle))
     part_dtype = x.dtype if splits == 1 else jnp.float32
+    in_specs = lambda n_idx, k0: [  # noqa: E731
+        plgpu.BlockSpec((TILE_N, tile_k), lambda i: (n_idx, k0 + i), transforms=transforms,
+                        delay_release=0 if warp_specialized else 1),
+        plgpu.BlockSpec((m_pad, tile_k), lambda i: (0, k0 + i), transforms=transforms,
+                        delay_release=0 if warp_specialized else 1),
+    ]
+
+    def store(acc, o_smem, o_gmem, n_idx, s_idx):
+        o_smem[...] = acc.astype(part_dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[s_idx, pl.ds(n_idx * TILE_N, TILE_N)])
+        plgpu.wait_smem_to_gmem(0)
+
+    def body_ws(w_gmem, x_gmem, o_gmem):
+        # A memory warpgroup issues the TMA ring; one compute warpgroup runs the wgmmas.
+        n_idx = lax.axis_index("n")
+        s_idx = lax.axis_index("s")
+
+        def mma(_, w_smem, x_smem, acc_ref):
+            plgpu.wgmma(acc_ref, w_smem, x_smem.T)
+            plgpu.wgmma_wait(0)
+            return acc_ref
+
+        def pipeline(step, context):
+            return plgpu.emit_pipeline_warp_specialized(
+                step, grid=(k_steps,), memory_registers=40, in_specs=in_specs(n_idx, s_idx * k_steps),
+                wg_axis="wg", num_compute_wgs=1, max_concurrent_steps=stages,
+                compute_context=context)
+
+        ignore = lambda *_, **__: None  # noqa: E731
+
+        @functools.partial(
+            pl.run_scoped,
+            allocs=pipeline(ignore, ignore).get_allocations(w_gmem, x_gmem),
+            o_smem=plgpu.SMEM((TILE_N, m_pad), part_dtype),
+            collective_axes="wg")
+        def _scope(allocs, o_smem):
+            def context(eval_pipeline):
+                @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((TILE_N, m_pad), jnp.float32))
+                def _acc(acc_ref):
+                    eval_pipeline(acc_ref)
+                    store(acc_ref[...], o_smem, o_gmem, n_idx, s_idx)
+
+            pipeline(mma, context)(w_gmem, x_gmem, allocations=allocs)
 
     def body(w_gmem, x_gmem, o_gmem):
         n_idx = lax.axis_index("n")
@@ -85,31 +131,21 @@ def _decode_matmul(x, w, *, tile_k: int, splits: int, stages: int, interpret: bo
                 plgpu.wgmma(acc_ref, w_smem, x_smem.T)  # [64, tile_k] @ [tile_k, m_pad]
                 plgpu.wgmma_wait(1)  # one wgmma in flight; its stage is released a step late
 
-            plgpu.emit_pipeline(
-                step, grid=(k_steps,),
-                in_specs=[
-                    plgpu.BlockSpec((TILE_N, tile_k), lambda i: (n_idx, k0 + i),
-                                    transforms=transforms, delay_release=1),
-                    plgpu.BlockSpec((m_pad, tile_k), lambda i: (0, k0 + i),
-                                    transforms=transforms, delay_release=1),
-                ],
-                max_concurrent_steps=stages,
-            )(w_gmem, x_gmem)
+            plgpu.emit_pipeline(step, grid=(k_steps,), in_specs=in_specs(n_idx, k0),
+                                max_concurrent_steps=stages)(w_gmem, x_gmem)
             return acc_ref[...]
 
         acc = pl.run_scoped(acc_scope, plgpu.ACC((TILE_N, m_pad), jnp.float32))
 
-        @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((TILE_N, m_pad), part_dtype))
-        def _store(o_smem):
-            o_smem[...] = acc.astype(part_dtype)
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[s_idx, pl.ds(n_idx * TILE_N, TILE_N)])
-            plgpu.wait_smem_to_gmem(0)
+        pl.run_scoped(functools.partial(store, acc, o_gmem=o_gmem, n_idx=n_idx, s_idx=s_idx),
+                      plgpu.SMEM((TILE_N, m_pad), part_dtype))
 
+    ws = dict(num_threads=2, thread_name="wg") if warp_specialized else {}
     kernel = plgpu.kernel(
-        body, out_type=jax.ShapeDtypeStruct((splits, n, m_pad), part_dtype),
+        body_ws if warp_specialized else body,
+        out_type=jax.ShapeDtypeStruct((splits, n, m_pad), part_dtype),
         grid=(n // TILE_N, splits), grid_names=("n", "s"),
-        interpret=plgpu.InterpretGPUParams() if interpret else None,
+        interpret=plgpu.InterpretGPUParams() if interpret else None, **ws,
     )
     parts = kernel(w, x)
     out = parts[0] if splits == 1 else parts.sum(0)
@@ -118,9 +154,10 @@ def _decode_matmul(x, w, *, tile_k: int, splits: int, stages: int, interpret: bo
 
 def decode_matmul(x: jax.Array, w: jax.Array, *, tile_k: int | None = None,
                   splits: int | None = None, stages: int | None = None,
-                  interpret: bool | None = None) -> jax.Array:
+                  warp_specialized: bool | None = None, interpret: bool | None = None) -> jax.Array:
     """x [M, K] @ w[N, K].T -> [M, N] in x's dtype (float32 accumulation).  x and w bf16 or f16;
-    N a multiple of 64, K of 64.  Tuning keywords override `default_config`.  `interpret`
+    N a multiple of 64, K of 64.  Tuning keywords override `default_config`; warp_specialized
+    runs the TMA ring from a memory warpgroup beside the compute warpgroup.  `interpret`
     defaults to True on the CPU backend (Mosaic GPU's interpreter: tests)."""
     m, k = x.shape
     n, k2 = w.shape
@@ -130,7 +167,8 @@ def decode_matmul(x: jax.Array, w: jax.Array, *, tile_k: int | None = None,
         raise ValueError(f"decode_matmul: x and w must both be bfloat16 or float16, got {x.dtype} "
                          f"and {w.dtype}")
     cfg = default_config(m, n, k)
-    for key, value in (("tile_k", tile_k), ("splits", splits), ("stages", stages)):
+    for key, value in (("tile_k", tile_k), ("splits", splits), ("stages", stages),
+                       ("warp_specialized", warp_specialized)):
         if value is not None:
             cfg[key] = value
     _check(m, n, k, cfg["tile_k"], cfg["splits"])
