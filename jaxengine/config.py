@@ -179,6 +179,12 @@ class RunnerConfig:
         default_factory=lambda: os.environ.get("JAXENGINE_MATMUL", "auto"))
     # Token buckets up to this size use the fused matmuls; larger ones XLA's GEMMs.
     fused_matmul_max_tokens: int = 64
+    # The layers' matmuls in decode-sized buckets (token buckets up to fused_matmul_max_tokens, and
+    # the multi-step decode programs): "xla" (XLA's GEMMs), "mgpu" (pallas_kernels/decode_matmul:
+    # Mosaic GPU TMA + wgmma weight streaming, Hopper; interpret mode on CPU; single device),
+    # "auto" = xla until the kernel measures faster in the engine.
+    decode_matmul: str = dataclasses.field(
+        default_factory=lambda: os.environ.get("JAXENGINE_DECODE_MATMUL", "auto"))
     # Params layout on the device (models.llama.LAYOUTS): "hf" (the checkpoint's tensors), "fused"
     # (q/k/v and gate/up each one tensor: one GEMM apiece), "auto" = fused, or hf where the
     # fused-matmul kernels run (they take the hf layout).
@@ -210,6 +216,10 @@ class RunnerConfig:
                f"attention_impl must be one of auto, reference, gpu, tpu; got {self.attention_impl!r}")
         _check(self.matmul_impl in ("auto", "reference", "gpu"),
                f"matmul_impl must be one of auto, reference, gpu; got {self.matmul_impl!r}")
+        _check(self.decode_matmul in ("auto", "xla", "mgpu"),
+               f"decode_matmul must be one of auto, xla, mgpu; got {self.decode_matmul!r}")
+        _check(not (self.decode_matmul == "mgpu" and self.matmul_impl == "gpu"),
+               "decode_matmul='mgpu' and matmul_impl='gpu' both replace the decode matmuls: pick one")
         _check(self.param_layout in ("auto", "hf", "fused"),
                f"param_layout must be one of auto, hf, fused; got {self.param_layout!r}")
         _check(not (self.param_layout == "fused" and self.matmul_impl == "gpu"),

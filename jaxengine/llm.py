@@ -49,7 +49,8 @@ class LLM:
                  warmup: bool = True, use_tqdm_on_load: bool = True, load_format: str = "auto",
                  async_scheduling: bool = True, matmul_impl: str = "auto", num_scheduler_steps: int = 1,
                  param_layout: str | None = None, fuse_decode_attention: bool | None = None,
-                 decode_program: bool | None = None, residual_norm: str | None = None):
+                 decode_program: bool | None = None, residual_norm: str | None = None,
+                 decode_matmul: str | None = None):
         import jax
 
         from jaxengine import models
@@ -119,7 +120,8 @@ class LLM:
             **({"fuse_decode_attention": bool(fuse_decode_attention)}
                if fuse_decode_attention is not None else {}),
             **({"decode_program": bool(decode_program)} if decode_program is not None else {}),
-            **({"residual_norm": residual_norm} if residual_norm is not None else {}))
+            **({"residual_norm": residual_norm} if residual_norm is not None else {}),
+            **({"decode_matmul": decode_matmul} if decode_matmul is not None else {}))
         _enable_compilation_cache(runner_cfg.compilation_cache_dir)
 
         from jaxengine.loader import orbax_ckpt

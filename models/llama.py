@@ -121,8 +121,13 @@ def unflatten(flat: dict[str, Any]) -> Params:
 
 
 # ----------------------------------------------------------------------------------- layers
-def linear(x: jax.Array, p: Params) -> jax.Array:
-    y = jnp.einsum("...i,oi->...o", x, p["weight"])
+def dense_einsum(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [..., in] @ w [out, in].T: XLA's GEMM.  forward's `dense` replaces it (decode_matmul)."""
+    return jnp.einsum("...i,oi->...o", x, w)
+
+
+def linear(x: jax.Array, p: Params, dense: Callable[..., jax.Array] | None = None) -> jax.Array:
+    y = (dense or dense_einsum)(x, p["weight"])
     if "bias" in p:
         y = y + p["bias"]
     return y
@@ -154,7 +159,8 @@ def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
 
 def attention_block(p: Params, cfg: ModelConfig, x: jax.Array, rope: Any,
                     kv_pages: jax.Array, batch: dict[str, jax.Array],
-                    attention: Callable[..., Any], decode: bool = False) -> tuple[jax.Array, jax.Array]:
+                    attention: Callable[..., Any], decode: bool = False,
+                    dense: Callable[..., jax.Array] | None = None) -> tuple[jax.Array, jax.Array]:
     """rope: (cos, sin) [num_tokens, head_dim // 2] each, or with decode=True the inv_freq that
     `attention` (a decode_attention, pallas_kernels/ragged_paged_attention/decode.py) rotates
     q and k with itself while it writes the KV slots."""
@@ -162,17 +168,21 @@ def attention_block(p: Params, cfg: ModelConfig, x: jax.Array, rope: Any,
     kw = dict(sm_scale=cfg.head_dim ** -0.5, sliding_window=cfg.sliding_window)
     decode_args = (batch["kv_lens"], batch["page_indices"], batch["num_seqs"], rope)
     if "qkv_proj" in p:  # "fused" layout: one GEMM, [num_tokens, num_kv_heads, group + 2, head_dim]
-        qkv = jnp.einsum("ti,ngdi->tngd", x, p["qkv_proj"]["weight"])
+        w = p["qkv_proj"]["weight"]
+        if dense is None:
+            qkv = jnp.einsum("ti,ngdi->tngd", x, w)
+        else:  # [num_kv_heads * (group + 2) * head_dim, hidden]: a free reshape
+            qkv = dense(x, w.reshape(-1, w.shape[-1])).reshape(t, *w.shape[:3])
         if "bias" in p["qkv_proj"]:
             qkv = qkv + p["qkv_proj"]["bias"]
         if decode and not cfg.qk_norm:  # the kernel reads q, k and v out of the one buffer
             out, kv_pages = attention(qkv, None, None, kv_pages, *decode_args, **kw)
-            return linear(out.reshape(t, cfg.num_heads * cfg.head_dim), p["o_proj"]), kv_pages
+            return linear(out.reshape(t, cfg.num_heads * cfg.head_dim), p["o_proj"], dense), kv_pages
         q, k, v = split_qkv(qkv)
     else:
-        q = linear(x, p["q_proj"]).reshape(t, cfg.num_heads, cfg.head_dim)  # [num_tokens, num_q_heads, head_dim]
-        k = linear(x, p["k_proj"]).reshape(t, cfg.num_kv_heads, cfg.head_dim)
-        v = linear(x, p["v_proj"]).reshape(t, cfg.num_kv_heads, cfg.head_dim)
+        q = linear(x, p["q_proj"], dense).reshape(t, cfg.num_heads, cfg.head_dim)  # [num_tokens, num_q_heads, head_dim]
+        k = linear(x, p["k_proj"], dense).reshape(t, cfg.num_kv_heads, cfg.head_dim)
+        v = linear(x, p["v_proj"], dense).reshape(t, cfg.num_kv_heads, cfg.head_dim)
     if cfg.qk_norm:
         q = rms_norm(q, p["q_norm"]["weight"], cfg.rms_norm_eps)
         k = rms_norm(k, p["k_norm"]["weight"], cfg.rms_norm_eps)
@@ -184,16 +194,21 @@ def attention_block(p: Params, cfg: ModelConfig, x: jax.Array, rope: Any,
         kv_pages = write_kv(kv_pages, k, v, batch["slot_mapping"])
         out = attention(q, kv_pages, batch["kv_lens"], batch["page_indices"], batch["cu_q_lens"],
                         batch["num_seqs"], **kw)
-    return linear(out.reshape(t, cfg.num_heads * cfg.head_dim), p["o_proj"]), kv_pages
+    return linear(out.reshape(t, cfg.num_heads * cfg.head_dim), p["o_proj"], dense), kv_pages
 
 
-def mlp_block(p: Params, x: jax.Array) -> jax.Array:
+def mlp_block(p: Params, x: jax.Array, dense: Callable[..., jax.Array] | None = None) -> jax.Array:
     if "gate_up_proj" in p:  # "fused" layout
-        gu = jnp.einsum("...i,cfi->...cf", x, p["gate_up_proj"]["weight"])
+        w = p["gate_up_proj"]["weight"]  # [2, intermediate, hidden]
+        if dense is None:
+            gu = jnp.einsum("...i,cfi->...cf", x, w)
+        else:
+            gu = dense(x, w.reshape(-1, w.shape[-1])).reshape(*x.shape[:-1], *w.shape[:2])
         if "bias" in p["gate_up_proj"]:
             gu = gu + p["gate_up_proj"]["bias"]
-        return linear(jax.nn.silu(gu[..., 0, :]) * gu[..., 1, :], p["down_proj"])
-    return linear(jax.nn.silu(linear(x, p["gate_proj"])) * linear(x, p["up_proj"]), p["down_proj"])
+        return linear(jax.nn.silu(gu[..., 0, :]) * gu[..., 1, :], p["down_proj"], dense)
+    return linear(jax.nn.silu(linear(x, p["gate_proj"], dense)) * linear(x, p["up_proj"], dense),
+                  p["down_proj"], dense)
 
 
 def fused_layer(layer: Params, cfg: ModelConfig, x: jax.Array, cos: jax.Array, sin: jax.Array,
@@ -239,7 +254,8 @@ def fusable(cfg: ModelConfig, multiple: int = 16) -> bool:
 def forward(params: Params, cfg: ModelConfig, batch: dict[str, jax.Array], kv_caches: list[jax.Array],
             attention: Callable[..., jax.Array], matmul: Any = None,
             decode_attention: Callable[..., Any] | None = None,
-            residual_norm: Callable[..., Any] | None = None) -> tuple[jax.Array, list[jax.Array]]:
+            residual_norm: Callable[..., Any] | None = None,
+            dense: Callable[..., jax.Array] | None = None) -> tuple[jax.Array, list[jax.Array]]:
     """One ragged step.  Returns (logits [num_logits, vocab] float32, updated kv_caches).
 
     matmul: None (XLA's matmuls and elementwise fusions) or a fused-matmul namespace
@@ -249,10 +265,14 @@ def forward(params: Params, cfg: ModelConfig, batch: dict[str, jax.Array], kv_ca
     writes the KV slots itself; it replaces `attention`, the rope and the KV scatter.
     residual_norm: an implementation of pallas_kernels/residual_norm (residual add + the next
     RMSNorm as one call): each layer then ends with the next layer's input norm (the last with
-    the final norm, over every row before the logits rows are gathered: rows are independent)."""
+    the final norm, over every row before the logits rows are gathered: rows are independent).
+    dense: the layers' matmuls, dense(x [..., in], w [out, in]) -> x @ w.T (None: XLA's einsum;
+    the runner passes pallas_kernels/decode_matmul for decode-sized buckets on request)."""
     model = params["model"]
-    if matmul is not None and (layout_of(params) != "hf" or decode_attention is not None):
-        raise ValueError("the fused-matmul kernels take the 'hf' params layout and the general attention path")
+    if matmul is not None and (layout_of(params) != "hf" or decode_attention is not None
+                               or dense is not None):
+        raise ValueError("the fused-matmul kernels take the 'hf' params layout and the general "
+                         "attention path, and replace `dense`")
     x = model["embed_tokens"]["weight"][batch["input_ids"]]  # [num_tokens, hidden]
     if decode_attention is not None:
         rope, attention = rope_inv_freq(cfg), decode_attention
@@ -260,7 +280,7 @@ def forward(params: Params, cfg: ModelConfig, batch: dict[str, jax.Array], kv_ca
         rope = rope_cos_sin(batch["positions"], rope_inv_freq(cfg))
     if residual_norm is not None and matmul is None:
         return _forward_residual_norm(params, cfg, batch, kv_caches, attention, x, rope, residual_norm,
-                                      decode=decode_attention is not None)
+                                      decode=decode_attention is not None, dense=dense)
     new_caches = []
     for i in range(cfg.num_layers):
         layer = model["layers"][str(i)]
@@ -270,11 +290,12 @@ def forward(params: Params, cfg: ModelConfig, batch: dict[str, jax.Array], kv_ca
             continue
         h, kv = attention_block(layer["self_attn"], cfg, rms_norm(x, layer["input_layernorm"]["weight"],
                                                                  cfg.rms_norm_eps),
-                                rope, kv_caches[i], batch, attention, decode=decode_attention is not None)
+                                rope, kv_caches[i], batch, attention, decode=decode_attention is not None,
+                                dense=dense)
         new_caches.append(kv)
         x = x + h
         x = x + mlp_block(layer["mlp"], rms_norm(x, layer["post_attention_layernorm"]["weight"],
-                                                 cfg.rms_norm_eps))
+                                                 cfg.rms_norm_eps), dense)
     x = rms_norm(x[batch["logits_indices"]], model["norm"]["weight"], cfg.rms_norm_eps)
     return lm_head(params, cfg, x), new_caches
 
@@ -286,7 +307,8 @@ def lm_head(params: Params, cfg: ModelConfig, x: jax.Array) -> jax.Array:
     return jnp.einsum("sh,vh->sv", x, head, preferred_element_type=jnp.float32)
 
 
-def _forward_residual_norm(params, cfg, batch, kv_caches, attention, x, rope, residual_norm, *, decode):
+def _forward_residual_norm(params, cfg, batch, kv_caches, attention, x, rope, residual_norm, *, decode,
+                           dense=None):
     """forward's layer loop with each residual add and the RMSNorm after it as one call."""
     model, eps, n = params["model"], cfg.rms_norm_eps, cfg.num_layers
     layers = [model["layers"][str(i)] for i in range(n)]
@@ -294,9 +316,9 @@ def _forward_residual_norm(params, cfg, batch, kv_caches, attention, x, rope, re
     new_caches = []
     for i, layer in enumerate(layers):
         h, kv = attention_block(layer["self_attn"], cfg, normed, rope, kv_caches[i], batch, attention,
-                                decode=decode)
+                                decode=decode, dense=dense)
         new_caches.append(kv)
         x, normed = residual_norm(x, h, layer["post_attention_layernorm"]["weight"], eps)
         nxt = layers[i + 1]["input_layernorm"]["weight"] if i + 1 < n else model["norm"]["weight"]
-        x, normed = residual_norm(x, mlp_block(layer["mlp"], normed), nxt, eps)
+        x, normed = residual_norm(x, mlp_block(layer["mlp"], normed, dense), nxt, eps)
     return lm_head(params, cfg, normed[batch["logits_indices"]]), new_caches

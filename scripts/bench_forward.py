@@ -149,6 +149,9 @@ def main() -> None:
     ap.add_argument("--residual-norm", nargs="+", default=["off"], choices=["off", "gpu", "reference"],
                     help="residual add + RMSNorm: the model's own ops (off), the Pallas kernel (gpu; the "
                          "engine's default on GPUs) or its jnp composition; several: one run each")
+    ap.add_argument("--decode-matmul", nargs="+", default=["xla"], choices=["xla", "mgpu"],
+                    help="the layers' matmuls: XLA's GEMMs or the Mosaic GPU decode_matmul "
+                         "(pallas_kernels/decode_matmul); several (repeats allowed, for A/B/A): one run each")
     ap.add_argument("--profile-dir", default=None)
     ap.add_argument("--hlo-dir", default=None)
     ap.add_argument("--top", type=int, default=25, help="kernels listed per profile")
@@ -161,6 +164,7 @@ def main() -> None:
     from jaxengine.config import ModelConfig
     from jaxengine.models import get_model
     from jaxengine.pallas_kernels.ragged_paged_attention import get_attention, get_decode_attention
+    from jaxengine.pallas_kernels.decode_matmul import get_dense
     from jaxengine.pallas_kernels.residual_norm import get_residual_norm
 
     ceil = measure_ceilings()
@@ -171,8 +175,8 @@ def main() -> None:
     print(f"device {dev.device_kind}, jax {jax.__version__}, copy {ceil['copy_bytes_per_s'] / 1e12:.2f} TB/s, "
           f"matmul {ceil['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s, layout {args.layout}, "
           f"XLA_FLAGS={report['xla_flags']!r}")
-    print("| model | batch | decode attention | residual norm | context | ms / step | floor ms | of floor | weights GB/s |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| model | batch | decode attention | residual norm | matmul | context | ms / step | floor ms | of floor | weights GB/s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     attention = get_attention(args.attention)
     for name in args.model:
         cfg = ModelConfig.from_hf_config(SHAPES[name], dtype="bfloat16")
@@ -182,8 +186,8 @@ def main() -> None:
         if args.layout == "fused":
             from jaxengine.sharding import map_layers
             params = map_layers(params, lambda layer: model.fuse_layer_weights(layer, cfg))
-        for batch, mode, rn in [(b, m, r) for b in args.batch for m in args.decode_attention
-                                for r in args.residual_norm]:
+        for batch, mode, rn, dm in [(b, m, r, d) for b in args.batch for m in args.decode_attention
+                                    for r in args.residual_norm for d in args.decode_matmul]:
             pages_per_seq = math.ceil((args.context + 1) / args.page_size)
             num_pages = 1 + batch * pages_per_seq
             shape = (num_pages, args.page_size, 2 * cfg.num_kv_heads, cfg.head_dim)
@@ -193,14 +197,15 @@ def main() -> None:
                                                  num_pages, tokens, seqs))
             decode_attention = get_decode_attention(args.attention) if mode == "fused" else None
             residual_norm = None if rn == "off" else get_residual_norm(rn)
+            dense = get_dense(dm)
             step = jax.jit(lambda p, kv, b: model.forward(p, cfg, b, kv, attention,
                                                           decode_attention=decode_attention,
-                                                          residual_norm=residual_norm),
+                                                          residual_norm=residual_norm, dense=dense),
                            donate_argnums=(1,))
             compiled = step.lower(params, kv, inputs).compile()
             if args.hlo_dir:
                 os.makedirs(args.hlo_dir, exist_ok=True)
-                with open(os.path.join(args.hlo_dir, f"{name}-b{batch}-{args.layout}-{mode}-{rn}.txt"), "w") as f:
+                with open(os.path.join(args.hlo_dir, f"{name}-b{batch}-{args.layout}-{mode}-{rn}-{dm}.txt"), "w") as f:
                     f.write(compiled.as_text())
             for _ in range(3):
                 logits, kv = compiled(params, kv, inputs)
@@ -212,13 +217,13 @@ def main() -> None:
             step_s = (time.perf_counter() - t) / args.iters
             moved, flops = step_cost(cfg, params_bytes, batch, args.context)
             floor_s = max(moved / ceil["copy_bytes_per_s"], flops / ceil["matmul_flops_per_s"])
-            run = {"model": name, "batch": batch, "decode_attention": mode, "residual_norm": rn, "token_bucket": tokens, "step_ms": step_s * 1e3, "floor_ms": floor_s * 1e3,
+            run = {"model": name, "batch": batch, "decode_attention": mode, "residual_norm": rn, "decode_matmul": dm, "token_bucket": tokens, "step_ms": step_s * 1e3, "floor_ms": floor_s * 1e3,
                    "fraction_of_floor": floor_s / step_s, "bytes_per_step": moved, "flops_per_step": flops,
                    "params_bytes": params_bytes}
-            print(f"| {name} | {batch} | {mode} | {rn} | {args.context} | {step_s * 1e3:.3f} | {floor_s * 1e3:.3f} | "
+            print(f"| {name} | {batch} | {mode} | {rn} | {dm} | {args.context} | {step_s * 1e3:.3f} | {floor_s * 1e3:.3f} | "
                   f"{100 * floor_s / step_s:.1f}% | {params_bytes / step_s / 1e9:.0f} |", flush=True)
             if args.profile_dir:
-                d = os.path.join(args.profile_dir, f"{name}-b{batch}-{args.layout}-{mode}-{rn}")
+                d = os.path.join(args.profile_dir, f"{name}-b{batch}-{args.layout}-{mode}-{rn}-{dm}")
                 steps = 10
                 with jax.profiler.trace(d, create_perfetto_trace=True):
                     for _ in range(steps):

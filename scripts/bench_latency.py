@@ -286,6 +286,8 @@ def main() -> None:
                     help="decode programs use the general rope + KV scatter + attention path")
     ap.add_argument("--residual-norm", default="auto", choices=["auto", "gpu", "reference", "off"],
                     help="residual add + RMSNorm as one Pallas kernel (RunnerConfig.residual_norm)")
+    ap.add_argument("--decode-matmul", default="auto", choices=["auto", "xla", "mgpu"],
+                    help="decode-bucket matmuls: XLA or the Mosaic GPU decode_matmul (RunnerConfig.decode_matmul)")
     ap.add_argument("--device-put-inputs", action="store_true",
                     help="A/B of the host path: jax.device_put the step's numpy buffers first (the runner's "
                          "way before the sixth session) instead of handing them to the jitted call")
@@ -326,7 +328,7 @@ def main() -> None:
                       matmul_impl=args.matmul, num_scheduler_steps=args.num_scheduler_steps,
                       param_layout=args.param_layout, decode_program=args.decode_program,
                       fuse_decode_attention=not args.no_fuse_decode_attention,
-                      residual_norm=args.residual_norm)
+                      residual_norm=args.residual_norm, decode_matmul=args.decode_matmul)
             startup_s = time.perf_counter() - t0
         llm._step_log = StepLog(llm.runner)
         if args.device_put_inputs and llm.runner.mesh is None:
@@ -342,6 +344,7 @@ def main() -> None:
                      num_scheduler_steps=args.num_scheduler_steps,
                      decode_program=llm.runner.decode_program, device_put_inputs=args.device_put_inputs,
                      residual_norm=llm.runner.residual_norm_impl,
+                     decode_matmul=llm.runner.decode_matmul_impl,
                      fuse_decode_attention=llm.config.runner.fuse_decode_attention,
                      param_layout=llm.runner.model.layout_of(llm.runner.params),
                      roofline_s=bound, roofline_fraction=bound / r["total_s"],

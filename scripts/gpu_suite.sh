@@ -38,6 +38,8 @@
 #   xlaflags    bench_forward 1B/8B b1/b64 under XLA_FLAGS: default, PDL on, PDL off (on one machine)  ~1 min
 #   mgpumm      compiled decode_matmul tests, then bench_matmul --plain --device-time: the four 8B
 #               decode GEMMs, XLA against the Mosaic GPU decode_matmul and a config sweep       ~9 min
+#   abmatmul    bench_forward 8B and 1B, b1 and b64, the engine's decode program (fused decode attention,
+#               residual-norm kernel), matmuls XLA / Mosaic GPU decode_matmul / XLA (A/B/A), profiled  ~7 min
 #   hf-static   Hugging Face static-cache generate(), 8B batch 1 and 64 (long compile)            ~8 min
 #   hf-eager    Hugging Face eager generate(), 1B and 8B, batch 1 and 64                          ~2 min
 # Everything is also runnable by hand: each part is one or two commands below.
@@ -156,6 +158,11 @@ for part in "$@"; do
       timeout 170 python3 scripts/bench_matmul.py --plain --models llama-8b --ops gate_up,down --rows 1,64 --sweep \
         --sweep-rows 64 --device-time --min-gib 1 --out "$OUT/matmul_plain_gu_down.json" > "$OUT/matmul_plain_gu_down.log" 2>&1
       grep -E "^\||Error" "$OUT/matmul_plain_gu_down.log" | head -60 ;;
+    abmatmul)
+      timeout 480 python3 scripts/bench_forward.py --model llama-3.1-8b llama-3.2-1b --batch 1 64 \
+        --decode-attention fused --residual-norm gpu --decode-matmul xla mgpu xla --profile-dir /tmp/prof \
+        --top 12 --json "$OUT/forward_matmul.json" > "$OUT/forward_matmul.log" 2>&1
+      grep -E "^\||kernels of|^ +[0-9.]+ us|Error" "$OUT/forward_matmul.log" | head -200 ;;
     decodesweep)
       timeout 200 python3 scripts/bench_attention.py --decode-sweep --device-time --out "$OUT/decode_sweep.json" \
         > "$OUT/decode_sweep.log" 2>&1; grep -E "^\||device" "$OUT/decode_sweep.log" | head -50 ;;

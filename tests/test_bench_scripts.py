@@ -81,8 +81,9 @@ def test_bench_matmul_plain_gemms_are_the_same_both_ways():
         got = bm.make_call(kind, "mgpu", dict(tile_k=64, splits=1, stages=2))(x, None, ws, None)
         np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
                                    rtol=2e-2, atol=2e-2, err_msg=name)
-    configs = list(bm.plain_sweep_configs(4096))
-    assert len(configs) >= 8 and all(4096 % (c["tile_k"] * c["splits"]) == 0 for c in configs)
+    configs = list(bm.plain_sweep_configs(4096, 1))
+    assert len(configs) >= 12 and all(4096 % (c["tile_k"] * c["splits"]) == 0 for c in configs)
+    assert len(list(bm.plain_sweep_configs(4096, 64))) < len(configs)  # 64-row x tiles: fewer stages fit
 
 
 def test_a_multi_step_dispatch_is_logged_as_its_decode_iterations(tmp_path):

@@ -22,6 +22,7 @@ import numpy as np
 from jaxengine.config import EngineConfig
 from jaxengine.engine.scheduler import PENDING_TOKEN, SchedulerOutput, uses_penalties
 from jaxengine.pallas_kernels import fused_matmul
+from jaxengine.pallas_kernels import decode_matmul
 from jaxengine.pallas_kernels import residual_norm as residual_norm_kernels
 from jaxengine.pallas_kernels.ragged_paged_attention import get_attention, get_decode_attention, resolve_impl
 from jaxengine.pallas_kernels.ragged_paged_attention.decode import decode_slots
@@ -137,6 +138,12 @@ class ModelRunner:
         self.matmul_impl = fused_matmul.resolve_impl(cfg.runner.matmul_impl)
         fused = fused_matmul.get_matmul("gpu") if uses_fused_matmul(cfg.runner, model, m, mesh) else None
         self.fused_max_tokens = cfg.runner.fused_matmul_max_tokens if fused is not None else 0
+        # decode-sized buckets' matmuls as the Mosaic GPU weight-streaming kernel (opt-in; one
+        # device: under tensor parallelism XLA partitions its own GEMMs)
+        self.decode_matmul_impl = (decode_matmul.resolve_impl(cfg.runner.decode_matmul)
+                                   if mesh is None else "xla")
+        dense = decode_matmul.get_dense(self.decode_matmul_impl)
+        dense_max_tokens = cfg.runner.fused_matmul_max_tokens
         # mesh: a ("dp"=1, "tp") jax.sharding.Mesh; params arrive already sharded by sharding/ rules
         self.mesh = mesh
         if mesh is not None:
@@ -222,7 +229,8 @@ class ModelRunner:
             batch["input_ids"] = input_ids(batch, last_tokens)
             matmul = fused if bucket[0] <= self.fused_max_tokens else None
             logits, kv_caches = model.forward(params, m, batch, kv_caches, attention, matmul=matmul,
-                                              residual_norm=residual_norm)
+                                              residual_norm=residual_norm,
+                                              dense=dense if bucket[0] <= dense_max_tokens else None)
             logits = gather_logits(logits)
             # the sampling knobs lead both buffers: handed on as they are, so the sampler's
             # programs depend on the request bucket only, not on the token bucket
@@ -256,7 +264,7 @@ class ModelRunner:
                 step = {**batch, "input_ids": ids, "positions": pos, "slot_mapping": slots, "kv_lens": kv_lens}
                 logits, kv_caches = model.forward(params, m, step, kv_caches, attention,
                                                   decode_attention=decode_attention,
-                                                  residual_norm=residual_norm)
+                                                  residual_norm=residual_norm, dense=dense)
                 logits = gather_logits(logits)
                 penalty_state, out = sample_and_count(logits, penalty_state,
                                                       {**samp, "rng_pos": samp["rng_pos"] + i}, full)

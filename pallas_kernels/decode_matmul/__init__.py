@@ -1,7 +1,52 @@
 """Weight-streaming matmul for decode-sized steps (x [M, K] @ w [N, K].T, M = the step's token
 rows): `reference.decode_matmul` (jnp, any backend) and `gpu.decode_matmul` (Pallas Mosaic GPU,
-TMA + wgmma, Hopper)."""
+TMA + wgmma, Hopper).
+
+`get_dense(impl)` gives models' `forward(dense=...)`: None for "xla" (XLA's einsum), or for
+"mgpu" a dense(x, w) that runs the kernel where it tiles the shape (x 2-D with at most 256 rows,
+bf16/f16, N and K multiples of 64) and XLA's einsum elsewhere.  The engine's switch is
+RunnerConfig.decode_matmul ($JAXENGINE_DECODE_MATMUL).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
 
 from .reference import decode_matmul as reference_decode_matmul
 
-__all__ = ["reference_decode_matmul"]
+IMPLS = ("xla", "mgpu")
+
+
+def resolve_impl(impl: str = "auto") -> str:
+    if impl == "auto":
+        impl = "xla"  # until the kernel measures faster in the engine (BENCHMARKS.md)
+    if impl not in IMPLS:
+        raise ValueError(f"decode matmul impl must be one of auto, {', '.join(IMPLS)}; got {impl!r}")
+    return impl
+
+
+def fits(x: jax.Array, w: jax.Array) -> bool:
+    """Whether gpu.decode_matmul tiles x @ w.T (else the caller keeps XLA's einsum)."""
+    from . import gpu
+
+    return (x.ndim == 2 and w.ndim == 2 and 1 <= x.shape[0] <= 256 and x.dtype == w.dtype
+            and x.dtype in (jnp.bfloat16, jnp.float16) and w.shape[0] % gpu.TILE_N == 0
+            and x.shape[1] == w.shape[1] and x.shape[1] % 64 == 0)
+
+
+def mgpu_dense(x: jax.Array, w: jax.Array) -> jax.Array:
+    from . import gpu
+
+    if fits(x, w):
+        return gpu.decode_matmul(x, w)
+    return jnp.einsum("...i,oi->...o", x, w)
+
+
+def get_dense(impl: str = "auto") -> Callable[[jax.Array, jax.Array], jax.Array] | None:
+    return None if resolve_impl(impl) == "xla" else mgpu_dense
+
+
+__all__ = ["get_dense", "resolve_impl", "fits", "mgpu_dense", "reference_decode_matmul", "IMPLS"]
