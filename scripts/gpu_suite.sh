@@ -135,7 +135,7 @@ for part in "$@"; do
       timeout 560 python3 scripts/bench_attention.py --quick --out "$OUT/attention.json" \
         > "$OUT/attention.log" 2>&1; grep "^|" "$OUT/attention.log" | head -60 ;;
     kernels)
-      (cd tests && timeout 300 python3 -m pytest -q test_ragged_paged_attention.py test_decode_attention.py \
+      (cd tests && timeout 300 python3 -m pytest -q test_ragged_paged_attention.py test_decode_attention.py test_decode_matmul.py \
         test_residual_norm.py -rf --tb=short > "$OUT/kernels.log" 2>&1; grep -E "^E |passed|failed|^FAILED" "$OUT/kernels.log" | head -30) ;;
     tiles)
       timeout 300 python3 scripts/bench_attention.py --prefill-tiles --out "$OUT/prefill_tiles.json" \
