@@ -44,10 +44,13 @@ def test_kernel_matches_reference(m, n, k, cfg, dtype):
 
 def test_default_config_fills_the_chip_and_divides_k():
     for n, k in [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (2048, 8192), (3072, 2048)]:
-        cfg = dm_gpu.default_config(1, n, k)
-        assert k % (cfg["tile_k"] * cfg["splits"]) == 0
-        ctas = n // dm_gpu.TILE_N * cfg["splits"]
-        assert ctas >= 128, (n, k, cfg)
+        for m in (1, 8, 64):
+            cfg = dm_gpu.default_config(m, n, k)
+            assert k % (cfg["tile_k"] * cfg["splits"]) == 0
+            ctas = n // dm_gpu.TILE_N * cfg["splits"]
+            assert ctas >= 60, (n, k, cfg)
+            assert cfg["splits"] == 1 or n // dm_gpu.TILE_N < 60  # no reduction where not needed
+            assert cfg["stages"] * (64 + -(-m // 8) * 8) * cfg["tile_k"] * 2 <= 200 << 10
 
 
 @pytest.mark.parametrize("x_shape,w_shape,dtype,match", [
@@ -155,3 +158,16 @@ def test_config_and_impl_selection():
     x, w = jnp.ones((3, 96), jnp.bfloat16), jnp.ones((64, 96), jnp.bfloat16)
     assert not decode_matmul.fits(x, w)
     np.testing.assert_allclose(np.asarray(decode_matmul.mgpu_dense(x, w), np.float32), 96.0)
+
+
+@pytest.mark.parametrize("m,warp_specialized", [(8, False), (64, True)])
+def test_kernel_lowers_to_mosaic_gpu_on_any_host(m, warp_specialized):
+    """The compiled path's lowering (Pallas -> Mosaic GPU MLIR, transposed epilogue store
+    included) for the 8B o_proj shape, checked on the CPU host too: one Mosaic GPU custom call."""
+    from jax import export
+    sds = jax.ShapeDtypeStruct
+    fn = lambda x, w: dm_gpu.decode_matmul(x, w, interpret=False, warp_specialized=warp_specialized)  # noqa: E731
+    exp = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[
+        export.DisabledSafetyCheck.custom_call("mosaic_gpu_v2")])(
+        sds((m, 4096), jnp.bfloat16), sds((4096, 4096), jnp.bfloat16))
+    assert exp.mlir_module().count("stablehlo.custom_call @mosaic_gpu_v2") == 1

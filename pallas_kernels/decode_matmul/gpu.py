@@ -13,9 +13,9 @@ tile of 64 output features, and x^T the B operand, [tile_k, m_pad] with m_pad th
 padded to a multiple of 8 (wgmma's N takes 8-256), so a batch-1 step reads an 8-row x tile, not a
 64-row one.  A CTA owns 64 output features and one of `splits` equal K ranges; it streams its
 weight tiles through a `stages`-deep TMA ring (plgpu.emit_pipeline) and accumulates y^T [64,
-m_pad] in registers.  splits > 1 (split-K, so that N / 64 x splits fills the SMs) writes float32
-partials that one XLA fusion sums; the output is stored transposed ([N, m_pad]) and XLA's slice +
-transpose back is fused with that sum (or is a bitcast at m = 1).
+m_pad] in registers, stored transposed through shared memory so the output is y [m_pad, N]
+itself.  splits > 1 (split-K, where N / 64 CTAs are too few) writes float32 partials that one XLA
+fusion sums, as XLA's own split-K GEMMs do.
 """
 
 from __future__ import annotations
@@ -38,18 +38,18 @@ def _round_up(x: int, m: int) -> int:
 
 
 def default_config(m: int, n: int, k: int, num_sms: int = _DEFAULT_NUM_SMS) -> dict:
-    """tile_k, splits and stages for x [m, k] @ w[n, k].T: the split count (dividing the K steps)
-    whose CTA count n / 64 x splits wastes the least of the last wave, fewest splits on ties."""
+    """tile_k, splits and stages for x [m, k] @ w[n, k].T.  One split where the N / 64 CTAs are at
+    least ~60 (the output is then the kernel's own, no XLA reduction after it: on the H200 the 8B
+    o GEMM at batch 1 ran 10.0 us with one split and 8 stages against 9.5 us with two, before the
+    reduction's kernel), else the fewest that reach it; as many ring stages as fit in ~200 KiB."""
     tile_k = 128 if k % 128 == 0 else 64
     k_steps = k // tile_k
     n_tiles = n // TILE_N
-
-    def waste(s):
-        ctas = n_tiles * s
-        return (-ctas % num_sms) / (ctas + (-ctas % num_sms))
-
-    splits = min((s for s in range(1, 9) if k_steps % s == 0), key=lambda s: (round(waste(s), 2), s))
-    return dict(tile_k=tile_k, splits=splits, stages=4, warp_specialized=False)
+    splits = next((s for s in range(1, 9) if k_steps % s == 0 and n_tiles * s >= 60),
+                  max(s for s in range(1, 9) if k_steps % s == 0))
+    stage_bytes = (TILE_N + _round_up(m, 8)) * tile_k * 2
+    stages = max(2, min(8, (200 << 10) // stage_bytes, k_steps // splits))
+    return dict(tile_k=tile_k, splits=splits, stages=stages, warp_specialized=False)
 
 
 def _check(m, n, k, tile_k, splits):
@@ -83,10 +83,18 @@ def _decode_matmul(x, w, *, tile_k: int, splits: int, stages: int, warp_speciali
                         delay_release=0 if warp_specialized else 1),
     ]
 
+    # The epilogue stores y^T's tile transposed into shared memory ([m_pad, 64]), so the output
+    # is y itself ([m_pad, N], or [splits, m_pad, N] float32 partials): no transpose after it.
+    o_swizzle = plgpu.find_swizzle(TILE_N * jnp.dtype(part_dtype).itemsize * 8)
+    o_transforms = (plgpu.TilingTransform((8, o_swizzle // jnp.dtype(part_dtype).itemsize)),
+                    plgpu.SwizzleTransform(o_swizzle))
+    o_smem_type = plgpu.SMEM((m_pad, TILE_N), part_dtype, transforms=o_transforms)
+
     def store(acc, o_smem, o_gmem, n_idx, s_idx):
-        o_smem[...] = acc.astype(part_dtype)
+        o_smem.T[...] = acc.astype(part_dtype)
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[s_idx, pl.ds(n_idx * TILE_N, TILE_N)])
+        cols = pl.ds(n_idx * TILE_N, TILE_N)
+        plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[:, cols] if splits == 1 else o_gmem.at[s_idx, :, cols])
         plgpu.wait_smem_to_gmem(0)
 
     def body_ws(w_gmem, x_gmem, o_gmem):
@@ -110,7 +118,7 @@ def _decode_matmul(x, w, *, tile_k: int, splits: int, stages: int, warp_speciali
         @functools.partial(
             pl.run_scoped,
             allocs=pipeline(ignore, ignore).get_allocations(w_gmem, x_gmem),
-            o_smem=plgpu.SMEM((TILE_N, m_pad), part_dtype),
+            o_smem=o_smem_type,
             collective_axes="wg")
         def _scope(allocs, o_smem):
             def context(eval_pipeline):
@@ -138,18 +146,19 @@ def _decode_matmul(x, w, *, tile_k: int, splits: int, stages: int, warp_speciali
         acc = pl.run_scoped(acc_scope, plgpu.ACC((TILE_N, m_pad), jnp.float32))
 
         pl.run_scoped(functools.partial(store, acc, o_gmem=o_gmem, n_idx=n_idx, s_idx=s_idx),
-                      plgpu.SMEM((TILE_N, m_pad), part_dtype))
+                      o_smem_type)
 
     ws = dict(num_threads=2, thread_name="wg") if warp_specialized else {}
     kernel = plgpu.kernel(
         body_ws if warp_specialized else body,
-        out_type=jax.ShapeDtypeStruct((splits, n, m_pad), part_dtype),
+        out_type=jax.ShapeDtypeStruct((m_pad, n) if splits == 1 else (splits, m_pad, n), part_dtype),
         grid=(n // TILE_N, splits), grid_names=("n", "s"),
         interpret=plgpu.InterpretGPUParams() if interpret else None, **ws,
     )
-    parts = kernel(w, x)
-    out = parts[0] if splits == 1 else parts.sum(0)
-    return out[:, :m].T.astype(x.dtype)
+    out = kernel(w, x)
+    if splits > 1:
+        out = out.sum(0).astype(x.dtype)  # one XLA reduction, as XLA's own split-K GEMMs have
+    return out if m_pad == m else out[:m]  # the engine's decode buckets are multiples of 8 rows
 
 
 def decode_matmul(x: jax.Array, w: jax.Array, *, tile_k: int | None = None,
