@@ -160,8 +160,8 @@ def test_config_and_impl_selection():
     np.testing.assert_allclose(np.asarray(decode_matmul.mgpu_dense(x, w), np.float32), 96.0)
 
 
-@pytest.mark.parametrize("m,warp_specialized", [(8, False), (64, True)])
-def test_kernel_lowers_to_mosaic_gpu_on_any_host(m, warp_specialized):
+@pytest.mark.parametrize("m,n,warp_specialized", [(8, 4096, False), (64, 4096, True), (8, 2048, False)])
+def test_kernel_lowers_to_mosaic_gpu_on_any_host(m, n, warp_specialized):
     """The compiled path's lowering (Pallas -> Mosaic GPU MLIR, transposed epilogue store
     included) for the 8B o_proj shape, checked on the CPU host too: one Mosaic GPU custom call."""
     from jax import export
@@ -169,5 +169,5 @@ def test_kernel_lowers_to_mosaic_gpu_on_any_host(m, warp_specialized):
     fn = lambda x, w: dm_gpu.decode_matmul(x, w, interpret=False, warp_specialized=warp_specialized)  # noqa: E731
     exp = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[
         export.DisabledSafetyCheck.custom_call("mosaic_gpu_v2")])(
-        sds((m, 4096), jnp.bfloat16), sds((4096, 4096), jnp.bfloat16))
+        sds((m, n), jnp.bfloat16), sds((n, n), jnp.bfloat16))  # n = 2048: two splits
     assert exp.mlir_module().count("stablehlo.custom_call @mosaic_gpu_v2") == 1

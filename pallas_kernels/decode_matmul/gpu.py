@@ -14,8 +14,8 @@ padded to a multiple of 8 (wgmma's N takes 8-256), so a batch-1 step reads an 8-
 64-row one.  A CTA owns 64 output features and one of `splits` equal K ranges; it streams its
 weight tiles through a `stages`-deep TMA ring (plgpu.emit_pipeline) and accumulates y^T [64,
 m_pad] in registers, stored transposed through shared memory so the output is y [m_pad, N]
-itself.  splits > 1 (split-K, where N / 64 CTAs are too few) writes float32 partials that one XLA
-fusion sums, as XLA's own split-K GEMMs do.
+itself.  splits > 1 (split-K, where N / 64 CTAs are too few) writes float32 partials of y^T that
+one XLA fusion sums and transposes, as XLA's own split-K GEMMs have a reduction kernel.
 """
 
 from __future__ import annotations
@@ -88,13 +88,24 @@ def _decode_matmul(x, w, *, tile_k: int, splits: int, stages: int, warp_speciali
     o_swizzle = plgpu.find_swizzle(TILE_N * jnp.dtype(part_dtype).itemsize * 8)
     o_transforms = (plgpu.TilingTransform((8, o_swizzle // jnp.dtype(part_dtype).itemsize)),
                     plgpu.SwizzleTransform(o_swizzle))
-    o_smem_type = plgpu.SMEM((m_pad, TILE_N), part_dtype, transforms=o_transforms)
+    # float32 partials (splits > 1) keep y^T's layout, [splits, N, m_pad]: Mosaic GPU finds no
+    # register layout for the transposed float32 store on the device (H200: "Failed to infer a
+    # possible set of layouts"); XLA's reduction transposes them for free.
+    if splits == 1:
+        o_smem_type = plgpu.SMEM((m_pad, TILE_N), part_dtype, transforms=o_transforms)
+    else:
+        o_smem_type = plgpu.SMEM((TILE_N, m_pad), part_dtype)
 
     def store(acc, o_smem, o_gmem, n_idx, s_idx):
-        o_smem.T[...] = acc.astype(part_dtype)
-        plgpu.commit_smem()
-        cols = pl.ds(n_idx * TILE_N, TILE_N)
-        plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[:, cols] if splits == 1 else o_gmem.at[s_idx, :, cols])
+        rows = pl.ds(n_idx * TILE_N, TILE_N)
+        if splits == 1:
+            o_smem.T[...] = acc.astype(part_dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[:, rows])
+        else:
+            o_smem[...] = acc
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[s_idx, rows])
         plgpu.wait_smem_to_gmem(0)
 
     def body_ws(w_gmem, x_gmem, o_gmem):
@@ -151,13 +162,13 @@ def _decode_matmul(x, w, *, tile_k: int, splits: int, stages: int, warp_speciali
     ws = dict(num_threads=2, thread_name="wg") if warp_specialized else {}
     kernel = plgpu.kernel(
         body_ws if warp_specialized else body,
-        out_type=jax.ShapeDtypeStruct((m_pad, n) if splits == 1 else (splits, m_pad, n), part_dtype),
+        out_type=jax.ShapeDtypeStruct((m_pad, n) if splits == 1 else (splits, n, m_pad), part_dtype),
         grid=(n // TILE_N, splits), grid_names=("n", "s"),
         interpret=plgpu.InterpretGPUParams() if interpret else None, **ws,
     )
     out = kernel(w, x)
-    if splits > 1:
-        out = out.sum(0).astype(x.dtype)  # one XLA reduction, as XLA's own split-K GEMMs have
+    if splits > 1:  # one XLA reduction (+ transpose), as XLA's own split-K GEMMs have
+        out = out.sum(0).T.astype(x.dtype)
     return out if m_pad == m else out[:m]  # the engine's decode buckets are multiples of 8 rows
 
 
