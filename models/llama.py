@@ -200,6 +200,9 @@ def attention_block(p: Params, cfg: ModelConfig, x: jax.Array, rope: Any,
 def mlp_block(p: Params, x: jax.Array, dense: Callable[..., jax.Array] | None = None) -> jax.Array:
     if "gate_up_proj" in p:  # "fused" layout
         w = p["gate_up_proj"]["weight"]  # [2, intermediate, hidden]
+        gate_up_silu = getattr(dense, "gate_up_silu", None)  # the matmul and SwiGLU as one call
+        if gate_up_silu is not None and "bias" not in p["gate_up_proj"]:
+            return linear(gate_up_silu(x, w.reshape(-1, w.shape[-1])), p["down_proj"], dense)
         if dense is None:
             gu = jnp.einsum("...i,cfi->...cf", x, w)
         else:
@@ -267,7 +270,8 @@ def forward(params: Params, cfg: ModelConfig, batch: dict[str, jax.Array], kv_ca
     RMSNorm as one call): each layer then ends with the next layer's input norm (the last with
     the final norm, over every row before the logits rows are gathered: rows are independent).
     dense: the layers' matmuls, dense(x [..., in], w [out, in]) -> x @ w.T (None: XLA's einsum;
-    the runner passes pallas_kernels/decode_matmul for decode-sized buckets on request)."""
+    the runner passes pallas_kernels/decode_matmul for decode-sized buckets on request); with a
+    `gate_up_silu(x, w [2F, in])` attribute, the fused layout's MLP runs silu(gate) * up through it."""
     model = params["model"]
     if matmul is not None and (layout_of(params) != "hf" or decode_attention is not None
                                or dense is not None):

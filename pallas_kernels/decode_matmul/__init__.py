@@ -4,7 +4,8 @@ TMA + wgmma, Hopper).
 
 `get_dense(impl)` gives models' `forward(dense=...)`: None for "xla" (XLA's einsum), or for
 "mgpu" a dense(x, w) that runs the kernel where it tiles the shape (x 2-D with at most 256 rows,
-bf16/f16, N and K multiples of 64) and XLA's einsum elsewhere.  The engine's switch is
+bf16/f16, N and K multiples of 64) and XLA's einsum elsewhere; its `gate_up_silu` attribute runs
+the MLP's gate/up matmul with the SwiGLU in the same kernel (gpu.decode_gate_up_silu).  The engine's switch is
 RunnerConfig.decode_matmul ($JAXENGINE_DECODE_MATMUL).
 """
 
@@ -45,8 +46,25 @@ def mgpu_dense(x: jax.Array, w: jax.Array) -> jax.Array:
     return jnp.einsum("...i,oi->...o", x, w)
 
 
+def mgpu_gate_up_silu(x: jax.Array, w: jax.Array) -> jax.Array:
+    """silu(x @ w[:F].T) * (x @ w[F:].T) for the stacked [gate; up] weight w [2F, K]: one kernel
+    (gpu.decode_gate_up_silu) where it tiles the shape, else XLA's einsum and SwiGLU."""
+    from . import gpu
+
+    if fits(x, w) and (w.shape[0] // 2) % gpu.TILE_N == 0:
+        return gpu.decode_gate_up_silu(x, w)
+    gu = jnp.einsum("...i,oi->...o", x, w)
+    f = w.shape[0] // 2
+    return jax.nn.silu(gu[..., :f]) * gu[..., f:]
+
+
+# models' forward(dense=...) looks for this attribute: the MLP's gate/up matmul and SwiGLU as one call
+mgpu_dense.gate_up_silu = mgpu_gate_up_silu
+
+
 def get_dense(impl: str = "auto") -> Callable[[jax.Array, jax.Array], jax.Array] | None:
     return None if resolve_impl(impl) == "xla" else mgpu_dense
 
 
-__all__ = ["get_dense", "resolve_impl", "fits", "mgpu_dense", "reference_decode_matmul", "IMPLS"]
+__all__ = ["get_dense", "resolve_impl", "fits", "mgpu_dense", "mgpu_gate_up_silu",
+           "reference_decode_matmul", "IMPLS"]

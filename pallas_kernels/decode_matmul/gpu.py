@@ -195,3 +195,81 @@ def decode_matmul(x: jax.Array, w: jax.Array, *, tile_k: int | None = None,
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
     return _decode_matmul(x, w, interpret=bool(interpret), **cfg)
+
+
+@functools.partial(jax.jit, static_argnames=("tile_k", "stages", "interpret"))
+def _decode_gate_up_silu(x, w, *, tile_k: int, stages: int, interpret: bool):
+    m, k = x.shape
+    f = w.shape[0] // 2
+    m_pad = _round_up(m, 8)
+    if m_pad != m:
+        x = jnp.pad(x, [(0, m_pad - m), (0, 0)])
+    swizzle = plgpu.find_swizzle(64 * jnp.dtype(w.dtype).itemsize * 8)
+    transforms = (plgpu.TilingTransform((8, swizzle // jnp.dtype(w.dtype).itemsize)),
+                  plgpu.SwizzleTransform(swizzle))
+    o_swizzle = plgpu.find_swizzle(TILE_N * jnp.dtype(x.dtype).itemsize * 8)
+    o_transforms = (plgpu.TilingTransform((8, o_swizzle // jnp.dtype(x.dtype).itemsize)),
+                    plgpu.SwizzleTransform(o_swizzle))
+    up0 = f // TILE_N  # the up rows' first tile: w is [gate; up]
+
+    def body(w_gmem, x_gmem, o_gmem):
+        n_idx = lax.axis_index("n")
+
+        def acc_scope(acc_g, acc_u):
+            def step(_, g_smem, u_smem, x_smem):
+                plgpu.wgmma(acc_g, g_smem, x_smem.T)
+                plgpu.wgmma(acc_u, u_smem, x_smem.T)
+                plgpu.wgmma_wait(1)  # the previous step's wgmmas done: its stage is released
+
+            spec = lambda first: plgpu.BlockSpec(  # noqa: E731
+                (TILE_N, tile_k), lambda i: (first + n_idx, i), transforms=transforms, delay_release=1)
+            plgpu.emit_pipeline(
+                step, grid=(k // tile_k,),
+                in_specs=[spec(0), spec(up0),
+                          plgpu.BlockSpec((m_pad, tile_k), lambda i: (0, i), transforms=transforms,
+                                          delay_release=1)],
+                max_concurrent_steps=stages)(w_gmem, w_gmem, x_gmem)
+            return acc_g[...], acc_u[...]
+
+        g, u = pl.run_scoped(acc_scope, plgpu.ACC((TILE_N, m_pad), jnp.float32),
+                             plgpu.ACC((TILE_N, m_pad), jnp.float32))
+        h = g / (1.0 + jnp.exp(-g)) * u  # SwiGLU on the float32 accumulators
+
+        def store(o_smem):
+            o_smem.T[...] = h.astype(o_smem.dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[:, pl.ds(n_idx * TILE_N, TILE_N)])
+            plgpu.wait_smem_to_gmem(0)
+
+        pl.run_scoped(store, plgpu.SMEM((m_pad, TILE_N), x.dtype, transforms=o_transforms))
+
+    kernel = plgpu.kernel(
+        body, out_type=jax.ShapeDtypeStruct((m_pad, f), x.dtype), grid=(f // TILE_N,),
+        grid_names=("n",), interpret=plgpu.InterpretGPUParams() if interpret else None)
+    out = kernel(w, x)
+    return out if m_pad == m else out[:m]
+
+
+def decode_gate_up_silu(x: jax.Array, w: jax.Array, *, tile_k: int | None = None,
+                        stages: int | None = None, interpret: bool | None = None) -> jax.Array:
+    """SwiGLU's first half in one kernel: silu(x @ w[:F].T) * (x @ w[F:].T) -> [M, F], w the
+    stacked [gate; up] weight [2F, K] (the fused layout's gate_up_proj, reshaped for free).  Each
+    CTA streams 64 gate rows and the 64 matching up rows, so the SwiGLU runs on its two float32
+    accumulators in registers: no [M, 2F] intermediate and no XLA kernel for the SwiGLU."""
+    m, k = x.shape
+    two_f, k2 = w.shape
+    if k != k2 or two_f % (2 * TILE_N):
+        raise ValueError(f"decode_gate_up_silu: w must be [2F, K] with F a multiple of {TILE_N} and "
+                         f"K = x's ({k}); got {w.shape}")
+    if x.dtype != w.dtype or x.dtype not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(f"decode_gate_up_silu: x and w must both be bfloat16 or float16, got "
+                         f"{x.dtype} and {w.dtype}")
+    cfg = default_config(m, two_f, k)
+    tile_k = tile_k or cfg["tile_k"]
+    _check(m, two_f, k, tile_k, 1)
+    if stages is None:  # a stage holds two weight tiles and the x tile
+        stages = max(2, min(8, (200 << 10) // ((2 * TILE_N + _round_up(m, 8)) * tile_k * 2),
+                            k // tile_k))
+    if interpret is None:
+        interpret = jax.default_backend() == "cpu"
+    return _decode_gate_up_silu(x, w, tile_k=tile_k, stages=stages, interpret=bool(interpret))
