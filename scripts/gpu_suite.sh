@@ -40,6 +40,8 @@
 #               decode GEMMs, XLA against the Mosaic GPU decode_matmul and a config sweep       ~9 min
 #   abmatmul    bench_forward 8B and 1B, b1 and b64, the engine's decode program (fused decode attention,
 #               residual-norm kernel), matmuls XLA / Mosaic GPU decode_matmul / XLA (A/B/A), profiled  ~7 min
+#   abmmengine  the engine, K = 8, 8B and 1B at batch 1 and 64, decode matmuls XLA then the Mosaic GPU
+#               kernels (--decode-matmul mgpu), 4 engine starts                                  ~7 min
 #   hf-static   Hugging Face static-cache generate(), 8B batch 1 and 64 (long compile)            ~8 min
 #   hf-eager    Hugging Face eager generate(), 1B and 8B, batch 1 and 64                          ~2 min
 # Everything is also runnable by hand: each part is one or two commands below.
@@ -163,6 +165,10 @@ for part in "$@"; do
         --decode-attention fused --residual-norm gpu --decode-matmul xla mgpu xla --profile-dir /tmp/prof \
         --top 12 --json "$OUT/forward_matmul.json" > "$OUT/forward_matmul.log" 2>&1
       grep -E "^\||kernels of|^ +[0-9.]+ us|Error" "$OUT/forward_matmul.log" | head -200 ;;
+    abmmengine)
+      for dm in xla mgpu; do
+        lat "mm_engine_$dm" --model llama-3.1-8b llama-3.2-1b --batch 1 64 --num-scheduler-steps 8 --decode-matmul $dm
+      done ;;
     decodesweep)
       timeout 200 python3 scripts/bench_attention.py --decode-sweep --device-time --out "$OUT/decode_sweep.json" \
         > "$OUT/decode_sweep.log" 2>&1; grep -E "^\||device" "$OUT/decode_sweep.log" | head -50 ;;
