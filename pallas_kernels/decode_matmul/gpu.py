@@ -2,11 +2,12 @@
 wgmma), y = x @ w.T with x [M, K] (M small: the step's token rows) and w [N, K] (the model's
 [out, in] weight, K contiguous).
 
-Why not XLA's GEMM: at M = 1-64 a decode GEMM only streams the weight; XLA's Triton GEMMs read the
-H100/H200's q/k/v and o weights at about half the copy rate and split K with a reduction kernel of
-their own (BENCHMARKS.md, "Where the time goes").  Pallas-Triton kernels gather through pointer
-tensors and stayed at 2.0-2.3 TB/s (fused_matmul/NOTES.md); TMA copies whole tiles with no
-address arithmetic per element.
+Why, next to XLA's GEMMs: in the decode program XLA's GEMMs stream the weights at ~93% of the
+copy rate already (H200, ninth session), and these kernels match that; what they add is their own
+epilogue: the output comes out in its final layout (no reduction or transpose kernel after it)
+and neighbouring ops fold in (decode_gate_up_silu: the SwiGLU), fewer kernels a layer, which is
+where decode steps lose time (NOTES.md).  Pallas-Triton kernels gather through pointer tensors
+and stayed at 2.0-2.3 TB/s (fused_matmul/NOTES.md); TMA copies whole tiles.
 
 Decomposition ("swap AB"): wgmma's M side is 64, so the weight is the A operand, a [64, tile_k]
 tile of 64 output features, and x^T the B operand, [tile_k, m_pad] with m_pad the token rows
@@ -52,6 +53,14 @@ def default_config(m: int, n: int, k: int, num_sms: int = _DEFAULT_NUM_SMS) -> d
     return dict(tile_k=tile_k, splits=splits, stages=stages, warp_specialized=False)
 
 
+def _smem_transforms(dtype, minor: int) -> tuple:
+    """Tiling + swizzle of a shared-memory tile whose rows hold `minor` elements of dtype (the
+    widest swizzle, up to 128 B, those rows allow): what TMA and wgmma want."""
+    swizzle = plgpu.find_swizzle(minor * jnp.dtype(dtype).itemsize * 8)
+    return (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)),
+            plgpu.SwizzleTransform(swizzle))
+
+
 def _check(m, n, k, tile_k, splits):
     if n % TILE_N:
         raise ValueError(f"decode_matmul: N ({n}) must be a multiple of {TILE_N}")
@@ -72,9 +81,7 @@ def _decode_matmul(x, w, *, tile_k: int, splits: int, stages: int, warp_speciali
     if m_pad != m:
         x = jnp.pad(x, [(0, m_pad - m), (0, 0)])
     k_steps = k // tile_k // splits
-    swizzle = plgpu.find_swizzle(64 * jnp.dtype(w.dtype).itemsize * 8)  # 128 B rows of 64 bf16
-    transforms = (plgpu.TilingTransform((8, swizzle // jnp.dtype(w.dtype).itemsize)),
-                  plgpu.SwizzleTransform(swizzle))
+    transforms = _smem_transforms(w.dtype, 64)  # 128 B swizzle: 64 bf16 of K a row
     part_dtype = x.dtype if splits == 1 else jnp.float32
     in_specs = lambda n_idx, k0: [  # noqa: E731
         plgpu.BlockSpec((TILE_N, tile_k), lambda i: (n_idx, k0 + i), transforms=transforms,
@@ -85,14 +92,12 @@ def _decode_matmul(x, w, *, tile_k: int, splits: int, stages: int, warp_speciali
 
     # The epilogue stores y^T's tile transposed into shared memory ([m_pad, 64]), so the output
     # is y itself ([m_pad, N], or [splits, m_pad, N] float32 partials): no transpose after it.
-    o_swizzle = plgpu.find_swizzle(TILE_N * jnp.dtype(part_dtype).itemsize * 8)
-    o_transforms = (plgpu.TilingTransform((8, o_swizzle // jnp.dtype(part_dtype).itemsize)),
-                    plgpu.SwizzleTransform(o_swizzle))
     # float32 partials (splits > 1) keep y^T's layout, [splits, N, m_pad]: Mosaic GPU finds no
     # register layout for the transposed float32 store on the device (H200: "Failed to infer a
     # possible set of layouts"); XLA's reduction transposes them for free.
     if splits == 1:
-        o_smem_type = plgpu.SMEM((m_pad, TILE_N), part_dtype, transforms=o_transforms)
+        o_smem_type = plgpu.SMEM((m_pad, TILE_N), part_dtype,
+                                 transforms=_smem_transforms(part_dtype, TILE_N))
     else:
         o_smem_type = plgpu.SMEM((TILE_N, m_pad), part_dtype)
 
@@ -204,12 +209,7 @@ def _decode_gate_up_silu(x, w, *, tile_k: int, stages: int, interpret: bool):
     m_pad = _round_up(m, 8)
     if m_pad != m:
         x = jnp.pad(x, [(0, m_pad - m), (0, 0)])
-    swizzle = plgpu.find_swizzle(64 * jnp.dtype(w.dtype).itemsize * 8)
-    transforms = (plgpu.TilingTransform((8, swizzle // jnp.dtype(w.dtype).itemsize)),
-                  plgpu.SwizzleTransform(swizzle))
-    o_swizzle = plgpu.find_swizzle(TILE_N * jnp.dtype(x.dtype).itemsize * 8)
-    o_transforms = (plgpu.TilingTransform((8, o_swizzle // jnp.dtype(x.dtype).itemsize)),
-                    plgpu.SwizzleTransform(o_swizzle))
+    transforms = _smem_transforms(w.dtype, 64)
     up0 = f // TILE_N  # the up rows' first tile: w is [gate; up]
 
     def body(w_gmem, x_gmem, o_gmem):
@@ -241,7 +241,8 @@ def _decode_gate_up_silu(x, w, *, tile_k: int, stages: int, interpret: bool):
             plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[:, pl.ds(n_idx * TILE_N, TILE_N)])
             plgpu.wait_smem_to_gmem(0)
 
-        pl.run_scoped(store, plgpu.SMEM((m_pad, TILE_N), x.dtype, transforms=o_transforms))
+        pl.run_scoped(store, plgpu.SMEM((m_pad, TILE_N), x.dtype,
+                                        transforms=_smem_transforms(x.dtype, TILE_N)))
 
     kernel = plgpu.kernel(
         body, out_type=jax.ShapeDtypeStruct((m_pad, f), x.dtype), grid=(f // TILE_N,),
