@@ -171,7 +171,7 @@ def test_engine_decodes_through_the_kernel(tmp_path, monkeypatch):
     assert all(len(t) == 6 for t in outs["xla", 4])
 
 
-def test_config_and_impl_selection():
+def test_config_and_impl_selection(monkeypatch):
     from jaxengine.config import RunnerConfig
     from jaxengine.pallas_kernels import decode_matmul
 
@@ -183,6 +183,11 @@ def test_config_and_impl_selection():
         RunnerConfig(decode_matmul="cublas")
     with pytest.raises(ValueError, match="pick one"):
         RunnerConfig(decode_matmul="mgpu", matmul_impl="gpu")
+    with monkeypatch.context() as mp:  # a TPU host gets a clear error, not a Mosaic GPU compile failure
+        mp.setattr(jax, "default_backend", lambda: "tpu")
+        with pytest.raises(ValueError, match="not on 'tpu'"):
+            decode_matmul.resolve_impl("mgpu")
+        assert decode_matmul.resolve_impl("auto") == "xla"
     # shapes the kernel does not tile fall back to XLA's einsum (same result)
     x, w = jnp.ones((3, 96), jnp.bfloat16), jnp.ones((64, 96), jnp.bfloat16)
     assert not decode_matmul.fits(x, w)

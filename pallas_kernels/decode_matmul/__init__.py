@@ -26,6 +26,9 @@ def resolve_impl(impl: str = "auto") -> str:
         impl = "xla"  # until the kernel measures faster in the engine (BENCHMARKS.md)
     if impl not in IMPLS:
         raise ValueError(f"decode matmul impl must be one of auto, {', '.join(IMPLS)}; got {impl!r}")
+    if impl == "mgpu" and jax.default_backend() not in ("gpu", "cuda", "cpu"):
+        raise ValueError(f"decode_matmul='mgpu' runs Mosaic GPU kernels (NVIDIA Hopper; the CPU "
+                         f"backend interprets them): not on {jax.default_backend()!r}")
     return impl
 
 
