@@ -41,12 +41,14 @@ def fits(x: jax.Array, w: jax.Array) -> bool:
             and x.shape[1] == w.shape[1] and x.shape[1] % 64 == 0)
 
 
+def _xla(x: jax.Array, w: jax.Array) -> jax.Array:
+    return jnp.einsum("...i,oi->...o", x, w)  # the model's own GEMM (models.llama.dense_einsum)
+
+
 def mgpu_dense(x: jax.Array, w: jax.Array) -> jax.Array:
     from . import gpu
 
-    if fits(x, w):
-        return gpu.decode_matmul(x, w)
-    return jnp.einsum("...i,oi->...o", x, w)
+    return gpu.decode_matmul(x, w) if fits(x, w) else _xla(x, w)
 
 
 def mgpu_gate_up_silu(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -56,7 +58,7 @@ def mgpu_gate_up_silu(x: jax.Array, w: jax.Array) -> jax.Array:
 
     if fits(x, w) and (w.shape[0] // 2) % gpu.TILE_N == 0:
         return gpu.decode_gate_up_silu(x, w)
-    gu = jnp.einsum("...i,oi->...o", x, w)
+    gu = _xla(x, w)
     f = w.shape[0] // 2
     return jax.nn.silu(gu[..., :f]) * gu[..., f:]
 

@@ -48,9 +48,15 @@ def default_config(m: int, n: int, k: int, num_sms: int = _DEFAULT_NUM_SMS) -> d
     n_tiles = n // TILE_N
     splits = next((s for s in range(1, 9) if k_steps % s == 0 and n_tiles * s >= 60),
                   max(s for s in range(1, 9) if k_steps % s == 0))
-    stage_bytes = (TILE_N + _round_up(m, 8)) * tile_k * 2
-    stages = max(2, min(8, (200 << 10) // stage_bytes, k_steps // splits))
+    stages = ring_stages(1, m, tile_k, k_steps // splits)
     return dict(tile_k=tile_k, splits=splits, stages=stages, warp_specialized=False)
+
+
+def ring_stages(weight_tiles: int, m: int, tile_k: int, steps: int) -> int:
+    """How many ring stages fit in ~200 KiB of shared memory (2-8, at most the K steps): a stage
+    holds `weight_tiles` [64, tile_k] weight tiles and the [m padded to 8, tile_k] x tile."""
+    stage_bytes = (weight_tiles * TILE_N + _round_up(m, 8)) * tile_k * 2
+    return max(2, min(8, (200 << 10) // stage_bytes, steps))
 
 
 def _smem_transforms(dtype, minor: int) -> tuple:
@@ -268,9 +274,8 @@ def decode_gate_up_silu(x: jax.Array, w: jax.Array, *, tile_k: int | None = None
     cfg = default_config(m, two_f, k)
     tile_k = tile_k or cfg["tile_k"]
     _check(m, two_f, k, tile_k, 1)
-    if stages is None:  # a stage holds two weight tiles and the x tile
-        stages = max(2, min(8, (200 << 10) // ((2 * TILE_N + _round_up(m, 8)) * tile_k * 2),
-                            k // tile_k))
+    if stages is None:  # a stage holds the gate and the up tile
+        stages = ring_stages(2, m, tile_k, k // tile_k)
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
     return _decode_gate_up_silu(x, w, tile_k=tile_k, stages=stages, interpret=bool(interpret))
