@@ -13,6 +13,16 @@ from jaxengine.pallas_kernels.decode_matmul import gpu as dm_gpu
 from jaxengine.pallas_kernels.decode_matmul import reference_decode_matmul
 
 BACKEND = jax.default_backend()
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_callbacks_done():
+    """Mosaic GPU's interpreter runs kernels as io_callbacks that dispatch jax ops themselves; one
+    still cleaning up (its barriers) while the next test dispatches eagerly deadlocked the 2-core
+    CI once.  Wait for every pending callback before and after each test."""
+    jax.effects_barrier()
+    yield
+    jax.effects_barrier()
 INTERPRET = BACKEND != "gpu"
 if BACKEND == "gpu" and "H100" not in jax.devices()[0].device_kind and "H200" not in jax.devices()[0].device_kind:
     pytest.skip("wgmma kernels need a Hopper GPU", allow_module_level=True)
@@ -36,6 +46,7 @@ def test_kernel_matches_reference(m, n, k, cfg, dtype):
     x = jax.random.normal(kx, (m, k), jnp.float32).astype(dtype)
     w = (jax.random.normal(kw, (n, k), jnp.float32) * 0.05).astype(dtype)
     got = dm_gpu.decode_matmul(x, w, interpret=INTERPRET, **cfg)
+    jax.effects_barrier()  # the interpreter's callbacks finish before the next eager op
     want = reference_decode_matmul(x, w)
     assert got.shape == (m, n) and got.dtype == dtype
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
@@ -49,6 +60,7 @@ def test_gate_up_silu_matches_reference(m, f, k, cfg):
     x = jax.random.normal(kx, (m, k), jnp.float32).astype(jnp.bfloat16)
     w = (jax.random.normal(kw, (2 * f, k), jnp.float32) * 0.1).astype(jnp.bfloat16)
     got = dm_gpu.decode_gate_up_silu(x, w, interpret=INTERPRET, **cfg)
+    jax.effects_barrier()
     gu = jnp.einsum("mk,nk->mn", x, w, preferred_element_type=jnp.float32)
     want = jax.nn.silu(gu[:, :f]) * gu[:, f:]
     assert got.shape == (m, f) and got.dtype == jnp.bfloat16
@@ -128,8 +140,11 @@ def test_forward_with_the_kernel_matches_xla(monkeypatch, decode):
                         lambda x, w, **kw: calls.append(("silu",) + w.shape) or inner_silu(x, w, **kw))
     attention = get_attention("reference")
     kw = dict(decode_attention=get_decode_attention("reference")) if decode else {}
-    want, _ = model.forward(params, cfg, inputs, kv, attention, **kw)
-    got, _ = model.forward(params, cfg, inputs, kv, attention, dense=decode_matmul.get_dense("mgpu"), **kw)
+    # jitted, so no op is dispatched eagerly beside the interpreter's callbacks
+    want, _ = jax.jit(lambda p, kv, b: model.forward(p, cfg, b, kv, attention, **kw))(params, kv, inputs)
+    dense = decode_matmul.get_dense("mgpu")
+    got, _ = jax.jit(lambda p, kv, b: model.forward(p, cfg, b, kv, attention, dense=dense, **kw))(
+        params, kv, inputs)
     h, f = cfg.hidden_size, cfg.intermediate_size
     qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
     assert set(calls) == {(qkv, h), (h, cfg.num_heads * cfg.head_dim), ("silu", 2 * f, h), (h, f)}
