@@ -4,6 +4,8 @@ pipeline depths, bf16 and f16; in Mosaic GPU's interpreter on CPU, compiled on a
 
 from __future__ import annotations
 
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -203,10 +205,39 @@ def test_config_and_impl_selection(monkeypatch):
         with pytest.raises(ValueError, match="not on 'tpu'"):
             decode_matmul.resolve_impl("mgpu")
         assert decode_matmul.resolve_impl("auto") == "xla"
+    # auto: the kernels on a Hopper GPU (compute capability 9.x), XLA on other GPUs
+    for capability, want in (("9.0", "mgpu"), ("8.0", "xla"), ("10.0", "xla")):
+        with monkeypatch.context() as mp:
+            mp.setattr(jax, "default_backend", lambda: "gpu")
+            mp.setattr(jax, "devices", lambda *a: [types.SimpleNamespace(compute_capability=capability)])
+            assert decode_matmul.resolve_impl("auto") == want, capability
+            assert decode_matmul.resolve_impl("xla") == "xla"
     # shapes the kernel does not tile fall back to XLA's einsum (same result)
     x, w = jnp.ones((3, 96), jnp.bfloat16), jnp.ones((64, 96), jnp.bfloat16)
     assert not decode_matmul.fits(x, w)
     np.testing.assert_allclose(np.asarray(decode_matmul.mgpu_dense(x, w), np.float32), 96.0)
+
+
+def test_engine_auto_picks_the_kernels_on_hopper(tmp_path, monkeypatch):
+    """decode_matmul="auto" (the default): the kernels where resolve_impl finds a Hopper GPU, XLA
+    beside the fused-matmul kernels (matmul_impl="gpu" replaces the same matmuls) and XLA on CPU."""
+    import json
+
+    _scripts_on_path()
+    from bench_latency import SHAPES
+
+    from jaxengine import LLM
+    from jaxengine.pallas_kernels import decode_matmul
+
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump({**SHAPES["tiny"], "torch_dtype": "bfloat16"}, f)
+    kw = dict(load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16", max_model_len=64,
+              max_num_seqs=4, max_num_batched_tokens=32, kv_cache_memory_bytes=4 << 20, warmup=False)
+    assert LLM(str(tmp_path), **kw).runner.decode_matmul_impl == "xla"  # CPU: not Hopper
+    monkeypatch.setattr(decode_matmul, "_hopper", lambda: True)
+    assert LLM(str(tmp_path), **kw).runner.decode_matmul_impl == "mgpu"
+    assert LLM(str(tmp_path), matmul_impl="gpu", **kw).runner.decode_matmul_impl == "xla"
+    assert LLM(str(tmp_path), decode_matmul="xla", **kw).runner.decode_matmul_impl == "xla"
 
 
 @pytest.mark.parametrize("m,n,warp_specialized", [(8, 4096, False), (64, 4096, True), (8, 2048, False)])

@@ -138,10 +138,11 @@ class ModelRunner:
         self.matmul_impl = fused_matmul.resolve_impl(cfg.runner.matmul_impl)
         fused = fused_matmul.get_matmul("gpu") if uses_fused_matmul(cfg.runner, model, m, mesh) else None
         self.fused_max_tokens = cfg.runner.fused_matmul_max_tokens if fused is not None else 0
-        # decode-sized buckets' matmuls as the Mosaic GPU weight-streaming kernel (opt-in; one
-        # device: under tensor parallelism XLA partitions its own GEMMs)
-        self.decode_matmul_impl = (decode_matmul.resolve_impl(cfg.runner.decode_matmul)
-                                   if mesh is None else "xla")
+        # decode-sized buckets' matmuls as the Mosaic GPU weight-streaming kernels (auto: on a
+        # Hopper GPU; one device: under tensor parallelism XLA partitions its own GEMMs; not beside
+        # the fused-matmul kernels, which replace the same matmuls)
+        auto_off = mesh is not None or (fused is not None and cfg.runner.decode_matmul == "auto")
+        self.decode_matmul_impl = "xla" if auto_off else decode_matmul.resolve_impl(cfg.runner.decode_matmul)
         dense = decode_matmul.get_dense(self.decode_matmul_impl)
         dense_max_tokens = cfg.runner.fused_matmul_max_tokens
         # mesh: a ("dp"=1, "tp") jax.sharding.Mesh; params arrive already sharded by sharding/ rules

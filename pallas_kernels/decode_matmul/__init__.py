@@ -3,10 +3,11 @@ rows): `reference.decode_matmul` (jnp, any backend) and `gpu.decode_matmul` (Pal
 TMA + wgmma, Hopper).
 
 `get_dense(impl)` gives models' `forward(dense=...)`: None for "xla" (XLA's einsum), or for
-"mgpu" a dense(x, w) that runs the kernel where it tiles the shape (x 2-D with at most 256 rows,
-bf16/f16, N and K multiples of 64) and XLA's einsum elsewhere; its `gate_up_silu` attribute runs
-the MLP's gate/up matmul with the SwiGLU in the same kernel (gpu.decode_gate_up_silu).  The engine's switch is
-RunnerConfig.decode_matmul ($JAXENGINE_DECODE_MATMUL).
+"mgpu" (what "auto" picks on a Hopper GPU) a dense(x, w) that runs the kernel where it tiles the
+shape (x 2-D with at most 256 rows, bf16/f16, N and K multiples of 64) and XLA's einsum
+elsewhere; its `gate_up_silu` attribute runs the MLP's gate/up matmul with the SwiGLU in the same
+kernel (gpu.decode_gate_up_silu).  The engine's switch is RunnerConfig.decode_matmul
+($JAXENGINE_DECODE_MATMUL).
 """
 
 from __future__ import annotations
@@ -21,9 +22,20 @@ from .reference import decode_matmul as reference_decode_matmul
 IMPLS = ("xla", "mgpu")
 
 
+def _hopper() -> bool:
+    """Whether the default device is an NVIDIA Hopper GPU (compute capability 9.x: wgmma + TMA)."""
+    if jax.default_backend() not in ("gpu", "cuda"):
+        return False
+    return str(getattr(jax.devices()[0], "compute_capability", "")).split(".")[0] == "9"
+
+
 def resolve_impl(impl: str = "auto") -> str:
+    """"auto" = "mgpu" on a Hopper GPU, else "xla".  On the H200 the kernels won every decode
+    A/B: the decode forward 8B b1 -2.4%/-5%, b64 -10%/-12%, 1B b1 -1%/-7%, b64 -5%/-9% against
+    XLA before/after, and the engine at K = 8 8B b64 +3.5%/+5.3% (BENCHMARKS.md, tenth session).
+    Other GPUs have no wgmma (Ampere) or want tcgen05 (Blackwell): XLA there."""
     if impl == "auto":
-        impl = "xla"  # until the kernel measures faster in the engine (BENCHMARKS.md)
+        impl = "mgpu" if _hopper() else "xla"
     if impl not in IMPLS:
         raise ValueError(f"decode matmul impl must be one of auto, {', '.join(IMPLS)}; got {impl!r}")
     if impl == "mgpu" and jax.default_backend() not in ("gpu", "cuda", "cpu"):
