@@ -160,10 +160,14 @@ def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
 def attention_block(p: Params, cfg: ModelConfig, x: jax.Array, rope: Any,
                     kv_pages: jax.Array, batch: dict[str, jax.Array],
                     attention: Callable[..., Any], decode: bool = False,
-                    dense: Callable[..., jax.Array] | None = None) -> tuple[jax.Array, jax.Array]:
+                    dense: Callable[..., jax.Array] | None = None,
+                    o_proj: Callable[..., Any] | None = None) -> tuple[Any, jax.Array]:
     """rope: (cos, sin) [num_tokens, head_dim // 2] each, or with decode=True the inv_freq that
     `attention` (a decode_attention, pallas_kernels/ragged_paged_attention/decode.py) rotates
-    q and k with itself while it writes the KV slots."""
+    q and k with itself while it writes the KV slots.  o_proj(out, w): replaces the output
+    projection (and its bias: the caller's business), its result returned as is."""
+    if o_proj is None:
+        o_proj = lambda out, w: linear(out, p["o_proj"], dense)  # noqa: E731
     t = x.shape[0]
     kw = dict(sm_scale=cfg.head_dim ** -0.5, sliding_window=cfg.sliding_window)
     decode_args = (batch["kv_lens"], batch["page_indices"], batch["num_seqs"], rope)
@@ -177,7 +181,7 @@ def attention_block(p: Params, cfg: ModelConfig, x: jax.Array, rope: Any,
             qkv = qkv + p["qkv_proj"]["bias"]
         if decode and not cfg.qk_norm:  # the kernel reads q, k and v out of the one buffer
             out, kv_pages = attention(qkv, None, None, kv_pages, *decode_args, **kw)
-            return linear(out.reshape(t, cfg.num_heads * cfg.head_dim), p["o_proj"], dense), kv_pages
+            return o_proj(out.reshape(t, cfg.num_heads * cfg.head_dim), p["o_proj"]["weight"]), kv_pages
         q, k, v = split_qkv(qkv)
     else:
         q = linear(x, p["q_proj"], dense).reshape(t, cfg.num_heads, cfg.head_dim)  # [num_tokens, num_q_heads, head_dim]
@@ -194,7 +198,7 @@ def attention_block(p: Params, cfg: ModelConfig, x: jax.Array, rope: Any,
         kv_pages = write_kv(kv_pages, k, v, batch["slot_mapping"])
         out = attention(q, kv_pages, batch["kv_lens"], batch["page_indices"], batch["cu_q_lens"],
                         batch["num_seqs"], **kw)
-    return linear(out.reshape(t, cfg.num_heads * cfg.head_dim), p["o_proj"], dense), kv_pages
+    return o_proj(out.reshape(t, cfg.num_heads * cfg.head_dim), p["o_proj"]["weight"]), kv_pages
 
 
 def mlp_block(p: Params, x: jax.Array, dense: Callable[..., jax.Array] | None = None) -> jax.Array:
@@ -271,7 +275,10 @@ def forward(params: Params, cfg: ModelConfig, batch: dict[str, jax.Array], kv_ca
     the final norm, over every row before the logits rows are gathered: rows are independent).
     dense: the layers' matmuls, dense(x [..., in], w [out, in]) -> x @ w.T (None: XLA's einsum;
     the runner passes pallas_kernels/decode_matmul for decode-sized buckets on request); with a
-    `gate_up_silu(x, w [2F, in])` attribute, the fused layout's MLP runs silu(gate) * up through it."""
+    `gate_up_silu(x, w [2F, in])` attribute, the fused layout's MLP runs silu(gate) * up through it;
+    with `residual`, `normed`, `normed_gate_up_silu` and `prenorm` (decode_matmul "mgpu_norm") the
+    residual adds and RMSNorms run in the matmuls too (_forward_norm_in_matmuls; residual_norm
+    unused)."""
     model = params["model"]
     if matmul is not None and (layout_of(params) != "hf" or decode_attention is not None
                                or dense is not None):
@@ -282,6 +289,9 @@ def forward(params: Params, cfg: ModelConfig, batch: dict[str, jax.Array], kv_ca
         rope, attention = rope_inv_freq(cfg), decode_attention
     else:
         rope = rope_cos_sin(batch["positions"], rope_inv_freq(cfg))
+    if matmul is None and getattr(dense, "residual", None) is not None and _norm_in_matmuls(params, cfg):
+        return _forward_norm_in_matmuls(params, cfg, batch, kv_caches, attention, x, rope, dense,
+                                        decode=decode_attention is not None)
     if residual_norm is not None and matmul is None:
         return _forward_residual_norm(params, cfg, batch, kv_caches, attention, x, rope, residual_norm,
                                       decode=decode_attention is not None, dense=dense)
@@ -326,3 +336,35 @@ def _forward_residual_norm(params, cfg, batch, kv_caches, attention, x, rope, re
         nxt = layers[i + 1]["input_layernorm"]["weight"] if i + 1 < n else model["norm"]["weight"]
         x, normed = residual_norm(x, mlp_block(layer["mlp"], normed, dense), nxt, eps)
     return lm_head(params, cfg, normed[batch["logits_indices"]]), new_caches
+
+
+def _norm_in_matmuls(params: Params, cfg: ModelConfig) -> bool:
+    """Whether _forward_norm_in_matmuls covers the model: the fused layout, no o/MLP biases (the
+    residual kernels add nothing but the residual)."""
+    layer = params["model"]["layers"]["0"]
+    return ("qkv_proj" in layer["self_attn"] and "gate_up_proj" in layer["mlp"]
+            and not cfg.o_bias and not cfg.mlp_bias)
+
+
+def _forward_norm_in_matmuls(params, cfg, batch, kv_caches, attention, x, rope, dense, *, decode):
+    """forward's layer loop with the residual adds and RMSNorms in the matmuls' epilogues: the o
+    and down projections return (h, hg, ss) = the residual stream, the next norm's input with its
+    weight applied and partial sums of h^2; the q/k/v and gate/up projections take hg and ss and
+    scale each row by its 1/rms (pallas_kernels/decode_matmul "mgpu_norm")."""
+    model, eps, n = params["model"], cfg.rms_norm_eps, cfg.num_layers
+    layers = [model["layers"][str(i)] for i in range(n)]
+    hg, ss = dense.prenorm(x, layers[0]["input_layernorm"]["weight"])
+    new_caches = []
+    for i, layer in enumerate(layers):
+        post = layer["post_attention_layernorm"]["weight"]
+        qkv_dense = lambda a, w, ss=ss: dense.normed(a, w, ss, eps)  # noqa: E731
+        o_proj = lambda out, w, x=x, post=post: dense.residual(out, w, x, post)  # noqa: E731
+        (x, hg, ss), kv = attention_block(layer["self_attn"], cfg, hg, rope, kv_caches[i], batch,
+                                          attention, decode=decode, dense=qkv_dense, o_proj=o_proj)
+        new_caches.append(kv)
+        w = layer["mlp"]["gate_up_proj"]["weight"]
+        act = dense.normed_gate_up_silu(hg, w.reshape(-1, w.shape[-1]), ss, eps)
+        nxt = layers[i + 1]["input_layernorm"]["weight"] if i + 1 < n else model["norm"]["weight"]
+        x, hg, ss = dense.residual(act, layer["mlp"]["down_proj"]["weight"], x, nxt)
+    x = rms_norm(x[batch["logits_indices"]], model["norm"]["weight"], eps)
+    return lm_head(params, cfg, x), new_caches

@@ -149,9 +149,10 @@ def main() -> None:
     ap.add_argument("--residual-norm", nargs="+", default=["off"], choices=["off", "gpu", "reference"],
                     help="residual add + RMSNorm: the model's own ops (off), the Pallas kernel (gpu; the "
                          "engine's default on GPUs) or its jnp composition; several: one run each")
-    ap.add_argument("--decode-matmul", nargs="+", default=["xla"], choices=["xla", "mgpu"],
-                    help="the layers' matmuls: XLA's GEMMs or the Mosaic GPU decode_matmul "
-                         "(pallas_kernels/decode_matmul); several (repeats allowed, for A/B/A): one run each")
+    ap.add_argument("--decode-matmul", nargs="+", default=["xla"], choices=["xla", "mgpu", "mgpu_norm"],
+                    help="the layers' matmuls: XLA's GEMMs, the Mosaic GPU decode_matmul "
+                         "(pallas_kernels/decode_matmul), or those with the residual adds and "
+                         "RMSNorms in their epilogues (mgpu_norm); several (repeats allowed, for A/B/A): one run each")
     ap.add_argument("--profile-dir", default=None)
     ap.add_argument("--hlo-dir", default=None)
     ap.add_argument("--top", type=int, default=25, help="kernels listed per profile")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from jaxengine.pallas_kernels.decode_matmul import gpu as dm_gpu
-from jaxengine.pallas_kernels.decode_matmul import reference_decode_matmul
+from jaxengine.pallas_kernels.decode_matmul import reference, reference_decode_matmul
 
 BACKEND = jax.default_backend()
 
@@ -70,6 +70,76 @@ def test_gate_up_silu_matches_reference(m, f, k, cfg):
                                atol=2e-2 * float(jnp.max(jnp.abs(want))))
     with pytest.raises(ValueError, match="2F"):
         dm_gpu.decode_gate_up_silu(x, w[:2 * f - 64], interpret=INTERPRET)
+
+
+def _normal(key, shape, scale=1.0, shift=0.0):
+    return (jax.random.normal(key, shape, jnp.float32) * scale + shift).astype(jnp.bfloat16)
+
+
+def _close(got, want, tol=2e-2):
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol * float(np.abs(want).max()))
+
+
+@pytest.mark.parametrize("m,n,k,splits", [(1, 128, 256, 1), (8, 64, 128, 1), (13, 192, 256, 1),
+                                          (64, 128, 256, 1), (5, 128, 256, 2)])
+def test_residual_kernel_matches_reference(m, n, k, splits):
+    """o / down with the residual add and the next norm's inputs in the epilogue (splits = 1), or
+    in XLA's split-K reduction (splits = 2): h, hg and the partial sums of squares."""
+    kx, kw, kr, kg = jax.random.split(jax.random.key(m * 7 + n + k + splits), 4)
+    x, w = _normal(kx, (m, k)), _normal(kw, (n, k), 0.05)
+    res, g = _normal(kr, (m, n)), _normal(kg, (n,), 0.1, 1.0)
+    h, hg, ss = dm_gpu.decode_matmul_residual(x, w, res, g, splits=splits, interpret=INTERPRET)
+    jax.effects_barrier()
+    want_h, want_hg, want_ss = reference.decode_matmul_residual(x, w, res, g)
+    m_pad = -(-m // 8) * 8
+    assert h.shape == hg.shape == (m, n) and h.dtype == hg.dtype == jnp.bfloat16
+    assert ss.shape == ((n // 64 if splits == 1 else 1), m_pad) and ss.dtype == jnp.float32
+    _close(h, want_h)
+    _close(hg, want_hg)
+    _close(ss.sum(0)[:m], want_ss.sum(0)[:m])
+    np.testing.assert_array_equal(np.asarray(ss[:, m:]), 0.0)  # padding rows: no norm contribution
+
+
+@pytest.mark.parametrize("m,n,k,t,splits", [(1, 128, 256, 4, 1), (8, 192, 128, 1, 1), (13, 64, 256, 2, 1),
+                                            (64, 128, 256, 3, 1), (5, 128, 256, 2, 2)])
+def test_normed_kernel_matches_reference(m, n, k, t, splits):
+    """q/k/v on hg with each row's 1/rms (from t partial sums of squares) applied in the epilogue."""
+    kx, kw, ks = jax.random.split(jax.random.key(m * 5 + n + k + t), 3)
+    x, w = _normal(kx, (m, k)), _normal(kw, (n, k), 0.05)
+    ss = jax.random.uniform(ks, (t, -(-m // 8) * 8), jnp.float32, 0.1, 4.0) * k
+    got = dm_gpu.decode_matmul_normed(x, w, ss, 1e-5, splits=splits, interpret=INTERPRET)
+    jax.effects_barrier()
+    assert got.shape == (m, n) and got.dtype == jnp.bfloat16
+    _close(got, reference.decode_matmul_normed(x, w, ss, 1e-5))
+    with pytest.raises(ValueError, match="ss must be float32"):
+        dm_gpu.decode_matmul_normed(x, w, ss[:, :1], 1e-5, interpret=INTERPRET)
+
+
+@pytest.mark.parametrize("m,f,k,t", [(1, 128, 256, 2), (13, 64, 128, 1), (64, 64, 256, 3)])
+def test_normed_gate_up_silu_matches_reference(m, f, k, t):
+    """gate/up + SwiGLU on hg with each row's 1/rms applied to both accumulators first."""
+    kx, kw, ks = jax.random.split(jax.random.key(m + f * 3 + k + t), 3)
+    x, w = _normal(kx, (m, k)), _normal(kw, (2 * f, k), 0.1)
+    ss = jax.random.uniform(ks, (t, -(-m // 8) * 8), jnp.float32, 0.1, 4.0) * k
+    got = dm_gpu.decode_gate_up_silu(x, w, ss=ss, eps=1e-5, interpret=INTERPRET)
+    jax.effects_barrier()
+    _close(got, reference.decode_gate_up_silu(x, w, ss, 1e-5))
+
+
+def test_norm_epilogues_compose_to_an_rms_norm():
+    """reference contracts: prenorm / residual then normed = rms_norm then matmul (Hugging Face
+    numerics up to bf16 rounding), so the kernels' chain computes the model's layer."""
+    from jaxengine.models.llama import rms_norm
+
+    kx, kw, kr, kg = jax.random.split(jax.random.key(0), 4)
+    x, w, g = _normal(kx, (8, 256)), _normal(kw, (128, 256), 0.05), _normal(kg, (256,), 0.1, 1.0)
+    hg, ss = reference.prenorm(x, g)
+    _close(reference.decode_matmul_normed(hg, w, ss, 1e-5), reference.decode_matmul(rms_norm(x, g, 1e-5), w))
+    res = _normal(kr, (8, 128))
+    h, hg2, ss2 = reference.decode_matmul_residual(x, w, res, g[:128])
+    _close(reference.decode_matmul_normed(hg2, w[:, :128], ss2, 1e-5),
+           reference.decode_matmul(rms_norm(h, g[:128], 1e-5), w[:, :128]))
 
 
 def test_default_config_fills_the_chip_and_divides_k():
@@ -155,6 +225,37 @@ def test_forward_with_the_kernel_matches_xla(monkeypatch, decode):
     np.testing.assert_allclose(got, want, rtol=5e-2, atol=5e-2 * np.abs(want).max())
 
 
+@pytest.mark.parametrize("decode", [False, True], ids=["general", "decode-attention"])
+def test_forward_with_norm_in_matmuls_matches_xla(monkeypatch, decode):
+    """forward(dense=get_dense("mgpu_norm")): no RMSNorm or residual add between the matmuls (the
+    residual_norm passed in is not called); q/k/v and gate/up take hg and the sums of squares, o
+    and down add the residual; the logits match XLA's path within bf16 rounding."""
+    from jaxengine.pallas_kernels import decode_matmul
+    from jaxengine.pallas_kernels.ragged_paged_attention import get_attention, get_decode_attention
+
+    cfg, model, params, kv, inputs = _tiny_forward_inputs()
+    calls = []
+    for name in ("decode_matmul", "decode_matmul_normed", "decode_matmul_residual", "decode_gate_up_silu"):
+        inner = getattr(dm_gpu, name)
+        monkeypatch.setattr(dm_gpu, name, lambda *a, _n=name, _f=inner, **kw: calls.append(
+            (_n, "ss" in kw) if _n == "decode_gate_up_silu" else _n) or _f(*a, **kw))
+
+    def residual_norm(*a):
+        raise AssertionError("the residual-norm kernel runs in the matmuls' epilogues")
+
+    attention = get_attention("reference")
+    kw = dict(decode_attention=get_decode_attention("reference")) if decode else {}
+    want, _ = jax.jit(lambda p, kv, b: model.forward(p, cfg, b, kv, attention, **kw))(params, kv, inputs)
+    dense = decode_matmul.get_dense("mgpu_norm")
+    got, _ = jax.jit(lambda p, kv, b: model.forward(p, cfg, b, kv, attention, dense=dense,
+                                                    residual_norm=residual_norm, **kw))(params, kv, inputs)
+    n = cfg.num_layers
+    assert sorted(calls, key=str) == sorted(["decode_matmul_normed"] * n + ["decode_matmul_residual"] * 2 * n
+                                            + [("decode_gate_up_silu", True)] * n, key=str)
+    want, got = np.asarray(want, np.float32), np.asarray(got, np.float32)
+    np.testing.assert_allclose(got, want, rtol=5e-2, atol=5e-2 * np.abs(want).max())
+
+
 def test_engine_decodes_through_the_kernel(tmp_path, monkeypatch):
     """LLM(decode_matmul="mgpu"): decode programs (multi-step) and decode-sized single steps run
     the kernels; greedy tokens follow XLA's on a tiny bf16 model."""
@@ -173,7 +274,7 @@ def test_engine_decodes_through_the_kernel(tmp_path, monkeypatch):
     calls = []
     inner = dm_gpu.decode_matmul
     monkeypatch.setattr(dm_gpu, "decode_matmul", lambda x, w, **kw: calls.append(x.shape) or inner(x, w, **kw))
-    for impl, k in [("xla", 4), ("mgpu", 4), ("mgpu", 1)]:
+    for impl, k in [("xla", 4), ("mgpu", 4), ("mgpu", 1), ("mgpu_norm", 4)]:
         llm = LLM(str(tmp_path), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
                   max_model_len=64, max_num_seqs=4, max_num_batched_tokens=32,
                   kv_cache_memory_bytes=4 << 20, num_scheduler_steps=k, decode_matmul=impl, warmup=False)
@@ -182,7 +283,7 @@ def test_engine_decodes_through_the_kernel(tmp_path, monkeypatch):
     # greedy on random weights: near-ties let float32 SwiGLU (in the kernel) and bf16 SwiGLU (XLA)
     # pick different tokens late in a sequence; the logits themselves are compared in
     # test_forward_with_the_kernel_matches_xla
-    for run in (outs["mgpu", 4], outs["mgpu", 1]):
+    for run in (outs["mgpu", 4], outs["mgpu", 1], outs["mgpu_norm", 4]):
         assert [t[:4] for t in run] == [t[:4] for t in outs["xla", 4]]
     assert calls and all(shape[0] <= 32 for shape in calls)  # traced into decode-sized programs only
     assert all(len(t) == 6 for t in outs["xla", 4])
@@ -256,3 +357,27 @@ def test_kernel_lowers_to_mosaic_gpu_on_any_host(m, n, warp_specialized):
                              export.DisabledSafetyCheck.custom_call("mosaic_gpu_v2")])(
         sds((m, n), jnp.bfloat16), sds((4 * n, n), jnp.bfloat16))
     assert silu.mlir_module().count("stablehlo.custom_call @mosaic_gpu_v2") == 1
+
+
+@pytest.mark.parametrize("m", [8, 64])
+def test_norm_epilogue_kernels_lower_to_mosaic_gpu_on_any_host(m):
+    """The mgpu_norm kernels' compiled lowering at 8B shapes (one split: the epilogues in the
+    kernel), layout inference included: the residual tile's transposed load, the sum of squares
+    across warps, the row-vector 1/rms broadcast."""
+    from jax import export
+    sds, bf = jax.ShapeDtypeStruct, jnp.bfloat16
+
+    def lower(fn, *args):
+        exp = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[
+            export.DisabledSafetyCheck.custom_call("mosaic_gpu_v2")])(*args)
+        return exp.mlir_module().count("stablehlo.custom_call @mosaic_gpu_v2")
+
+    h = 4096
+    assert dm_gpu.default_config(m, h, h)["splits"] == 1
+    assert lower(lambda x, w, r, g: dm_gpu.decode_matmul_residual(x, w, r, g, interpret=False),
+                 sds((m, h), bf), sds((h, h), bf), sds((m, h), bf), sds((h,), bf)) == 1
+    ss = sds((h // 64, m), jnp.float32)
+    assert lower(lambda x, w, ss: dm_gpu.decode_matmul_normed(x, w, ss, 1e-5, interpret=False),
+                 sds((m, h), bf), sds((6144, h), bf), ss) == 1
+    assert lower(lambda x, w, ss: dm_gpu.decode_gate_up_silu(x, w, ss=ss, eps=1e-5, interpret=False),
+                 sds((m, h), bf), sds((2 * 14336, h), bf), ss) == 1

@@ -6,8 +6,11 @@ TMA + wgmma, Hopper).
 "mgpu" (what "auto" picks on a Hopper GPU) a dense(x, w) that runs the kernel where it tiles the
 shape (x 2-D with at most 256 rows, bf16/f16, N and K multiples of 64) and XLA's einsum
 elsewhere; its `gate_up_silu` attribute runs the MLP's gate/up matmul with the SwiGLU in the same
-kernel (gpu.decode_gate_up_silu).  The engine's switch is RunnerConfig.decode_matmul
-($JAXENGINE_DECODE_MATMUL).
+kernel (gpu.decode_gate_up_silu).  "mgpu_norm" adds the residual adds and RMSNorms to the
+kernels' epilogues (decode_matmul_residual writes the new residual stream, the next norm's input
+with its weight applied and partial sums of squares; decode_matmul_normed and gate_up_silu with
+ss apply each row's 1/rms): no residual-norm kernels between the matmuls.  The engine's switch
+is RunnerConfig.decode_matmul ($JAXENGINE_DECODE_MATMUL).
 """
 
 from __future__ import annotations
@@ -17,9 +20,10 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from . import reference
 from .reference import decode_matmul as reference_decode_matmul
 
-IMPLS = ("xla", "mgpu")
+IMPLS = ("xla", "mgpu", "mgpu_norm")
 
 
 def _hopper() -> bool:
@@ -38,8 +42,8 @@ def resolve_impl(impl: str = "auto") -> str:
         impl = "mgpu" if _hopper() else "xla"
     if impl not in IMPLS:
         raise ValueError(f"decode matmul impl must be one of auto, {', '.join(IMPLS)}; got {impl!r}")
-    if impl == "mgpu" and jax.default_backend() not in ("gpu", "cuda", "cpu"):
-        raise ValueError(f"decode_matmul='mgpu' runs Mosaic GPU kernels (NVIDIA Hopper; the CPU "
+    if impl != "xla" and jax.default_backend() not in ("gpu", "cuda", "cpu"):
+        raise ValueError(f"decode_matmul={impl!r} runs Mosaic GPU kernels (NVIDIA Hopper; the CPU "
                          f"backend interprets them): not on {jax.default_backend()!r}")
     return impl
 
@@ -79,9 +83,52 @@ def mgpu_gate_up_silu(x: jax.Array, w: jax.Array) -> jax.Array:
 mgpu_dense.gate_up_silu = mgpu_gate_up_silu
 
 
+# "mgpu_norm": the residual adds and RMSNorms ride in the matmul kernels' epilogues --------------
+def mgpu_residual(x: jax.Array, w: jax.Array, residual: jax.Array,
+                  norm_w: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(h, hg, ss) = residual + x @ w.T and the next RMSNorm's inputs (gpu.decode_matmul_residual)."""
+    from . import gpu
+
+    if fits(x, w):
+        return gpu.decode_matmul_residual(x, w, residual, norm_w)
+    return reference.decode_matmul_residual(x, w, residual, norm_w)
+
+
+def mgpu_normed(x: jax.Array, w: jax.Array, ss: jax.Array, eps: float) -> jax.Array:
+    """rms_norm(h) @ w.T from hg and ss (gpu.decode_matmul_normed)."""
+    from . import gpu
+
+    if fits(x, w):
+        return gpu.decode_matmul_normed(x, w, ss, eps)
+    return reference.decode_matmul_normed(x, w, ss, eps)
+
+
+def mgpu_normed_gate_up_silu(x: jax.Array, w: jax.Array, ss: jax.Array, eps: float) -> jax.Array:
+    """silu(gate) * up of rms_norm(h) from hg and ss (gpu.decode_gate_up_silu with ss)."""
+    from . import gpu
+
+    if fits(x, w) and (w.shape[0] // 2) % gpu.TILE_N == 0:
+        return gpu.decode_gate_up_silu(x, w, ss=ss, eps=eps)
+    return reference.decode_gate_up_silu(x, w, ss, eps)
+
+
+def mgpu_norm_dense(x: jax.Array, w: jax.Array) -> jax.Array:
+    return mgpu_dense(x, w)
+
+
+# models' forward(dense=...) runs its layer loop through these when `residual` is there: each
+# layer's o and down kernels add the residual and write the next norm's inputs (hg, ss), the q/k/v
+# and gate/up kernels apply its 1/rms: no residual-norm kernels between the matmuls
+mgpu_norm_dense.gate_up_silu = mgpu_gate_up_silu
+mgpu_norm_dense.prenorm = reference.prenorm
+mgpu_norm_dense.residual = mgpu_residual
+mgpu_norm_dense.normed = mgpu_normed
+mgpu_norm_dense.normed_gate_up_silu = mgpu_normed_gate_up_silu
+
+
 def get_dense(impl: str = "auto") -> Callable[[jax.Array, jax.Array], jax.Array] | None:
-    return None if resolve_impl(impl) == "xla" else mgpu_dense
+    return {"xla": None, "mgpu": mgpu_dense, "mgpu_norm": mgpu_norm_dense}[resolve_impl(impl)]
 
 
-__all__ = ["get_dense", "resolve_impl", "fits", "mgpu_dense", "mgpu_gate_up_silu",
+__all__ = ["get_dense", "resolve_impl", "fits", "mgpu_dense", "mgpu_gate_up_silu", "mgpu_norm_dense",
            "reference_decode_matmul", "IMPLS"]

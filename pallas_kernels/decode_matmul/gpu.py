@@ -29,6 +29,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from .reference import prenorm
+
 # H100 / H200 SXM: 132 SMs.  Used to pick splits (how many CTAs fill the chip).
 _DEFAULT_NUM_SMS = 132
 TILE_N = 64  # wgmma's M: output features a CTA owns
@@ -52,11 +54,12 @@ def default_config(m: int, n: int, k: int, num_sms: int = _DEFAULT_NUM_SMS) -> d
     return dict(tile_k=tile_k, splits=splits, stages=stages, warp_specialized=False)
 
 
-def ring_stages(weight_tiles: int, m: int, tile_k: int, steps: int) -> int:
-    """How many ring stages fit in ~200 KiB of shared memory (2-8, at most the K steps): a stage
-    holds `weight_tiles` [64, tile_k] weight tiles and the [m padded to 8, tile_k] x tile."""
+def ring_stages(weight_tiles: int, m: int, tile_k: int, steps: int, reserve: int = 0) -> int:
+    """How many ring stages fit in ~200 KiB of shared memory less `reserve` bytes (2-8, at most
+    the K steps): a stage holds `weight_tiles` [64, tile_k] weight tiles and the [m padded to 8,
+    tile_k] x tile."""
     stage_bytes = (weight_tiles * TILE_N + _round_up(m, 8)) * tile_k * 2
-    return max(2, min(8, (200 << 10) // stage_bytes, steps))
+    return max(2, min(8, ((200 << 10) - reserve) // stage_bytes, steps))
 
 
 def _smem_transforms(dtype, minor: int) -> tuple:
@@ -78,14 +81,20 @@ def _check(m, n, k, tile_k, splits):
 
 
 @functools.partial(jax.jit, static_argnames=("tile_k", "splits", "stages", "warp_specialized",
-                                             "interpret"))
-def _decode_matmul(x, w, *, tile_k: int, splits: int, stages: int, warp_specialized: bool,
-                   interpret: bool):
+                                             "interpret", "epilogue", "eps"))
+def _decode_matmul(x, w, *extra, tile_k: int, splits: int, stages: int, warp_specialized: bool,
+                   interpret: bool, epilogue: str = "plain", eps: float = 0.0):
+    """epilogue "plain": y.  "residual" (extra = residual [M, N], norm_w [N]): (h, hg, ss) with
+    h = residual + y, hg = h * norm_w and ss [N / 64, m_pad] float32 each CTA's sum of h^2 over
+    its 64 columns (the next RMSNorm's partial sums).  "normed" (extra = ss [T, m_pad]):
+    y * rsqrt(sum(ss, 0) / K + eps) per row (the RMSNorm's 1/rms, its weight already in x)."""
     m, k = x.shape
     n = w.shape[0]
     m_pad = _round_up(m, 8)
     if m_pad != m:
         x = jnp.pad(x, [(0, m_pad - m), (0, 0)])
+        if epilogue == "residual":
+            extra = (jnp.pad(extra[0], [(0, m_pad - m), (0, 0)]), extra[1])
     k_steps = k // tile_k // splits
     transforms = _smem_transforms(w.dtype, 64)  # 128 B swizzle: 64 bf16 of K a row
     part_dtype = x.dtype if splits == 1 else jnp.float32
@@ -151,11 +160,7 @@ def _decode_matmul(x, w, *, tile_k: int, splits: int, stages: int, warp_speciali
 
             pipeline(mma, context)(w_gmem, x_gmem, allocations=allocs)
 
-    def body(w_gmem, x_gmem, o_gmem):
-        n_idx = lax.axis_index("n")
-        s_idx = lax.axis_index("s")
-        k0 = s_idx * k_steps
-
+    def accumulate(w_gmem, x_gmem, n_idx, k0):
         def acc_scope(acc_ref):
             def step(_, w_smem, x_smem):
                 plgpu.wgmma(acc_ref, w_smem, x_smem.T)  # [64, tile_k] @ [tile_k, m_pad]
@@ -165,22 +170,111 @@ def _decode_matmul(x, w, *, tile_k: int, splits: int, stages: int, warp_speciali
                                 max_concurrent_steps=stages)(w_gmem, x_gmem)
             return acc_ref[...]
 
-        acc = pl.run_scoped(acc_scope, plgpu.ACC((TILE_N, m_pad), jnp.float32))
+        return pl.run_scoped(acc_scope, plgpu.ACC((TILE_N, m_pad), jnp.float32))
 
+    def body(w_gmem, x_gmem, o_gmem):
+        n_idx = lax.axis_index("n")
+        s_idx = lax.axis_index("s")
+        acc = accumulate(w_gmem, x_gmem, n_idx, s_idx * k_steps)
         pl.run_scoped(functools.partial(store, acc, o_gmem=o_gmem, n_idx=n_idx, s_idx=s_idx),
                       o_smem_type)
 
+    def tile_t(dtype):  # a [m_pad, 64] output tile, written through its transposed view
+        return plgpu.SMEM((m_pad, TILE_N), dtype, transforms=_smem_transforms(dtype, TILE_N))
+
+    def body_residual(w_gmem, x_gmem, res_gmem, g_gmem, h_gmem, hg_gmem, ss_gmem):
+        # The residual add and the next RMSNorm's inputs: the residual tile and the norm weight's
+        # 64 entries arrive by TMA while the weights stream; everything stays in y^T's layout.
+        n_idx = lax.axis_index("n")
+        cols = pl.ds(n_idx * TILE_N, TILE_N)
+
+        def scope(res_smem, g_smem, bar):
+            plgpu.copy_gmem_to_smem(res_gmem.at[:, cols], res_smem, bar)
+            plgpu.copy_gmem_to_smem(g_gmem.at[cols], g_smem, bar)
+            acc = accumulate(w_gmem, x_gmem, n_idx, 0)
+            plgpu.barrier_wait(bar)
+            h = (acc + res_smem.T[...].astype(jnp.float32)).astype(x.dtype)
+            hf = h.astype(jnp.float32)  # the residual stream as stored: the norm sees these values
+            g = plgpu.load(g_smem, layout=plgpu.Layout.WGMMA.reduce(1)).astype(jnp.float32)
+            hg = (hf * lax.broadcast_in_dim(g, (TILE_N, m_pad), [0])).astype(x.dtype)
+            ss = jnp.sum(hf * hf, axis=0)
+
+            def out_scope(h_smem, hg_smem, ss_smem):  # after the ring: its shared memory is free
+                h_smem.T[...] = h
+                hg_smem.T[...] = hg
+                ss_smem[...] = ss
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(h_smem, h_gmem.at[:, cols])
+                plgpu.copy_smem_to_gmem(hg_smem, hg_gmem.at[:, cols])
+                plgpu.copy_smem_to_gmem(ss_smem, ss_gmem.at[n_idx])
+                plgpu.wait_smem_to_gmem(0)
+
+            pl.run_scoped(out_scope, tile_t(x.dtype), tile_t(x.dtype), plgpu.SMEM((m_pad,), jnp.float32))
+
+        pl.run_scoped(scope, tile_t(x.dtype), plgpu.SMEM((TILE_N,), x.dtype), plgpu.Barrier(num_arrivals=2))
+
+    def body_normed(w_gmem, x_gmem, ss_gmem, o_gmem):
+        # x is the normed input without its 1/rms (the norm weight applied): each row's 1/rms,
+        # from the partial sums of squares the previous kernel wrote, scales y^T's columns.
+        n_idx = lax.axis_index("n")
+        t = ss_gmem.shape[0]
+
+        def scope(ss_smem, bar):
+            plgpu.copy_gmem_to_smem(ss_gmem, ss_smem, bar)
+            acc = accumulate(w_gmem, x_gmem, n_idx, 0)
+            plgpu.barrier_wait(bar)
+            col = plgpu.Layout.WGMMA.reduce(0)
+            tot = lax.fori_loop(1, t, lambda i, a: a + plgpu.load(ss_smem.at[i], layout=col),
+                                plgpu.load(ss_smem.at[0], layout=col))
+            r = lax.rsqrt(tot * (1.0 / k) + eps)
+            y = acc * lax.broadcast_in_dim(r, (TILE_N, m_pad), [1])
+            pl.run_scoped(functools.partial(store, y, o_gmem=o_gmem, n_idx=n_idx, s_idx=0), o_smem_type)
+
+        pl.run_scoped(scope, plgpu.SMEM((t, m_pad), jnp.float32), plgpu.Barrier(num_arrivals=1))
+
     ws = dict(num_threads=2, thread_name="wg") if warp_specialized else {}
-    kernel = plgpu.kernel(
-        body_ws if warp_specialized else body,
-        out_type=jax.ShapeDtypeStruct((m_pad, n) if splits == 1 else (splits, n, m_pad), part_dtype),
-        grid=(n // TILE_N, splits), grid_names=("n", "s"),
-        interpret=plgpu.InterpretGPUParams() if interpret else None, **ws,
-    )
-    out = kernel(w, x)
-    if splits > 1:  # one XLA reduction (+ transpose), as XLA's own split-K GEMMs have
-        out = out.sum(0).T.astype(x.dtype)
+    interpret_params = plgpu.InterpretGPUParams() if interpret else None
+    out_shape = jax.ShapeDtypeStruct((m_pad, n) if splits == 1 else (splits, n, m_pad), part_dtype)
+    if splits > 1 or epilogue == "plain":
+        kernel = plgpu.kernel(
+            body_ws if warp_specialized else body, out_type=out_shape,
+            grid=(n // TILE_N, splits), grid_names=("n", "s"), interpret=interpret_params, **ws)
+        out = kernel(w, x)
+        if splits > 1:  # one XLA reduction (+ transpose), as XLA's own split-K GEMMs have
+            out = out.sum(0).T
+        return _xla_epilogue(out, x.dtype, m, epilogue, extra, k, eps)
+    if epilogue == "residual":
+        outs = plgpu.kernel(
+            body_residual, out_type=(out_shape, out_shape,
+                                     jax.ShapeDtypeStruct((n // TILE_N, m_pad), jnp.float32)),
+            grid=(n // TILE_N, 1), grid_names=("n", "s"), interpret=interpret_params)(w, x, *extra)
+        h, hg, ss = outs
+        return (h, hg, ss) if m_pad == m else (h[:m], hg[:m], ss)
+    out = plgpu.kernel(body_normed, out_type=out_shape, grid=(n // TILE_N, 1), grid_names=("n", "s"),
+                       interpret=interpret_params)(w, x, *extra)
     return out if m_pad == m else out[:m]  # the engine's decode buckets are multiples of 8 rows
+
+
+def _xla_epilogue(y, dtype, m: int, epilogue: str, extra, k: int, eps: float):
+    """The epilogues as XLA ops on y [m_pad, N] (float32 split-K sums, or the plain kernel's
+    output): one fusion with the split-K reduction."""
+    if epilogue == "plain":
+        y = y.astype(dtype)
+        return y if y.shape[0] == m else y[:m]
+    if epilogue == "normed":
+        (ss,) = extra
+        r = lax.rsqrt(ss.sum(0) * (1.0 / k) + eps)
+        y = (y.astype(jnp.float32) * r[:, None]).astype(dtype)
+        return y if y.shape[0] == m else y[:m]
+    residual, norm_w = extra
+    return residual_epilogue(y, residual, norm_w, m)
+
+
+def residual_epilogue(y, residual, norm_w, m: int):
+    """decode_matmul_residual's outputs from y [m_pad, N] by XLA (split-K shapes): ss is [1, m_pad]."""
+    h = (y.astype(jnp.float32) + residual.astype(jnp.float32)).astype(residual.dtype)
+    hg, ss = prenorm(h, norm_w)
+    return (h, hg, ss) if h.shape[0] == m else (h[:m], hg[:m], ss)
 
 
 def decode_matmul(x: jax.Array, w: jax.Array, *, tile_k: int | None = None,
@@ -203,13 +297,78 @@ def decode_matmul(x: jax.Array, w: jax.Array, *, tile_k: int | None = None,
         if value is not None:
             cfg[key] = value
     _check(m, n, k, cfg["tile_k"], cfg["splits"])
-    if interpret is None:
-        interpret = jax.default_backend() == "cpu"
-    return _decode_matmul(x, w, interpret=bool(interpret), **cfg)
+    return _decode_matmul(x, w, interpret=_interpret(interpret), **cfg)
 
 
-@functools.partial(jax.jit, static_argnames=("tile_k", "stages", "interpret"))
-def _decode_gate_up_silu(x, w, *, tile_k: int, stages: int, interpret: bool):
+def _check_inputs(name: str, x, w):
+    if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[1]:
+        raise ValueError(f"{name}: x must be [M, K] and w [N, K]; got {x.shape} and {w.shape}")
+    if x.dtype != w.dtype or x.dtype not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(f"{name}: x and w must both be bfloat16 or float16, got {x.dtype} and {w.dtype}")
+
+
+def _check_ss(name: str, ss, m: int):
+    if ss.ndim != 2 or ss.shape[1] != _round_up(m, 8) or ss.dtype != jnp.float32:
+        raise ValueError(f"{name}: ss must be float32 [T, M rounded up to 8 = {_round_up(m, 8)}] "
+                         f"(a residual kernel's partial sums of squares); got {ss.dtype} {ss.shape}")
+
+
+def _epilogue_config(m: int, n: int, k: int, tile_k, splits, stages, reserve: int) -> dict:
+    """default_config with the overrides given; one split's ring leaves `reserve` bytes of shared
+    memory for the epilogue's prefetched inputs."""
+    cfg = default_config(m, n, k)
+    cfg["tile_k"] = tile_k or cfg["tile_k"]
+    cfg["splits"] = splits or cfg["splits"]
+    _check(m, n, k, cfg["tile_k"], cfg["splits"])
+    if stages or cfg["splits"] == 1:
+        cfg["stages"] = stages or ring_stages(1, m, cfg["tile_k"], k // cfg["tile_k"], reserve)
+    return cfg
+
+
+def _interpret(interpret: bool | None) -> bool:
+    return jax.default_backend() == "cpu" if interpret is None else bool(interpret)
+
+
+def decode_matmul_residual(x: jax.Array, w: jax.Array, residual: jax.Array, norm_w: jax.Array, *,
+                           tile_k: int | None = None, splits: int | None = None,
+                           stages: int | None = None,
+                           interpret: bool | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The o / down projection with the residual add and the next RMSNorm's inputs in its
+    epilogue: h = residual + x @ w.T (the new residual stream, x's dtype), hg = h * norm_w (the
+    next norm's input with its weight applied, not yet its 1/rms) and ss, float32 [T, M rounded
+    up to 8], partial sums of h^2 over column blocks whose sum over T is each row's sum of h^2.
+    Pass hg and ss to decode_matmul_normed / decode_gate_up_silu(ss=): with this kernel the
+    RMSNorm needs no kernel of its own.  Split-K shapes (N / 64 < 60 CTAs) run the epilogue in
+    XLA's split-K reduction."""
+    _check_inputs("decode_matmul_residual", x, w)
+    m, k = x.shape
+    n = w.shape[0]
+    if residual.shape != (m, n) or residual.dtype != x.dtype or norm_w.shape != (n,):
+        raise ValueError(f"decode_matmul_residual: residual must be {x.dtype} {(m, n)} and norm_w "
+                         f"({n},); got {residual.dtype} {residual.shape} and {norm_w.shape}")
+    # the residual tile and the norm weight sit beside the ring
+    cfg = _epilogue_config(m, n, k, tile_k, splits, stages, reserve=_round_up(m, 8) * TILE_N * 2 + 1024)
+    return _decode_matmul(x, w, residual, norm_w.astype(x.dtype), interpret=_interpret(interpret),
+                          epilogue="residual", **cfg)
+
+
+def decode_matmul_normed(x: jax.Array, w: jax.Array, ss: jax.Array, eps: float, *,
+                         tile_k: int | None = None, splits: int | None = None,
+                         stages: int | None = None, interpret: bool | None = None) -> jax.Array:
+    """rms_norm(h) @ w.T for the q/k/v projection, given x = hg and ss from
+    decode_matmul_residual (or reference.prenorm): each row of x @ w.T scaled by
+    rsqrt(sum(ss, 0) / K + eps) in the epilogue."""
+    _check_inputs("decode_matmul_normed", x, w)
+    m, k = x.shape
+    n = w.shape[0]
+    _check_ss("decode_matmul_normed", ss, m)
+    cfg = _epilogue_config(m, n, k, tile_k, splits, stages, reserve=ss.size * 4 + 1024)
+    return _decode_matmul(x, w, ss, interpret=_interpret(interpret), epilogue="normed", eps=float(eps),
+                          **cfg)
+
+
+@functools.partial(jax.jit, static_argnames=("tile_k", "stages", "interpret", "eps"))
+def _decode_gate_up_silu(x, w, *extra, tile_k: int, stages: int, interpret: bool, eps: float = 0.0):
     m, k = x.shape
     f = w.shape[0] // 2
     m_pad = _round_up(m, 8)
@@ -218,9 +377,7 @@ def _decode_gate_up_silu(x, w, *, tile_k: int, stages: int, interpret: bool):
     transforms = _smem_transforms(w.dtype, 64)
     up0 = f // TILE_N  # the up rows' first tile: w is [gate; up]
 
-    def body(w_gmem, x_gmem, o_gmem):
-        n_idx = lax.axis_index("n")
-
+    def accumulate(w_gmem, x_gmem, n_idx):
         def acc_scope(acc_g, acc_u):
             def step(_, g_smem, u_smem, x_smem):
                 plgpu.wgmma(acc_g, g_smem, x_smem.T)
@@ -237,8 +394,10 @@ def _decode_gate_up_silu(x, w, *, tile_k: int, stages: int, interpret: bool):
                 max_concurrent_steps=stages)(w_gmem, w_gmem, x_gmem)
             return acc_g[...], acc_u[...]
 
-        g, u = pl.run_scoped(acc_scope, plgpu.ACC((TILE_N, m_pad), jnp.float32),
+        return pl.run_scoped(acc_scope, plgpu.ACC((TILE_N, m_pad), jnp.float32),
                              plgpu.ACC((TILE_N, m_pad), jnp.float32))
+
+    def silu_store(g, u, o_gmem, n_idx):
         h = g / (1.0 + jnp.exp(-g)) * u  # SwiGLU on the float32 accumulators
 
         def store(o_smem):
@@ -250,19 +409,42 @@ def _decode_gate_up_silu(x, w, *, tile_k: int, stages: int, interpret: bool):
         pl.run_scoped(store, plgpu.SMEM((m_pad, TILE_N), x.dtype,
                                         transforms=_smem_transforms(x.dtype, TILE_N)))
 
+    def body(w_gmem, x_gmem, o_gmem):
+        n_idx = lax.axis_index("n")
+        silu_store(*accumulate(w_gmem, x_gmem, n_idx), o_gmem, n_idx)
+
+    def body_normed(w_gmem, x_gmem, ss_gmem, o_gmem):  # as _decode_matmul's "normed" epilogue
+        n_idx = lax.axis_index("n")
+        t = ss_gmem.shape[0]
+
+        def scope(ss_smem, bar):
+            plgpu.copy_gmem_to_smem(ss_gmem, ss_smem, bar)
+            g, u = accumulate(w_gmem, x_gmem, n_idx)
+            plgpu.barrier_wait(bar)
+            col = plgpu.Layout.WGMMA.reduce(0)
+            tot = lax.fori_loop(1, t, lambda i, a: a + plgpu.load(ss_smem.at[i], layout=col),
+                                plgpu.load(ss_smem.at[0], layout=col))
+            r = lax.broadcast_in_dim(lax.rsqrt(tot * (1.0 / k) + eps), (TILE_N, m_pad), [1])
+            silu_store(g * r, u * r, o_gmem, n_idx)
+
+        pl.run_scoped(scope, plgpu.SMEM((t, m_pad), jnp.float32), plgpu.Barrier(num_arrivals=1))
+
     kernel = plgpu.kernel(
-        body, out_type=jax.ShapeDtypeStruct((m_pad, f), x.dtype), grid=(f // TILE_N,),
-        grid_names=("n",), interpret=plgpu.InterpretGPUParams() if interpret else None)
-    out = kernel(w, x)
+        body_normed if extra else body, out_type=jax.ShapeDtypeStruct((m_pad, f), x.dtype),
+        grid=(f // TILE_N,), grid_names=("n",), interpret=plgpu.InterpretGPUParams() if interpret else None)
+    out = kernel(w, x, *extra)
     return out if m_pad == m else out[:m]
 
 
-def decode_gate_up_silu(x: jax.Array, w: jax.Array, *, tile_k: int | None = None,
-                        stages: int | None = None, interpret: bool | None = None) -> jax.Array:
+def decode_gate_up_silu(x: jax.Array, w: jax.Array, *, ss: jax.Array | None = None, eps: float = 0.0,
+                        tile_k: int | None = None, stages: int | None = None,
+                        interpret: bool | None = None) -> jax.Array:
     """SwiGLU's first half in one kernel: silu(x @ w[:F].T) * (x @ w[F:].T) -> [M, F], w the
     stacked [gate; up] weight [2F, K] (the fused layout's gate_up_proj, reshaped for free).  Each
     CTA streams 64 gate rows and the 64 matching up rows, so the SwiGLU runs on its two float32
-    accumulators in registers: no [M, 2F] intermediate and no XLA kernel for the SwiGLU."""
+    accumulators in registers: no [M, 2F] intermediate and no XLA kernel for the SwiGLU.  With
+    ss (decode_matmul_residual's), x is hg and each row's 1/rms scales both accumulators first,
+    as decode_matmul_normed: the post-attention RMSNorm in the same kernel."""
     m, k = x.shape
     two_f, k2 = w.shape
     if k != k2 or two_f % (2 * TILE_N):
@@ -274,8 +456,10 @@ def decode_gate_up_silu(x: jax.Array, w: jax.Array, *, tile_k: int | None = None
     cfg = default_config(m, two_f, k)
     tile_k = tile_k or cfg["tile_k"]
     _check(m, two_f, k, tile_k, 1)
+    if ss is not None:
+        _check_ss("decode_gate_up_silu", ss, m)
     if stages is None:  # a stage holds the gate and the up tile
-        stages = ring_stages(2, m, tile_k, k // tile_k)
-    if interpret is None:
-        interpret = jax.default_backend() == "cpu"
-    return _decode_gate_up_silu(x, w, tile_k=tile_k, stages=stages, interpret=bool(interpret))
+        stages = ring_stages(2, m, tile_k, k // tile_k, reserve=0 if ss is None else ss.size * 4 + 1024)
+    extra = () if ss is None else (ss,)
+    return _decode_gate_up_silu(x, w, *extra, tile_k=tile_k, stages=stages, interpret=_interpret(interpret),
+                                eps=float(eps))
