@@ -183,7 +183,8 @@ class RunnerConfig:
     # the multi-step decode programs): "xla" (XLA's GEMMs), "mgpu" (pallas_kernels/decode_matmul:
     # Mosaic GPU TMA + wgmma weight streaming, Hopper; interpret mode on CPU; single device),
     # "auto" = mgpu on a Hopper GPU (faster than XLA in every H200 decode A/B, tenth session),
-    # else xla; "mgpu_norm" also moves the residual adds and RMSNorms into the kernels' epilogues.
+    # else xla.  mgpu moves the residual adds and RMSNorms into the kernels' epilogues where that
+    # measured faster (<= 16 token rows, hidden >= 3840); "mgpu_norm" always, "mgpu_plain" never.
     decode_matmul: str = dataclasses.field(
         default_factory=lambda: os.environ.get("JAXENGINE_DECODE_MATMUL", "auto"))
     # Params layout on the device (models.llama.LAYOUTS): "hf" (the checkpoint's tensors), "fused"
@@ -217,8 +218,9 @@ class RunnerConfig:
                f"attention_impl must be one of auto, reference, gpu, tpu; got {self.attention_impl!r}")
         _check(self.matmul_impl in ("auto", "reference", "gpu"),
                f"matmul_impl must be one of auto, reference, gpu; got {self.matmul_impl!r}")
-        _check(self.decode_matmul in ("auto", "xla", "mgpu", "mgpu_norm"),
-               f"decode_matmul must be one of auto, xla, mgpu, mgpu_norm; got {self.decode_matmul!r}")
+        _check(self.decode_matmul in ("auto", "xla", "mgpu", "mgpu_norm", "mgpu_plain"),
+               "decode_matmul must be one of auto, xla, mgpu, mgpu_norm, mgpu_plain; got "
+               f"{self.decode_matmul!r}")
         _check(not (self.decode_matmul.startswith("mgpu") and self.matmul_impl == "gpu"),
                "decode_matmul='mgpu' and matmul_impl='gpu' both replace the decode matmuls: pick one")
         _check(self.param_layout in ("auto", "hf", "fused"),

@@ -276,9 +276,9 @@ def forward(params: Params, cfg: ModelConfig, batch: dict[str, jax.Array], kv_ca
     dense: the layers' matmuls, dense(x [..., in], w [out, in]) -> x @ w.T (None: XLA's einsum;
     the runner passes pallas_kernels/decode_matmul for decode-sized buckets on request); with a
     `gate_up_silu(x, w [2F, in])` attribute, the fused layout's MLP runs silu(gate) * up through it;
-    with `residual`, `normed`, `normed_gate_up_silu` and `prenorm` (decode_matmul "mgpu_norm") the
-    residual adds and RMSNorms run in the matmuls too (_forward_norm_in_matmuls; residual_norm
-    unused)."""
+    where its `use_norm_epilogues(rows, hidden)` says so, the residual adds and RMSNorms run in the
+    matmuls too, through its `prenorm`, `residual`, `normed` and `normed_gate_up_silu`
+    (_forward_norm_in_matmuls; residual_norm unused)."""
     model = params["model"]
     if matmul is not None and (layout_of(params) != "hf" or decode_attention is not None
                                or dense is not None):
@@ -289,7 +289,9 @@ def forward(params: Params, cfg: ModelConfig, batch: dict[str, jax.Array], kv_ca
         rope, attention = rope_inv_freq(cfg), decode_attention
     else:
         rope = rope_cos_sin(batch["positions"], rope_inv_freq(cfg))
-    if matmul is None and getattr(dense, "residual", None) is not None and _norm_in_matmuls(params, cfg):
+    norm_rule = getattr(dense, "use_norm_epilogues", None)
+    if (matmul is None and norm_rule is not None and norm_rule(x.shape[0], cfg.hidden_size)
+            and _norm_in_matmuls(params, cfg)):
         return _forward_norm_in_matmuls(params, cfg, batch, kv_caches, attention, x, rope, dense,
                                         decode=decode_attention is not None)
     if residual_norm is not None and matmul is None:
@@ -350,7 +352,7 @@ def _forward_norm_in_matmuls(params, cfg, batch, kv_caches, attention, x, rope, 
     """forward's layer loop with the residual adds and RMSNorms in the matmuls' epilogues: the o
     and down projections return (h, hg, ss) = the residual stream, the next norm's input with its
     weight applied and partial sums of h^2; the q/k/v and gate/up projections take hg and ss and
-    scale each row by its 1/rms (pallas_kernels/decode_matmul "mgpu_norm")."""
+    scale each row by its 1/rms (pallas_kernels/decode_matmul's norm epilogues)."""
     model, eps, n = params["model"], cfg.rms_norm_eps, cfg.num_layers
     layers = [model["layers"][str(i)] for i in range(n)]
     hg, ss = dense.prenorm(x, layers[0]["input_layernorm"]["weight"])

@@ -149,10 +149,11 @@ def main() -> None:
     ap.add_argument("--residual-norm", nargs="+", default=["off"], choices=["off", "gpu", "reference"],
                     help="residual add + RMSNorm: the model's own ops (off), the Pallas kernel (gpu; the "
                          "engine's default on GPUs) or its jnp composition; several: one run each")
-    ap.add_argument("--decode-matmul", nargs="+", default=["xla"], choices=["xla", "mgpu", "mgpu_norm"],
-                    help="the layers' matmuls: XLA's GEMMs, the Mosaic GPU decode_matmul "
-                         "(pallas_kernels/decode_matmul), or those with the residual adds and "
-                         "RMSNorms in their epilogues (mgpu_norm); several (repeats allowed, for A/B/A): one run each")
+    ap.add_argument("--decode-matmul", nargs="+", default=["xla"], choices=["xla", "mgpu", "mgpu_norm", "mgpu_plain"],
+                    help="the layers' matmuls: XLA's GEMMs or the Mosaic GPU decode_matmul kernels "
+                         "(pallas_kernels/decode_matmul) with the residual adds and RMSNorms in their "
+                         "epilogues where measured faster (mgpu), always (mgpu_norm) or never "
+                         "(mgpu_plain); several (repeats allowed, for A/B/A): one run each")
     ap.add_argument("--profile-dir", default=None)
     ap.add_argument("--hlo-dir", default=None)
     ap.add_argument("--top", type=int, default=25, help="kernels listed per profile")

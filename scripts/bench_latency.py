@@ -286,7 +286,7 @@ def main() -> None:
                     help="decode programs use the general rope + KV scatter + attention path")
     ap.add_argument("--residual-norm", default="auto", choices=["auto", "gpu", "reference", "off"],
                     help="residual add + RMSNorm as one Pallas kernel (RunnerConfig.residual_norm)")
-    ap.add_argument("--decode-matmul", default="auto", choices=["auto", "xla", "mgpu", "mgpu_norm"],
+    ap.add_argument("--decode-matmul", default="auto", choices=["auto", "xla", "mgpu", "mgpu_norm", "mgpu_plain"],
                     help="decode-bucket matmuls: XLA or the Mosaic GPU decode_matmul (RunnerConfig.decode_matmul)")
     ap.add_argument("--device-put-inputs", action="store_true",
                     help="A/B of the host path: jax.device_put the step's numpy buffers first (the runner's "

@@ -199,7 +199,7 @@ def _tiny_forward_inputs(batch=3, context=20, page_size=16):
 
 @pytest.mark.parametrize("decode", [False, True], ids=["general", "decode-attention"])
 def test_forward_with_the_kernel_matches_xla(monkeypatch, decode):
-    """forward(dense=mgpu_dense): every layer matmul (q/k/v, o, gate/up with its SwiGLU, down)
+    """forward(dense=mgpu_plain_dense): every layer matmul (q/k/v, o, gate/up with its SwiGLU, down)
     runs a kernel, and the logits match XLA's einsum path within bf16 rounding."""
     from jaxengine.pallas_kernels import decode_matmul
     from jaxengine.pallas_kernels.ragged_paged_attention import get_attention, get_decode_attention
@@ -214,7 +214,7 @@ def test_forward_with_the_kernel_matches_xla(monkeypatch, decode):
     kw = dict(decode_attention=get_decode_attention("reference")) if decode else {}
     # jitted, so no op is dispatched eagerly beside the interpreter's callbacks
     want, _ = jax.jit(lambda p, kv, b: model.forward(p, cfg, b, kv, attention, **kw))(params, kv, inputs)
-    dense = decode_matmul.get_dense("mgpu")
+    dense = decode_matmul.get_dense("mgpu_plain")  # the norm epilogues: the test below
     got, _ = jax.jit(lambda p, kv, b: model.forward(p, cfg, b, kv, attention, dense=dense, **kw))(
         params, kv, inputs)
     h, f = cfg.hidden_size, cfg.intermediate_size
@@ -274,7 +274,7 @@ def test_engine_decodes_through_the_kernel(tmp_path, monkeypatch):
     calls = []
     inner = dm_gpu.decode_matmul
     monkeypatch.setattr(dm_gpu, "decode_matmul", lambda x, w, **kw: calls.append(x.shape) or inner(x, w, **kw))
-    for impl, k in [("xla", 4), ("mgpu", 4), ("mgpu", 1), ("mgpu_norm", 4)]:
+    for impl, k in [("xla", 4), ("mgpu_plain", 4), ("mgpu", 1), ("mgpu_norm", 4)]:
         llm = LLM(str(tmp_path), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
                   max_model_len=64, max_num_seqs=4, max_num_batched_tokens=32,
                   kv_cache_memory_bytes=4 << 20, num_scheduler_steps=k, decode_matmul=impl, warmup=False)
@@ -283,7 +283,7 @@ def test_engine_decodes_through_the_kernel(tmp_path, monkeypatch):
     # greedy on random weights: near-ties let float32 SwiGLU (in the kernel) and bf16 SwiGLU (XLA)
     # pick different tokens late in a sequence; the logits themselves are compared in
     # test_forward_with_the_kernel_matches_xla
-    for run in (outs["mgpu", 4], outs["mgpu", 1], outs["mgpu_norm", 4]):
+    for run in (outs["mgpu_plain", 4], outs["mgpu", 1], outs["mgpu_norm", 4]):
         assert [t[:4] for t in run] == [t[:4] for t in outs["xla", 4]]
     assert calls and all(shape[0] <= 32 for shape in calls)  # traced into decode-sized programs only
     assert all(len(t) == 6 for t in outs["xla", 4])
@@ -295,6 +295,14 @@ def test_config_and_impl_selection(monkeypatch):
 
     assert decode_matmul.resolve_impl() == "xla" and decode_matmul.get_dense("xla") is None
     assert decode_matmul.get_dense("mgpu") is decode_matmul.mgpu_dense
+    assert decode_matmul.get_dense("mgpu_plain") is decode_matmul.mgpu_plain_dense
+    # the norm epilogues: "mgpu" where they measured faster (8B-sized hidden, <= 16 token rows),
+    # "mgpu_norm" everywhere, "mgpu_plain" never
+    rule = decode_matmul.mgpu_dense.use_norm_epilogues
+    assert rule(8, 4096) and rule(16, 4096) and rule(16, 8192)
+    assert not rule(32, 4096) and not rule(64, 4096) and not rule(8, 2048)  # 1B: o/down split K
+    assert decode_matmul.get_dense("mgpu_norm").use_norm_epilogues(64, 2048)
+    assert not hasattr(decode_matmul.mgpu_plain_dense, "use_norm_epilogues")
     with pytest.raises(ValueError, match="decode matmul impl"):
         decode_matmul.get_dense("cublas")
     with pytest.raises(ValueError, match="decode_matmul"):

@@ -54,8 +54,9 @@ ENGINE_ARG_HELP: dict[str, str] = {
     "residual_norm": "Residual add + RMSNorm as one kernel: auto (the Pallas kernel on GPU, XLA's ops elsewhere), "
                      "gpu, reference or off ($JAXENGINE_RESIDUAL_NORM).",
     "decode_matmul": "Matmuls of decode-sized steps: auto (mgpu on a Hopper GPU, else xla), xla, mgpu (the "
-                     "Mosaic GPU TMA + wgmma weight-streaming kernels, one device) or mgpu_norm (those "
-                     "with the residual adds and RMSNorms in their epilogues; $JAXENGINE_DECODE_MATMUL).",
+                     "Mosaic GPU TMA + wgmma weight-streaming kernels, one device, with the residual adds "
+                     "and RMSNorms in their epilogues where measured faster), mgpu_norm (epilogues "
+                     "always) or mgpu_plain (never); $JAXENGINE_DECODE_MATMUL.",
     "async_scheduling": "Schedule and dispatch step N+1 before reading back step N's tokens, so host "
                         "work overlaps the device (default on; --no-async-scheduling turns it off).",
     "load_format": "How to get weights: auto (from the checkpoint) or dummy (random, right shapes; benchmarks).",

@@ -2,15 +2,17 @@
 rows): `reference.decode_matmul` (jnp, any backend) and `gpu.decode_matmul` (Pallas Mosaic GPU,
 TMA + wgmma, Hopper).
 
-`get_dense(impl)` gives models' `forward(dense=...)`: None for "xla" (XLA's einsum), or for
-"mgpu" (what "auto" picks on a Hopper GPU) a dense(x, w) that runs the kernel where it tiles the
-shape (x 2-D with at most 256 rows, bf16/f16, N and K multiples of 64) and XLA's einsum
-elsewhere; its `gate_up_silu` attribute runs the MLP's gate/up matmul with the SwiGLU in the same
-kernel (gpu.decode_gate_up_silu).  "mgpu_norm" adds the residual adds and RMSNorms to the
-kernels' epilogues (decode_matmul_residual writes the new residual stream, the next norm's input
-with its weight applied and partial sums of squares; decode_matmul_normed and gate_up_silu with
-ss apply each row's 1/rms): no residual-norm kernels between the matmuls.  The engine's switch
-is RunnerConfig.decode_matmul ($JAXENGINE_DECODE_MATMUL).
+`get_dense(impl)` gives models' `forward(dense=...)`: None for "xla" (XLA's einsum), else a
+dense(x, w) that runs the kernel where it tiles the shape (x 2-D with at most 256 rows, bf16/f16,
+N and K multiples of 64) and XLA's einsum elsewhere, with attributes models look for:
+`gate_up_silu` (the MLP's gate/up matmul and SwiGLU in one kernel, gpu.decode_gate_up_silu) and
+the norm epilogues, which move the residual adds and RMSNorms into the kernels
+(decode_matmul_residual writes the new residual stream, the next norm's input with its weight
+applied and partial sums of squares; decode_matmul_normed and decode_gate_up_silu with ss apply
+each row's 1/rms: no residual-norm kernels between the matmuls).  "mgpu" (what "auto" picks on a
+Hopper GPU) runs the norm epilogues where they measured faster (measured_norm_rule),
+"mgpu_norm" wherever the kernels run, "mgpu_plain" never.  The engine's switch is
+RunnerConfig.decode_matmul ($JAXENGINE_DECODE_MATMUL).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import jax.numpy as jnp
 from . import reference
 from .reference import decode_matmul as reference_decode_matmul
 
-IMPLS = ("xla", "mgpu", "mgpu_norm")
+IMPLS = ("xla", "mgpu", "mgpu_norm", "mgpu_plain")
 
 
 def _hopper() -> bool:
@@ -61,7 +63,7 @@ def _xla(x: jax.Array, w: jax.Array) -> jax.Array:
     return jnp.einsum("...i,oi->...o", x, w)  # the model's own GEMM (models.llama.dense_einsum)
 
 
-def mgpu_dense(x: jax.Array, w: jax.Array) -> jax.Array:
+def _kernel_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     from . import gpu
 
     return gpu.decode_matmul(x, w) if fits(x, w) else _xla(x, w)
@@ -79,11 +81,7 @@ def mgpu_gate_up_silu(x: jax.Array, w: jax.Array) -> jax.Array:
     return jax.nn.silu(gu[..., :f]) * gu[..., f:]
 
 
-# models' forward(dense=...) looks for this attribute: the MLP's gate/up matmul and SwiGLU as one call
-mgpu_dense.gate_up_silu = mgpu_gate_up_silu
-
-
-# "mgpu_norm": the residual adds and RMSNorms ride in the matmul kernels' epilogues --------------
+# the norm epilogues: the residual adds and RMSNorms ride in the matmul kernels ------------------
 def mgpu_residual(x: jax.Array, w: jax.Array, residual: jax.Array,
                   norm_w: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(h, hg, ss) = residual + x @ w.T and the next RMSNorm's inputs (gpu.decode_matmul_residual)."""
@@ -112,23 +110,51 @@ def mgpu_normed_gate_up_silu(x: jax.Array, w: jax.Array, ss: jax.Array, eps: flo
     return reference.decode_gate_up_silu(x, w, ss, eps)
 
 
-def mgpu_norm_dense(x: jax.Array, w: jax.Array) -> jax.Array:
-    return mgpu_dense(x, w)
+# H200, tenth session (BENCHMARKS.md): the norm epilogues took 8B decode forward steps from 4.205 /
+# 4.194 to 4.148 ms at 8 token rows, broke even at 16, lost 1% at 32 and 8% at 64 (each CTA's
+# epilogue handles all rows); at 1B (hidden 2048: o and down split K, their epilogue is XLA's) they
+# lost 1-2%.
+NORM_EPILOGUE_MAX_ROWS = 16
 
 
-# models' forward(dense=...) runs its layer loop through these when `residual` is there: each
-# layer's o and down kernels add the residual and write the next norm's inputs (hg, ss), the q/k/v
-# and gate/up kernels apply its 1/rms: no residual-norm kernels between the matmuls
-mgpu_norm_dense.gate_up_silu = mgpu_gate_up_silu
-mgpu_norm_dense.prenorm = reference.prenorm
-mgpu_norm_dense.residual = mgpu_residual
-mgpu_norm_dense.normed = mgpu_normed
-mgpu_norm_dense.normed_gate_up_silu = mgpu_normed_gate_up_silu
+def measured_norm_rule(rows: int, hidden: int) -> bool:
+    """Where "mgpu" runs the norm epilogues: up to NORM_EPILOGUE_MAX_ROWS token rows, and a hidden
+    size whose o/down kernels keep one K split (the epilogue in the kernel, not in XLA)."""
+    from . import gpu
+
+    return rows <= NORM_EPILOGUE_MAX_ROWS and gpu.default_config(rows, hidden, hidden)["splits"] == 1
+
+
+def _make_dense(norm_rule: Callable[[int, int], bool] | None) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """A forward(dense=...): the matmul kernels; models look for its attributes: `gate_up_silu` (the
+    MLP's gate/up matmul and SwiGLU as one call) and, with a norm_rule, the norm epilogues
+    (`prenorm`, `residual`, `normed`, `normed_gate_up_silu`) with `use_norm_epilogues(rows,
+    hidden)` saying where to run them: each layer's o and down kernels add the residual and write
+    the next norm's inputs (hg, ss), the q/k/v and gate/up kernels apply its 1/rms, and no
+    residual-norm kernels run between the matmuls."""
+    def dense(x: jax.Array, w: jax.Array) -> jax.Array:
+        return _kernel_matmul(x, w)
+
+    dense.gate_up_silu = mgpu_gate_up_silu
+    if norm_rule is not None:
+        dense.use_norm_epilogues = norm_rule
+        dense.prenorm = reference.prenorm
+        dense.residual = mgpu_residual
+        dense.normed = mgpu_normed
+        dense.normed_gate_up_silu = mgpu_normed_gate_up_silu
+    return dense
+
+
+mgpu_dense = _make_dense(measured_norm_rule)  # "mgpu" (auto on Hopper): the norm epilogues where they won
+mgpu_norm_dense = _make_dense(lambda rows, hidden: True)  # "mgpu_norm": wherever the kernels run
+mgpu_plain_dense = _make_dense(None)  # "mgpu_plain": the matmul kernels alone (A/B)
 
 
 def get_dense(impl: str = "auto") -> Callable[[jax.Array, jax.Array], jax.Array] | None:
-    return {"xla": None, "mgpu": mgpu_dense, "mgpu_norm": mgpu_norm_dense}[resolve_impl(impl)]
+    return {"xla": None, "mgpu": mgpu_dense, "mgpu_norm": mgpu_norm_dense,
+            "mgpu_plain": mgpu_plain_dense}[resolve_impl(impl)]
 
 
 __all__ = ["get_dense", "resolve_impl", "fits", "mgpu_dense", "mgpu_gate_up_silu", "mgpu_norm_dense",
+           "mgpu_plain_dense", "measured_norm_rule", "NORM_EPILOGUE_MAX_ROWS",
            "reference_decode_matmul", "IMPLS"]
