@@ -303,6 +303,7 @@ def main() -> None:
     import jax
 
     from jaxengine import LLM
+    from jaxengine.pallas_kernels.decode_matmul.gpu import pdl_default as mgpu_pdl
 
     ceil = measure_ceilings()
     dev = jax.devices()[0]
@@ -344,7 +345,7 @@ def main() -> None:
                      num_scheduler_steps=args.num_scheduler_steps,
                      decode_program=llm.runner.decode_program, device_put_inputs=args.device_put_inputs,
                      residual_norm=llm.runner.residual_norm_impl,
-                     decode_matmul=llm.runner.decode_matmul_impl,
+                     decode_matmul=llm.runner.decode_matmul_impl, mgpu_pdl=mgpu_pdl(),
                      fuse_decode_attention=llm.config.runner.fuse_decode_attention,
                      param_layout=llm.runner.model.layout_of(llm.runner.params),
                      roofline_s=bound, roofline_fraction=bound / r["total_s"],

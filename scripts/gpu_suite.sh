@@ -45,6 +45,9 @@
 #   abnorm      compiled tests of the mgpu_norm kernels, then bench_forward 8B/1B b1/b64 decode matmuls mgpu /
 #               mgpu_norm (residual adds + RMSNorms in the epilogues) / mgpu (A/B/A, profiled), then the 8B
 #               engine at K = 8 with mgpu_norm                                                   ~6 min
+#   abpdl       compiled decode_matmul tests under JAXENGINE_MGPU_PDL=1, bench_forward 8B/1B b1/b64 with
+#               the Mosaic GPU kernels, programmatic dependent launch off / on / on + L2 weight prefetch /
+#               off, then the engine at K = 8 with PDL mode $PDL_ENGINE (default 2)              ~7 min
 #   hf-static   Hugging Face static-cache generate(), 8B batch 1 and 64 (long compile)            ~8 min
 #   hf-eager    Hugging Face eager generate(), 1B and 8B, batch 1 and 64                          ~2 min
 # Everything is also runnable by hand: each part is one or two commands below.
@@ -181,6 +184,20 @@ for part in "$@"; do
         --top 10 --json "$OUT/forward_norm_mm.json" > "$OUT/forward_norm_mm.log" 2>&1
       grep -E "^\||kernels of|^ +[0-9.]+ us|Error" "$OUT/forward_norm_mm.log" | head -150
       lat norm_engine_mgpu_norm --model llama-3.1-8b --batch 1 64 --num-scheduler-steps 8 --decode-matmul mgpu_norm ;;
+    abpdl)
+      (cd tests && JAXENGINE_MGPU_PDL=1 timeout 150 python3 -m pytest -q test_decode_matmul.py \
+         -k "matches_reference or pdl or norm_in" -rf --tb=short > "$OUT/abpdl_tests.log" 2>&1
+       grep -E "^E |passed|failed|^FAILED" "$OUT/abpdl_tests.log" | head -20)
+      i=0
+      for v in 0 1 2 0; do
+        i=$((i + 1))
+        JAXENGINE_MGPU_PDL=$v timeout 100 python3 scripts/bench_forward.py --model llama-3.1-8b llama-3.2-1b \
+          --batch 1 64 --decode-attention fused --residual-norm gpu --decode-matmul mgpu \
+          --json "$OUT/forward_pdl$i.json" > "$OUT/forward_pdl$i.log" 2>&1
+        echo "-- JAXENGINE_MGPU_PDL=$v"; grep -E "^\||Error" "$OUT/forward_pdl$i.log"
+      done
+      JAXENGINE_MGPU_PDL=${PDL_ENGINE:-2} lat pdl_engine --model llama-3.1-8b llama-3.2-1b --batch 1 64 \
+        --num-scheduler-steps 8 ;;
     decodesweep)
       timeout 200 python3 scripts/bench_attention.py --decode-sweep --device-time --out "$OUT/decode_sweep.json" \
         > "$OUT/decode_sweep.log" 2>&1; grep -E "^\||device" "$OUT/decode_sweep.log" | head -50 ;;

@@ -389,3 +389,44 @@ def test_norm_epilogue_kernels_lower_to_mosaic_gpu_on_any_host(m):
                  sds((m, h), bf), sds((6144, h), bf), ss) == 1
     assert lower(lambda x, w, ss: dm_gpu.decode_gate_up_silu(x, w, ss=ss, eps=1e-5, interpret=False),
                  sds((m, h), bf), sds((2 * 14336, h), bf), ss) == 1
+
+
+def test_pdl_marks_the_kernels_for_programmatic_dependent_launch(monkeypatch):
+    """pdl=1 (or $JAXENGINE_MGPU_PDL=1): every kernel waits on griddepcontrol before touching
+    memory the kernels around it write and its Mosaic GPU module carries the uses_pdl attribute
+    the runtime launches by; pdl=2 also prefetches the first weight tiles into L2 before the wait;
+    off by default, and never in the interpreter."""
+    from jax import export
+    sds, bf = jax.ShapeDtypeStruct, jnp.bfloat16
+    m, h = 8, 512
+
+    def module(fn, *args):
+        return export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[
+            export.DisabledSafetyCheck.custom_call("mosaic_gpu_v2")])(*args).mlir_module()
+
+    x, w, ss = sds((m, h), bf), sds((h, h), bf), sds((h // 64, m), jnp.float32)
+    kernels = [lambda x, w, ss, **kw: dm_gpu.decode_matmul(x, w, interpret=False, **kw),
+               lambda x, w, ss, **kw: dm_gpu.decode_matmul_residual(
+                   x, w, x, jnp.ones((h,), bf), splits=1, interpret=False, **kw)[0],
+               lambda x, w, ss, **kw: dm_gpu.decode_matmul_normed(x, w, ss, 1e-5, splits=1, interpret=False, **kw),
+               lambda x, w, ss, **kw: dm_gpu.decode_gate_up_silu(x, w, ss=ss, eps=1e-5, interpret=False, **kw)]
+    l2_prefetch = "cp.async.bulk.prefetch.tensor"  # pdl=2: the first ring's weight tiles into L2
+    assert dm_gpu.pdl_default() == 0
+    for kernel in kernels:
+        off = module(lambda x, w, ss: kernel(x, w, ss), x, w, ss)
+        on = module(lambda x, w, ss: kernel(x, w, ss, pdl=1), x, w, ss)
+        on2 = module(lambda x, w, ss: kernel(x, w, ss, pdl=2), x, w, ss)
+        assert "uses_pdl" not in off and "griddepcontrol" not in off and l2_prefetch not in off
+        assert "uses_pdl" in on and "griddepcontrol" in on and l2_prefetch not in on
+        assert "uses_pdl" in on2 and l2_prefetch in on2
+    for value, want in (("1", 1), ("prefetch", 2), ("2", 2), ("0", 0)):
+        monkeypatch.setenv("JAXENGINE_MGPU_PDL", value)
+        assert dm_gpu.pdl_default() == want
+    monkeypatch.setenv("JAXENGINE_MGPU_PDL", "1")
+    assert "uses_pdl" in module(lambda x, w, ss: kernels[0](x, w, ss), x, w, ss)
+    # the interpreter ignores it: same result as without
+    xv = jax.random.normal(jax.random.key(1), (m, h), jnp.float32).astype(bf)
+    wv = (jax.random.normal(jax.random.key(2), (128, h), jnp.float32) * 0.05).astype(bf)
+    got = dm_gpu.decode_matmul(xv, wv, interpret=INTERPRET, pdl=2)
+    jax.effects_barrier()
+    _close(got, reference_decode_matmul(xv, wv))

@@ -22,6 +22,7 @@ one XLA fusion sums and transposes, as XLA's own split-K GEMMs have a reduction 
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -80,10 +81,46 @@ def _check(m, n, k, tile_k, splits):
         raise ValueError(f"decode_matmul: M ({m}) must be 1-256 (decode-sized)")
 
 
+def pdl_default() -> int:
+    """Programmatic dependent launch for the kernels, $JAXENGINE_MGPU_PDL (off until measured):
+    1: each kernel lets the next one launch at once (griddepcontrol.launch_dependents) and waits
+    for the previous one's memory only at its start (griddepcontrol.wait), so launch and set-up
+    (barriers, descriptors) overlap the previous kernel's tail instead of following it (XLA's own
+    kernels launch this way already; the ninth session measured ~1.3 us of gap per Mosaic
+    launch).  2: also, before waiting, TMA-prefetch the CTA's first ring of weight tiles into L2
+    (weights do not depend on the previous kernel), so the ring fills from L2."""
+    value = os.environ.get("JAXENGINE_MGPU_PDL", "0").strip().lower()
+    return {"": 0, "0": 0, "false": 0, "1": 1, "true": 1, "2": 2, "prefetch": 2}.get(value, 1)
+
+
+def _with_pdl(body, pdl: int, prefetch=None):
+    """body, first triggering the dependent launch, then (pdl 2) prefetch(*refs), then waiting for
+    the prerequisite grids: every thread waits before touching memory the kernels around it
+    write, so there is no hazard with them (weights are only read)."""
+    if not pdl:
+        return body
+
+    @functools.wraps(body)
+    def wrapped(*refs):
+        plgpu.griddepcontrol_launch_dependents()
+        if pdl >= 2 and prefetch is not None:
+            prefetch(*refs)
+        plgpu.griddepcontrol_wait()
+        body(*refs)
+
+    return wrapped
+
+
+def _prefetch_rows(w_gmem, row0, k0: int | jax.Array, tile_k: int, tiles: int):
+    """L2 prefetch (TMA) of `tiles` [64, tile_k] weight tiles from row row0, column tile k0 on."""
+    for i in range(tiles):
+        plgpu.async_prefetch(w_gmem.at[pl.ds(row0, TILE_N), pl.ds((k0 + i) * tile_k, tile_k)])
+
+
 @functools.partial(jax.jit, static_argnames=("tile_k", "splits", "stages", "warp_specialized",
-                                             "interpret", "epilogue", "eps"))
+                                             "interpret", "epilogue", "eps", "pdl"))
 def _decode_matmul(x, w, *extra, tile_k: int, splits: int, stages: int, warp_specialized: bool,
-                   interpret: bool, epilogue: str = "plain", eps: float = 0.0):
+                   interpret: bool, epilogue: str = "plain", eps: float = 0.0, pdl: int = 0):
     """epilogue "plain": y.  "residual" (extra = residual [M, N], norm_w [N]): (h, hg, ss) with
     h = residual + y, hg = h * norm_w and ss [N / 64, m_pad] float32 each CTA's sum of h^2 over
     its 64 columns (the next RMSNorm's partial sums).  "normed" (extra = ss [T, m_pad]):
@@ -232,12 +269,17 @@ def _decode_matmul(x, w, *extra, tile_k: int, splits: int, stages: int, warp_spe
 
         pl.run_scoped(scope, plgpu.SMEM((t, m_pad), jnp.float32), plgpu.Barrier(num_arrivals=1))
 
+    def prefetch(w_gmem, *_):
+        _prefetch_rows(w_gmem, lax.axis_index("n") * TILE_N, lax.axis_index("s") * k_steps, tile_k,
+                       min(stages, k_steps))
+
+    pdl = 0 if interpret else pdl  # the interpreter has no grids to overlap
     ws = dict(num_threads=2, thread_name="wg") if warp_specialized else {}
     interpret_params = plgpu.InterpretGPUParams() if interpret else None
     out_shape = jax.ShapeDtypeStruct((m_pad, n) if splits == 1 else (splits, n, m_pad), part_dtype)
     if splits > 1 or epilogue == "plain":
         kernel = plgpu.kernel(
-            body_ws if warp_specialized else body, out_type=out_shape,
+            _with_pdl(body_ws if warp_specialized else body, pdl, prefetch), out_type=out_shape,
             grid=(n // TILE_N, splits), grid_names=("n", "s"), interpret=interpret_params, **ws)
         out = kernel(w, x)
         if splits > 1:  # one XLA reduction (+ transpose), as XLA's own split-K GEMMs have
@@ -245,13 +287,13 @@ def _decode_matmul(x, w, *extra, tile_k: int, splits: int, stages: int, warp_spe
         return _xla_epilogue(out, x.dtype, m, epilogue, extra, k, eps)
     if epilogue == "residual":
         outs = plgpu.kernel(
-            body_residual, out_type=(out_shape, out_shape,
+            _with_pdl(body_residual, pdl, prefetch), out_type=(out_shape, out_shape,
                                      jax.ShapeDtypeStruct((n // TILE_N, m_pad), jnp.float32)),
             grid=(n // TILE_N, 1), grid_names=("n", "s"), interpret=interpret_params)(w, x, *extra)
         h, hg, ss = outs
         return (h, hg, ss) if m_pad == m else (h[:m], hg[:m], ss)
-    out = plgpu.kernel(body_normed, out_type=out_shape, grid=(n // TILE_N, 1), grid_names=("n", "s"),
-                       interpret=interpret_params)(w, x, *extra)
+    out = plgpu.kernel(_with_pdl(body_normed, pdl, prefetch), out_type=out_shape,
+                       grid=(n // TILE_N, 1), grid_names=("n", "s"), interpret=interpret_params)(w, x, *extra)
     return out if m_pad == m else out[:m]  # the engine's decode buckets are multiples of 8 rows
 
 
@@ -279,11 +321,13 @@ def residual_epilogue(y, residual, norm_w, m: int):
 
 def decode_matmul(x: jax.Array, w: jax.Array, *, tile_k: int | None = None,
                   splits: int | None = None, stages: int | None = None,
-                  warp_specialized: bool | None = None, interpret: bool | None = None) -> jax.Array:
+                  warp_specialized: bool | None = None, interpret: bool | None = None,
+                  pdl: int | None = None) -> jax.Array:
     """x [M, K] @ w[N, K].T -> [M, N] in x's dtype (float32 accumulation).  x and w bf16 or f16;
     N a multiple of 64, K of 64.  Tuning keywords override `default_config`; warp_specialized
-    runs the TMA ring from a memory warpgroup beside the compute warpgroup.  `interpret`
-    defaults to True on the CPU backend (Mosaic GPU's interpreter: tests)."""
+    runs the TMA ring from a memory warpgroup beside the compute warpgroup; pdl (0, 1 or 2,
+    default pdl_default()) launches it with programmatic dependent launch.  `interpret`
+    defaults to True on the CPU backend (Mosaic GPU's interpreter: tests; no PDL there)."""
     m, k = x.shape
     n, k2 = w.shape
     if k != k2:
@@ -297,7 +341,7 @@ def decode_matmul(x: jax.Array, w: jax.Array, *, tile_k: int | None = None,
         if value is not None:
             cfg[key] = value
     _check(m, n, k, cfg["tile_k"], cfg["splits"])
-    return _decode_matmul(x, w, interpret=_interpret(interpret), **cfg)
+    return _decode_matmul(x, w, interpret=_interpret(interpret), pdl=_pdl(pdl), **cfg)
 
 
 def _check_inputs(name: str, x, w):
@@ -329,10 +373,14 @@ def _interpret(interpret: bool | None) -> bool:
     return jax.default_backend() == "cpu" if interpret is None else bool(interpret)
 
 
+def _pdl(pdl: int | bool | None) -> int:
+    return pdl_default() if pdl is None else int(pdl)
+
+
 def decode_matmul_residual(x: jax.Array, w: jax.Array, residual: jax.Array, norm_w: jax.Array, *,
                            tile_k: int | None = None, splits: int | None = None,
-                           stages: int | None = None,
-                           interpret: bool | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+                           stages: int | None = None, interpret: bool | None = None,
+                           pdl: int | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The o / down projection with the residual add and the next RMSNorm's inputs in its
     epilogue: h = residual + x @ w.T (the new residual stream, x's dtype), hg = h * norm_w (the
     next norm's input with its weight applied, not yet its 1/rms) and ss, float32 [T, M rounded
@@ -349,12 +397,13 @@ def decode_matmul_residual(x: jax.Array, w: jax.Array, residual: jax.Array, norm
     # the residual tile and the norm weight sit beside the ring
     cfg = _epilogue_config(m, n, k, tile_k, splits, stages, reserve=_round_up(m, 8) * TILE_N * 2 + 1024)
     return _decode_matmul(x, w, residual, norm_w.astype(x.dtype), interpret=_interpret(interpret),
-                          epilogue="residual", **cfg)
+                          epilogue="residual", pdl=_pdl(pdl), **cfg)
 
 
 def decode_matmul_normed(x: jax.Array, w: jax.Array, ss: jax.Array, eps: float, *,
                          tile_k: int | None = None, splits: int | None = None,
-                         stages: int | None = None, interpret: bool | None = None) -> jax.Array:
+                         stages: int | None = None, interpret: bool | None = None,
+                         pdl: int | None = None) -> jax.Array:
     """rms_norm(h) @ w.T for the q/k/v projection, given x = hg and ss from
     decode_matmul_residual (or reference.prenorm): each row of x @ w.T scaled by
     rsqrt(sum(ss, 0) / K + eps) in the epilogue."""
@@ -364,11 +413,12 @@ def decode_matmul_normed(x: jax.Array, w: jax.Array, ss: jax.Array, eps: float, 
     _check_ss("decode_matmul_normed", ss, m)
     cfg = _epilogue_config(m, n, k, tile_k, splits, stages, reserve=ss.size * 4 + 1024)
     return _decode_matmul(x, w, ss, interpret=_interpret(interpret), epilogue="normed", eps=float(eps),
-                          **cfg)
+                          pdl=_pdl(pdl), **cfg)
 
 
-@functools.partial(jax.jit, static_argnames=("tile_k", "stages", "interpret", "eps"))
-def _decode_gate_up_silu(x, w, *extra, tile_k: int, stages: int, interpret: bool, eps: float = 0.0):
+@functools.partial(jax.jit, static_argnames=("tile_k", "stages", "interpret", "eps", "pdl"))
+def _decode_gate_up_silu(x, w, *extra, tile_k: int, stages: int, interpret: bool, eps: float = 0.0,
+                         pdl: int = 0):
     m, k = x.shape
     f = w.shape[0] // 2
     m_pad = _round_up(m, 8)
@@ -429,8 +479,14 @@ def _decode_gate_up_silu(x, w, *extra, tile_k: int, stages: int, interpret: bool
 
         pl.run_scoped(scope, plgpu.SMEM((t, m_pad), jnp.float32), plgpu.Barrier(num_arrivals=1))
 
+    def prefetch(w_gmem, *_):  # the gate rows' and the up rows' first tiles
+        n_idx = lax.axis_index("n")
+        for first in (0, up0):
+            _prefetch_rows(w_gmem, (first + n_idx) * TILE_N, 0, tile_k, min(stages, k // tile_k))
+
     kernel = plgpu.kernel(
-        body_normed if extra else body, out_type=jax.ShapeDtypeStruct((m_pad, f), x.dtype),
+        _with_pdl(body_normed if extra else body, 0 if interpret else pdl, prefetch),
+        out_type=jax.ShapeDtypeStruct((m_pad, f), x.dtype),
         grid=(f // TILE_N,), grid_names=("n",), interpret=plgpu.InterpretGPUParams() if interpret else None)
     out = kernel(w, x, *extra)
     return out if m_pad == m else out[:m]
@@ -438,7 +494,7 @@ def _decode_gate_up_silu(x, w, *extra, tile_k: int, stages: int, interpret: bool
 
 def decode_gate_up_silu(x: jax.Array, w: jax.Array, *, ss: jax.Array | None = None, eps: float = 0.0,
                         tile_k: int | None = None, stages: int | None = None,
-                        interpret: bool | None = None) -> jax.Array:
+                        interpret: bool | None = None, pdl: int | None = None) -> jax.Array:
     """SwiGLU's first half in one kernel: silu(x @ w[:F].T) * (x @ w[F:].T) -> [M, F], w the
     stacked [gate; up] weight [2F, K] (the fused layout's gate_up_proj, reshaped for free).  Each
     CTA streams 64 gate rows and the 64 matching up rows, so the SwiGLU runs on its two float32
@@ -462,4 +518,4 @@ def decode_gate_up_silu(x: jax.Array, w: jax.Array, *, ss: jax.Array | None = No
         stages = ring_stages(2, m, tile_k, k // tile_k, reserve=0 if ss is None else ss.size * 4 + 1024)
     extra = () if ss is None else (ss,)
     return _decode_gate_up_silu(x, w, *extra, tile_k=tile_k, stages=stages, interpret=_interpret(interpret),
-                                eps=float(eps))
+                                eps=float(eps), pdl=_pdl(pdl))
