@@ -168,6 +168,8 @@ def main() -> None:
     from jaxengine.pallas_kernels.ragged_paged_attention import get_attention, get_decode_attention
     from jaxengine.pallas_kernels.decode_matmul import get_dense
     from jaxengine.pallas_kernels.decode_matmul.gpu import pdl_default as mgpu_pdl
+    from jaxengine.pallas_kernels.ragged_paged_attention.gpu_decode import (
+        fused_combine_default as combine_in_kernel)
     from jaxengine.pallas_kernels.residual_norm import get_residual_norm
 
     ceil = measure_ceilings()
@@ -221,7 +223,8 @@ def main() -> None:
             moved, flops = step_cost(cfg, params_bytes, batch, args.context)
             floor_s = max(moved / ceil["copy_bytes_per_s"], flops / ceil["matmul_flops_per_s"])
             run = {"model": name, "batch": batch, "decode_attention": mode, "residual_norm": rn, "decode_matmul": dm,
-                   "mgpu_pdl": dm != "xla" and mgpu_pdl(), "token_bucket": tokens, "step_ms": step_s * 1e3, "floor_ms": floor_s * 1e3,
+                   "mgpu_pdl": dm != "xla" and mgpu_pdl(), "decode_combine_in_kernel": combine_in_kernel(),
+                   "token_bucket": tokens, "step_ms": step_s * 1e3, "floor_ms": floor_s * 1e3,
                    "fraction_of_floor": floor_s / step_s, "bytes_per_step": moved, "flops_per_step": flops,
                    "params_bytes": params_bytes}
             print(f"| {name} | {batch} | {mode} | {rn} | {dm} | {args.context} | {step_s * 1e3:.3f} | {floor_s * 1e3:.3f} | "

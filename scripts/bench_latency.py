@@ -304,6 +304,8 @@ def main() -> None:
 
     from jaxengine import LLM
     from jaxengine.pallas_kernels.decode_matmul.gpu import pdl_default as mgpu_pdl
+    from jaxengine.pallas_kernels.ragged_paged_attention.gpu_decode import (
+        fused_combine_default as combine_in_kernel)
 
     ceil = measure_ceilings()
     dev = jax.devices()[0]
@@ -346,6 +348,7 @@ def main() -> None:
                      decode_program=llm.runner.decode_program, device_put_inputs=args.device_put_inputs,
                      residual_norm=llm.runner.residual_norm_impl,
                      decode_matmul=llm.runner.decode_matmul_impl, mgpu_pdl=mgpu_pdl(),
+                     decode_combine_in_kernel=combine_in_kernel(),
                      fuse_decode_attention=llm.config.runner.fuse_decode_attention,
                      param_layout=llm.runner.model.layout_of(llm.runner.params),
                      roofline_s=bound, roofline_fraction=bound / r["total_s"],

@@ -73,9 +73,15 @@ def fuse_qkv(q, k, v):
 RUNS = [(c, False) for c in CASES] + [(CASES[i], True) for i in (0, 2, 4, 6, 9, 11)]
 
 
-@pytest.mark.parametrize("case,fused_input", RUNS,
-                         ids=[_case_id(c) + ("-fused-qkv" if f else "") for c, f in RUNS])
-def test_gpu_kernel_matches_composite_of_reference_ops(case, fused_input):
+# the kv splits merged inside the kernel (fused_combine): cases with several splits
+MERGED = [(CASES[i], i % 2 == 0) for i in (2, 4, 6, 8, 11, 12)]
+RUNS_ALL = [(c, f, False) for c, f in RUNS] + [(c, f, True) for c, f in MERGED]
+
+
+@pytest.mark.parametrize("case,fused_input,fused_combine", RUNS_ALL,
+                         ids=[_case_id(c) + ("-fused-qkv" if f else "") + ("-merged" if m else "")
+                              for c, f, m in RUNS_ALL])
+def test_gpu_kernel_matches_composite_of_reference_ops(case, fused_input, fused_combine):
     ctx, group, head_dim, page_size, dtype, window, cap, over = case
     args = decode_step(len(ctx) * 7 + group, ctx, num_kv_heads=1 if group == 8 else 2, group=group,
                        head_dim=head_dim, page_size=page_size, dtype=dtype)
@@ -87,7 +93,12 @@ def test_gpu_kernel_matches_composite_of_reference_ops(case, fused_input):
         with jax.default_matmul_precision("highest"):  # the composite takes the fused input too
             again, _ = decode.reference_decode_attention(*args, **kw)
         np.testing.assert_array_equal(np.asarray(again), np.asarray(want_out))
-    out, kv = gpu_decode.decode_attention(*args, **kw, **over)
+    if fused_combine:
+        num_tokens = args[0].shape[0]
+        cfg = gpu_decode.default_config(num_tokens, args[3].shape[2] // 2, head_dim, page_size,
+                                        args[5].shape[1])
+        assert over.get("num_splits", cfg["num_splits"]) > 1, "a merged case needs several splits"
+    out, kv = gpu_decode.decode_attention(*args, **kw, **over, fused_combine=fused_combine)
     n = len(ctx)
     out = np.asarray(out.astype(jnp.float32))
     assert out.shape == want_out.shape
@@ -177,6 +188,15 @@ def test_decode_kernel_lowers_to_triton_for_h100(as_h100, num_splits, fused_inpu
                           _sds((1,), i32), _sds((D // 2,), jnp.float32))
     # the attention kernel, plus the split combine when there are splits
     assert mlir.count("xla.gpu.triton") == (1 if num_splits == 1 else 2)
+    if num_splits > 1:  # merged in the kernel: one launch
+        kw = dict(sm_scale=0.088, num_splits=num_splits, interpret=False, fused_combine=True)
+        if fused_input:
+            fn2 = lambda qkv, *a: gpu_decode.decode_attention(qkv, None, None, *a, **kw)  # noqa: E731
+        else:
+            fn2 = lambda *a: gpu_decode.decode_attention(*a, **kw)  # noqa: E731
+        mlir = lower_for_cuda(fn2, *qkv, _sds((PAGES, PS, 2 * HKV, D)), _sds((T,), i32), _sds((T, 16), i32),
+                              _sds((1,), i32), _sds((D // 2,), jnp.float32))
+        assert mlir.count("xla.gpu.triton") == 1
 
 
 @pytest.mark.parametrize("num_tokens", [8, 2048])  # a decode bucket (splits) and a prefill bucket

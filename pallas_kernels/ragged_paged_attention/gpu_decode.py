@@ -8,7 +8,8 @@ key never goes through memory: split 0 rotates it, scores it against q elementwi
 its softmax state from it (m = its score, l = 1, acc = its value), and writes it and its value
 into their page slot.  No program of the launch reads that slot (every walk stops below it), so
 the write cannot race a read.  With kv splits > 1 (flash-decoding) the partial outputs are merged
-by `combine`, a second small Pallas kernel (XLA made two kernels of the jnp combine).
+by `combine`, a second small Pallas kernel (XLA made two kernels of the jnp combine), or, with
+fused_combine, by each row's last split inside this kernel (an atomic count per row and kv head).
 
 Compared with the general path (q rope, K/V scatter, attention, two combine kernels) this is two
 kernels a layer instead of five, one with a single split.
@@ -17,6 +18,7 @@ kernels a layer instead of five, one with a single split.
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -57,10 +59,14 @@ def _decode_kernel(
     sliding_window: int | None,
     soft_cap: float | None,
     precision,
+    fused_combine: bool = False,
 ):
+    out_ref = cnt_ref = None
     if num_splits == 1:
         _zeros_ref, o_ref, kv_out_ref = rest  # o aliased onto zeros: padding rows stay 0
         lse_ref = None
+    elif fused_combine:
+        _cnt_in_ref, o_ref, lse_ref, out_ref, cnt_ref, kv_out_ref = rest  # cnt aliased onto zeros
     else:
         o_ref, lse_ref, kv_out_ref = rest
     h = pl.program_id(0)
@@ -182,6 +188,36 @@ def _decode_kernel(
     _, acc, m_i, l_i = lax.fori_loop(0, num_iters, body, (block_pages(split), acc, m_i, l_i))
 
     store_output(o_ref, lse_ref, acc, m_i, l_i, o_row, kcol, row_valid, split, rows_per_split, num_splits)
+    if fused_combine and num_splits > 1:
+        # The last split of (request row, kv head) to finish merges the splits' partials: all
+        # threads' partial stores, then a CTA barrier, then one acq_rel atomic (the pattern of
+        # CUTLASS's semaphore), so the last program's loads see every split's rows.
+        if clamp_rows:  # compiled (the interpreter runs programs one after another)
+            plgpu.debug_barrier()
+        cnt_idx = h * (cnt_ref.shape[0] // num_kv_heads) + j
+        done = plgpu.atomic_add(cnt_ref, cnt_idx, jnp.ones((), jnp.int32))
+
+        @pl.when(done == num_splits - 1)
+        def _merge():
+            rows = j * num_q_heads + h * group + r  # unclamped: padding tokens' rows get zeros
+            keep = r < group
+            if clamp_rows:
+                rows = jnp.where(keep, rows, 0)
+            lses = [plgpu.load(lse_ref.at[s * rows_per_split + rows], mask=keep & valid, other=-jnp.inf)
+                    for s in range(num_splits)]
+            lse_max = functools.reduce(jnp.maximum, lses)
+            lse_max = jnp.where(lse_max == -jnp.inf, 0.0, lse_max)
+            num = jnp.zeros((block_m, head_dim), jnp.float32)
+            total = jnp.zeros((block_m,), jnp.float32)
+            for s in range(num_splits):
+                w = jnp.exp2(lses[s] - lse_max)  # 0 for splits without keys
+                part = plgpu.load(o_ref.at[(s * rows_per_split + rows)[:, None], kcol],
+                                  mask=(keep & valid)[:, None], other=0.0)
+                num += w[:, None] * part
+                total += w
+            out = num / jnp.where(total == 0, 1.0, total)[:, None]
+            out = jnp.where(valid, out, 0.0)
+            plgpu.store(out_ref.at[rows[:, None], kcol], out.astype(out_ref.dtype), mask=keep[:, None])
 
 
 def default_config(num_tokens: int, num_kv_heads: int, head_dim: int, page_size: int,
@@ -195,9 +231,11 @@ def default_config(num_tokens: int, num_kv_heads: int, head_dim: int, page_size:
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "block_k",
-                                             "num_splits", "num_warps", "num_stages", "interpret"))
+                                             "num_splits", "num_warps", "num_stages", "interpret",
+                                             "fused_combine"))
 def _decode_attention(q, k, v, kv_pages, kv_lens, page_indices, num_seqs, inv_freq, *, sm_scale,
-                      sliding_window, soft_cap, block_k, num_splits, num_warps, num_stages, interpret):
+                      sliding_window, soft_cap, block_k, num_splits, num_warps, num_stages, interpret,
+                      fused_combine=False):
     num_pages, page_size, combined, head_dim = kv_pages.shape
     num_kv_heads = combined // 2
     num_tokens = q.shape[0]
@@ -228,7 +266,7 @@ def _decode_attention(q, k, v, kv_pages, kv_lens, page_indices, num_seqs, inv_fr
         max_num_seqs=max_num_seqs, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, group=group,
         block_m=block_m, block_k=block_k, num_splits=num_splits, rows_per_split=out_rows,
         clamp_rows=not interpret, sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
-        precision=precision)
+        precision=precision, fused_combine=fused_combine)
     args = [kv_lens.astype(jnp.int32), page_indices.reshape(-1).astype(jnp.int32),
             num_seqs.astype(jnp.int32).reshape(1), inv_freq.astype(jnp.float32), q2, k2, v2, kv2]
     kv_index = len(args) - 1
@@ -242,6 +280,17 @@ def _decode_attention(q, k, v, kv_pages, kv_lens, page_indices, num_seqs, inv_fr
             input_output_aliases={kv_index: 1, kv_index + 1: 0}, compiler_params=params,
             interpret=interpret, name=name,
         )(*args, jnp.zeros((out_rows, head_dim), q.dtype))
+        out = out[:num_tokens * num_q_heads].reshape(num_tokens, num_q_heads, head_dim)
+    elif fused_combine:  # the splits' merge by each row's last split: no combine kernel
+        _, _, out, _, kv2 = pl.pallas_call(
+            kernel, grid=grid,
+            out_shape=(jax.ShapeDtypeStruct((num_splits * out_rows, head_dim), jnp.float32),
+                       jax.ShapeDtypeStruct((num_splits * out_rows,), jnp.float32),
+                       jax.ShapeDtypeStruct((out_rows, head_dim), q.dtype),
+                       jax.ShapeDtypeStruct((num_kv_heads * num_tokens,), jnp.int32), kv_shape),
+            input_output_aliases={kv_index: 4, kv_index + 1: 3}, compiler_params=params,
+            interpret=interpret, name=name + "_merge",
+        )(*args, jnp.zeros((num_kv_heads * num_tokens,), jnp.int32))
         out = out[:num_tokens * num_q_heads].reshape(num_tokens, num_q_heads, head_dim)
     else:
         o_part, lse, kv2 = pl.pallas_call(
@@ -257,11 +306,20 @@ def _decode_attention(q, k, v, kv_pages, kv_lens, page_indices, num_seqs, inv_fr
     return out, kv2.reshape(kv_pages.shape)
 
 
+def fused_combine_default() -> bool:
+    """$JAXENGINE_DECODE_COMBINE=kernel: the kv splits' merge runs in the attention kernel (each
+    row's last split to finish merges, after an atomic count) instead of a second kernel; off
+    until measured on the GPU (the combine kernel is ~3.6 us a layer at 8B batch 1, mostly its
+    launch)."""
+    return os.environ.get("JAXENGINE_DECODE_COMBINE", "separate").strip().lower() == "kernel"
+
+
 def decode_attention(q, k, v, kv_pages, kv_lens, page_indices, num_seqs, inv_freq, *, sm_scale,
                      sliding_window=None, soft_cap=None, block_k=None, num_splits=None,
-                     num_warps=None, num_stages=None, interpret=None):
+                     num_warps=None, num_stages=None, interpret=None, fused_combine=None):
     """`decode.py`'s contract (q may be the fused projection with k = v = None); the keyword
-    tuning args override `default_config`.  `interpret` defaults to True on the CPU backend."""
+    tuning args override `default_config`; fused_combine (default fused_combine_default()) merges
+    the kv splits inside the kernel.  `interpret` defaults to True on the CPU backend."""
     num_kv_heads = kv_pages.shape[2] // 2
     head_dim = kv_pages.shape[3]
     num_q_heads = q.shape[1] if k is not None else num_kv_heads * (q.shape[2] - 2)
@@ -286,4 +344,5 @@ def decode_attention(q, k, v, kv_pages, kv_lens, page_indices, num_seqs, inv_fre
     return _decode_attention(
         q, k, v, kv_pages, kv_lens, page_indices, num_seqs, inv_freq, sm_scale=float(sm_scale),
         sliding_window=sliding_window, soft_cap=None if soft_cap is None else float(soft_cap),
-        interpret=bool(interpret), **cfg)
+        interpret=bool(interpret),
+        fused_combine=fused_combine_default() if fused_combine is None else bool(fused_combine), **cfg)
