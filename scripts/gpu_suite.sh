@@ -50,7 +50,7 @@
 #               off, then the engine at K = 8 with PDL mode $PDL_ENGINE (default 2)              ~7 min
 #   abcombine   the decode kernel's kv-split merge inside the kernel ($JAXENGINE_DECODE_COMBINE=kernel):
 #               compiled merged-case tests, bench_forward 8B/1B b1/b64 separate / kernel / separate, the
-#               decode kernel sweep (device time) both ways                                       ~5 min
+#               decode kernel sweep and the ragged kernel's decode steps (device time) both ways  ~7 min
 #   hf-static   Hugging Face static-cache generate(), 8B batch 1 and 64 (long compile)            ~8 min
 #   hf-eager    Hugging Face eager generate(), 1B and 8B, batch 1 and 64                          ~2 min
 # Everything is also runnable by hand: each part is one or two commands below.
@@ -202,8 +202,8 @@ for part in "$@"; do
       JAXENGINE_MGPU_PDL=${PDL_ENGINE:-2} lat pdl_engine --model llama-3.1-8b llama-3.2-1b --batch 1 64 \
         --num-scheduler-steps 8 ;;
     abcombine)
-      (cd tests && timeout 150 python3 -m pytest -q test_decode_attention.py -k "merged" -rf --tb=short \
-         > "$OUT/abcombine_tests.log" 2>&1; grep -E "^E |passed|failed|^FAILED" "$OUT/abcombine_tests.log" | head -20)
+      (cd tests && timeout 150 python3 -m pytest -q test_decode_attention.py test_ragged_paged_attention.py \
+         -k "merged" -rf --tb=short > "$OUT/abcombine_tests.log" 2>&1; grep -E "^E |passed|failed|^FAILED" "$OUT/abcombine_tests.log" | head -20)
       i=0
       for v in separate kernel separate; do
         i=$((i + 1))
@@ -216,6 +216,9 @@ for part in "$@"; do
         JAXENGINE_DECODE_COMBINE=$v timeout 120 python3 scripts/bench_attention.py --decode-kernel-sweep --quick \
           --device-time --out "$OUT/decode_kernel_$v.json" > "$OUT/decode_kernel_$v.log" 2>&1
         echo "-- decode kernel, combine $v"; grep -E "^\|" "$OUT/decode_kernel_$v.log" | head -20
+        JAXENGINE_DECODE_COMBINE=$v timeout 150 python3 scripts/bench_attention.py --quick --decode-only \
+          --device-time --out "$OUT/decode_only_$v.json" > "$OUT/decode_only_$v.log" 2>&1
+        echo "-- ragged kernel decode steps, combine $v"; grep -E "^\|" "$OUT/decode_only_$v.log" | grep -v reference
       done ;;
     decodesweep)
       timeout 200 python3 scripts/bench_attention.py --decode-sweep --device-time --out "$OUT/decode_sweep.json" \

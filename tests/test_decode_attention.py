@@ -211,3 +211,9 @@ def test_ragged_kernel_lowers_to_triton_for_h100(as_h100, num_tokens):
     # launches (long requests, then the short ones).  No XLA kernels build work lists.
     assert mlir.count("xla.gpu.triton") == 2
     assert "stablehlo.reduce_window" not in mlir and "stablehlo.while" not in mlir
+    if num_tokens == 8:  # the splits merged inside the kernel: one launch
+        merged = lower_for_cuda(
+            lambda *a: gpu.ragged_paged_attention(*a, sm_scale=0.088, interpret=False, fused_combine=True),
+            _sds((num_tokens, HQ, D)), _sds((PAGES, PS, 2 * HKV, D)), _sds((T,), i32), _sds((T, 16), i32),
+            _sds((T + 1,), i32), _sds((1,), i32))
+        assert merged.count("xla.gpu.triton") == 1

@@ -216,14 +216,27 @@ def test_impl_matches_reference(impl, case):
     check(out, b, reference_out(b, kw), case[4])
 
 
-@pytest.mark.parametrize("num_splits", [1, 2, 4])
-def test_gpu_kv_splits_agree(num_splits):
-    """Flash-decoding splits must not change the result (decode and a chunked prefill)."""
+@pytest.mark.parametrize("num_splits,fused_combine", [(1, False), (2, False), (4, False), (2, True), (4, True)],
+                         ids=["s1", "s2", "s4", "s2-merged", "s4-merged"])
+def test_gpu_kv_splits_agree(num_splits, fused_combine):
+    """Flash-decoding splits must not change the result (decode and a chunked prefill), merged by
+    the combine kernel or inside the attention kernel (fused_combine: each block's last split)."""
     b = make_batch(7, [1, 1, 5, 1], [90, 3, 70, 33], num_kv_heads=2, group=4, head_dim=64,
                    page_size=16, dtype=jnp.float32)
     kw = dict(sm_scale=0.125, sliding_window=None, soft_cap=None)
-    out = _gpu(*b.args(), num_splits=num_splits, block_q=4, block_k=16, **kw)
+    out = _gpu(*b.args(), num_splits=num_splits, block_q=4, block_k=16, fused_combine=fused_combine, **kw)
     check(out, b, reference_out(b, kw), jnp.float32)
+
+
+MERGE_CASES = [CASES[i] for i in (3, 4, 6, 8, 10)]  # decode and mixed: 7 and 33 requests
+
+
+@pytest.mark.parametrize("case", MERGE_CASES, ids=_case_id)
+def test_gpu_merged_splits_match_reference(case):
+    """Four kv splits merged inside the kernel: decode and mixed steps, windows, soft cap, bf16."""
+    b, kw = _case_batch(case, 11)
+    out = _gpu(*b.args(), num_splits=4, fused_combine=True, **kw)
+    check(out, b, reference_out(b, kw), case[4])
 
 
 # Page 16, block_q 16 (32 rows at group 2).  The 70-token chunk at context 130 gives every q block

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -69,10 +70,14 @@ def _kernel(
     max_num_seqs: int,
     short_q: int,
     select: str,
+    fused_combine: bool = False,
 ):
+    out_ref = cnt_ref = None
     if num_splits == 1:
         _zeros_in_ref, o_ref = rest  # output aliased onto a zeros buffer: padding rows stay 0
         lse_ref = None
+    elif fused_combine:  # out and the per-(work item, kv head) counts aliased onto zeros
+        _zeros_in_ref, _cnt_in_ref, o_ref, lse_ref, out_ref, cnt_ref = rest
     else:
         o_ref, lse_ref = rest  # [splits * num_tokens * num_q_heads, head_dim], [splits * ...]
     # Grid (kv head, split, work item): the kv heads of one (work item, split) launch next to
@@ -226,6 +231,10 @@ def _kernel(
         acc, m_i, l_i = lax.fori_loop(0, num_masked, masked_body, carry)
 
         store_output(o_ref, lse_ref, acc, m_i, l_i, q_row, col, row_valid, split, rows_per_split, num_splits)
+        if fused_combine and num_splits > 1:  # each (work item, kv head)'s last split merges
+            merge_splits_in_kernel(cnt_ref, h * pl.num_programs(2) + w, o_ref, lse_ref, out_ref, q_row,
+                                   row_valid, row_valid, col, rows_per_split, num_splits,
+                                   compiled=clamp_rows)
 
 
 def split_blocks_below(x, split, num_splits: int):
@@ -248,6 +257,43 @@ def store_output(o_ref, lse_ref, acc, m_i, l_i, row, col, row_valid, split, rows
         plgpu.store(o_ref.at[o_row[:, None], col], out, mask=row_valid[:, None])
         lse = jnp.where(has_keys, m_i + jnp.log2(jnp.where(has_keys, l_i, 1.0)), -jnp.inf)
         plgpu.store(lse_ref.at[o_row], lse, mask=row_valid)
+
+
+def fused_combine_default() -> bool:
+    """$JAXENGINE_DECODE_COMBINE=kernel: kv splits (flash-decoding) merge inside the attention
+    kernel (merge_splits_in_kernel) instead of a second kernel; off until measured on the GPU
+    (the combine kernel is ~3.6 us a layer at 8B batch 1, mostly its launch)."""
+    return os.environ.get("JAXENGINE_DECODE_COMBINE", "separate").strip().lower() == "kernel"
+
+
+def merge_splits_in_kernel(cnt_ref, cnt_idx, o_ref, lse_ref, out_ref, rows, load_ok, store_ok, col,
+                           rows_per_split: int, num_splits: int, compiled: bool):
+    """After store_output: the last of the num_splits programs of one output block to get here
+    merges the splits' partial rows (as `combine` does) into out_ref, so no combine kernel runs.
+    All threads' partial stores, a CTA barrier, then one acq_rel atomic count at GPU scope (the
+    pattern of CUTLASS's semaphore): the last program's loads see every split's rows.  cnt_ref
+    starts at zero (a zeros buffer aliased onto it); rows where load_ok is false come out 0."""
+    if compiled:  # the interpreter runs programs one after another (and has no barrier rule)
+        plgpu.debug_barrier()
+    done = plgpu.atomic_add(cnt_ref, cnt_idx, jnp.ones((), jnp.int32))
+
+    @pl.when(done == num_splits - 1)
+    def _merge():
+        lses = [plgpu.load(lse_ref.at[s * rows_per_split + rows], mask=load_ok, other=-jnp.inf)
+                for s in range(num_splits)]
+        lse_max = functools.reduce(jnp.maximum, lses)
+        lse_max = jnp.where(lse_max == -jnp.inf, 0.0, lse_max)
+        num = jnp.zeros((rows.shape[0], col.shape[-1]), jnp.float32)
+        total = jnp.zeros(rows.shape, jnp.float32)
+        for s in range(num_splits):
+            w = jnp.exp2(lses[s] - lse_max)  # 0 for splits without keys
+            part = plgpu.load(o_ref.at[(s * rows_per_split + rows)[:, None], col],
+                              mask=load_ok[:, None], other=0.0)
+            num += w[:, None] * part
+            total += w
+        out = num / jnp.where(total == 0, 1.0, total)[:, None]
+        out = jnp.where(load_ok[:, None], out, 0.0)
+        plgpu.store(out_ref.at[rows[:, None], col], out.astype(out_ref.dtype), mask=store_ok[:, None])
 
 
 def _find_work(w, cu_q_lens_ref, num_seqs_ref, *, max_num_seqs: int, block_q: int, short_q: int,
@@ -426,11 +472,12 @@ LONG_TILE_MIN_TOKENS = 2048
     jax.jit,
     static_argnames=("sm_scale", "sliding_window", "soft_cap", "block_q", "block_k",
                      "num_splits", "num_warps", "num_stages", "prescale_q", "short_q",
-                     "interpret"),
+                     "interpret", "fused_combine"),
 )
 def _ragged_paged_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *,
                             sm_scale, sliding_window, soft_cap, block_q, block_k, num_splits,
-                            num_warps, num_stages, prescale_q, short_q, interpret):
+                            num_warps, num_stages, prescale_q, short_q, interpret,
+                            fused_combine=False):
     num_tokens, num_q_heads, head_dim = q.shape
     num_pages, page_size, combined, _ = kv_pages.shape
     num_kv_heads = combined // 2
@@ -459,7 +506,8 @@ def _ragged_paged_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_s
             block_m=_next_pow2(tile_q * group), block_k=tile_k, rows_per_split=rows,
             clamp_rows=not interpret, sm_scale=sm_scale, sliding_window=sliding_window,
             soft_cap=soft_cap, num_splits=splits, prescale_q=prescale_q, precision=precision,
-            max_num_seqs=max_num_seqs, short_q=short_q, select=select)
+            max_num_seqs=max_num_seqs, short_q=short_q, select=select,
+            fused_combine=fused_combine and splits > 1)
         args = [num_seqs.reshape(1).astype(jnp.int32), *scalars, q2, kv2]
         params = plgpu.CompilerParams(num_warps=warps, num_stages=stages)
         grid = (num_kv_heads, splits, num_work)
@@ -474,11 +522,19 @@ def _ragged_paged_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_s
                 input_output_aliases={len(args): 0}, compiler_params=params,
                 interpret=interpret, name=name,
             )(*args, out_init)
+        parts = (jax.ShapeDtypeStruct((splits * rows, head_dim), jnp.float32),
+                 jax.ShapeDtypeStruct((splits * rows,), jnp.float32))
+        if fused_combine:  # merged by each block's last split: the final rows, no combine kernel
+            counts = num_kv_heads * num_work
+            return pl.pallas_call(
+                kernel, grid=grid,
+                out_shape=(*parts, jax.ShapeDtypeStruct((rows, head_dim), q.dtype),
+                           jax.ShapeDtypeStruct((counts,), jnp.int32)),
+                input_output_aliases={len(args): 2, len(args) + 1: 3}, compiler_params=params,
+                interpret=interpret, name=name + "_merge",
+            )(*args, jnp.zeros((rows, head_dim), q.dtype), jnp.zeros((counts,), jnp.int32))[2]
         return pl.pallas_call(
-            kernel, grid=grid,
-            out_shape=(jax.ShapeDtypeStruct((splits * rows, head_dim), jnp.float32),
-                       jax.ShapeDtypeStruct((splits * rows,), jnp.float32)),
-            compiler_params=params, interpret=interpret, name=name,
+            kernel, grid=grid, out_shape=parts, compiler_params=params, interpret=interpret, name=name,
         )(*args)
 
     def finish(out):
@@ -499,6 +555,8 @@ def _ragged_paged_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_s
     num_work = min(num_tokens, num_tokens // block_q + max_num_seqs)
     if num_splits == 1:
         return finish(launch(block_q, block_k, num_warps, num_stages, 1, num_work, "all"))
+    if fused_combine:
+        return finish(launch(block_q, block_k, num_warps, num_stages, num_splits, num_work, "all"))
     o_part, lse = launch(block_q, block_k, num_warps, num_stages, num_splits, num_work, "all")
     # Merge the splits: one Pallas kernel (combine); rows of padding tokens come out zero.
     return combine(o_part, lse, None, num_splits=num_splits, num_tokens=num_tokens,
@@ -525,6 +583,7 @@ def ragged_paged_attention(
     prescale_q: bool | None = None,
     short_q: int | None = None,
     interpret: bool | None = None,
+    fused_combine: bool | None = None,
 ) -> jax.Array:
     """Same contract as `reference.ragged_paged_attention`; the keyword tuning args override
     `default_config`.  block_q counts tokens (a program's rows are block_q * group, padded to a
@@ -533,8 +592,9 @@ def ragged_paged_attention(
     into two launches: requests of more than short_q tokens with the tile above, the others
     (decode tokens) with a 16-row decode tile; 0 makes one launch.  Left at None it is
     default_config's (two launches for big prefill buckets) unless a tile keyword is given, so a
-    tile given is the tile every request gets.  `interpret` defaults to True on the CPU backend
-    (tests)."""
+    tile given is the tile every request gets.  fused_combine (default fused_combine_default())
+    merges kv splits inside the kernel instead of a combine kernel.  `interpret` defaults to True
+    on the CPU backend (tests)."""
     num_tokens, num_q_heads, head_dim = q.shape
     _, page_size, combined, _ = kv_pages.shape
     num_kv_heads = combined // 2
@@ -553,7 +613,7 @@ def ragged_paged_attention(
             cu_q_lens, num_seqs, sm_scale=sm_scale, sliding_window=sliding_window,
             soft_cap=soft_cap, block_q=block_q, block_k=block_k, num_splits=num_splits,
             num_warps=num_warps, num_stages=num_stages, prescale_q=prescale_q,
-            short_q=short_q, interpret=interpret)
+            short_q=short_q, interpret=interpret, fused_combine=fused_combine)
         return out[..., :head_dim]
     max_num_seqs, pages_per_seq = page_indices.shape
     cfg = default_config(num_tokens, max_num_seqs, num_q_heads, num_kv_heads, head_dim,
@@ -579,4 +639,5 @@ def ragged_paged_attention(
     return _ragged_paged_attention(
         q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, sm_scale=float(sm_scale),
         sliding_window=sliding_window, soft_cap=None if soft_cap is None else float(soft_cap),
-        interpret=bool(interpret), **cfg)
+        interpret=bool(interpret),
+        fused_combine=fused_combine_default() if fused_combine is None else bool(fused_combine), **cfg)

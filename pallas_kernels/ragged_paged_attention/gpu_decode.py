@@ -18,7 +18,6 @@ kernels a layer instead of five, one with a single split.
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -27,8 +26,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from .decode import composite
-from .gpu import (_DEFAULT_NUM_SMS, _LOG2E, _next_pow2, combine, kv_splits, ragged_paged_attention,
-                  split_blocks_below, store_output)
+from .gpu import (_DEFAULT_NUM_SMS, _LOG2E, _next_pow2, combine, fused_combine_default, kv_splits,
+                  merge_splits_in_kernel, ragged_paged_attention, split_blocks_below, store_output)
 
 
 def _decode_kernel(
@@ -188,36 +187,14 @@ def _decode_kernel(
     _, acc, m_i, l_i = lax.fori_loop(0, num_iters, body, (block_pages(split), acc, m_i, l_i))
 
     store_output(o_ref, lse_ref, acc, m_i, l_i, o_row, kcol, row_valid, split, rows_per_split, num_splits)
-    if fused_combine and num_splits > 1:
-        # The last split of (request row, kv head) to finish merges the splits' partials: all
-        # threads' partial stores, then a CTA barrier, then one acq_rel atomic (the pattern of
-        # CUTLASS's semaphore), so the last program's loads see every split's rows.
-        if clamp_rows:  # compiled (the interpreter runs programs one after another)
-            plgpu.debug_barrier()
-        cnt_idx = h * (cnt_ref.shape[0] // num_kv_heads) + j
-        done = plgpu.atomic_add(cnt_ref, cnt_idx, jnp.ones((), jnp.int32))
-
-        @pl.when(done == num_splits - 1)
-        def _merge():
-            rows = j * num_q_heads + h * group + r  # unclamped: padding tokens' rows get zeros
-            keep = r < group
-            if clamp_rows:
-                rows = jnp.where(keep, rows, 0)
-            lses = [plgpu.load(lse_ref.at[s * rows_per_split + rows], mask=keep & valid, other=-jnp.inf)
-                    for s in range(num_splits)]
-            lse_max = functools.reduce(jnp.maximum, lses)
-            lse_max = jnp.where(lse_max == -jnp.inf, 0.0, lse_max)
-            num = jnp.zeros((block_m, head_dim), jnp.float32)
-            total = jnp.zeros((block_m,), jnp.float32)
-            for s in range(num_splits):
-                w = jnp.exp2(lses[s] - lse_max)  # 0 for splits without keys
-                part = plgpu.load(o_ref.at[(s * rows_per_split + rows)[:, None], kcol],
-                                  mask=(keep & valid)[:, None], other=0.0)
-                num += w[:, None] * part
-                total += w
-            out = num / jnp.where(total == 0, 1.0, total)[:, None]
-            out = jnp.where(valid, out, 0.0)
-            plgpu.store(out_ref.at[rows[:, None], kcol], out.astype(out_ref.dtype), mask=keep[:, None])
+    if fused_combine and num_splits > 1:  # each (request row, kv head)'s last split merges
+        rows = j * num_q_heads + h * group + r  # unclamped: padding tokens' rows get zeros
+        keep = r < group
+        if clamp_rows:
+            rows = jnp.where(keep, rows, 0)
+        merge_splits_in_kernel(cnt_ref, h * (cnt_ref.shape[0] // num_kv_heads) + j, o_ref, lse_ref,
+                               out_ref, rows, keep & valid, keep, kcol, rows_per_split, num_splits,
+                               compiled=clamp_rows)
 
 
 def default_config(num_tokens: int, num_kv_heads: int, head_dim: int, page_size: int,
@@ -304,14 +281,6 @@ def _decode_attention(q, k, v, kv_pages, kv_lens, page_indices, num_seqs, inv_fr
         out = combine(o_part, lse, num_valid, num_splits=num_splits, num_tokens=num_tokens,
                       num_q_heads=num_q_heads, dtype=q.dtype, interpret=interpret)
     return out, kv2.reshape(kv_pages.shape)
-
-
-def fused_combine_default() -> bool:
-    """$JAXENGINE_DECODE_COMBINE=kernel: the kv splits' merge runs in the attention kernel (each
-    row's last split to finish merges, after an atomic count) instead of a second kernel; off
-    until measured on the GPU (the combine kernel is ~3.6 us a layer at 8B batch 1, mostly its
-    launch)."""
-    return os.environ.get("JAXENGINE_DECODE_COMBINE", "separate").strip().lower() == "kernel"
 
 
 def decode_attention(q, k, v, kv_pages, kv_lens, page_indices, num_seqs, inv_freq, *, sm_scale,
