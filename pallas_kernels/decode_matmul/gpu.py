@@ -111,6 +111,24 @@ def _with_pdl(body, pdl: int, prefetch=None):
     return wrapped
 
 
+def _row_sums(ss_smem):
+    """Column sums of the partial sums of squares ss_smem [T, m_pad] float32 -> [m_pad], in the
+    accumulator's column layout (WGMMA.reduce(0), ready to scale y^T's columns): 64-row chunks
+    loaded like an accumulator and summed across the warpgroup (a few shuffles and one exchange
+    through shared memory), or row by row where T is not a multiple of 64 (XLA's epilogue gives
+    T = 1).  A row-by-row loop over T = 64 is 64 dependent shared-memory loads and adds."""
+    t = ss_smem.shape[0]
+    if t % TILE_N:
+        col = plgpu.Layout.WGMMA.reduce(0)
+        return lax.fori_loop(1, t, lambda i, a: a + plgpu.load(ss_smem.at[i], layout=col),
+                             plgpu.load(ss_smem.at[0], layout=col))
+    tot = None
+    for c in range(t // TILE_N):
+        part = jnp.sum(plgpu.load(ss_smem.at[pl.ds(c * TILE_N, TILE_N)], layout=plgpu.Layout.WGMMA), axis=0)
+        tot = part if tot is None else tot + part
+    return tot
+
+
 def _prefetch_rows(w_gmem, row0, k0: int | jax.Array, tile_k: int, tiles: int):
     """L2 prefetch (TMA) of `tiles` [64, tile_k] weight tiles from row row0, column tile k0 on."""
     for i in range(tiles):
@@ -165,7 +183,7 @@ def _decode_matmul(x, w, *extra, tile_k: int, splits: int, stages: int, warp_spe
             plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[s_idx, rows])
         plgpu.wait_smem_to_gmem(0)
 
-    def body_ws(w_gmem, x_gmem, o_gmem):
+    def matmul_ws(w_gmem, x_gmem, o_gmem):
         # A memory warpgroup issues the TMA ring; one compute warpgroup runs the wgmmas.
         n_idx = lax.axis_index("n")
         s_idx = lax.axis_index("s")
@@ -209,7 +227,7 @@ def _decode_matmul(x, w, *extra, tile_k: int, splits: int, stages: int, warp_spe
 
         return pl.run_scoped(acc_scope, plgpu.ACC((TILE_N, m_pad), jnp.float32))
 
-    def body(w_gmem, x_gmem, o_gmem):
+    def matmul(w_gmem, x_gmem, o_gmem):
         n_idx = lax.axis_index("n")
         s_idx = lax.axis_index("s")
         acc = accumulate(w_gmem, x_gmem, n_idx, s_idx * k_steps)
@@ -219,7 +237,7 @@ def _decode_matmul(x, w, *extra, tile_k: int, splits: int, stages: int, warp_spe
     def tile_t(dtype):  # a [m_pad, 64] output tile, written through its transposed view
         return plgpu.SMEM((m_pad, TILE_N), dtype, transforms=_smem_transforms(dtype, TILE_N))
 
-    def body_residual(w_gmem, x_gmem, res_gmem, g_gmem, h_gmem, hg_gmem, ss_gmem):
+    def matmul_residual(w_gmem, x_gmem, res_gmem, g_gmem, h_gmem, hg_gmem, ss_gmem):
         # The residual add and the next RMSNorm's inputs: the residual tile and the norm weight's
         # 64 entries arrive by TMA while the weights stream; everything stays in y^T's layout.
         n_idx = lax.axis_index("n")
@@ -250,7 +268,7 @@ def _decode_matmul(x, w, *extra, tile_k: int, splits: int, stages: int, warp_spe
 
         pl.run_scoped(scope, tile_t(x.dtype), plgpu.SMEM((TILE_N,), x.dtype), plgpu.Barrier(num_arrivals=2))
 
-    def body_normed(w_gmem, x_gmem, ss_gmem, o_gmem):
+    def matmul_normed(w_gmem, x_gmem, ss_gmem, o_gmem):
         # x is the normed input without its 1/rms (the norm weight applied): each row's 1/rms,
         # from the partial sums of squares the previous kernel wrote, scales y^T's columns.
         n_idx = lax.axis_index("n")
@@ -260,10 +278,7 @@ def _decode_matmul(x, w, *extra, tile_k: int, splits: int, stages: int, warp_spe
             plgpu.copy_gmem_to_smem(ss_gmem, ss_smem, bar)
             acc = accumulate(w_gmem, x_gmem, n_idx, 0)
             plgpu.barrier_wait(bar)
-            col = plgpu.Layout.WGMMA.reduce(0)
-            tot = lax.fori_loop(1, t, lambda i, a: a + plgpu.load(ss_smem.at[i], layout=col),
-                                plgpu.load(ss_smem.at[0], layout=col))
-            r = lax.rsqrt(tot * (1.0 / k) + eps)
+            r = lax.rsqrt(_row_sums(ss_smem) * (1.0 / k) + eps)
             y = acc * lax.broadcast_in_dim(r, (TILE_N, m_pad), [1])
             pl.run_scoped(functools.partial(store, y, o_gmem=o_gmem, n_idx=n_idx, s_idx=0), o_smem_type)
 
@@ -279,7 +294,7 @@ def _decode_matmul(x, w, *extra, tile_k: int, splits: int, stages: int, warp_spe
     out_shape = jax.ShapeDtypeStruct((m_pad, n) if splits == 1 else (splits, n, m_pad), part_dtype)
     if splits > 1 or epilogue == "plain":
         kernel = plgpu.kernel(
-            _with_pdl(body_ws if warp_specialized else body, pdl, prefetch), out_type=out_shape,
+            _with_pdl(matmul_ws if warp_specialized else matmul, pdl, prefetch), out_type=out_shape,
             grid=(n // TILE_N, splits), grid_names=("n", "s"), interpret=interpret_params, **ws)
         out = kernel(w, x)
         if splits > 1:  # one XLA reduction (+ transpose), as XLA's own split-K GEMMs have
@@ -287,12 +302,12 @@ def _decode_matmul(x, w, *extra, tile_k: int, splits: int, stages: int, warp_spe
         return _xla_epilogue(out, x.dtype, m, epilogue, extra, k, eps)
     if epilogue == "residual":
         outs = plgpu.kernel(
-            _with_pdl(body_residual, pdl, prefetch), out_type=(out_shape, out_shape,
+            _with_pdl(matmul_residual, pdl, prefetch), out_type=(out_shape, out_shape,
                                      jax.ShapeDtypeStruct((n // TILE_N, m_pad), jnp.float32)),
             grid=(n // TILE_N, 1), grid_names=("n", "s"), interpret=interpret_params)(w, x, *extra)
         h, hg, ss = outs
         return (h, hg, ss) if m_pad == m else (h[:m], hg[:m], ss)
-    out = plgpu.kernel(_with_pdl(body_normed, pdl, prefetch), out_type=out_shape,
+    out = plgpu.kernel(_with_pdl(matmul_normed, pdl, prefetch), out_type=out_shape,
                        grid=(n // TILE_N, 1), grid_names=("n", "s"), interpret=interpret_params)(w, x, *extra)
     return out if m_pad == m else out[:m]  # the engine's decode buckets are multiples of 8 rows
 
@@ -459,11 +474,11 @@ def _decode_gate_up_silu(x, w, *extra, tile_k: int, stages: int, interpret: bool
         pl.run_scoped(store, plgpu.SMEM((m_pad, TILE_N), x.dtype,
                                         transforms=_smem_transforms(x.dtype, TILE_N)))
 
-    def body(w_gmem, x_gmem, o_gmem):
+    def gate_up_silu(w_gmem, x_gmem, o_gmem):
         n_idx = lax.axis_index("n")
         silu_store(*accumulate(w_gmem, x_gmem, n_idx), o_gmem, n_idx)
 
-    def body_normed(w_gmem, x_gmem, ss_gmem, o_gmem):  # as _decode_matmul's "normed" epilogue
+    def gate_up_silu_normed(w_gmem, x_gmem, ss_gmem, o_gmem):  # as _decode_matmul's "normed" epilogue
         n_idx = lax.axis_index("n")
         t = ss_gmem.shape[0]
 
@@ -471,10 +486,7 @@ def _decode_gate_up_silu(x, w, *extra, tile_k: int, stages: int, interpret: bool
             plgpu.copy_gmem_to_smem(ss_gmem, ss_smem, bar)
             g, u = accumulate(w_gmem, x_gmem, n_idx)
             plgpu.barrier_wait(bar)
-            col = plgpu.Layout.WGMMA.reduce(0)
-            tot = lax.fori_loop(1, t, lambda i, a: a + plgpu.load(ss_smem.at[i], layout=col),
-                                plgpu.load(ss_smem.at[0], layout=col))
-            r = lax.broadcast_in_dim(lax.rsqrt(tot * (1.0 / k) + eps), (TILE_N, m_pad), [1])
+            r = lax.broadcast_in_dim(lax.rsqrt(_row_sums(ss_smem) * (1.0 / k) + eps), (TILE_N, m_pad), [1])
             silu_store(g * r, u * r, o_gmem, n_idx)
 
         pl.run_scoped(scope, plgpu.SMEM((t, m_pad), jnp.float32), plgpu.Barrier(num_arrivals=1))
@@ -485,7 +497,7 @@ def _decode_gate_up_silu(x, w, *extra, tile_k: int, stages: int, interpret: bool
             _prefetch_rows(w_gmem, (first + n_idx) * TILE_N, 0, tile_k, min(stages, k // tile_k))
 
     kernel = plgpu.kernel(
-        _with_pdl(body_normed if extra else body, 0 if interpret else pdl, prefetch),
+        _with_pdl(gate_up_silu_normed if extra else gate_up_silu, 0 if interpret else pdl, prefetch),
         out_type=jax.ShapeDtypeStruct((m_pad, f), x.dtype),
         grid=(f // TILE_N,), grid_names=("n",), interpret=plgpu.InterpretGPUParams() if interpret else None)
     out = kernel(w, x, *extra)
