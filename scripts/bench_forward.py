@@ -130,6 +130,41 @@ def device_busy(trace: str | list[dict]) -> dict[str, float]:
     return {"busy_us": busy, "span_us": span}
 
 
+def device_gaps(trace: str | list[dict], top: int = 8) -> dict:
+    """Where the device sat idle between kernels, on its busiest stream line: the total, by gap
+    size (<2, 2-10, 10-100, >=100 us) and the kernel pairs (before -> after) with the most idle
+    time after them, in us.  Launch gaps between back-to-back kernels show as many small gaps;
+    waits on the host (a read-back, the next program's dispatch) as few large ones."""
+    ev = device_events(trace)
+    if not ev:
+        return {"idle_us": 0.0, "by_size_us": {}, "pairs": []}
+    lines = collections.Counter((e["pid"], e.get("tid")) for e in ev)
+    line = lines.most_common(1)[0][0]
+    ev = sorted((e for e in ev if (e["pid"], e.get("tid")) == line), key=lambda e: float(e["ts"]))
+    sizes = {"<2": 0.0, "2-10": 0.0, "10-100": 0.0, ">=100": 0.0}
+    pairs: dict[tuple[str, str], list[float]] = collections.defaultdict(lambda: [0, 0.0])
+    end, prev = float(ev[0]["ts"]) + float(ev[0]["dur"]), ev[0]["name"]
+    for e in ev[1:]:
+        gap = float(e["ts"]) - end
+        if gap > 0:
+            key = "<2" if gap < 2 else "2-10" if gap < 10 else "10-100" if gap < 100 else ">=100"
+            sizes[key] += gap
+            p = pairs[(prev, e["name"])]
+            p[0] += 1
+            p[1] += gap
+        end, prev = max(end, float(e["ts"]) + float(e["dur"])), e["name"]
+    rows = sorted(({"before": a, "after": b, "count": c, "idle_us": g} for (a, b), (c, g) in pairs.items()),
+                  key=lambda r: -r["idle_us"])
+    return {"idle_us": sum(sizes.values()), "by_size_us": sizes, "pairs": rows[:top]}
+
+
+def print_gaps(gaps: dict, per: float = 1.0, label: str = "step") -> None:
+    sizes = ", ".join(f"{k} us {v / per:.0f}" for k, v in gaps["by_size_us"].items())
+    print(f"  idle between kernels: {gaps['idle_us'] / per:.0f} us a {label} ({sizes})", flush=True)
+    for r in gaps["pairs"]:
+        print(f"    {r['idle_us'] / per:8.1f} us  x{r['count'] / per:5.1f}  {r['before'][:50]} -> {r['after'][:50]}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", nargs="+", default=["llama-3.1-8b"], choices=sorted(SHAPES))
@@ -236,13 +271,16 @@ def main() -> None:
                     for _ in range(steps):
                         logits, kv = compiled(params, kv, inputs)
                     jax.block_until_ready(logits)
-                rows = kernel_table(d, steps)
+                events = device_events(d)  # read the trace once
+                rows = kernel_table(events, steps)
                 run["kernels"] = rows
                 total = sum(r["us_per_step"] for r in rows)
                 print(f"  kernels of {name} b{batch}: {len(rows)} names, "
                       f"{sum(r['count_per_step'] for r in rows):.0f} launches and {total:.0f} us a step")
                 for r in rows[:args.top]:
                     print(f"    {r['us_per_step']:9.1f} us  x{r['count_per_step']:5.1f}  {r['kernel'][:110]}")
+                run["gaps"] = device_gaps(events)
+                print_gaps(run["gaps"], per=steps)
             report["runs"].append(run)
             del kv, inputs, compiled
     if args.json:

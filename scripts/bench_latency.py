@@ -196,7 +196,7 @@ def profile_run(llm, batch: int, args, trace_dir: str, top: int = 30) -> dict:
     """One more run under jax.profiler (its own run: tracing costs time), then the device kernels
     per output token by name and the device's busy time against the run's kernel span."""
     import jax
-    from bench_forward import device_busy, device_events, kernel_table
+    from bench_forward import device_busy, device_events, device_gaps, kernel_table, print_gaps
 
     out_len = min(args.output_len, 32)
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
@@ -209,7 +209,9 @@ def profile_run(llm, batch: int, args, trace_dir: str, top: int = 30) -> dict:
           f"{busy['busy_us'] / 1e3:.2f} of {busy['span_us'] / 1e3:.2f} ms", flush=True)
     for r in rows[:top]:
         print(f"    {r['us_per_step']:9.1f} us  x{r['count_per_step']:5.1f}  {r['kernel'][:110]}")
-    return {"output_len": out_len, "kernels_per_output_token": rows, **busy}
+    gaps = device_gaps(events, top=12)
+    print_gaps(gaps, per=out_len, label="output token")
+    return {"output_len": out_len, "kernels_per_output_token": rows, "gaps": gaps, **busy}
 
 
 def run_hf(shape: dict, batch: int, input_len: int, output_len: int, mode: str) -> dict:

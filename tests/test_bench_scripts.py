@@ -182,6 +182,10 @@ def test_bench_forward_times_a_decode_step_and_reads_kernels_from_a_trace(tmp_pa
                     {"kernel": "fusion", "count_per_step": 1.0, "us_per_step": 2.0}]
     # 36 us of kernels from t = 100 to t = 148: the device sat idle 12 us between the steps
     assert bf.device_busy(str(tmp_path / "trace")) == {"busy_us": 36.0, "span_us": 48.0}
+    # ... the 12 us idle, on the stream line only (the "XLA Ops" line repeats the time)
+    gaps = bf.device_gaps(str(tmp_path / "trace"))
+    assert gaps["idle_us"] == 12.0 and gaps["by_size_us"]["10-100"] == 12.0
+    assert gaps["pairs"] == [{"before": "fusion", "after": "gemm", "count": 1, "idle_us": 12.0}]
 
 
 def test_the_forward_floor_streams_what_the_engine_roofline_streams():
