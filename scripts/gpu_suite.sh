@@ -42,9 +42,9 @@
 #               residual-norm kernel), matmuls XLA / Mosaic GPU decode_matmul / XLA (A/B/A), profiled  ~7 min
 #   abmmengine  the engine, K = 8, 8B and 1B at batch 1 and 64, decode matmuls XLA then the Mosaic GPU
 #               kernels (--decode-matmul mgpu), 4 engine starts                                  ~7 min
-#   abnorm      compiled tests of the mgpu_norm kernels, then bench_forward 8B/1B b1/b64 decode matmuls mgpu /
-#               mgpu_norm (residual adds + RMSNorms in the epilogues) / mgpu (A/B/A, profiled), then the 8B
-#               engine at K = 8 with mgpu_norm                                                   ~6 min
+#   abnorm      compiled tests of the norm-epilogue kernels (chunked sum of squares included), then
+#               bench_forward 8B/1B b1/b16/b64 decode matmuls mgpu_plain / mgpu_norm / mgpu_plain (A/B/A,
+#               profiled), mgpu_norm with $JAXENGINE_MGPU_SS_SUM=chunks, the 8B engine at K = 8 (default)  ~8 min
 #   abpdl       compiled decode_matmul tests under JAXENGINE_MGPU_PDL=1, bench_forward 8B/1B b1/b64 with
 #               the Mosaic GPU kernels, programmatic dependent launch off / on / on + L2 weight prefetch /
 #               off, then the engine at K = 8 with PDL mode $PDL_ENGINE (default 2)              ~7 min
@@ -179,14 +179,19 @@ for part in "$@"; do
         lat "mm_engine_$dm" --model llama-3.1-8b llama-3.2-1b --batch 1 64 --num-scheduler-steps 8 --decode-matmul $dm
       done ;;
     abnorm)
-      (cd tests && timeout 150 python3 -m pytest -q test_decode_matmul.py -k "residual or normed or norm_in" -rf \
-         --tb=short > "$OUT/abnorm_tests.log" 2>&1
+      (cd tests && JAXENGINE_MGPU_SS_SUM=chunks timeout 150 python3 -m pytest -q test_decode_matmul.py \
+         -k "residual or normed or norm_in" -rf --tb=short > "$OUT/abnorm_tests.log" 2>&1
        grep -E "^E |passed|failed|^FAILED" "$OUT/abnorm_tests.log" | head -20)
-      timeout 170 python3 scripts/bench_forward.py --model llama-3.1-8b llama-3.2-1b --batch 1 64 \
-        --decode-attention fused --residual-norm gpu --decode-matmul mgpu mgpu_norm mgpu --profile-dir /tmp/prof \
-        --top 10 --json "$OUT/forward_norm_mm.json" > "$OUT/forward_norm_mm.log" 2>&1
-      grep -E "^\||kernels of|^ +[0-9.]+ us|Error" "$OUT/forward_norm_mm.log" | head -150
-      lat norm_engine_mgpu_norm --model llama-3.1-8b --batch 1 64 --num-scheduler-steps 8 --decode-matmul mgpu_norm ;;
+      timeout 170 python3 scripts/bench_forward.py --model llama-3.1-8b llama-3.2-1b --batch 1 16 64 \
+        --decode-attention fused --residual-norm gpu --decode-matmul mgpu_plain mgpu_norm mgpu_plain \
+        --profile-dir /tmp/prof --top 10 --json "$OUT/forward_norm_mm.json" > "$OUT/forward_norm_mm.log" 2>&1
+      grep -E "^\||kernels of|^ +[0-9.]+ us|idle|Error" "$OUT/forward_norm_mm.log" | head -200
+      echo "-- JAXENGINE_MGPU_SS_SUM=chunks"
+      JAXENGINE_MGPU_SS_SUM=chunks timeout 120 python3 scripts/bench_forward.py --model llama-3.1-8b llama-3.2-1b \
+        --batch 1 16 64 --decode-attention fused --residual-norm gpu --decode-matmul mgpu_norm \
+        --profile-dir /tmp/prof --top 6 --json "$OUT/forward_norm_chunks.json" > "$OUT/forward_norm_chunks.log" 2>&1
+      grep -E "^\||kernels of|^ +[0-9.]+ us|idle|Error" "$OUT/forward_norm_chunks.log" | head -80
+      lat norm_engine --model llama-3.1-8b --batch 1 64 --num-scheduler-steps 8 ;;
     abpdl)
       (cd tests && JAXENGINE_MGPU_PDL=1 timeout 150 python3 -m pytest -q test_decode_matmul.py \
          -k "matches_reference or pdl or norm_in" -rf --tb=short > "$OUT/abpdl_tests.log" 2>&1

@@ -101,11 +101,15 @@ def test_residual_kernel_matches_reference(m, n, k, splits):
     np.testing.assert_array_equal(np.asarray(ss[:, m:]), 0.0)  # padding rows: no norm contribution
 
 
-@pytest.mark.parametrize("m,n,k,t,splits", [(1, 128, 256, 4, 1), (8, 192, 128, 1, 1), (13, 64, 256, 64, 1),
-                                            (64, 128, 256, 3, 1), (5, 128, 256, 2, 2), (8, 64, 128, 128, 1)])
-def test_normed_kernel_matches_reference(m, n, k, t, splits):
-    """q/k/v on hg with each row's 1/rms (from t partial sums of squares: row by row, or in 64-row
-    chunks summed across the warpgroup) applied in the epilogue."""
+@pytest.mark.parametrize("m,n,k,t,splits,ss_sum", [
+    (1, 128, 256, 4, 1, "rows"), (8, 192, 128, 1, 1, "rows"), (13, 64, 256, 64, 1, "rows"),
+    (64, 128, 256, 3, 1, "rows"), (5, 128, 256, 2, 2, "rows"),
+    (13, 64, 256, 64, 1, "chunks"), (8, 64, 128, 128, 1, "chunks"), (64, 128, 256, 64, 1, "chunks")])
+def test_normed_kernel_matches_reference(m, n, k, t, splits, ss_sum, monkeypatch):
+    """q/k/v on hg with each row's 1/rms (from t partial sums of squares: row by row, or with
+    $JAXENGINE_MGPU_SS_SUM=chunks in 64-row chunks summed across the warpgroup) applied in the
+    epilogue."""
+    monkeypatch.setenv("JAXENGINE_MGPU_SS_SUM", ss_sum)
     kx, kw, ks = jax.random.split(jax.random.key(m * 5 + n + k + t), 3)
     x, w = _normal(kx, (m, k)), _normal(kw, (n, k), 0.05)
     ss = jax.random.uniform(ks, (t, -(-m // 8) * 8), jnp.float32, 0.1, 4.0) * k
@@ -118,8 +122,10 @@ def test_normed_kernel_matches_reference(m, n, k, t, splits):
 
 
 @pytest.mark.parametrize("m,f,k,t", [(1, 128, 256, 2), (13, 64, 128, 1), (64, 64, 256, 64)])
-def test_normed_gate_up_silu_matches_reference(m, f, k, t):
-    """gate/up + SwiGLU on hg with each row's 1/rms applied to both accumulators first."""
+def test_normed_gate_up_silu_matches_reference(m, f, k, t, monkeypatch):
+    """gate/up + SwiGLU on hg with each row's 1/rms applied to both accumulators first (the
+    64-row case with the chunked sum of the sums of squares)."""
+    monkeypatch.setenv("JAXENGINE_MGPU_SS_SUM", "chunks")
     kx, kw, ks = jax.random.split(jax.random.key(m + f * 3 + k + t), 3)
     x, w = _normal(kx, (m, k)), _normal(kw, (2 * f, k), 0.1)
     ss = jax.random.uniform(ks, (t, -(-m // 8) * 8), jnp.float32, 0.1, 4.0) * k
@@ -368,8 +374,8 @@ def test_kernel_lowers_to_mosaic_gpu_on_any_host(m, n, warp_specialized):
     assert silu.mlir_module().count("stablehlo.custom_call @mosaic_gpu_v2") == 1
 
 
-@pytest.mark.parametrize("m", [8, 64])
-def test_norm_epilogue_kernels_lower_to_mosaic_gpu_on_any_host(m):
+@pytest.mark.parametrize("m,ss_sum", [(8, "rows"), (64, "rows"), (8, "chunks"), (64, "chunks")])
+def test_norm_epilogue_kernels_lower_to_mosaic_gpu_on_any_host(m, ss_sum, monkeypatch):
     """The mgpu_norm kernels' compiled lowering at 8B shapes (one split: the epilogues in the
     kernel), layout inference included: the residual tile's transposed load, the sum of squares
     across warps, the row-vector 1/rms broadcast."""
@@ -382,6 +388,7 @@ def test_norm_epilogue_kernels_lower_to_mosaic_gpu_on_any_host(m):
         return exp.mlir_module().count("stablehlo.custom_call @mosaic_gpu_v2")
 
     h = 4096
+    monkeypatch.setenv("JAXENGINE_MGPU_SS_SUM", ss_sum)
     assert dm_gpu.default_config(m, h, h)["splits"] == 1
     assert lower(lambda x, w, r, g: dm_gpu.decode_matmul_residual(x, w, r, g, interpret=False),
                  sds((m, h), bf), sds((h, h), bf), sds((m, h), bf), sds((h,), bf)) == 1

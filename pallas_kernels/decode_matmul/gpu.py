@@ -111,14 +111,21 @@ def _with_pdl(body, pdl: int, prefetch=None):
     return wrapped
 
 
-def _row_sums(ss_smem):
+def ss_chunk_sum() -> bool:
+    """$JAXENGINE_MGPU_SS_SUM=chunks: _row_sums in 64-row chunks (not yet run on a GPU; the row
+    loop is what the tenth session measured).  Read by the wrappers: a static argument of the
+    jitted kernels, so switching it retraces."""
+    return os.environ.get("JAXENGINE_MGPU_SS_SUM", "rows").strip().lower() == "chunks"
+
+
+def _row_sums(ss_smem, chunks: bool):
     """Column sums of the partial sums of squares ss_smem [T, m_pad] float32 -> [m_pad], in the
-    accumulator's column layout (WGMMA.reduce(0), ready to scale y^T's columns): 64-row chunks
+    accumulator's column layout (WGMMA.reduce(0), ready to scale y^T's columns): row by row (T
+    dependent shared-memory loads and adds: 64 at 8B), or with ss_chunk_sum() in 64-row chunks
     loaded like an accumulator and summed across the warpgroup (a few shuffles and one exchange
-    through shared memory), or row by row where T is not a multiple of 64 (XLA's epilogue gives
-    T = 1).  A row-by-row loop over T = 64 is 64 dependent shared-memory loads and adds."""
+    through shared memory) where T is a multiple of 64 (XLA's split-K epilogue gives T = 1)."""
     t = ss_smem.shape[0]
-    if t % TILE_N:
+    if t % TILE_N or not chunks:
         col = plgpu.Layout.WGMMA.reduce(0)
         return lax.fori_loop(1, t, lambda i, a: a + plgpu.load(ss_smem.at[i], layout=col),
                              plgpu.load(ss_smem.at[0], layout=col))
@@ -136,9 +143,10 @@ def _prefetch_rows(w_gmem, row0, k0: int | jax.Array, tile_k: int, tiles: int):
 
 
 @functools.partial(jax.jit, static_argnames=("tile_k", "splits", "stages", "warp_specialized",
-                                             "interpret", "epilogue", "eps", "pdl"))
+                                             "interpret", "epilogue", "eps", "pdl", "ss_chunks"))
 def _decode_matmul(x, w, *extra, tile_k: int, splits: int, stages: int, warp_specialized: bool,
-                   interpret: bool, epilogue: str = "plain", eps: float = 0.0, pdl: int = 0):
+                   interpret: bool, epilogue: str = "plain", eps: float = 0.0, pdl: int = 0,
+                   ss_chunks: bool = False):
     """epilogue "plain": y.  "residual" (extra = residual [M, N], norm_w [N]): (h, hg, ss) with
     h = residual + y, hg = h * norm_w and ss [N / 64, m_pad] float32 each CTA's sum of h^2 over
     its 64 columns (the next RMSNorm's partial sums).  "normed" (extra = ss [T, m_pad]):
@@ -278,7 +286,7 @@ def _decode_matmul(x, w, *extra, tile_k: int, splits: int, stages: int, warp_spe
             plgpu.copy_gmem_to_smem(ss_gmem, ss_smem, bar)
             acc = accumulate(w_gmem, x_gmem, n_idx, 0)
             plgpu.barrier_wait(bar)
-            r = lax.rsqrt(_row_sums(ss_smem) * (1.0 / k) + eps)
+            r = lax.rsqrt(_row_sums(ss_smem, ss_chunks) * (1.0 / k) + eps)
             y = acc * lax.broadcast_in_dim(r, (TILE_N, m_pad), [1])
             pl.run_scoped(functools.partial(store, y, o_gmem=o_gmem, n_idx=n_idx, s_idx=0), o_smem_type)
 
@@ -428,12 +436,12 @@ def decode_matmul_normed(x: jax.Array, w: jax.Array, ss: jax.Array, eps: float, 
     _check_ss("decode_matmul_normed", ss, m)
     cfg = _epilogue_config(m, n, k, tile_k, splits, stages, reserve=ss.size * 4 + 1024)
     return _decode_matmul(x, w, ss, interpret=_interpret(interpret), epilogue="normed", eps=float(eps),
-                          pdl=_pdl(pdl), **cfg)
+                          pdl=_pdl(pdl), ss_chunks=ss_chunk_sum(), **cfg)
 
 
-@functools.partial(jax.jit, static_argnames=("tile_k", "stages", "interpret", "eps", "pdl"))
+@functools.partial(jax.jit, static_argnames=("tile_k", "stages", "interpret", "eps", "pdl", "ss_chunks"))
 def _decode_gate_up_silu(x, w, *extra, tile_k: int, stages: int, interpret: bool, eps: float = 0.0,
-                         pdl: int = 0):
+                         pdl: int = 0, ss_chunks: bool = False):
     m, k = x.shape
     f = w.shape[0] // 2
     m_pad = _round_up(m, 8)
@@ -486,7 +494,8 @@ def _decode_gate_up_silu(x, w, *extra, tile_k: int, stages: int, interpret: bool
             plgpu.copy_gmem_to_smem(ss_gmem, ss_smem, bar)
             g, u = accumulate(w_gmem, x_gmem, n_idx)
             plgpu.barrier_wait(bar)
-            r = lax.broadcast_in_dim(lax.rsqrt(_row_sums(ss_smem) * (1.0 / k) + eps), (TILE_N, m_pad), [1])
+            r = lax.rsqrt(_row_sums(ss_smem, ss_chunks) * (1.0 / k) + eps)
+            r = lax.broadcast_in_dim(r, (TILE_N, m_pad), [1])
             silu_store(g * r, u * r, o_gmem, n_idx)
 
         pl.run_scoped(scope, plgpu.SMEM((t, m_pad), jnp.float32), plgpu.Barrier(num_arrivals=1))
@@ -530,4 +539,4 @@ def decode_gate_up_silu(x: jax.Array, w: jax.Array, *, ss: jax.Array | None = No
         stages = ring_stages(2, m, tile_k, k // tile_k, reserve=0 if ss is None else ss.size * 4 + 1024)
     extra = () if ss is None else (ss,)
     return _decode_gate_up_silu(x, w, *extra, tile_k=tile_k, stages=stages, interpret=_interpret(interpret),
-                                eps=float(eps), pdl=_pdl(pdl))
+                                eps=float(eps), pdl=_pdl(pdl), ss_chunks=ss is not None and ss_chunk_sum())
