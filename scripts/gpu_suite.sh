@@ -69,6 +69,12 @@ lat() {  # name, then bench_latency args
   timeout 560 python3 scripts/bench_latency.py "$@" --json "$OUT/$name.json" > "$OUT/$name.log" 2>&1
   grep -E "tok/s|failed|Error" "$OUT/$name.log" | grep -v "it/s" | tail -8
 }
+fwd() {  # name, an environment assignment, then more bench_forward args: 8B and 1B decode forward, b1 and b64
+  local name=$1 assign=$2; shift 2
+  env "$assign" timeout 100 python3 scripts/bench_forward.py --model llama-3.1-8b llama-3.2-1b --batch 1 64 \
+    --decode-attention fused --residual-norm gpu "$@" --json "$OUT/$name.json" > "$OUT/$name.log" 2>&1
+  echo "-- $assign"; grep -E "^\||Error" "$OUT/$name.log"
+}
 for part in "$@"; do
   echo "== $part (t=$(( $(date +%s) - S )) s)"
   case $part in
@@ -198,11 +204,7 @@ for part in "$@"; do
        grep -E "^E |passed|failed|^FAILED" "$OUT/abpdl_tests.log" | head -20)
       i=0
       for v in 0 1 2 0; do
-        i=$((i + 1))
-        JAXENGINE_MGPU_PDL=$v timeout 100 python3 scripts/bench_forward.py --model llama-3.1-8b llama-3.2-1b \
-          --batch 1 64 --decode-attention fused --residual-norm gpu --decode-matmul mgpu \
-          --json "$OUT/forward_pdl$i.json" > "$OUT/forward_pdl$i.log" 2>&1
-        echo "-- JAXENGINE_MGPU_PDL=$v"; grep -E "^\||Error" "$OUT/forward_pdl$i.log"
+        i=$((i + 1)); fwd "forward_pdl$i" "JAXENGINE_MGPU_PDL=$v" --decode-matmul mgpu
       done
       JAXENGINE_MGPU_PDL=${PDL_ENGINE:-2} lat pdl_engine --model llama-3.1-8b llama-3.2-1b --batch 1 64 \
         --num-scheduler-steps 8 ;;
@@ -211,11 +213,7 @@ for part in "$@"; do
          -k "merged" -rf --tb=short > "$OUT/abcombine_tests.log" 2>&1; grep -E "^E |passed|failed|^FAILED" "$OUT/abcombine_tests.log" | head -20)
       i=0
       for v in separate kernel separate; do
-        i=$((i + 1))
-        JAXENGINE_DECODE_COMBINE=$v timeout 100 python3 scripts/bench_forward.py --model llama-3.1-8b llama-3.2-1b \
-          --batch 1 64 --decode-attention fused --residual-norm gpu --decode-matmul mgpu \
-          --json "$OUT/forward_combine$i.json" > "$OUT/forward_combine$i.log" 2>&1
-        echo "-- JAXENGINE_DECODE_COMBINE=$v"; grep -E "^\||Error" "$OUT/forward_combine$i.log"
+        i=$((i + 1)); fwd "forward_combine$i" "JAXENGINE_DECODE_COMBINE=$v" --decode-matmul mgpu
       done
       for v in separate kernel; do
         JAXENGINE_DECODE_COMBINE=$v timeout 120 python3 scripts/bench_attention.py --decode-kernel-sweep --quick \
