@@ -51,6 +51,8 @@
 #   abcombine   the decode kernel's kv-split merge inside the kernel ($JAXENGINE_DECODE_COMBINE=kernel):
 #               compiled merged-case tests, bench_forward 8B/1B b1/b64 separate / kernel / separate, the
 #               decode kernel sweep and the ragged kernel's decode steps (device time) both ways  ~7 min
+#   abcluster   1B's split-K GEMMs as clusters of two CTAs ($JAXENGINE_MGPU_CLUSTER_SPLIT=1): compiled tests,
+#               bench_forward 1B b1/b64, plain kernels and norm epilogues, off / on / off (profiled)  ~4 min
 #   hf-static   Hugging Face static-cache generate(), 8B batch 1 and 64 (long compile)            ~8 min
 #   hf-eager    Hugging Face eager generate(), 1B and 8B, batch 1 and 64                          ~2 min
 # Everything is also runnable by hand: each part is one or two commands below.
@@ -222,6 +224,15 @@ for part in "$@"; do
         JAXENGINE_DECODE_COMBINE=$v timeout 150 python3 scripts/bench_attention.py --quick --decode-only \
           --device-time --out "$OUT/decode_only_$v.json" > "$OUT/decode_only_$v.log" 2>&1
         echo "-- ragged kernel decode steps, combine $v"; grep -E "^\|" "$OUT/decode_only_$v.log" | grep -v reference
+      done ;;
+    abcluster)
+      (cd tests && timeout 150 python3 -m pytest -q test_decode_matmul.py -k "cluster" -rf --tb=short \
+         > "$OUT/abcluster_tests.log" 2>&1; grep -E "^E |passed|failed|^FAILED" "$OUT/abcluster_tests.log" | head -20)
+      for v in 0 1 0; do
+        env "JAXENGINE_MGPU_CLUSTER_SPLIT=$v" timeout 100 python3 scripts/bench_forward.py --model llama-3.2-1b \
+          --batch 1 64 --decode-attention fused --residual-norm gpu --decode-matmul mgpu_plain mgpu_norm \
+          --profile-dir /tmp/prof --top 8 --json "$OUT/forward_cluster$v.json" > "$OUT/forward_cluster$v.log" 2>&1
+        echo "-- JAXENGINE_MGPU_CLUSTER_SPLIT=$v"; grep -E "^\||kernels of|^ +[0-9.]+ us|idle|Error" "$OUT/forward_cluster$v.log"
       done ;;
     decodesweep)
       timeout 200 python3 scripts/bench_attention.py --decode-sweep --device-time --out "$OUT/decode_sweep.json" \

@@ -399,6 +399,54 @@ def test_norm_epilogue_kernels_lower_to_mosaic_gpu_on_any_host(m, ss_sum, monkey
                  sds((m, h), bf), sds((2 * 14336, h), bf), ss) == 1
 
 
+@pytest.mark.parametrize("m", [8, 64])
+@pytest.mark.parametrize("kind", ["plain", "residual", "normed"])
+def test_cluster_split_k_keeps_the_epilogue_in_the_kernel(kind, m, monkeypatch):
+    """Two-way split-K shapes (1B's o projection, N = 2048: 32 blocks of 64 features) as clusters
+    of two CTAs: the second hands its accumulator to the first through distributed shared memory,
+    which runs the epilogue.  Compiled on a Hopper GPU: against the reference.  Elsewhere: the
+    lowering (Mosaic GPU's interpreter has no rule for the hand-off, async_store_smem), one
+    kernel and no XLA reduction after it; the interpreter itself keeps the XLA split path."""
+    from jax import export
+    h, bf = 2048, jnp.bfloat16
+    monkeypatch.setenv("JAXENGINE_MGPU_CLUSTER_SPLIT", "1")
+    assert dm_gpu.cluster_split_default() and dm_gpu.default_config(m, h, h)["splits"] == 2
+
+    def run(x, w, res, g, ss, interpret):
+        kw = dict(interpret=interpret)
+        if kind == "plain":
+            return dm_gpu.decode_matmul(x, w, **kw)
+        if kind == "residual":
+            return dm_gpu.decode_matmul_residual(x, w, res, g, **kw)
+        return dm_gpu.decode_matmul_normed(x, w, ss, 1e-5, **kw)
+
+    kx, kw_, kr, kg, ks = jax.random.split(jax.random.key(m + len(kind)), 5)
+    x, w = _normal(kx, (m, h)), _normal(kw_, (h, h), 0.05)
+    res, g = _normal(kr, (m, h)), _normal(kg, (h,), 0.1, 1.0)
+    ss = jax.random.uniform(ks, (h // 64, m), jnp.float32, 0.1, 4.0) * h
+    if INTERPRET:
+        exp = export.export(jax.jit(lambda *a: run(*a, interpret=False)), platforms=["cuda"], disabled_checks=[
+            export.DisabledSafetyCheck.custom_call("mosaic_gpu_v2")])(x, w, res, g, ss)
+        text = exp.mlir_module()
+        assert text.count("stablehlo.custom_call @mosaic_gpu_v2") == 1
+        assert "stablehlo.reduce" not in text  # no split-K sum after the kernel
+        monkeypatch.setenv("JAXENGINE_MGPU_CLUSTER_SPLIT", "0")
+        plain = export.export(jax.jit(lambda *a: run(*a, interpret=False)), platforms=["cuda"], disabled_checks=[
+            export.DisabledSafetyCheck.custom_call("mosaic_gpu_v2")])(x, w, res, g, ss).mlir_module()
+        assert "stablehlo.reduce" in plain  # the default: XLA sums the two splits' partials
+        return
+    got = run(x, w, res, g, ss, interpret=False)
+    if kind == "plain":
+        _close(got, reference_decode_matmul(x, w))
+    elif kind == "residual":
+        want = reference.decode_matmul_residual(x, w, res, g)
+        _close(got[0], want[0])
+        _close(got[1], want[1])
+        _close(got[2].sum(0)[:m], want[2].sum(0)[:m])
+    else:
+        _close(got, reference.decode_matmul_normed(x, w, ss, 1e-5))
+
+
 def test_pdl_marks_the_kernels_for_programmatic_dependent_launch(monkeypatch):
     """pdl=1 (or $JAXENGINE_MGPU_PDL=1): every kernel waits on griddepcontrol before touching
     memory the kernels around it write and its Mosaic GPU module carries the uses_pdl attribute

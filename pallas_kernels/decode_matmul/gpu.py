@@ -143,14 +143,18 @@ def _prefetch_rows(w_gmem, row0, k0: int | jax.Array, tile_k: int, tiles: int):
 
 
 @functools.partial(jax.jit, static_argnames=("tile_k", "splits", "stages", "warp_specialized",
-                                             "interpret", "epilogue", "eps", "pdl", "ss_chunks"))
+                                             "interpret", "epilogue", "eps", "pdl", "ss_chunks", "cluster"))
 def _decode_matmul(x, w, *extra, tile_k: int, splits: int, stages: int, warp_specialized: bool,
                    interpret: bool, epilogue: str = "plain", eps: float = 0.0, pdl: int = 0,
-                   ss_chunks: bool = False):
+                   ss_chunks: bool = False, cluster: bool = False):
     """epilogue "plain": y.  "residual" (extra = residual [M, N], norm_w [N]): (h, hg, ss) with
     h = residual + y, hg = h * norm_w and ss [N / 64, m_pad] float32 each CTA's sum of h^2 over
     its 64 columns (the next RMSNorm's partial sums).  "normed" (extra = ss [T, m_pad]):
-    y * rsqrt(sum(ss, 0) / K + eps) per row (the RMSNorm's 1/rms, its weight already in x)."""
+    y * rsqrt(sum(ss, 0) / K + eps) per row (the RMSNorm's 1/rms, its weight already in x).
+    cluster (splits = 2): the two K halves run as a cluster of two CTAs; the second hands its
+    accumulator to the first through distributed shared memory (async_store_smem) and the first
+    runs the epilogue, so a split-K shape keeps its epilogue in the kernel (no XLA reduction)."""
+    assert not cluster or (splits == 2 and not warp_specialized and not interpret)
     m, k = x.shape
     n = w.shape[0]
     m_pad = _round_up(m, 8)
@@ -160,7 +164,8 @@ def _decode_matmul(x, w, *extra, tile_k: int, splits: int, stages: int, warp_spe
             extra = (jnp.pad(extra[0], [(0, m_pad - m), (0, 0)]), extra[1])
     k_steps = k // tile_k // splits
     transforms = _smem_transforms(w.dtype, 64)  # 128 B swizzle: 64 bf16 of K a row
-    part_dtype = x.dtype if splits == 1 else jnp.float32
+    single = splits == 1 or cluster  # one output tile a 64-feature block: the kernel's epilogue
+    part_dtype = x.dtype if single else jnp.float32
     in_specs = lambda n_idx, k0: [  # noqa: E731
         plgpu.BlockSpec((TILE_N, tile_k), lambda i: (n_idx, k0 + i), transforms=transforms,
                         delay_release=0 if warp_specialized else 1),
@@ -173,7 +178,7 @@ def _decode_matmul(x, w, *extra, tile_k: int, splits: int, stages: int, warp_spe
     # float32 partials (splits > 1) keep y^T's layout, [splits, N, m_pad]: Mosaic GPU finds no
     # register layout for the transposed float32 store on the device (H200: "Failed to infer a
     # possible set of layouts"); XLA's reduction transposes them for free.
-    if splits == 1:
+    if single:
         o_smem_type = plgpu.SMEM((m_pad, TILE_N), part_dtype,
                                  transforms=_smem_transforms(part_dtype, TILE_N))
     else:
@@ -181,7 +186,7 @@ def _decode_matmul(x, w, *extra, tile_k: int, splits: int, stages: int, warp_spe
 
     def store(acc, o_smem, o_gmem, n_idx, s_idx):
         rows = pl.ds(n_idx * TILE_N, TILE_N)
-        if splits == 1:
+        if single:
             o_smem.T[...] = acc.astype(part_dtype)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[:, rows])
@@ -235,26 +240,51 @@ def _decode_matmul(x, w, *extra, tile_k: int, splits: int, stages: int, warp_spe
 
         return pl.run_scoped(acc_scope, plgpu.ACC((TILE_N, m_pad), jnp.float32))
 
-    def matmul(w_gmem, x_gmem, o_gmem):
+    def first_of_pair(acc, scratch, epilogue_fn):
+        """epilogue_fn(acc) in the CTA that holds the whole sum: every CTA without a cluster; with
+        one, the first, after the second's accumulator arrives (st.async into its shared memory,
+        the landing buffer and barrier kernel-level scratch: initialised before the prologue's
+        cluster sync, never aliasing the first CTA's ring)."""
+        if not cluster:
+            return epilogue_fn(acc)
+        part_smem, part_bar = scratch
+        second = lax.axis_index("s") == 1
+
+        @pl.when(second)
+        def _send():
+            plgpu.async_store_smem(acc, part_smem, part_bar, cluster_idx=0, cluster_dim="s")
+
+        @pl.when(jnp.logical_not(second))
+        def _finish():
+            plgpu.barrier_wait(part_bar)
+            epilogue_fn(acc + part_smem[...])
+
+    def matmul(w_gmem, x_gmem, o_gmem, *scratch):
         n_idx = lax.axis_index("n")
         s_idx = lax.axis_index("s")
         acc = accumulate(w_gmem, x_gmem, n_idx, s_idx * k_steps)
-        pl.run_scoped(functools.partial(store, acc, o_gmem=o_gmem, n_idx=n_idx, s_idx=s_idx),
-                      o_smem_type)
+        first_of_pair(acc, scratch, lambda acc: pl.run_scoped(
+            functools.partial(store, acc, o_gmem=o_gmem, n_idx=n_idx, s_idx=s_idx), o_smem_type))
 
     def tile_t(dtype):  # a [m_pad, 64] output tile, written through its transposed view
         return plgpu.SMEM((m_pad, TILE_N), dtype, transforms=_smem_transforms(dtype, TILE_N))
 
-    def matmul_residual(w_gmem, x_gmem, res_gmem, g_gmem, h_gmem, hg_gmem, ss_gmem):
+    def matmul_residual(w_gmem, x_gmem, res_gmem, g_gmem, h_gmem, hg_gmem, ss_gmem, *scratch):
         # The residual add and the next RMSNorm's inputs: the residual tile and the norm weight's
         # 64 entries arrive by TMA while the weights stream; everything stays in y^T's layout.
         n_idx = lax.axis_index("n")
         cols = pl.ds(n_idx * TILE_N, TILE_N)
 
         def scope(res_smem, g_smem, bar):
-            plgpu.copy_gmem_to_smem(res_gmem.at[:, cols], res_smem, bar)
-            plgpu.copy_gmem_to_smem(g_gmem.at[cols], g_smem, bar)
-            acc = accumulate(w_gmem, x_gmem, n_idx, 0)
+            @pl.when(lax.axis_index("s") == 0)  # (with a cluster, the first CTA runs the epilogue)
+            def _prefetch():
+                plgpu.copy_gmem_to_smem(res_gmem.at[:, cols], res_smem, bar)
+                plgpu.copy_gmem_to_smem(g_gmem.at[cols], g_smem, bar)
+
+            acc = accumulate(w_gmem, x_gmem, n_idx, lax.axis_index("s") * k_steps)
+            first_of_pair(acc, scratch, functools.partial(epilogue, res_smem, g_smem, bar))
+
+        def epilogue(res_smem, g_smem, bar, acc):
             plgpu.barrier_wait(bar)
             h = (acc + res_smem.T[...].astype(jnp.float32)).astype(x.dtype)
             hf = h.astype(jnp.float32)  # the residual stream as stored: the norm sees these values
@@ -276,15 +306,21 @@ def _decode_matmul(x, w, *extra, tile_k: int, splits: int, stages: int, warp_spe
 
         pl.run_scoped(scope, tile_t(x.dtype), plgpu.SMEM((TILE_N,), x.dtype), plgpu.Barrier(num_arrivals=2))
 
-    def matmul_normed(w_gmem, x_gmem, ss_gmem, o_gmem):
+    def matmul_normed(w_gmem, x_gmem, ss_gmem, o_gmem, *scratch):
         # x is the normed input without its 1/rms (the norm weight applied): each row's 1/rms,
         # from the partial sums of squares the previous kernel wrote, scales y^T's columns.
         n_idx = lax.axis_index("n")
         t = ss_gmem.shape[0]
 
         def scope(ss_smem, bar):
-            plgpu.copy_gmem_to_smem(ss_gmem, ss_smem, bar)
-            acc = accumulate(w_gmem, x_gmem, n_idx, 0)
+            @pl.when(lax.axis_index("s") == 0)
+            def _prefetch():
+                plgpu.copy_gmem_to_smem(ss_gmem, ss_smem, bar)
+
+            acc = accumulate(w_gmem, x_gmem, n_idx, lax.axis_index("s") * k_steps)
+            first_of_pair(acc, scratch, functools.partial(epilogue, ss_smem, bar))
+
+        def epilogue(ss_smem, bar, acc):
             plgpu.barrier_wait(bar)
             r = lax.rsqrt(_row_sums(ss_smem, ss_chunks) * (1.0 / k) + eps)
             y = acc * lax.broadcast_in_dim(r, (TILE_N, m_pad), [1])
@@ -299,24 +335,28 @@ def _decode_matmul(x, w, *extra, tile_k: int, splits: int, stages: int, warp_spe
     pdl = 0 if interpret else pdl  # the interpreter has no grids to overlap
     ws = dict(num_threads=2, thread_name="wg") if warp_specialized else {}
     interpret_params = plgpu.InterpretGPUParams() if interpret else None
-    out_shape = jax.ShapeDtypeStruct((m_pad, n) if splits == 1 else (splits, n, m_pad), part_dtype)
-    if splits > 1 or epilogue == "plain":
+    out_shape = jax.ShapeDtypeStruct((m_pad, n) if single else (splits, n, m_pad), part_dtype)
+    # the grid: (64-feature blocks, K splits), or with a cluster the split axis is the cluster's
+    launch = (dict(grid=(n // TILE_N,), grid_names=("n",), cluster=(2,), cluster_names=("s",),
+                   scratch_types=(plgpu.SMEM((TILE_N, m_pad), jnp.float32), plgpu.Barrier(num_arrivals=1)))
+              if cluster else dict(grid=(n // TILE_N, 1 if single else splits), grid_names=("n", "s")))
+    if not single or epilogue == "plain":
         kernel = plgpu.kernel(
             _with_pdl(matmul_ws if warp_specialized else matmul, pdl, prefetch), out_type=out_shape,
-            grid=(n // TILE_N, splits), grid_names=("n", "s"), interpret=interpret_params, **ws)
+            interpret=interpret_params, **launch, **ws)
         out = kernel(w, x)
-        if splits > 1:  # one XLA reduction (+ transpose), as XLA's own split-K GEMMs have
+        if not single:  # one XLA reduction (+ transpose), as XLA's own split-K GEMMs have
             out = out.sum(0).T
         return _xla_epilogue(out, x.dtype, m, epilogue, extra, k, eps)
     if epilogue == "residual":
         outs = plgpu.kernel(
             _with_pdl(matmul_residual, pdl, prefetch), out_type=(out_shape, out_shape,
                                      jax.ShapeDtypeStruct((n // TILE_N, m_pad), jnp.float32)),
-            grid=(n // TILE_N, 1), grid_names=("n", "s"), interpret=interpret_params)(w, x, *extra)
+            interpret=interpret_params, **launch)(w, x, *extra)
         h, hg, ss = outs
         return (h, hg, ss) if m_pad == m else (h[:m], hg[:m], ss)
     out = plgpu.kernel(_with_pdl(matmul_normed, pdl, prefetch), out_type=out_shape,
-                       grid=(n // TILE_N, 1), grid_names=("n", "s"), interpret=interpret_params)(w, x, *extra)
+                       interpret=interpret_params, **launch)(w, x, *extra)
     return out if m_pad == m else out[:m]  # the engine's decode buckets are multiples of 8 rows
 
 
@@ -345,7 +385,7 @@ def residual_epilogue(y, residual, norm_w, m: int):
 def decode_matmul(x: jax.Array, w: jax.Array, *, tile_k: int | None = None,
                   splits: int | None = None, stages: int | None = None,
                   warp_specialized: bool | None = None, interpret: bool | None = None,
-                  pdl: int | None = None) -> jax.Array:
+                  pdl: int | None = None, cluster: bool | None = None) -> jax.Array:
     """x [M, K] @ w[N, K].T -> [M, N] in x's dtype (float32 accumulation).  x and w bf16 or f16;
     N a multiple of 64, K of 64.  Tuning keywords override `default_config`; warp_specialized
     runs the TMA ring from a memory warpgroup beside the compute warpgroup; pdl (0, 1 or 2,
@@ -364,7 +404,9 @@ def decode_matmul(x: jax.Array, w: jax.Array, *, tile_k: int | None = None,
         if value is not None:
             cfg[key] = value
     _check(m, n, k, cfg["tile_k"], cfg["splits"])
-    return _decode_matmul(x, w, interpret=_interpret(interpret), pdl=_pdl(pdl), **cfg)
+    interpret = _interpret(interpret)
+    return _decode_matmul(x, w, interpret=interpret, pdl=_pdl(pdl),
+                          cluster=_cluster(cfg, interpret, cluster), **cfg)
 
 
 def _check_inputs(name: str, x, w):
@@ -380,15 +422,21 @@ def _check_ss(name: str, ss, m: int):
                          f"(a residual kernel's partial sums of squares); got {ss.dtype} {ss.shape}")
 
 
-def _epilogue_config(m: int, n: int, k: int, tile_k, splits, stages, reserve: int) -> dict:
-    """default_config with the overrides given; one split's ring leaves `reserve` bytes of shared
-    memory for the epilogue's prefetched inputs."""
+def _epilogue_config(m: int, n: int, k: int, tile_k, splits, stages, reserve: int, interpret: bool,
+                     cluster: bool | None) -> dict:
+    """default_config with the overrides given and the cluster decision; a ring whose kernel runs
+    the epilogue (one split, or a cluster pair) leaves `reserve` bytes of shared memory for the
+    epilogue's prefetched inputs (and the cluster's landing accumulator)."""
     cfg = default_config(m, n, k)
     cfg["tile_k"] = tile_k or cfg["tile_k"]
     cfg["splits"] = splits or cfg["splits"]
     _check(m, n, k, cfg["tile_k"], cfg["splits"])
-    if stages or cfg["splits"] == 1:
-        cfg["stages"] = stages or ring_stages(1, m, cfg["tile_k"], k // cfg["tile_k"], reserve)
+    cfg["cluster"] = _cluster(cfg, interpret, cluster)
+    if cfg["cluster"]:
+        reserve += _round_up(m, 8) * TILE_N * 4
+    if stages or cfg["splits"] == 1 or cfg["cluster"]:
+        steps = k // cfg["tile_k"] // cfg["splits"]
+        cfg["stages"] = stages or ring_stages(1, m, cfg["tile_k"], steps, reserve)
     return cfg
 
 
@@ -400,10 +448,23 @@ def _pdl(pdl: int | bool | None) -> int:
     return pdl_default() if pdl is None else int(pdl)
 
 
+def cluster_split_default() -> bool:
+    """$JAXENGINE_MGPU_CLUSTER_SPLIT=1: two-way split-K shapes (1B's q/k/v, o, down) run as
+    clusters of two CTAs with the reduction and epilogue in the kernel (not yet run on a GPU;
+    Mosaic GPU's interpreter cannot run it, so CPU tests check its lowering only)."""
+    return os.environ.get("JAXENGINE_MGPU_CLUSTER_SPLIT", "0").strip().lower() in ("1", "true")
+
+
+def _cluster(cfg: dict, interpret: bool, cluster: bool | None) -> bool:
+    want = cluster_split_default() if cluster is None else bool(cluster)
+    return want and cfg["splits"] == 2 and not cfg["warp_specialized"] and not interpret
+
+
 def decode_matmul_residual(x: jax.Array, w: jax.Array, residual: jax.Array, norm_w: jax.Array, *,
                            tile_k: int | None = None, splits: int | None = None,
                            stages: int | None = None, interpret: bool | None = None,
-                           pdl: int | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+                           pdl: int | None = None, cluster: bool | None = None
+                           ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The o / down projection with the residual add and the next RMSNorm's inputs in its
     epilogue: h = residual + x @ w.T (the new residual stream, x's dtype), hg = h * norm_w (the
     next norm's input with its weight applied, not yet its 1/rms) and ss, float32 [T, M rounded
@@ -417,16 +478,19 @@ def decode_matmul_residual(x: jax.Array, w: jax.Array, residual: jax.Array, norm
     if residual.shape != (m, n) or residual.dtype != x.dtype or norm_w.shape != (n,):
         raise ValueError(f"decode_matmul_residual: residual must be {x.dtype} {(m, n)} and norm_w "
                          f"({n},); got {residual.dtype} {residual.shape} and {norm_w.shape}")
-    # the residual tile and the norm weight sit beside the ring
-    cfg = _epilogue_config(m, n, k, tile_k, splits, stages, reserve=_round_up(m, 8) * TILE_N * 2 + 1024)
-    return _decode_matmul(x, w, residual, norm_w.astype(x.dtype), interpret=_interpret(interpret),
+    # the residual tile and the norm weight (and with a cluster the landing accumulator) sit
+    # beside the ring
+    interpret = _interpret(interpret)
+    reserve = _round_up(m, 8) * TILE_N * 2 + 1024
+    cfg = _epilogue_config(m, n, k, tile_k, splits, stages, reserve, interpret, cluster)
+    return _decode_matmul(x, w, residual, norm_w.astype(x.dtype), interpret=interpret,
                           epilogue="residual", pdl=_pdl(pdl), **cfg)
 
 
 def decode_matmul_normed(x: jax.Array, w: jax.Array, ss: jax.Array, eps: float, *,
                          tile_k: int | None = None, splits: int | None = None,
                          stages: int | None = None, interpret: bool | None = None,
-                         pdl: int | None = None) -> jax.Array:
+                         pdl: int | None = None, cluster: bool | None = None) -> jax.Array:
     """rms_norm(h) @ w.T for the q/k/v projection, given x = hg and ss from
     decode_matmul_residual (or reference.prenorm): each row of x @ w.T scaled by
     rsqrt(sum(ss, 0) / K + eps) in the epilogue."""
@@ -434,8 +498,9 @@ def decode_matmul_normed(x: jax.Array, w: jax.Array, ss: jax.Array, eps: float, 
     m, k = x.shape
     n = w.shape[0]
     _check_ss("decode_matmul_normed", ss, m)
-    cfg = _epilogue_config(m, n, k, tile_k, splits, stages, reserve=ss.size * 4 + 1024)
-    return _decode_matmul(x, w, ss, interpret=_interpret(interpret), epilogue="normed", eps=float(eps),
+    interpret = _interpret(interpret)
+    cfg = _epilogue_config(m, n, k, tile_k, splits, stages, ss.size * 4 + 1024, interpret, cluster)
+    return _decode_matmul(x, w, ss, interpret=interpret, epilogue="normed", eps=float(eps),
                           pdl=_pdl(pdl), ss_chunks=ss_chunk_sum(), **cfg)
 
 
