@@ -240,6 +240,16 @@ def _decode_matmul(x, w, *extra, tile_k: int, splits: int, stages: int, warp_spe
 
         return pl.run_scoped(acc_scope, plgpu.ACC((TILE_N, m_pad), jnp.float32))
 
+    def first_only(fn):
+        """fn() in the CTA that runs the epilogue: all of them, or a cluster's first."""
+        if cluster:
+            pl.when(lax.axis_index("s") == 0)(fn)
+        else:
+            fn()
+
+    def split_k0():  # the CTA's first K tile: its cluster rank's half, or 0 with one split
+        return lax.axis_index("s") * k_steps if cluster else 0
+
     def first_of_pair(acc, scratch, epilogue_fn):
         """epilogue_fn(acc) in the CTA that holds the whole sum: every CTA without a cluster; with
         one, the first, after the second's accumulator arrives (st.async into its shared memory,
@@ -276,12 +286,12 @@ def _decode_matmul(x, w, *extra, tile_k: int, splits: int, stages: int, warp_spe
         cols = pl.ds(n_idx * TILE_N, TILE_N)
 
         def scope(res_smem, g_smem, bar):
-            @pl.when(lax.axis_index("s") == 0)  # (with a cluster, the first CTA runs the epilogue)
-            def _prefetch():
+            def prefetch():
                 plgpu.copy_gmem_to_smem(res_gmem.at[:, cols], res_smem, bar)
                 plgpu.copy_gmem_to_smem(g_gmem.at[cols], g_smem, bar)
 
-            acc = accumulate(w_gmem, x_gmem, n_idx, lax.axis_index("s") * k_steps)
+            first_only(prefetch)
+            acc = accumulate(w_gmem, x_gmem, n_idx, split_k0())
             first_of_pair(acc, scratch, functools.partial(epilogue, res_smem, g_smem, bar))
 
         def epilogue(res_smem, g_smem, bar, acc):
@@ -313,11 +323,8 @@ def _decode_matmul(x, w, *extra, tile_k: int, splits: int, stages: int, warp_spe
         t = ss_gmem.shape[0]
 
         def scope(ss_smem, bar):
-            @pl.when(lax.axis_index("s") == 0)
-            def _prefetch():
-                plgpu.copy_gmem_to_smem(ss_gmem, ss_smem, bar)
-
-            acc = accumulate(w_gmem, x_gmem, n_idx, lax.axis_index("s") * k_steps)
+            first_only(lambda: plgpu.copy_gmem_to_smem(ss_gmem, ss_smem, bar))
+            acc = accumulate(w_gmem, x_gmem, n_idx, split_k0())
             first_of_pair(acc, scratch, functools.partial(epilogue, ss_smem, bar))
 
         def epilogue(ss_smem, bar, acc):
