@@ -30,7 +30,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from .reference import prenorm
+from . import reference
 
 # H100 / H200 SXM: 132 SMs.  Used to pick splits (how many CTAs fill the chip).
 _DEFAULT_NUM_SMS = 132
@@ -375,17 +375,9 @@ def _xla_epilogue(y, dtype, m: int, epilogue: str, extra, k: int, eps: float):
         return y if y.shape[0] == m else y[:m]
     if epilogue == "normed":
         (ss,) = extra
-        r = lax.rsqrt(ss.sum(0) * (1.0 / k) + eps)
-        y = (y.astype(jnp.float32) * r[:, None]).astype(dtype)
+        y = (y.astype(jnp.float32) * reference.inv_rms(ss, y.shape[0], k, eps)).astype(dtype)
         return y if y.shape[0] == m else y[:m]
-    residual, norm_w = extra
-    return residual_epilogue(y, residual, norm_w, m)
-
-
-def residual_epilogue(y, residual, norm_w, m: int):
-    """decode_matmul_residual's outputs from y [m_pad, N] by XLA (split-K shapes): ss is [1, m_pad]."""
-    h = (y.astype(jnp.float32) + residual.astype(jnp.float32)).astype(residual.dtype)
-    hg, ss = prenorm(h, norm_w)
+    h, hg, ss = reference.residual_outputs(y, *extra)  # ss: [1, m_pad]
     return (h, hg, ss) if h.shape[0] == m else (h[:m], hg[:m], ss)
 
 

@@ -4,12 +4,12 @@ import jax
 import jax.numpy as jnp
 
 
-def decode_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-    return jnp.einsum("mk,nk->mn", x, w, preferred_element_type=jnp.float32).astype(x.dtype)
-
-
 def _dot(x: jax.Array, w: jax.Array) -> jax.Array:
     return jnp.einsum("mk,nk->mn", x, w, preferred_element_type=jnp.float32)
+
+
+def decode_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    return _dot(x, w).astype(x.dtype)
 
 
 def _m_pad(m: int) -> int:
@@ -24,21 +24,29 @@ def prenorm(x: jax.Array, norm_w: jax.Array) -> tuple[jax.Array, jax.Array]:
     return (xf * norm_w.astype(jnp.float32)).astype(x.dtype), ss
 
 
-def decode_matmul_residual(x: jax.Array, w: jax.Array, residual: jax.Array,
-                           norm_w: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """h = residual + x @ w.T in x's dtype, then prenorm(h, norm_w)."""
-    h = (_dot(x, w) + residual.astype(jnp.float32)).astype(x.dtype)
+def residual_outputs(y: jax.Array, residual: jax.Array,
+                     norm_w: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """h = residual + y in the residual's dtype, then prenorm(h, norm_w): the residual epilogue
+    (also the kernels' XLA epilogue for split-K shapes)."""
+    h = (y.astype(jnp.float32) + residual.astype(jnp.float32)).astype(residual.dtype)
     return (h, *prenorm(h, norm_w))
 
 
-def _inv_rms(ss: jax.Array, m: int, k: int, eps: float) -> jax.Array:
+def decode_matmul_residual(x: jax.Array, w: jax.Array, residual: jax.Array,
+                           norm_w: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """h = residual + x @ w.T in x's dtype, then prenorm(h, norm_w)."""
+    return residual_outputs(_dot(x, w), residual, norm_w)
+
+
+def inv_rms(ss: jax.Array, m: int, k: int, eps: float) -> jax.Array:
+    """[m, 1] float32 1/rms of the first m rows from the partial sums of squares ss [T, m_pad]."""
     return jax.lax.rsqrt(ss.sum(0)[:m] / k + eps)[:, None]
 
 
 def decode_matmul_normed(x: jax.Array, w: jax.Array, ss: jax.Array, eps: float) -> jax.Array:
     """rms_norm(h) @ w.T from x = hg and ss (prenorm's): each row of x @ w.T times its 1/rms."""
     m, k = x.shape
-    return (_dot(x, w) * _inv_rms(ss, m, k, eps)).astype(x.dtype)
+    return (_dot(x, w) * inv_rms(ss, m, k, eps)).astype(x.dtype)
 
 
 def decode_gate_up_silu(x: jax.Array, w: jax.Array, ss: jax.Array | None = None,
@@ -47,6 +55,6 @@ def decode_gate_up_silu(x: jax.Array, w: jax.Array, ss: jax.Array | None = None,
     m, k = x.shape
     gu = _dot(x, w)
     if ss is not None:
-        gu = gu * _inv_rms(ss, m, k, eps)
+        gu = gu * inv_rms(ss, m, k, eps)
     f = w.shape[0] // 2
     return (jax.nn.silu(gu[:, :f]) * gu[:, f:]).astype(x.dtype)

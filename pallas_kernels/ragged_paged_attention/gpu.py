@@ -266,6 +266,21 @@ def fused_combine_default() -> bool:
     return os.environ.get("JAXENGINE_DECODE_COMBINE", "separate").strip().lower() == "kernel"
 
 
+def merge_partials(lses: list, parts: list) -> jax.Array:
+    """The log-sum-exp merge of kv splits: lses[s] [rows] (log2 domain, -inf for a split without
+    keys) and parts[s] [rows, head_dim] float32 -> [rows, head_dim]; rows no split saw come out 0.
+    Shared by the combine kernel and the in-kernel merge."""
+    lse_max = functools.reduce(jnp.maximum, lses)
+    lse_max = jnp.where(lse_max == -jnp.inf, 0.0, lse_max)
+    num = jnp.zeros(parts[0].shape, jnp.float32)
+    total = jnp.zeros(lses[0].shape, jnp.float32)
+    for lse, part in zip(lses, parts):
+        w = jnp.exp2(lse - lse_max)  # 0 for splits without keys
+        num += w[:, None] * part
+        total += w
+    return num / jnp.where(total == 0, 1.0, total)[:, None]
+
+
 def merge_splits_in_kernel(cnt_ref, cnt_idx, o_ref, lse_ref, out_ref, rows, load_ok, store_ok, col,
                            rows_per_split: int, num_splits: int, compiled: bool):
     """After store_output: the last of the num_splits programs of one output block to get here
@@ -281,18 +296,9 @@ def merge_splits_in_kernel(cnt_ref, cnt_idx, o_ref, lse_ref, out_ref, rows, load
     def _merge():
         lses = [plgpu.load(lse_ref.at[s * rows_per_split + rows], mask=load_ok, other=-jnp.inf)
                 for s in range(num_splits)]
-        lse_max = functools.reduce(jnp.maximum, lses)
-        lse_max = jnp.where(lse_max == -jnp.inf, 0.0, lse_max)
-        num = jnp.zeros((rows.shape[0], col.shape[-1]), jnp.float32)
-        total = jnp.zeros(rows.shape, jnp.float32)
-        for s in range(num_splits):
-            w = jnp.exp2(lses[s] - lse_max)  # 0 for splits without keys
-            part = plgpu.load(o_ref.at[(s * rows_per_split + rows)[:, None], col],
-                              mask=load_ok[:, None], other=0.0)
-            num += w[:, None] * part
-            total += w
-        out = num / jnp.where(total == 0, 1.0, total)[:, None]
-        out = jnp.where(load_ok[:, None], out, 0.0)
+        parts = [plgpu.load(o_ref.at[(s * rows_per_split + rows)[:, None], col], mask=load_ok[:, None],
+                            other=0.0) for s in range(num_splits)]
+        out = jnp.where(load_ok[:, None], merge_partials(lses, parts), 0.0)
         plgpu.store(out_ref.at[rows[:, None], col], out.astype(out_ref.dtype), mask=store_ok[:, None])
 
 
@@ -372,16 +378,7 @@ def _combine_kernel(*refs, num_splits: int, rows: int, block_rows: int, rows_per
     # split program wrote, hold garbage, and only the final select looks at `valid`.
     lses = [plgpu.load(lse_ref.at[s * rows + row]) for s in range(num_splits)]
     parts = [plgpu.load(o_part_ref.at[(s * rows + row)[:, None], col]) for s in range(num_splits)]
-    lse_max = functools.reduce(jnp.maximum, lses)
-    lse_max = jnp.where(lse_max == -jnp.inf, 0.0, lse_max)
-    num = jnp.zeros((block_rows, head_dim), jnp.float32)
-    total = jnp.zeros((block_rows,), jnp.float32)
-    for s in range(num_splits):
-        w = jnp.exp2(lses[s] - lse_max)  # 0 for splits without keys
-        num += w[:, None] * parts[s]
-        total += w
-    out = num / jnp.where(total == 0, 1.0, total)[:, None]
-    out = jnp.where(valid[:, None], out, 0.0)
+    out = jnp.where(valid[:, None], merge_partials(lses, parts), 0.0)
     plgpu.store(out_ref.at[row[:, None], col], out.astype(out_ref.dtype))
 
 
