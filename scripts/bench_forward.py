@@ -258,7 +258,7 @@ def main() -> None:
             moved, flops = step_cost(cfg, params_bytes, batch, args.context)
             floor_s = max(moved / ceil["copy_bytes_per_s"], flops / ceil["matmul_flops_per_s"])
             run = {"model": name, "batch": batch, "decode_attention": mode, "residual_norm": rn, "decode_matmul": dm,
-                   "mgpu_pdl": dm != "xla" and mgpu_pdl(), "decode_combine_in_kernel": combine_in_kernel(),
+                   "mgpu_pdl": dm != "xla" and mgpu_pdl(), "decode_combine_in_kernel": combine_in_kernel("decode"),
                    "token_bucket": tokens, "step_ms": step_s * 1e3, "floor_ms": floor_s * 1e3,
                    "fraction_of_floor": floor_s / step_s, "bytes_per_step": moved, "flops_per_step": flops,
                    "params_bytes": params_bytes}

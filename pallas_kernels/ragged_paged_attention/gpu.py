@@ -259,11 +259,24 @@ def store_output(o_ref, lse_ref, acc, m_i, l_i, row, col, row_valid, split, rows
         plgpu.store(lse_ref.at[o_row], lse, mask=row_valid)
 
 
-def fused_combine_default() -> bool:
-    """$JAXENGINE_DECODE_COMBINE=kernel: kv splits (flash-decoding) merge inside the attention
-    kernel (merge_splits_in_kernel) instead of a second kernel; off until measured on the GPU
-    (the combine kernel is ~3.6 us a layer at 8B batch 1, mostly its launch)."""
-    return os.environ.get("JAXENGINE_DECODE_COMBINE", "separate").strip().lower() == "kernel"
+def fused_combine_default(kernel: str = "ragged") -> bool:
+    """Whether kv splits (flash-decoding) merge inside the attention kernel
+    (merge_splits_in_kernel) instead of in a second, combine kernel.
+
+    Measured on the H200 (BENCHMARKS.md, eleventh session): in the decode kernel
+    (`kernel="decode"`) the merge saves the combine launch (8B batch-1 forward 4.025 ms against
+    4.091/4.096, decode kernel b8 ctx 2k 23.8 us against 25.2), so it is that kernel's default; in
+    the ragged kernel its decode steps got slower (b8 ctx 2k 32.8 us against 25.4, ctx 8k 102 us
+    against 72), so the ragged kernel keeps the combine kernel.  $JAXENGINE_DECODE_COMBINE=kernel
+    or =separate sets both kernels."""
+    env = os.environ.get("JAXENGINE_DECODE_COMBINE", "").strip().lower()
+    if env in ("kernel", "separate"):
+        return env == "kernel"
+    if env:
+        raise ValueError(f"JAXENGINE_DECODE_COMBINE must be 'kernel' or 'separate', got {env!r}")
+    if kernel not in ("ragged", "decode"):
+        raise ValueError(f"kernel must be 'ragged' or 'decode', got {kernel!r}")
+    return kernel == "decode"
 
 
 def merge_partials(lses: list, parts: list) -> jax.Array:

@@ -287,8 +287,8 @@ def decode_attention(q, k, v, kv_pages, kv_lens, page_indices, num_seqs, inv_fre
                      sliding_window=None, soft_cap=None, block_k=None, num_splits=None,
                      num_warps=None, num_stages=None, interpret=None, fused_combine=None):
     """`decode.py`'s contract (q may be the fused projection with k = v = None); the keyword
-    tuning args override `default_config`; fused_combine (default fused_combine_default()) merges
-    the kv splits inside the kernel.  `interpret` defaults to True on the CPU backend."""
+    tuning args override `default_config`; fused_combine (default on: fused_combine_default("decode"))
+    merges the kv splits inside the kernel.  `interpret` defaults to True on the CPU backend."""
     num_kv_heads = kv_pages.shape[2] // 2
     head_dim = kv_pages.shape[3]
     num_q_heads = q.shape[1] if k is not None else num_kv_heads * (q.shape[2] - 2)
@@ -314,4 +314,4 @@ def decode_attention(q, k, v, kv_pages, kv_lens, page_indices, num_seqs, inv_fre
         q, k, v, kv_pages, kv_lens, page_indices, num_seqs, inv_freq, sm_scale=float(sm_scale),
         sliding_window=sliding_window, soft_cap=None if soft_cap is None else float(soft_cap),
         interpret=bool(interpret),
-        fused_combine=fused_combine_default() if fused_combine is None else bool(fused_combine), **cfg)
+        fused_combine=fused_combine_default("decode") if fused_combine is None else bool(fused_combine), **cfg)
