@@ -306,8 +306,13 @@ def test_config_and_impl_selection(monkeypatch):
     # the norm epilogues: "mgpu" where they measured faster (8B-sized hidden, <= 16 token rows),
     # "mgpu_norm" everywhere, "mgpu_plain" never
     rule = decode_matmul.mgpu_dense.use_norm_epilogues
+    monkeypatch.delenv("JAXENGINE_MGPU_CLUSTER_SPLIT", raising=False)
     assert rule(8, 4096) and rule(16, 4096) and rule(16, 8192)
-    assert not rule(32, 4096) and not rule(64, 4096) and not rule(8, 2048)  # 1B: o/down split K
+    assert not rule(32, 4096) and not rule(64, 4096)
+    assert rule(8, 2048) and not rule(32, 2048)  # 1B: o/down split K in a two-CTA cluster
+    monkeypatch.setenv("JAXENGINE_MGPU_CLUSTER_SPLIT", "0")
+    assert not rule(8, 2048) and rule(8, 4096)  # 1B without the cluster: XLA's split-K sum
+    monkeypatch.delenv("JAXENGINE_MGPU_CLUSTER_SPLIT")
     assert decode_matmul.get_dense("mgpu_norm").use_norm_epilogues(64, 2048)
     assert not hasattr(decode_matmul.mgpu_plain_dense, "use_norm_epilogues")
     with pytest.raises(ValueError, match="decode matmul impl"):
@@ -409,6 +414,8 @@ def test_cluster_split_k_keeps_the_epilogue_in_the_kernel(kind, m, monkeypatch):
     kernel and no XLA reduction after it; the interpreter itself keeps the XLA split path."""
     from jax import export
     h, bf = 2048, jnp.bfloat16
+    monkeypatch.delenv("JAXENGINE_MGPU_CLUSTER_SPLIT", raising=False)
+    assert dm_gpu.cluster_split_default()  # on by default
     monkeypatch.setenv("JAXENGINE_MGPU_CLUSTER_SPLIT", "1")
     assert dm_gpu.cluster_split_default() and dm_gpu.default_config(m, h, h)["splits"] == 2
 
@@ -433,7 +440,7 @@ def test_cluster_split_k_keeps_the_epilogue_in_the_kernel(kind, m, monkeypatch):
         monkeypatch.setenv("JAXENGINE_MGPU_CLUSTER_SPLIT", "0")
         plain = export.export(jax.jit(lambda *a: run(*a, interpret=False)), platforms=["cuda"], disabled_checks=[
             export.DisabledSafetyCheck.custom_call("mosaic_gpu_v2")])(x, w, res, g, ss).mlir_module()
-        assert "stablehlo.reduce" in plain  # the default: XLA sums the two splits' partials
+        assert "stablehlo.reduce" in plain  # switched off: XLA sums the two splits' partials
         return
     got = run(x, w, res, g, ss, interpret=False)
     if kind == "plain":
@@ -467,6 +474,7 @@ def test_pdl_marks_the_kernels_for_programmatic_dependent_launch(monkeypatch):
                lambda x, w, ss, **kw: dm_gpu.decode_matmul_normed(x, w, ss, 1e-5, splits=1, interpret=False, **kw),
                lambda x, w, ss, **kw: dm_gpu.decode_gate_up_silu(x, w, ss=ss, eps=1e-5, interpret=False, **kw)]
     l2_prefetch = "cp.async.bulk.prefetch.tensor"  # pdl=2: the first ring's weight tiles into L2
+    monkeypatch.delenv("JAXENGINE_MGPU_PDL", raising=False)
     assert dm_gpu.pdl_default() == 0
     for kernel in kernels:
         off = module(lambda x, w, ss: kernel(x, w, ss), x, w, ss)

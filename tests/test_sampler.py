@@ -135,8 +135,13 @@ def test_plain_mode_equals_full_mode_on_rows_without_filters_or_penalties(logits
     x = jnp.asarray(logits)
     plain = jax.device_get(jax.jit(lambda l, st, kk: sampler.sample(l, st, kk, 4, full=False))(x, state, k))
     full = jax.device_get(_sample(x, state, k, 4))
-    for key in ("tokens", "logprob", "rank"):
+    for key in ("tokens", "logprob"):
         np.testing.assert_array_equal(plain[key], full[key])
+    # the rank is reported with logprobs only (FULL); PLAIN leaves it out
+    assert (plain["rank"] == 0).all() and (full["rank"] >= 1).all()
+    ref = np.asarray(jax.nn.log_softmax(x, axis=-1))
+    want_rank = (ref > np.take_along_axis(ref, full["tokens"][:, None], 1)).sum(-1) + 1
+    np.testing.assert_array_equal(full["rank"], want_rank)
     # one row with top_k=1 and a penalty beside the others: only that row may change
     mixed = knobs(s, temperature=temps, seed=np.arange(s), rng_pos=np.arange(s),
                   top_k=np.where(np.arange(s) == 3, 1, 0), repetition_penalty=np.where(np.arange(s) == 5, 1.5, 1.0),

@@ -80,10 +80,13 @@ def sample(logits: jax.Array, state: dict[str, jax.Array], s: dict[str, jax.Arra
            num_logprobs: int, *, full: bool = True) -> dict[str, jax.Array]:
     """logits: [num_seqs, vocab] float32.  s: per-row sampling arrays (see ModelRunner).
 
-    full=False (the PLAIN mode) leaves out penalties, filtering and the top-k logprobs: the host
-    chooses it only for steps where no row asks for them.
+    full=False (the PLAIN mode) leaves out penalties, filtering, the top-k logprobs and the
+    sampled token's rank (returned as 0): the host chooses it only for steps where no row asks
+    for them.  The sampled token's logprob comes in every mode (cumulative_logprob).
     """
-    raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
+    raw_logits = logits
+    # log-probabilities are raw_logits - lse; no [rows, vocab] log_softmax is materialised
+    lse = jax.nn.logsumexp(raw_logits, axis=-1)
     if full:
         logits = jnp.where(s["use_penalty"][:, None], apply_penalties(logits, state, s), logits)
     greedy_tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -101,12 +104,16 @@ def sample(logits: jax.Array, state: dict[str, jax.Array], s: dict[str, jax.Arra
     sampled = jnp.argmax(scaled + noise, axis=-1).astype(jnp.int32)
     tokens = jnp.where(s["temperature"] < _EPS, greedy_tokens, sampled)
 
-    token_lp = jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0]
-    token_rank = jnp.sum(raw_logprobs > token_lp[:, None], axis=-1).astype(jnp.int32) + 1
+    token_logit = jnp.take_along_axis(raw_logits, tokens[:, None], axis=-1)[:, 0]
+    token_lp = token_logit - lse  # every mode: the requests' cumulative_logprob
     if full:
-        top_lp, top_ids = jax.lax.top_k(raw_logprobs, num_logprobs)
+        # the rank and the top-k are only reported with logprobs, which only FULL serves
+        token_rank = jnp.sum(raw_logits > token_logit[:, None], axis=-1).astype(jnp.int32) + 1
+        top_logits, top_ids = jax.lax.top_k(raw_logits, num_logprobs)
+        top_lp = top_logits - lse[:, None]
     else:
-        top_lp = jnp.zeros((logits.shape[0], num_logprobs), raw_logprobs.dtype)
+        token_rank = jnp.zeros_like(tokens)
+        top_lp = jnp.zeros((logits.shape[0], num_logprobs), jnp.float32)
         top_ids = jnp.zeros((logits.shape[0], num_logprobs), jnp.int32)
     return {"tokens": tokens, "logprob": token_lp, "rank": token_rank,
             "top_ids": top_ids.astype(jnp.int32), "top_logprobs": top_lp}

@@ -119,10 +119,16 @@ NORM_EPILOGUE_MAX_ROWS = 16
 
 def measured_norm_rule(rows: int, hidden: int) -> bool:
     """Where "mgpu" runs the norm epilogues: up to NORM_EPILOGUE_MAX_ROWS token rows, and a hidden
-    size whose o/down kernels keep one K split (the epilogue in the kernel, not in XLA)."""
+    size whose o/down kernels keep the epilogue in the kernel: one K split, or two split as a
+    cluster of two CTAs (cluster_split_default).  H200 decode forward at batch 1 (BENCHMARKS.md):
+    8B 4.148 ms with the epilogues against 4.194-4.205 without (tenth session); 1B with the
+    cluster split 0.920 against 0.940, and without it (XLA's split-K reduction as the epilogue)
+    0.989 against 0.976 (eleventh session)."""
     from . import gpu
 
-    return rows <= NORM_EPILOGUE_MAX_ROWS and gpu.default_config(rows, hidden, hidden)["splits"] == 1
+    cfg = gpu.default_config(rows, hidden, hidden)
+    in_kernel = cfg["splits"] == 1 or gpu._cluster(cfg, False, None)
+    return rows <= NORM_EPILOGUE_MAX_ROWS and in_kernel
 
 
 def _make_dense(norm_rule: Callable[[int, int], bool] | None) -> Callable[[jax.Array, jax.Array], jax.Array]:
