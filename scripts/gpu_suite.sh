@@ -47,12 +47,17 @@
 #               profiled), mgpu_norm with $JAXENGINE_MGPU_SS_SUM=chunks, the 8B engine at K = 8 (default)  ~8 min
 #   abpdl       compiled decode_matmul tests under JAXENGINE_MGPU_PDL=1, bench_forward 8B/1B b1/b64 with
 #               the Mosaic GPU kernels, programmatic dependent launch off / on / on + L2 weight prefetch /
-#               off, then the engine at K = 8 with PDL mode $PDL_ENGINE (default 2)              ~7 min
-#   abcombine   the decode kernel's kv-split merge inside the kernel ($JAXENGINE_DECODE_COMBINE=kernel):
+#               off, then the engine at K = 8 with PDL mode $PDL_ENGINE (default 2)  ~7 min (eleventh session: no gain)
+#   abcombine   the kv-split merge inside the attention kernels ($JAXENGINE_DECODE_COMBINE=separate|kernel):
 #               compiled merged-case tests, bench_forward 8B/1B b1/b64 separate / kernel / separate, the
-#               decode kernel sweep and the ragged kernel's decode steps (device time) both ways  ~7 min
-#   abcluster   1B's split-K GEMMs as clusters of two CTAs ($JAXENGINE_MGPU_CLUSTER_SPLIT=1): compiled tests,
-#               bench_forward 1B b1/b64, plain kernels and norm epilogues, off / on / off (profiled)  ~4 min
+#               decode kernel sweep and the ragged kernel's decode steps (device time) both ways  ~5 min
+#   abcluster   1B's split-K GEMMs as clusters of two CTAs ($JAXENGINE_MGPU_CLUSTER_SPLIT, the default since
+#               the eleventh session): compiled tests, bench_forward 1B b1/b64, plain kernels and norm
+#               epilogues, on / off / on (profiled)                                              ~2 min
+#   steptime    the engine's step outside the forward: bench_forward 1B and 8B at batch 1 (the decode
+#               forward's kernels, profiled), then the engine at K = 8, batch 1, profiled (kernels per
+#               output token, idle gaps): the difference is the sampler, the loop and the bookkeeping  ~4 min
+# PACK=1 packs everything under $OUT into $OUT/all.tgz at the end (the device tool returns 8 files a call).
 #   hf-static   Hugging Face static-cache generate(), 8B batch 1 and 64 (long compile)            ~8 min
 #   hf-eager    Hugging Face eager generate(), 1B and 8B, batch 1 and 64                          ~2 min
 # Everything is also runnable by hand: each part is one or two commands below.
@@ -228,12 +233,21 @@ for part in "$@"; do
     abcluster)
       (cd tests && timeout 150 python3 -m pytest -q test_decode_matmul.py -k "cluster" -rf --tb=short \
          > "$OUT/abcluster_tests.log" 2>&1; grep -E "^E |passed|failed|^FAILED" "$OUT/abcluster_tests.log" | head -20)
-      for v in 0 1 0; do
+      i=0
+      for v in 1 0 1; do
+        i=$((i + 1))
         env "JAXENGINE_MGPU_CLUSTER_SPLIT=$v" timeout 100 python3 scripts/bench_forward.py --model llama-3.2-1b \
           --batch 1 64 --decode-attention fused --residual-norm gpu --decode-matmul mgpu_plain mgpu_norm \
-          --profile-dir /tmp/prof --top 8 --json "$OUT/forward_cluster$v.json" > "$OUT/forward_cluster$v.log" 2>&1
-        echo "-- JAXENGINE_MGPU_CLUSTER_SPLIT=$v"; grep -E "^\||kernels of|^ +[0-9.]+ us|idle|Error" "$OUT/forward_cluster$v.log"
+          --profile-dir /tmp/prof --top 8 --json "$OUT/forward_cluster$i.json" > "$OUT/forward_cluster$i.log" 2>&1
+        echo "-- JAXENGINE_MGPU_CLUSTER_SPLIT=$v"; grep -E "^\||kernels of|^ +[0-9.]+ us|idle|Error" "$OUT/forward_cluster$i.log"
       done ;;
+    steptime)
+      timeout 150 python3 scripts/bench_forward.py --model llama-3.2-1b llama-3.1-8b --batch 1 \
+        --decode-attention fused --residual-norm gpu --profile-dir /tmp/prof --top 30 \
+        --json "$OUT/steptime_forward.json" > "$OUT/steptime_forward.log" 2>&1
+      grep -E "^\||kernels of|^ +[0-9.]+ us|idle|Error" "$OUT/steptime_forward.log" | head -90
+      lat steptime_engine --model llama-3.2-1b llama-3.1-8b --batch 1 --num-scheduler-steps 8 --profile-dir /tmp/prof
+      grep -A45 "profile b" "$OUT/steptime_engine.log" | head -100 ;;
     decodesweep)
       timeout 200 python3 scripts/bench_attention.py --decode-sweep --device-time --out "$OUT/decode_sweep.json" \
         > "$OUT/decode_sweep.log" 2>&1; grep -E "^\||device" "$OUT/decode_sweep.log" | head -50 ;;
@@ -269,3 +283,6 @@ for part in "$@"; do
   esac
 done
 echo "== done (t=$(( $(date +%s) - S )) s)"
+if [ -n "${PACK:-}" ]; then
+  tar czf /tmp/gpu_suite_all.tgz -C "$OUT" . && rm -rf "${OUT:?}"/* && mv /tmp/gpu_suite_all.tgz "$OUT/all.tgz"
+fi

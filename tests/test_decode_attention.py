@@ -217,3 +217,21 @@ def test_ragged_kernel_lowers_to_triton_for_h100(as_h100, num_tokens):
             _sds((num_tokens, HQ, D)), _sds((PAGES, PS, 2 * HKV, D)), _sds((T,), i32), _sds((T, 16), i32),
             _sds((T + 1,), i32), _sds((1,), i32))
         assert merged.count("xla.gpu.triton") == 1
+
+
+def test_split_merge_defaults_per_kernel(monkeypatch):
+    """Where the kv splits merge (measured on the H200, eleventh session): inside the decode
+    kernel, in a combine kernel after the ragged one; $JAXENGINE_DECODE_COMBINE sets both, and a
+    value it does not know is an error naming the variable."""
+    from jaxengine.pallas_kernels.ragged_paged_attention import gpu
+    monkeypatch.delenv("JAXENGINE_DECODE_COMBINE", raising=False)
+    assert gpu.fused_combine_default("decode") and not gpu.fused_combine_default("ragged")
+    for value, want in (("kernel", True), ("separate", False), (" Kernel ", True)):
+        monkeypatch.setenv("JAXENGINE_DECODE_COMBINE", value)
+        assert gpu.fused_combine_default("decode") is want and gpu.fused_combine_default("ragged") is want
+    monkeypatch.setenv("JAXENGINE_DECODE_COMBINE", "fused")
+    with pytest.raises(ValueError, match="JAXENGINE_DECODE_COMBINE"):
+        gpu.fused_combine_default("decode")
+    monkeypatch.delenv("JAXENGINE_DECODE_COMBINE")
+    with pytest.raises(ValueError, match="kernel"):
+        gpu.fused_combine_default("prefill")
