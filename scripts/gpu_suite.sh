@@ -54,9 +54,10 @@
 #   abcluster   1B's split-K GEMMs as clusters of two CTAs ($JAXENGINE_MGPU_CLUSTER_SPLIT, the default since
 #               the eleventh session): compiled tests, bench_forward 1B b1/b64, plain kernels and norm
 #               epilogues, on / off / on (profiled)                                              ~2 min
-#   steptime    the engine's step outside the forward: bench_forward 1B and 8B at batch 1 (the decode
-#               forward's kernels, profiled), then the engine at K = 8, batch 1, profiled (kernels per
-#               output token, idle gaps): the difference is the sampler, the loop and the bookkeeping  ~4 min
+#   steptime    the engine's step outside the forward, 1B and 8B at batch 1 and 64: bench_forward (the
+#               decode forward alone, profiled), bench_step (the sampler alone, the decode program k = 1
+#               and the K = 8 program, device-timed; the K = 8 program's kernels per token), then the
+#               engine at K = 8, batch 1, profiled: forward -> programs -> TPOT splits the gap  ~6 min
 # PACK=1 packs everything under $OUT into $OUT/all.tgz at the end (the device tool returns 8 files a call).
 #   hf-static   Hugging Face static-cache generate(), 8B batch 1 and 64 (long compile)            ~8 min
 #   hf-eager    Hugging Face eager generate(), 1B and 8B, batch 1 and 64                          ~2 min
@@ -242,10 +243,13 @@ for part in "$@"; do
         echo "-- JAXENGINE_MGPU_CLUSTER_SPLIT=$v"; grep -E "^\||kernels of|^ +[0-9.]+ us|idle|Error" "$OUT/forward_cluster$i.log"
       done ;;
     steptime)
-      timeout 150 python3 scripts/bench_forward.py --model llama-3.2-1b llama-3.1-8b --batch 1 \
-        --decode-attention fused --residual-norm gpu --profile-dir /tmp/prof --top 30 \
+      timeout 150 python3 scripts/bench_forward.py --model llama-3.2-1b llama-3.1-8b --batch 1 64 \
+        --decode-attention fused --residual-norm gpu --decode-matmul mgpu --profile-dir /tmp/prof --top 30 \
         --json "$OUT/steptime_forward.json" > "$OUT/steptime_forward.log" 2>&1
       grep -E "^\||kernels of|^ +[0-9.]+ us|idle|Error" "$OUT/steptime_forward.log" | head -90
+      timeout 200 python3 scripts/bench_step.py --model llama-3.2-1b llama-3.1-8b --batch 1 64 --steps 8 \
+        --profile-dir /tmp/prof --top 40 --json "$OUT/steptime_programs.json" > "$OUT/steptime_programs.log" 2>&1
+      grep -E "^\||kernels of|^ +[0-9.]+ us|idle|Error" "$OUT/steptime_programs.log" | head -120
       lat steptime_engine --model llama-3.2-1b llama-3.1-8b --batch 1 --num-scheduler-steps 8 --profile-dir /tmp/prof
       grep -A45 "profile b" "$OUT/steptime_engine.log" | head -100 ;;
     decodesweep)

@@ -237,3 +237,49 @@ def test_decode_kernel_sweep_times_every_split_count():
         ("b3 ctx20", "splits=2")]
     assert all("error" not in r and r["time_us"] > 0 for r in rows), rows
     assert rows[2]["bytes"] == 3 * rows[0]["bytes"]
+
+
+def test_bench_step_times_the_engines_own_programs_on_a_real_decode_batch(tmp_path):
+    """bench_step lays a decode batch out as the runner pads it (each request's new slot in its own
+    pages), runs the engine's sampler and decode programs on it (the KV pages get the new tokens'
+    entries: the programs really decoded those requests), and reports every figure."""
+    import subprocess
+    import tempfile
+
+    import jax
+    import numpy as np
+
+    import bench_step as bs
+
+    with tempfile.TemporaryDirectory() as d:
+        with open(os.path.join(d, "config.json"), "w") as f:
+            json.dump({**bl.SHAPES["tiny"], "torch_dtype": "float32"}, f)
+        llm = LLM(d, load_format="dummy", skip_tokenizer_init=True, max_model_len=64, max_num_seqs=4,
+                  kv_cache_memory_bytes=1 << 20, num_scheduler_steps=2)
+    runner = llm.runner
+    b, samp = bs.step_arrays(runner, batch=3, context=20)
+    assert b["input_ids"].shape == (8,) and b["kv_lens"].shape == (runner.seqs_for(8),)
+    pages = -(-21 // runner.page_size)
+    for i in range(3):
+        page, off = divmod(int(b["slot_mapping"][i]), runner.page_size)
+        assert page == b["page_indices"][i][20 // runner.page_size] and off == 20 % runner.page_size and page != 0
+    assert (b["page_indices"][:, pages:] == 0).all() and list(b["kv_lens"][:4]) == [21, 21, 21, 0]
+    with np.testing.assert_raises(ValueError):
+        bs.step_arrays(runner, batch=4, context=10_000)
+    before = np.asarray(jax.device_get(runner.kv_caches[0]))
+    out = bs.time_programs(runner, batch=3, context=20, steps=2, iters=2)
+    after = np.asarray(jax.device_get(runner.kv_caches[0]))
+    slots = b["slot_mapping"][:3]
+    flat = after.reshape(-1, *after.shape[2:])
+    assert (before.reshape(flat.shape)[slots] == 0).all() and (np.abs(flat[slots]).sum(axis=(1, 2)) > 0).all()
+    assert out["token_bucket"] == 8 and all(out[k] > 0 for k in (
+        "sampler_plain_ms", "sampler_full_ms", "program_k1_ms_per_token", "program_k2_ms_per_token"))
+    # the script end to end: one row per model and batch, with the floor
+    js = tmp_path / "s.json"
+    here = os.path.dirname(os.path.abspath(__file__))
+    subprocess.run([sys.executable, os.path.join(here, "..", "scripts", "bench_step.py"), "--model", "tiny",
+                    "--batch", "2", "--context", "20", "--steps", "2", "--iters", "2", "--kv-cache-gib", "0.002",
+                    "--json", str(js)], check=True, capture_output=True)
+    runs = json.load(open(js))["runs"]
+    assert [(r["model"], r["batch"]) for r in runs] == [("tiny", 2)]
+    assert 0 < runs[0]["floor_ms_per_token"] and 0 < runs[0]["fraction_of_floor"]
