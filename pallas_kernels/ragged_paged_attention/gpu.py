@@ -269,13 +269,13 @@ def fused_combine_default(kernel: str = "ragged") -> bool:
     the ragged kernel its decode steps got slower (b8 ctx 2k 32.8 us against 25.4, ctx 8k 102 us
     against 72), so the ragged kernel keeps the combine kernel.  $JAXENGINE_DECODE_COMBINE=kernel
     or =separate sets both kernels."""
+    if kernel not in ("ragged", "decode"):
+        raise ValueError(f"kernel must be 'ragged' or 'decode', got {kernel!r}")
     env = os.environ.get("JAXENGINE_DECODE_COMBINE", "").strip().lower()
     if env in ("kernel", "separate"):
         return env == "kernel"
     if env:
         raise ValueError(f"JAXENGINE_DECODE_COMBINE must be 'kernel' or 'separate', got {env!r}")
-    if kernel not in ("ragged", "decode"):
-        raise ValueError(f"kernel must be 'ragged' or 'decode', got {kernel!r}")
     return kernel == "decode"
 
 
