@@ -20,6 +20,8 @@
 #               Pallas kernel (profiled, HLO), then the engine at K = 8 with the kernel (default)  ~7 min
 #   splits      bench_attention --decode-kernel-sweep (decode kernel: batch x context x kv splits), then
 #               bench_forward 1B residual norm off vs kernel                                      ~5 min
+#   engine      the engine at K = 8 (the defaults), 8B and 1B, 128/128 at batch 1 and 64        ~4 min
+#   kernelsweep bench_attention --decode-kernel-sweep alone (the first half of splits)              ~3 min
 #   batches     8B 128/128 at batch 8, 32, 128, 256                                               ~3 min
 #   long        8B 1024/128 at 64 and 4096/256 at 8                                              ~4 min
 #   qwen3       Qwen3-8B shape, batch 1 and 64                                                    ~3 min
@@ -142,6 +144,10 @@ for part in "$@"; do
       timeout 200 python3 scripts/bench_forward.py --model llama-3.2-1b --batch 1 64 --decode-attention fused \
         --residual-norm off gpu --json "$OUT/forward_norm_1b.json" > "$OUT/forward_norm_1b.log" 2>&1
       grep -E "^\|" "$OUT/forward_norm_1b.log" ;;
+    engine) lat engine --model llama-3.1-8b llama-3.2-1b --batch 1 64 --num-scheduler-steps 8 ;;
+    kernelsweep)
+      timeout 300 python3 scripts/bench_attention.py --decode-kernel-sweep --out "$OUT/decode_kernel_sweep.json" \
+        > "$OUT/decode_kernel_sweep.log" 2>&1; grep -E "^\||device" "$OUT/decode_kernel_sweep.log" | head -60 ;;
     batches) lat batches --model llama-3.1-8b --batch 8 32 128 256 --kv-cache-gib 16 ;;
     long)
       lat long1024 --model llama-3.1-8b --batch 64 --input-len 1024 --output-len 128
