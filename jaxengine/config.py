@@ -205,6 +205,15 @@ class RunnerConfig:
     decode_program: bool = dataclasses.field(
         default_factory=lambda: os.environ.get("JAXENGINE_DECODE_PROGRAM", "0") in ("1", "true"))
 
+    # Multi-step decode programs: how many of the K iterations one trip of the device loop runs.
+    # 1 = a lax.fori_loop of K trips; 0 (or >= K) = no loop, the K iterations unrolled into one
+    # straight-line program.  An XLA:GPU while loop reads its predicate back to the host every
+    # trip, which blocks the thread that launches the program's kernels: the device waits at
+    # every trip, and the next program cannot be launched until the last trip (so the host's
+    # work between programs is not overlapped).  Unrolled programs take longer to compile.
+    multi_step_unroll: int = dataclasses.field(
+        default_factory=lambda: int(os.environ.get("JAXENGINE_MULTI_STEP_UNROLL", "1")))
+
     # Residual add + the RMSNorm after it as one call (pallas_kernels/residual_norm) in every
     # program: "gpu" the Pallas kernel (one kernel where XLA:GPU launches two or more), "reference"
     # the jnp composition, "off" the model's own ops, "auto" = gpu on a GPU backend, off elsewhere.
@@ -228,6 +237,8 @@ class RunnerConfig:
         _check(not (self.param_layout == "fused" and self.matmul_impl == "gpu"),
                "param_layout='fused' cannot run with matmul_impl='gpu' (the fused-matmul kernels take "
                "the hf layout)")
+        _check(self.multi_step_unroll >= 0,
+               f"multi_step_unroll must be >= 0 (0: fully unrolled), got {self.multi_step_unroll}")
         _check(self.fused_matmul_max_tokens >= 0,
                f"fused_matmul_max_tokens must be >= 0, got {self.fused_matmul_max_tokens}")
 

@@ -50,7 +50,7 @@ class LLM:
                  async_scheduling: bool = True, matmul_impl: str = "auto", num_scheduler_steps: int = 1,
                  param_layout: str | None = None, fuse_decode_attention: bool | None = None,
                  decode_program: bool | None = None, residual_norm: str | None = None,
-                 decode_matmul: str | None = None):
+                 decode_matmul: str | None = None, multi_step_unroll: int | None = None):
         import jax
 
         from jaxengine import models
@@ -121,7 +121,8 @@ class LLM:
                if fuse_decode_attention is not None else {}),
             **({"decode_program": bool(decode_program)} if decode_program is not None else {}),
             **({"residual_norm": residual_norm} if residual_norm is not None else {}),
-            **({"decode_matmul": decode_matmul} if decode_matmul is not None else {}))
+            **({"decode_matmul": decode_matmul} if decode_matmul is not None else {}),
+            **({"multi_step_unroll": int(multi_step_unroll)} if multi_step_unroll is not None else {}))
         _enable_compilation_cache(runner_cfg.compilation_cache_dir)
 
         from jaxengine.loader import orbax_ckpt

@@ -21,6 +21,9 @@
 #   splits      bench_attention --decode-kernel-sweep (decode kernel: batch x context x kv splits), then
 #               bench_forward 1B residual norm off vs kernel                                      ~5 min
 #   engine      the engine at K = 8 (the defaults), 8B and 1B, 128/128 at batch 1 and 64        ~4 min
+#   failing     the compiled decode_matmul tests that failed in the twelfth session (-k normed/lowers)  ~2 min
+#   abunroll    the engine at K = 8, 1B and 8B b1/b64, multi-step programs unrolled ($JAXENGINE_MULTI_STEP_UNROLL
+#               in $UNROLLS, default "0 1": unrolled, then the loop)                              ~9 min
 #   kernelsweep bench_attention --decode-kernel-sweep alone (the first half of splits)              ~3 min
 #   batches     8B 128/128 at batch 8, 32, 128, 256                                               ~3 min
 #   long        8B 1024/128 at 64 and 4096/256 at 8                                              ~4 min
@@ -145,6 +148,15 @@ for part in "$@"; do
         --residual-norm off gpu --json "$OUT/forward_norm_1b.json" > "$OUT/forward_norm_1b.log" 2>&1
       grep -E "^\|" "$OUT/forward_norm_1b.log" ;;
     engine) lat engine --model llama-3.1-8b llama-3.2-1b --batch 1 64 --num-scheduler-steps 8 ;;
+    failing)  # the three compiled decode_matmul tests that failed in the twelfth session's kernels part
+      (cd tests && timeout 150 python3 -m pytest -q test_decode_matmul.py -rf --tb=short \
+         -k "normed_kernel_matches_reference or lowers_to_mosaic" > "$OUT/failing.log" 2>&1
+       grep -E "^E |passed|failed|^FAILED" "$OUT/failing.log" | head -40) ;;
+    abunroll)  # the multi-step program unrolled (no device loop) against the loop, engine at K = 8
+      for u in ${UNROLLS:-0 1}; do
+        JAXENGINE_MULTI_STEP_UNROLL=$u lat unroll${u}_1b --model llama-3.2-1b --batch 1 64 --num-scheduler-steps 8
+        JAXENGINE_MULTI_STEP_UNROLL=$u lat unroll${u}_8b --model llama-3.1-8b --batch 1 64 --num-scheduler-steps 8
+      done ;;
     kernelsweep)
       timeout 300 python3 scripts/bench_attention.py --decode-kernel-sweep --out "$OUT/decode_kernel_sweep.json" \
         > "$OUT/decode_kernel_sweep.log" 2>&1; grep -E "^\||device" "$OUT/decode_kernel_sweep.log" | head -60 ;;

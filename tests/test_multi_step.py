@@ -9,7 +9,7 @@ import pytest
 from conftest import SMALL_ENGINE
 from test_engine import make_prompts
 from jaxengine import LLM, SamplingParams
-from jaxengine.config import SchedulerConfig
+from jaxengine.config import RunnerConfig, SchedulerConfig
 from jaxengine.engine.kv_cache_manager import KVCacheManager
 from jaxengine.engine.request import Request
 from jaxengine.engine.scheduler import Scheduler
@@ -126,8 +126,10 @@ def test_abort_while_a_multi_step_is_in_flight_leaks_no_pages(multi):
     dict(decode_program=True),
     dict(decode_program=True, attention_impl="gpu"),
     dict(num_scheduler_steps=K, attention_impl="gpu", residual_norm="gpu"),
+    dict(num_scheduler_steps=K, multi_step_unroll=0),
+    dict(num_scheduler_steps=K, multi_step_unroll=2),
 ], ids=["general-attention-path", "gpu-decode-kernel", "k1-decode-program", "k1-decode-program-gpu",
-        "gpu-decode-kernel-residual-norm-kernel"])
+        "gpu-decode-kernel-residual-norm-kernel", "unrolled", "two-iterations-a-trip"])
 def test_decode_attention_paths_give_the_same_greedy_outputs(single, llama_ckpt, engine_args):
     """The decode programs' attention (rope + KV write + attention in one call) against the
     general path, the GPU kernel (interpret mode on CPU) inside the engine, and K = 1 decode
@@ -149,6 +151,31 @@ def test_decode_attention_paths_give_the_same_greedy_outputs(single, llama_ckpt,
 def test_bad_num_scheduler_steps_is_refused():
     with pytest.raises(ValueError, match="num_scheduler_steps"):
         SchedulerConfig(num_scheduler_steps=0)
+    with pytest.raises(ValueError, match="multi_step_unroll"):
+        RunnerConfig(multi_step_unroll=-1)
+
+
+@pytest.mark.parametrize("unroll, trips", [(1, K), (2, K // 2), (0, 0), (8, 0)])
+def test_multi_step_unroll_sets_the_device_loop(llama_ckpt, unroll, trips):
+    """unroll 1: one loop of K trips; 2: K / 2 trips of two iterations; 0 or >= K: no loop in the
+    multi-step program at all (what the knob is for: no predicate read back per trip on a GPU)."""
+    llm = LLM(llama_ckpt, **{**SMALL_ENGINE, "warmup": False}, num_scheduler_steps=K,
+              multi_step_unroll=unroll)
+    r = llm.runner
+    t, s = r.buckets[0], r.seqs_for(r.buckets[0])
+    ints, floats = r._pack(*r._empty_arrays(t, s), r._layout(t, s))
+    eqns = r._multi_step.trace(r.params, r.kv_caches, r.penalty_state, ints, floats, (t, s), K, 0).jaxpr.eqns
+    loops = [e for e in eqns if e.primitive.name == "scan"]  # fori_loop of static bounds
+    if trips == 0:
+        assert not loops
+    else:
+        (loop,) = loops
+        assert loop.params["length"] // loop.params["unroll"] == trips
+    # the same tokens as the plain loop (the parametrized greedy test above runs a whole engine)
+    params = SamplingParams(temperature=0.0, max_tokens=2 * K + 1, ignore_eos=True)
+    got = llm.generate(PROMPTS[:3], params, use_tqdm=False)
+    assert all(len(o.outputs[0].token_ids) == 2 * K + 1 for o in got)
+    assert llm.runner.num_program_steps >= 1
 
 
 

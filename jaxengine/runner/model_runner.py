@@ -279,7 +279,14 @@ class ModelRunner:
             # k = 1 (the decode program) without a loop: an XLA:GPU while loop reads its predicate
             # back to the host each iteration, which blocks the dispatching thread (H100, 1B b1 at
             # K = 1: 593 -> 530 tok/s with a one-iteration loop)
-            carry = body(0, carry) if k == 1 else jax.lax.fori_loop(0, k, body, carry)
+            # K > 1: a loop of K / unroll trips, or (unroll 0 or >= K) the K iterations unrolled
+            # into straight-line code, which no trip predicate interrupts (RunnerConfig)
+            unroll = cfg.runner.multi_step_unroll
+            if k == 1 or unroll == 0 or unroll >= k:
+                for i in range(k):
+                    carry = body(i, carry)
+            else:
+                carry = jax.lax.fori_loop(0, k, body, carry, unroll=unroll)
             kv_caches, penalty_state, _, packed = carry
             return kv_caches, store_last_tokens(penalty_state, samp, packed[k - 1, :, 0]), packed
 
