@@ -235,3 +235,66 @@ def test_split_merge_defaults_per_kernel(monkeypatch):
     monkeypatch.delenv("JAXENGINE_DECODE_COMBINE")
     with pytest.raises(ValueError, match="kernel"):
         gpu.fused_combine_default("prefill")
+
+
+def test_layer_chain_passes_one_count_buffer_along_and_leaves_it_zero():
+    """Three 'layers' through gpu_decode.LayerChain (the in-kernel split merge's count buffer passed
+    from each launch to the next): the same outputs and pages as three independent calls, and the
+    counts are zero after every launch (each row's last split resets its count).  A count left
+    non-zero would make the next layer's rows merge at the wrong split: wrong outputs."""
+    ctx, group, head_dim, page_size = [1, 16, 17, 50, 3, 64, 33], 4, 64, 16
+    args = decode_step(11, ctx, num_kv_heads=2, group=group, head_dim=head_dim, page_size=page_size,
+                       dtype=jnp.float32)
+    q, k, v, kv, *rest = args
+    kw = dict(sm_scale=head_dim ** -0.5, num_splits=4, block_k=16, fused_combine=True)
+    rng = np.random.default_rng(3)
+    qs = [q] + [jnp.asarray(rng.standard_normal(q.shape), q.dtype) for _ in range(2)]
+    want, kv_want = [], kv
+    for qi in qs:
+        out, kv_want = gpu_decode.decode_attention(qi, k, v, kv_want, *rest, **kw)
+        want.append(out)
+    chain, got, kv_got = gpu_decode.LayerChain(), [], kv
+    for qi in qs:
+        out, kv_got = chain(qi, k, v, kv_got, *rest, **kw)
+        got.append(out)
+        assert chain.counters is not None and chain.counters.shape == (2 * q.shape[0],)
+        np.testing.assert_array_equal(np.asarray(chain.counters), 0)
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(np.asarray(kv_got), np.asarray(kv_want))
+    # a non-zero count buffer does change the result: the counts are what the merge keys on
+    chain.counters = jnp.ones_like(chain.counters)
+    bad, _ = chain(qs[0], k, v, kv, *rest, **kw)
+    assert not np.array_equal(np.asarray(bad), np.asarray(want[0]))
+
+
+def test_layer_chain_threads_the_count_buffer_from_launch_to_launch():
+    """Traced like the multi-step program's layers: the second and third launch take the previous
+    launch's count output (XLA can then run them in the one buffer; a zeros constant shared by
+    independent launches is copied into a new buffer for each, the memcpy nodes the H200 dump of
+    the twelfth session showed: 15 a token at 1B), and only the first launch gets zeros."""
+    i32 = jnp.int32
+    shapes = (_sds((T, HQ, D)), _sds((T, HKV, D)), _sds((T, HKV, D)), _sds((PAGES, PS, 2 * HKV, D)),
+              _sds((T,), i32), _sds((T, 16), i32), _sds((1,), i32), _sds((D // 2,), jnp.float32))
+    kw = dict(sm_scale=0.088, num_splits=8, interpret=False, fused_combine=True)
+
+    def layers(make):
+        def fn(q, k, v, kv, *rest):
+            attn, outs = make(), []
+            for _ in range(3):
+                out, kv = attn(q, k, v, kv, *rest, **kw)
+                outs.append(out)
+            return outs, kv
+        return fn
+
+    def launches(make):
+        eqns = jax.make_jaxpr(layers(make))(*shapes).jaxpr.eqns
+        calls = [e for e in eqns if e.primitive.name in ("pjit", "jit")]
+        assert len(calls) == 3
+        return calls
+
+    chained = launches(gpu_decode.LayerChain)
+    for prev, nxt in zip(chained, chained[1:]):
+        assert nxt.invars[8] is prev.outvars[2]  # counters in = the previous launch's counters out
+    plain = launches(lambda: gpu_decode.decode_attention)
+    assert all(len(c.invars) == 8 for c in plain)  # each makes its own zeros inside

@@ -24,7 +24,7 @@ from jaxengine.engine.scheduler import PENDING_TOKEN, SchedulerOutput, uses_pena
 from jaxengine.pallas_kernels import fused_matmul
 from jaxengine.pallas_kernels import decode_matmul
 from jaxengine.pallas_kernels import residual_norm as residual_norm_kernels
-from jaxengine.pallas_kernels.ragged_paged_attention import get_attention, get_decode_attention, resolve_impl
+from jaxengine.pallas_kernels.ragged_paged_attention import get_attention, get_decode_attention, per_forward, resolve_impl
 from jaxengine.pallas_kernels.ragged_paged_attention.decode import decode_slots
 from jaxengine.runner import sampler
 from jaxengine.runner.compile_watch import CompileCounter
@@ -263,8 +263,9 @@ class ModelRunner:
                 pos, slots = decode_slots(kv_lens, batch["page_indices"], batch["num_seqs"], t,
                                           self.page_size, num_pages)
                 step = {**batch, "input_ids": ids, "positions": pos, "slot_mapping": slots, "kv_lens": kv_lens}
+                # per_forward: the GPU kernel's layers pass one split-merge count buffer along
                 logits, kv_caches = model.forward(params, m, step, kv_caches, attention,
-                                                  decode_attention=decode_attention,
+                                                  decode_attention=per_forward(decode_attention),
                                                   residual_norm=residual_norm, dense=dense)
                 logits = gather_logits(logits)
                 penalty_state, out = sample_and_count(logits, penalty_state,

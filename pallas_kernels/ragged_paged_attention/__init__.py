@@ -8,7 +8,7 @@ has the signature of `reference.ragged_paged_attention` and reads the page layou
 from __future__ import annotations
 
 import os
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 
@@ -62,5 +62,13 @@ def get_decode_attention(impl: str = "auto") -> Callable[..., tuple[jax.Array, j
     return composite(get_attention(impl))
 
 
-__all__ = ["get_attention", "get_decode_attention", "resolve_impl", "available_impls", "write_kv",
+def per_forward(decode_attention: Callable[..., Any]) -> Callable[..., Any]:
+    """The decode attention to hand one forward pass while it is traced: for the GPU kernel a
+    fresh gpu_decode.LayerChain (the layers' launches share one count buffer for the in-kernel
+    split merge); any other implementation (the composite, a sharded wrapper) as it is."""
+    from . import gpu_decode
+    return gpu_decode.LayerChain() if decode_attention is gpu_decode.decode_attention else decode_attention
+
+
+__all__ = ["get_attention", "get_decode_attention", "per_forward", "resolve_impl", "available_impls", "write_kv",
            "reference_ragged_paged_attention"]

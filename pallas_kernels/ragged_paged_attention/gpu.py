@@ -300,7 +300,10 @@ def merge_splits_in_kernel(cnt_ref, cnt_idx, o_ref, lse_ref, out_ref, rows, load
     merges the splits' partial rows (as `combine` does) into out_ref, so no combine kernel runs.
     All threads' partial stores, a CTA barrier, then one acq_rel atomic count at GPU scope (the
     pattern of CUTLASS's semaphore): the last program's loads see every split's rows.  cnt_ref
-    starts at zero (a zeros buffer aliased onto it); rows where load_ok is false come out 0."""
+    starts at zero (a zeros buffer aliased onto it) and, where every program of the launch counts,
+    ends at zero: the last program resets its count after the merge, so the decode kernel can pass
+    one count buffer from each layer's launch to the next (gpu_decode.LayerChain) instead of taking
+    a fresh zeros buffer (a copy in the XLA program) a layer.  Rows where load_ok is false come out 0."""
     if compiled:  # the interpreter runs programs one after another (and has no barrier rule)
         plgpu.debug_barrier()
     done = plgpu.atomic_add(cnt_ref, cnt_idx, jnp.ones((), jnp.int32))
@@ -313,6 +316,9 @@ def merge_splits_in_kernel(cnt_ref, cnt_idx, o_ref, lse_ref, out_ref, rows, load
                             other=0.0) for s in range(num_splits)]
         out = jnp.where(load_ok[:, None], merge_partials(lses, parts), 0.0)
         plgpu.store(out_ref.at[rows[:, None], col], out.astype(out_ref.dtype), mask=store_ok[:, None])
+        # back to zero (every split has counted: none touches it after this one); an add, not an
+        # exchange, which Pallas' interpreter has no rule for
+        plgpu.atomic_add(cnt_ref, cnt_idx, jnp.full((), -num_splits, jnp.int32))
 
 
 def _find_work(w, cu_q_lens_ref, num_seqs_ref, *, max_num_seqs: int, block_q: int, short_q: int,

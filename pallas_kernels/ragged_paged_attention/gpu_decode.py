@@ -210,9 +210,9 @@ def default_config(num_tokens: int, num_kv_heads: int, head_dim: int, page_size:
 @functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "block_k",
                                              "num_splits", "num_warps", "num_stages", "interpret",
                                              "fused_combine"))
-def _decode_attention(q, k, v, kv_pages, kv_lens, page_indices, num_seqs, inv_freq, *, sm_scale,
-                      sliding_window, soft_cap, block_k, num_splits, num_warps, num_stages, interpret,
-                      fused_combine=False):
+def _decode_attention(q, k, v, kv_pages, kv_lens, page_indices, num_seqs, inv_freq, counters=None, *,
+                      sm_scale, sliding_window, soft_cap, block_k, num_splits, num_warps, num_stages,
+                      interpret, fused_combine=False):
     num_pages, page_size, combined, head_dim = kv_pages.shape
     num_kv_heads = combined // 2
     num_tokens = q.shape[0]
@@ -259,7 +259,10 @@ def _decode_attention(q, k, v, kv_pages, kv_lens, page_indices, num_seqs, inv_fr
         )(*args, jnp.zeros((out_rows, head_dim), q.dtype))
         out = out[:num_tokens * num_q_heads].reshape(num_tokens, num_q_heads, head_dim)
     elif fused_combine:  # the splits' merge by each row's last split: no combine kernel
-        _, _, out, _, kv2 = pl.pallas_call(
+        cnt_shape = (num_kv_heads * num_tokens,)
+        if counters is None or counters.shape != cnt_shape:
+            counters = jnp.zeros(cnt_shape, jnp.int32)
+        _, _, out, counters, kv2 = pl.pallas_call(
             kernel, grid=grid,
             out_shape=(jax.ShapeDtypeStruct((num_splits * out_rows, head_dim), jnp.float32),
                        jax.ShapeDtypeStruct((num_splits * out_rows,), jnp.float32),
@@ -267,8 +270,9 @@ def _decode_attention(q, k, v, kv_pages, kv_lens, page_indices, num_seqs, inv_fr
                        jax.ShapeDtypeStruct((num_kv_heads * num_tokens,), jnp.int32), kv_shape),
             input_output_aliases={kv_index: 4, kv_index + 1: 3}, compiler_params=params,
             interpret=interpret, name=name + "_merge",
-        )(*args, jnp.zeros((num_kv_heads * num_tokens,), jnp.int32))
+        )(*args, counters)  # zero again afterwards: each row's last split resets its count
         out = out[:num_tokens * num_q_heads].reshape(num_tokens, num_q_heads, head_dim)
+        return out, kv2.reshape(kv_pages.shape), counters
     else:
         o_part, lse, kv2 = pl.pallas_call(
             kernel, grid=grid,
@@ -280,7 +284,7 @@ def _decode_attention(q, k, v, kv_pages, kv_lens, page_indices, num_seqs, inv_fr
         num_valid = jnp.minimum(num_seqs.reshape(1), max_num_seqs)
         out = combine(o_part, lse, num_valid, num_splits=num_splits, num_tokens=num_tokens,
                       num_q_heads=num_q_heads, dtype=q.dtype, interpret=interpret)
-    return out, kv2.reshape(kv_pages.shape)
+    return out, kv2.reshape(kv_pages.shape), counters
 
 
 def decode_attention(q, k, v, kv_pages, kv_lens, page_indices, num_seqs, inv_freq, *, sm_scale,
@@ -289,6 +293,38 @@ def decode_attention(q, k, v, kv_pages, kv_lens, page_indices, num_seqs, inv_fre
     """`decode.py`'s contract (q may be the fused projection with k = v = None); the keyword
     tuning args override `default_config`; fused_combine (default on: fused_combine_default("decode"))
     merges the kv splits inside the kernel.  `interpret` defaults to True on the CPU backend."""
+    out, kv_pages, _ = decode_attention_with_counters(
+        q, k, v, kv_pages, kv_lens, page_indices, num_seqs, inv_freq, None, sm_scale=sm_scale,
+        sliding_window=sliding_window, soft_cap=soft_cap, block_k=block_k, num_splits=num_splits,
+        num_warps=num_warps, num_stages=num_stages, interpret=interpret, fused_combine=fused_combine)
+    return out, kv_pages
+
+
+class LayerChain:
+    """`decode_attention` for the layers of one forward pass, called in layer order while it is
+    traced: the in-kernel merge's count buffer (zero before and after each launch) passes from each
+    layer's launch to the next.  With a fresh zeros buffer a launch (plain `decode_attention`),
+    XLA copies one zeros constant into a new buffer for every layer (the kernel writes it), a
+    memcpy node a layer in the multi-step program's command buffer (H200 dump, twelfth session:
+    15 copies a token at 1B).  Make one per forward pass (a traced value must not outlive its
+    trace)."""
+
+    def __init__(self):
+        self.counters = None
+
+    def __call__(self, q, k, v, kv_pages, kv_lens, page_indices, num_seqs, inv_freq, **kwargs):
+        out, kv_pages, self.counters = decode_attention_with_counters(
+            q, k, v, kv_pages, kv_lens, page_indices, num_seqs, inv_freq, self.counters, **kwargs)
+        return out, kv_pages
+
+
+def decode_attention_with_counters(q, k, v, kv_pages, kv_lens, page_indices, num_seqs, inv_freq,
+                                   counters, *, sm_scale, sliding_window=None, soft_cap=None,
+                                   block_k=None, num_splits=None, num_warps=None, num_stages=None,
+                                   interpret=None, fused_combine=None):
+    """`decode_attention`, taking and returning the in-kernel merge's count buffer
+    (i32[num_kv_heads * num_tokens], all zeros; None: a fresh one): (out, kv_pages, counters), the
+    counters zero again (the input passed through where the launch merges no splits)."""
     num_kv_heads = kv_pages.shape[2] // 2
     head_dim = kv_pages.shape[3]
     num_q_heads = q.shape[1] if k is not None else num_kv_heads * (q.shape[2] - 2)
@@ -300,9 +336,9 @@ def decode_attention(q, k, v, kv_pages, kv_lens, page_indices, num_seqs, inv_fre
     if head_dim % 2 or _next_pow2(head_dim) != head_dim:
         # Triton blocks are powers of two and zero-padding would move rope's halves: odd head
         # dims take the composite path.
-        return composite(ragged_paged_attention)(
+        return (*composite(ragged_paged_attention)(
             q, k, v, kv_pages, kv_lens, page_indices, num_seqs, inv_freq, sm_scale=sm_scale,
-            sliding_window=sliding_window, soft_cap=soft_cap)
+            sliding_window=sliding_window, soft_cap=soft_cap), counters)
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
     cfg = default_config(q.shape[0], num_kv_heads, head_dim, kv_pages.shape[1], page_indices.shape[1])
@@ -311,7 +347,7 @@ def decode_attention(q, k, v, kv_pages, kv_lens, page_indices, num_seqs, inv_fre
         if value is not None:
             cfg[key] = value
     return _decode_attention(
-        q, k, v, kv_pages, kv_lens, page_indices, num_seqs, inv_freq, sm_scale=float(sm_scale),
+        q, k, v, kv_pages, kv_lens, page_indices, num_seqs, inv_freq, counters, sm_scale=float(sm_scale),
         sliding_window=sliding_window, soft_cap=None if soft_cap is None else float(soft_cap),
         interpret=bool(interpret),
         fused_combine=fused_combine_default("decode") if fused_combine is None else bool(fused_combine), **cfg)
