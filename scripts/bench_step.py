@@ -115,6 +115,8 @@ def main() -> None:
     ap.add_argument("--decode-matmul", default="auto", choices=["auto", "xla", "mgpu", "mgpu_norm", "mgpu_plain"])
     ap.add_argument("--profile-dir", default=None, help="trace the k = steps program and list its kernels")
     ap.add_argument("--top", type=int, default=30)
+    ap.add_argument("--no-warmup", action="store_true",
+                    help="compile only the programs timed (not every bucket): for quick A/Bs of XLA flags")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if args.steps < 2:
@@ -128,6 +130,8 @@ def main() -> None:
     ceil = measure_ceilings()
     dev = jax.devices()[0]
     report = {"date": time.strftime("%Y-%m-%d"), "device": getattr(dev, "device_kind", str(dev)),
+              "xla_flags": os.environ.get("XLA_FLAGS", ""),
+              "multi_step_unroll": os.environ.get("JAXENGINE_MULTI_STEP_UNROLL", ""),
               "backend": jax.default_backend(), "jax": jax.__version__, "python": platform.python_version(),
               "context": args.context, "steps": args.steps, "ceilings": ceil, "runs": []}
     print(f"# device {report['device']}  jax {jax.__version__}  copy {ceil['copy_bytes_per_s'] / 1e12:.2f} TB/s"
@@ -144,7 +148,8 @@ def main() -> None:
             llm = LLM(d, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
                       max_model_len=args.context + 64, max_num_seqs=max(args.batch),
                       kv_cache_memory_bytes=int(args.kv_cache_gib * 2**30),
-                      num_scheduler_steps=args.steps, decode_matmul=args.decode_matmul)
+                      num_scheduler_steps=args.steps, decode_matmul=args.decode_matmul,
+                      warmup=not args.no_warmup)
         runner = llm.runner
         params_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(runner.params))
         for batch in args.batch:

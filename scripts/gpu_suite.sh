@@ -24,6 +24,9 @@
 #   failing     the compiled decode_matmul tests that failed in the twelfth session (-k normed/lowers)  ~2 min
 #   abunroll    the engine at K = 8, 1B and 8B b1/b64, multi-step programs unrolled ($JAXENGINE_MULTI_STEP_UNROLL
 #               in $UNROLLS, default "0 1": unrolled, then the loop)                              ~9 min
+#   chaintests  compiled test_decode_attention merged/chain cases and the multi-step engine tests  ~2 min
+#   cbflags     bench_step (k = 1 and K = 8 programs, batch 1, 1B and 8B) under XLA command-buffer flags:
+#               default, update mode SKIP_TEMP, +WHILE (device-side loop), both, +WHILE with unrolled loops  ~8 min
 #   kernelsweep bench_attention --decode-kernel-sweep alone (the first half of splits)              ~3 min
 #   batches     8B 128/128 at batch 8, 32, 128, 256                                               ~3 min
 #   long        8B 1024/128 at 64 and 4096/256 at 8                                              ~4 min
@@ -156,6 +159,20 @@ for part in "$@"; do
       for u in ${UNROLLS:-0 1}; do
         JAXENGINE_MULTI_STEP_UNROLL=$u lat unroll${u}_1b --model llama-3.2-1b --batch 1 64 --num-scheduler-steps 8
         JAXENGINE_MULTI_STEP_UNROLL=$u lat unroll${u}_8b --model llama-3.1-8b --batch 1 64 --num-scheduler-steps 8
+      done ;;
+    chaintests)  # compiled decode-kernel tests: merged cases and the layer chain (count buffer reset)
+      (cd tests && timeout 200 python3 -m pytest -q test_decode_attention.py test_multi_step.py -rf --tb=short \
+         -k "merged or chain or gpu-decode-kernel or unroll" > "$OUT/chaintests.log" 2>&1
+       grep -E "^E |passed|failed|^FAILED" "$OUT/chaintests.log" | head -30) ;;
+    cbflags)  # XLA command-buffer modes for the multi-step program (bench_step, compiled programs only)
+      for spec in "default|" "skiptemp|--xla_gpu_command_buffer_update_mode=SKIP_TEMP" \
+          "while|--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL" \
+          "both|--xla_gpu_command_buffer_update_mode=SKIP_TEMP --xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL" \
+          "whileunroll|--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL --xla_gpu_command_buffer_unroll_loops=true"; do
+        name=${spec%%|*}; flags=${spec#*|}
+        XLA_FLAGS="${XLA_FLAGS:-} $flags" timeout 170 python3 scripts/bench_step.py --model ${CB_MODELS:-llama-3.2-1b llama-3.1-8b} \
+          --batch 1 --steps 8 --no-warmup --iters 64 --json "$OUT/cb_$name.json" > "$OUT/cb_$name.log" 2>&1
+        echo "-- $name: $flags"; grep -E "^\| llama|Error|error" "$OUT/cb_$name.log" | head -4
       done ;;
     kernelsweep)
       timeout 300 python3 scripts/bench_attention.py --decode-kernel-sweep --out "$OUT/decode_kernel_sweep.json" \

@@ -279,7 +279,10 @@ def test_bench_step_times_the_engines_own_programs_on_a_real_decode_batch(tmp_pa
     here = os.path.dirname(os.path.abspath(__file__))
     subprocess.run([sys.executable, os.path.join(here, "..", "scripts", "bench_step.py"), "--model", "tiny",
                     "--batch", "2", "--context", "20", "--steps", "2", "--iters", "2", "--kv-cache-gib", "0.002",
-                    "--json", str(js)], check=True, capture_output=True)
-    runs = json.load(open(js))["runs"]
+                    "--no-warmup", "--json", str(js)], check=True, capture_output=True,
+                   env={**os.environ, "JAXENGINE_MULTI_STEP_UNROLL": "0"})
+    report = json.load(open(js))
+    runs = report["runs"]
+    assert report["multi_step_unroll"] == "0" and "xla_flags" in report
     assert [(r["model"], r["batch"]) for r in runs] == [("tiny", 2)]
     assert 0 < runs[0]["floor_ms_per_token"] and 0 < runs[0]["fraction_of_floor"]
