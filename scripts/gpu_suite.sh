@@ -34,7 +34,7 @@
 #   throughput  bench_throughput, 8B, ShareGPT-like mix of 256 prompts, default and finer buckets  ~8 min
 #   startup     8B cold and warm compilation cache                                                ~2 min
 #   attention   bench_attention --quick                                                           ~4 min
-#   kernels     compiled attention, decode-attention and residual-norm kernel tests only      ~3 min
+#   kernels     compiled attention, decode-attention, decode-matmul and residual-norm kernel tests  ~6 min
 #   tiles       bench_attention --prefill-tiles (two-launch default vs one launch, 128 and 256 rows)  ~3 min
 #   longtiles   bench_attention --long-tile-sweep (the two-launch default's long tile: stages, block_k, 128 rows)  ~2 min
 #   decodeonly  bench_attention --quick --decode-only --device-time (ragged kernel decode, batch 8/64 x context 2k/8k, peers)  ~1 min
@@ -195,8 +195,11 @@ for part in "$@"; do
       timeout 560 python3 scripts/bench_attention.py --quick --out "$OUT/attention.json" \
         > "$OUT/attention.log" 2>&1; grep "^|" "$OUT/attention.log" | head -60 ;;
     kernels)
-      (cd tests && timeout 300 python3 -m pytest -q test_ragged_paged_attention.py test_decode_attention.py test_decode_matmul.py \
-        test_residual_norm.py -rf --tb=short > "$OUT/kernels.log" 2>&1; grep -E "^E |passed|failed|^FAILED" "$OUT/kernels.log" | head -30) ;;
+      # -v: each test's verdict as it finishes (the twelfth session's run hit the timeout after three
+      # F's, with no summary to name them)
+      (cd tests && timeout ${KERNELS_TIMEOUT:-420} python3 -m pytest -v test_ragged_paged_attention.py test_decode_attention.py \
+        test_decode_matmul.py test_residual_norm.py -rf --tb=short > "$OUT/kernels.log" 2>&1
+       grep -E "^E |[0-9]+ passed|failed|FAILED" "$OUT/kernels.log" | head -40) ;;
     tiles)
       timeout 300 python3 scripts/bench_attention.py --prefill-tiles --out "$OUT/prefill_tiles.json" \
         > "$OUT/prefill_tiles.log" 2>&1; grep -E "^\||device" "$OUT/prefill_tiles.log" | head -60 ;;
