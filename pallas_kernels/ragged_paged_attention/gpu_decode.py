@@ -62,7 +62,7 @@ def _decode_kernel(
 ):
     out_ref = cnt_ref = None
     if num_splits == 1:
-        _zeros_ref, o_ref, kv_out_ref = rest  # o aliased onto zeros: padding rows stay 0
+        o_ref, kv_out_ref = rest  # every row written (padding tokens' as zeros)
         lse_ref = None
     elif fused_combine:
         _cnt_in_ref, o_ref, lse_ref, out_ref, cnt_ref, kv_out_ref = rest  # cnt aliased onto zeros
@@ -186,7 +186,20 @@ def _decode_kernel(
 
     _, acc, m_i, l_i = lax.fori_loop(0, num_iters, body, (block_pages(split), acc, m_i, l_i))
 
-    store_output(o_ref, lse_ref, acc, m_i, l_i, o_row, kcol, row_valid, split, rows_per_split, num_splits)
+    if num_splits == 1:
+        # Every token row of the bucket is written, padding tokens' as zeros, so the output needs
+        # no zeros buffer aliased onto it (XLA copies a shared zeros constant into a new buffer
+        # for each launch that writes it: one copy a layer in a decode program).
+        keep = r < group
+        rows_all = j * num_q_heads + h * group + r
+        if clamp_rows:
+            rows_all = jnp.where(keep, rows_all, 0)
+        out = acc / jnp.where(l_i > 0, l_i, 1.0)[:, None]
+        out = jnp.where(valid, out, 0.0)
+        plgpu.store(o_ref.at[rows_all[:, None], kcol], out.astype(o_ref.dtype), mask=keep[:, None])
+    else:
+        store_output(o_ref, lse_ref, acc, m_i, l_i, o_row, kcol, row_valid, split, rows_per_split,
+                     num_splits)
     if fused_combine and num_splits > 1:  # each (request row, kv head)'s last split merges
         rows = j * num_q_heads + h * group + r  # unclamped: padding tokens' rows get zeros
         keep = r < group
@@ -254,9 +267,8 @@ def _decode_attention(q, k, v, kv_pages, kv_lens, page_indices, num_seqs, inv_fr
     if num_splits == 1:
         out, kv2 = pl.pallas_call(
             kernel, grid=grid, out_shape=(jax.ShapeDtypeStruct((out_rows, head_dim), q.dtype), kv_shape),
-            input_output_aliases={kv_index: 1, kv_index + 1: 0}, compiler_params=params,
-            interpret=interpret, name=name,
-        )(*args, jnp.zeros((out_rows, head_dim), q.dtype))
+            input_output_aliases={kv_index: 1}, compiler_params=params, interpret=interpret, name=name,
+        )(*args)
         out = out[:num_tokens * num_q_heads].reshape(num_tokens, num_q_heads, head_dim)
     elif fused_combine:  # the splits' merge by each row's last split: no combine kernel
         cnt_shape = (num_kv_heads * num_tokens,)
