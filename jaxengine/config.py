@@ -214,6 +214,12 @@ class RunnerConfig:
     multi_step_unroll: int = dataclasses.field(
         default_factory=lambda: int(os.environ.get("JAXENGINE_MULTI_STEP_UNROLL", "1")))
 
+    # How the FULL sampler's top-k / top-p find their thresholds: "sort" (each row sorted) or
+    # "search" (a 16-way search over the floats' order, no sort); the same tokens
+    # (runner/sampler.py, FILTER_IMPLS).
+    sampler_filter: str = dataclasses.field(
+        default_factory=lambda: os.environ.get("JAXENGINE_SAMPLER_FILTER", "sort").strip().lower())
+
     # Residual add + the RMSNorm after it as one call (pallas_kernels/residual_norm) in every
     # program: "gpu" the Pallas kernel (one kernel where XLA:GPU launches two or more), "reference"
     # the jnp composition, "off" the model's own ops, "auto" = gpu on a GPU backend, off elsewhere.
@@ -237,6 +243,8 @@ class RunnerConfig:
         _check(not (self.param_layout == "fused" and self.matmul_impl == "gpu"),
                "param_layout='fused' cannot run with matmul_impl='gpu' (the fused-matmul kernels take "
                "the hf layout)")
+        _check(self.sampler_filter in ("sort", "search"),
+               f"sampler_filter must be one of sort, search; got {self.sampler_filter!r}")
         _check(self.multi_step_unroll >= 0,
                f"multi_step_unroll must be >= 0 (0: fully unrolled), got {self.multi_step_unroll}")
         _check(self.fused_matmul_max_tokens >= 0,

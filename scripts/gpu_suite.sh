@@ -27,6 +27,7 @@
 #   chaintests  compiled test_decode_attention merged/chain cases and the multi-step engine tests  ~2 min
 #   cbflags     bench_step (k = 1 and K = 8 programs, batch 1, 1B and 8B) under XLA command-buffer flags:
 #               default, update mode SKIP_TEMP, +WHILE (device-side loop), both, +WHILE with unrolled loops  ~8 min
+#   absampler   bench_step 1B b1/b64 (sampler PLAIN/FULL ms) with $JAXENGINE_SAMPLER_FILTER sort / search / sort  ~4 min
 #   kernelsweep bench_attention --decode-kernel-sweep alone (the first half of splits)              ~3 min
 #   batches     8B 128/128 at batch 8, 32, 128, 256                                               ~3 min
 #   long        8B 1024/128 at 64 and 4096/256 at 8                                              ~4 min
@@ -173,6 +174,12 @@ for part in "$@"; do
         XLA_FLAGS="${XLA_FLAGS:-} $flags" timeout 170 python3 scripts/bench_step.py --model ${CB_MODELS:-llama-3.2-1b llama-3.1-8b} \
           --batch 1 --steps 8 --no-warmup --iters 64 --json "$OUT/cb_$name.json" > "$OUT/cb_$name.log" 2>&1
         echo "-- $name: $flags"; grep -E "^\| llama|Error|error" "$OUT/cb_$name.log" | head -4
+      done ;;
+    absampler)  # the FULL sampler's top-k/top-p thresholds: sort against the 16-way search (bench_step)
+      for f in sort search sort; do
+        JAXENGINE_SAMPLER_FILTER=$f timeout 150 python3 scripts/bench_step.py --model llama-3.2-1b --batch 1 64 \
+          --steps 8 --no-warmup --json "$OUT/sampler_$f.json" > "$OUT/sampler_$f.log" 2>&1
+        echo "-- $f"; grep -E "^\| llama|Error|error" "$OUT/sampler_$f.log" | head -4
       done ;;
     kernelsweep)
       timeout 300 python3 scripts/bench_attention.py --decode-kernel-sweep --out "$OUT/decode_kernel_sweep.json" \

@@ -151,3 +151,58 @@ def test_plain_mode_equals_full_mode_on_rows_without_filters_or_penalties(logits
     others[[3, 5]] = False
     np.testing.assert_array_equal(out["tokens"][others], plain["tokens"][others])
     assert out["tokens"][3] == logits[3].argmax()
+
+
+def _filter_rows(seed: int, rows: int, vocab: int):
+    """Random rows with what trips a threshold search: ties (values on a 0.5 grid), -inf tails,
+    and the knobs' edges (top_k 0, 1, >= vocab; top_p 1, tiny)."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((rows, vocab)).astype(np.float32) * rng.uniform(0.3, 8)
+    if seed % 3 == 0:
+        x = np.round(x * 2) / 2
+    if seed % 5 == 1:
+        x[:, : vocab // 3] = -np.inf
+    knob = {"top_k": jnp.asarray(rng.choice([0, 1, 5, 50, vocab - 1, vocab, 2 * vocab], rows), jnp.int32),
+            "top_p": jnp.asarray(rng.choice([1.0, 0.95, 0.9, 0.5, 0.1, 0.999, 1e-4], rows), jnp.float32),
+            "min_p": jnp.zeros(rows, jnp.float32)}
+    return jnp.asarray(x), knob
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_threshold_search_keeps_exactly_the_sorted_filters_tokens(seed):
+    """The sort-free top-k/top-p (filter "search": a 16-way search over the floats' order) keeps
+    the same tokens as the sorted cumulative sum, ties and -inf included."""
+    x, knob = _filter_rows(seed, 8, 300 if seed % 2 else 1000)
+    want = np.asarray(jax.jit(sampler._keep_sort)(x, knob))
+    got = np.asarray(jax.jit(sampler._keep_search)(x, knob))
+    np.testing.assert_array_equal(got, want)
+    # and the filter is not vacuous: rows with a top-k below the vocabulary or a top-p below 1 cut
+    cut = (np.asarray(knob["top_k"]) == 1) | (np.asarray(knob["top_p"]) <= 0.5)
+    assert (got[cut].sum(-1) < x.shape[1]).all()
+
+
+def test_threshold_search_on_one_row_by_hand():
+    """top_k 3 of [4, 3, 3, 3, 1, 0] keeps the value 3's ties (the threshold is a value); top_p 0.6
+    of [log 0.5, log 0.3, log 0.2]: the mass above the 0.3 token is 0.5 < 0.6, above 0.2 it is 0.8."""
+    x = jnp.asarray([[4.0, 3.0, 3.0, 3.0, 1.0, 0.0], list(np.log([0.5, 0.3, 0.2])) + [-np.inf] * 3], jnp.float32)
+    knob = {"top_k": jnp.asarray([3, 0], jnp.int32), "top_p": jnp.asarray([1.0, 0.6], jnp.float32)}
+    for keep in (sampler._keep_search, sampler._keep_sort):
+        np.testing.assert_array_equal(np.asarray(keep(x, knob)),
+                                      [[1, 1, 1, 1, 0, 0], [1, 1, 0, 0, 0, 0]])
+
+
+def test_full_sampler_gives_the_same_tokens_with_either_filter(logits):
+    knob = knobs(64, top_k=np.arange(64) % 7, top_p=np.linspace(0.2, 1.0, 64), seed=np.arange(64))
+    state = sampler.init_penalty_state(2, VOCAB)
+    out = {impl: jax.device_get(jax.jit(lambda l, st, k, impl=impl: sampler.sample(l, st, k, 4, filter_impl=impl))(
+        jnp.asarray(logits), state, knob)) for impl in sampler.FILTER_IMPLS}
+    np.testing.assert_array_equal(out["search"]["tokens"], out["sort"]["tokens"])
+    with pytest.raises(ValueError, match="filter impl"):
+        sampler.sample(jnp.asarray(logits), state, knob, 4, filter_impl="bogus")
+
+
+def test_sampler_filter_setting_is_checked():
+    from jaxengine.config import RunnerConfig
+    assert RunnerConfig(sampler_filter="search").sampler_filter == "search"
+    with pytest.raises(ValueError, match="sampler_filter"):
+        RunnerConfig(sampler_filter="heap")

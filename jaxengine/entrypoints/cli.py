@@ -57,6 +57,10 @@ ENGINE_ARG_HELP: dict[str, str] = {
                      "Mosaic GPU TMA + wgmma weight-streaming kernels, one device, with the residual adds "
                      "and RMSNorms in their epilogues where measured faster), mgpu_norm (epilogues "
                      "always) or mgpu_plain (never); $JAXENGINE_DECODE_MATMUL.",
+    "multi_step_unroll": "Iterations of the --num-scheduler-steps K decode program per trip of its device "
+                         "loop: 1 (default) a loop of K trips, 0 the K iterations unrolled (no loop: no "
+                         "predicate read back per trip, but a longer compile and, on GPUs, a command-buffer "
+                         "update per call); $JAXENGINE_MULTI_STEP_UNROLL.",
     "async_scheduling": "Schedule and dispatch step N+1 before reading back step N's tokens, so host "
                         "work overlaps the device (default on; --no-async-scheduling turns it off).",
     "load_format": "How to get weights: auto (from the checkpoint) or dummy (random, right shapes; benchmarks).",

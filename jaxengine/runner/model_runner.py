@@ -206,7 +206,8 @@ class ModelRunner:
             return jnp.where(pending, last_tokens[jnp.maximum(batch["input_slot"], 0)], batch["input_ids"])
 
         def sample_and_count(logits, penalty_state, samp, full):
-            out = sampler.sample(logits, penalty_state, samp, self.num_logprobs, full=full)
+            out = sampler.sample(logits, penalty_state, samp, self.num_logprobs, full=full,
+                                 filter_impl=cfg.runner.sampler_filter)
             if full:
                 penalty_state = sampler.count_sampled(penalty_state, samp["penalty_slot"], out["tokens"],
                                                       samp["count_sampled"])

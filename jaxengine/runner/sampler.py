@@ -55,8 +55,28 @@ def apply_penalties(logits: jax.Array, state: dict[str, jax.Array], s: dict[str,
     return logits
 
 
-def _filter(logits: jax.Array, s: dict[str, jax.Array]) -> jax.Array:
+# How top-k / top-p find their thresholds: "sort" sorts each row (two [rows, vocab] sorts in the
+# FULL sampler with the logprobs' top-k; H200, twelfth session: FULL 0.56 ms a call at batch 1 and
+# 2.19 ms at batch 64, PLAIN 0.06-0.09); "search" finds the same thresholds by a 16-way search over
+# the floats' order, 8 passes over the row for each threshold (_search_thresholds).
+# RunnerConfig.sampler_filter / $JAXENGINE_SAMPLER_FILTER picks one.
+FILTER_IMPLS = ("sort", "search")
+
+
+def _filter(logits: jax.Array, s: dict[str, jax.Array], impl: str = "sort") -> jax.Array:
     """top-k then top-p then min-p, on temperature-scaled logits."""
+    if impl not in FILTER_IMPLS:
+        raise ValueError(f"filter impl must be one of {', '.join(FILTER_IMPLS)}; got {impl!r}")
+    keep = _keep_search(logits, s) if impl == "search" else _keep_sort(logits, s)
+    logits = jnp.where(keep, logits, -jnp.inf)
+    # min-p: drop tokens whose probability is below min_p times the top probability
+    log_max = jnp.max(logits, axis=-1, keepdims=True)
+    min_p_cut = log_max + jnp.log(jnp.maximum(s["min_p"][:, None], 1e-30))
+    return jnp.where((s["min_p"][:, None] > 0) & (logits < min_p_cut), -jnp.inf, logits)
+
+
+def _keep_sort(logits: jax.Array, s: dict[str, jax.Array]) -> jax.Array:
+    """top-k then top-p by sorting each row: which tokens stay."""
     vocab = logits.shape[-1]
     sorted_desc = -jnp.sort(-logits, axis=-1)  # [num_seqs, vocab]
     k = jnp.where(s["top_k"] > 0, jnp.minimum(s["top_k"], vocab), vocab)
@@ -65,21 +85,75 @@ def _filter(logits: jax.Array, s: dict[str, jax.Array]) -> jax.Array:
     sorted_desc = jnp.where(rank < k[:, None], sorted_desc, -jnp.inf)
     probs = jax.nn.softmax(sorted_desc, axis=-1)
     before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each token
-    keep = before < s["top_p"][:, None]
+    keep = (before < s["top_p"][:, None]) | (s["top_p"][:, None] >= 1.0)  # 1: off (rounding must not cut the tail)
     # the smallest kept logit is the threshold (rank 0 is always kept)
     p_thresh = jnp.min(jnp.where(keep, sorted_desc, jnp.inf), axis=-1, keepdims=True)
-    thresh = jnp.maximum(kth, p_thresh)
-    logits = jnp.where(logits < thresh, -jnp.inf, logits)
-    # min-p: drop tokens whose probability is below min_p times the top probability
-    log_max = jnp.max(logits, axis=-1, keepdims=True)
-    min_p_cut = log_max + jnp.log(jnp.maximum(s["min_p"][:, None], 1e-30))
-    return jnp.where((s["min_p"][:, None] > 0) & (logits < min_p_cut), -jnp.inf, logits)
+    return logits >= jnp.maximum(kth, p_thresh)
+
+
+def _order_key(x: jax.Array) -> jax.Array:
+    """uint32 keys in the order of the float32 values (-0.0 taken as +0.0; no NaNs)."""
+    bits = jax.lax.bitcast_convert_type(jnp.where(x == 0, 0.0, x).astype(jnp.float32), jnp.uint32)
+    return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(0x80000000))
+
+
+def _key_value(key: jax.Array) -> jax.Array:
+    bits = jnp.where(key >> 31 == 1, key ^ jnp.uint32(0x80000000), ~key)
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+_WAYS, _PASSES = 16, 8  # 16 ** 8 = 2 ** 32 keys: 8 passes end on the exact key
+
+
+def _largest_true(pred, lo: jax.Array, hi: jax.Array) -> jax.Array:
+    """Per row, the largest key u in [lo, hi] with pred(u), for a pred that holds up to some key
+    and not after it, taken to hold at lo (lo comes back where it holds nowhere above).  Each of
+    the 8 passes evaluates pred at 15 pivots splitting the range in 16 (one read of the row for
+    all 15: XLA fuses the compare-reduce), so there is no loop (an XLA:GPU loop reads its
+    predicate back to the host every trip)."""
+    j = jnp.arange(1, _WAYS, dtype=jnp.uint32)[None, :]
+    for _ in range(_PASSES):
+        step = (hi - lo) // _WAYS + 1
+        piv = lo[:, None] + step[:, None] * j  # [rows, 15]; at most hi + 15: no wrap for float keys
+        ok = pred(piv) & (piv <= hi[:, None])
+        n = jnp.sum(ok, axis=-1).astype(jnp.uint32)  # pivots that hold: a prefix
+        lo, hi = lo + step * n, jnp.where(n < _WAYS - 1, jnp.minimum(lo + step * (n + 1) - 1, hi), hi)
+    return lo
+
+
+def _keep_search(logits: jax.Array, s: dict[str, jax.Array]) -> jax.Array:
+    """_keep_sort's tokens without sorting: the k-th largest value is the largest v with
+    count(x >= v) >= k, and the top-p threshold the smallest top-k value v whose mass above
+    (strictly greater values, over the top-k's softmax) is below top_p, as the sorted cumulative
+    sum puts it.  Both by _largest_true over the floats' order keys."""
+    vocab = logits.shape[-1]
+    key = _order_key(logits)
+    lo, hi = jnp.min(key, axis=-1), jnp.max(key, axis=-1)
+    k = jnp.where(s["top_k"] > 0, jnp.minimum(s["top_k"], vocab), vocab)
+    kth_key = _largest_true(
+        lambda piv: jnp.sum(key[:, :, None] >= piv[:, None, :], axis=1) >= k[:, None], lo, hi)
+    # the top-k's softmax normaliser: values above the k-th, and the k-th's ties up to k entries
+    m = jnp.max(logits, axis=-1, keepdims=True)
+    e = jnp.exp(logits - m)
+    above = key > kth_key[:, None]
+    kth_e = jnp.exp(_key_value(kth_key) - m[:, 0])
+    z = jnp.sum(jnp.where(above, e, 0.0), axis=-1) + (k - jnp.sum(above, axis=-1)) * kth_e
+    target = s["top_p"] * z
+
+    def mass_above_reaches(piv):  # sum of e over keys > piv >= top_p * z
+        return jnp.sum(jnp.where(key[:, :, None] > piv[:, None, :], e[:, :, None], 0.0), axis=1) >= target[:, None]
+
+    # the largest u whose mass above still reaches top_p: the threshold is the next key up
+    p_key = _largest_true(mass_above_reaches, kth_key - 1, hi) + 1
+    p_key = jnp.where(s["top_p"] >= 1.0, kth_key, p_key)  # top_p 1: off (as _keep_sort)
+    return key >= jnp.maximum(kth_key, p_key)[:, None]
 
 
 def sample(logits: jax.Array, state: dict[str, jax.Array], s: dict[str, jax.Array],
-           num_logprobs: int, *, full: bool = True) -> dict[str, jax.Array]:
+           num_logprobs: int, *, full: bool = True, filter_impl: str = "sort") -> dict[str, jax.Array]:
     """logits: [num_seqs, vocab] float32.  s: per-row sampling arrays (see ModelRunner).
 
+    filter_impl: how top-k/top-p find their thresholds (FILTER_IMPLS; the same tokens).
     full=False (the PLAIN mode) leaves out penalties, filtering, the top-k logprobs and the
     sampled token's rank (returned as 0): the host chooses it only for steps where no row asks
     for them.  The sampled token's logprob comes in every mode (cumulative_logprob).
@@ -94,7 +168,7 @@ def sample(logits: jax.Array, state: dict[str, jax.Array], s: dict[str, jax.Arra
     scaled = logits / temp
     if full:
         row_filter = (s["top_k"] > 0) | (s["top_p"] < 1.0) | (s["min_p"] > 0.0)
-        scaled = jnp.where(row_filter[:, None], _filter(scaled, s), scaled)
+        scaled = jnp.where(row_filter[:, None], _filter(scaled, s, filter_impl), scaled)
 
     def gumbel(seed, pos):
         key = jax.random.fold_in(jax.random.PRNGKey(seed), pos)
