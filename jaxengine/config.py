@@ -214,6 +214,12 @@ class RunnerConfig:
     multi_step_unroll: int = dataclasses.field(
         default_factory=lambda: int(os.environ.get("JAXENGINE_MULTI_STEP_UNROLL", "1")))
 
+    # Issue every device call from one worker thread (ModelRunner._on_device), so the host's work
+    # between steps overlaps a call that blocks its caller (an XLA:GPU while loop returns only at
+    # its last trip).  Opt-in until measured on a GPU.
+    dispatch_thread: bool = dataclasses.field(
+        default_factory=lambda: os.environ.get("JAXENGINE_DISPATCH_THREAD", "0") in ("1", "true"))
+
     # How the FULL sampler's top-k / top-p find their thresholds: "sort" (each row sorted) or
     # "search" (a 16-way search over the floats' order, no sort); the same tokens
     # (runner/sampler.py, FILTER_IMPLS).

@@ -28,6 +28,8 @@
 #   cbflags     bench_step (k = 1 and K = 8 programs, batch 1, 1B and 8B) under XLA command-buffer flags:
 #               default, update mode SKIP_TEMP, +WHILE (device-side loop), both, +WHILE with unrolled loops  ~8 min
 #   absampler   bench_step 1B b1/b64 (sampler PLAIN/FULL ms) with $JAXENGINE_SAMPLER_FILTER sort / search / sort  ~4 min
+#   abdispatch  the engine at K = 8, 1B and 8B b1/b64, device calls on the calling thread, then on one
+#               dispatching thread ($JAXENGINE_DISPATCH_THREAD=1)                                  ~8 min
 #   kernelsweep bench_attention --decode-kernel-sweep alone (the first half of splits)              ~3 min
 #   batches     8B 128/128 at batch 8, 32, 128, 256                                               ~3 min
 #   long        8B 1024/128 at 64 and 4096/256 at 8                                              ~4 min
@@ -180,6 +182,10 @@ for part in "$@"; do
         JAXENGINE_SAMPLER_FILTER=$f timeout 150 python3 scripts/bench_step.py --model llama-3.2-1b --batch 1 64 \
           --steps 8 --no-warmup --json "$OUT/sampler_$f.json" > "$OUT/sampler_$f.log" 2>&1
         echo "-- $f"; grep -E "^\| llama|Error|error" "$OUT/sampler_$f.log" | head -4
+      done ;;
+    abdispatch)  # device calls from one worker thread ($JAXENGINE_DISPATCH_THREAD) off / on, engine K = 8
+      for d in 0 1; do
+        JAXENGINE_DISPATCH_THREAD=$d lat dispatch$d --model llama-3.2-1b llama-3.1-8b --batch 1 64 --num-scheduler-steps 8
       done ;;
     kernelsweep)
       timeout 300 python3 scripts/bench_attention.py --decode-kernel-sweep --out "$OUT/decode_kernel_sweep.json" \

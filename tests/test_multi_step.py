@@ -252,3 +252,24 @@ def test_server_streams_multi_step_output_like_single_step_output(single, multi)
             results.append((streamed, [c.finish_reason for c in full.choices], full.usage.model_dump()))
             s.wait_idle()
     assert results[0] == results[1]
+
+
+@pytest.mark.parametrize("k", [1, K], ids=["two-program-steps", "multi-step"])
+def test_dispatch_thread_gives_the_same_outputs_and_leaks_nothing(single, llama_ckpt, monkeypatch, k):
+    """$JAXENGINE_DISPATCH_THREAD=1: every device call (steps, multi-steps, penalty histories) goes
+    through one worker thread in order; greedy, seeded and penalised requests come out as with
+    single steps on the calling thread, and the KV pages all come back."""
+    monkeypatch.setenv("JAXENGINE_DISPATCH_THREAD", "1")
+    llm = LLM(llama_ckpt, **SMALL_ENGINE, num_scheduler_steps=k,
+              fuse_decode_attention=jax.default_backend() == "cpu")
+    assert llm.runner._worker is not None
+    for params in (SamplingParams(temperature=0.0, max_tokens=13, ignore_eos=True),
+                   SamplingParams(temperature=0.9, seed=5, max_tokens=11, ignore_eos=True),
+                   SamplingParams(temperature=0.0, max_tokens=9, ignore_eos=True, repetition_penalty=1.3,
+                                  frequency_penalty=0.5)):
+        want, _ = run(single, PROMPTS, params)
+        got, _ = run(llm, PROMPTS, params)
+        assert comparable(got) == comparable(want)
+    assert llm.runner.num_program_steps >= (1 if k > 1 else 0)
+    assert llm.runner.compile_counter.since() == 0
+    assert llm.engine.scheduler.kv.num_free_pages == llm.engine.scheduler.kv.num_pages

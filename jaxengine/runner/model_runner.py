@@ -10,6 +10,7 @@ bucket and mode is compiled at start-up, so serving never compiles.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
 from types import ModuleType
@@ -163,6 +164,9 @@ class ModelRunner:
                           else sharding.zeros(kv_shape, dtype, kv_sharding) for _ in range(m.num_layers)]
         # slots: one per running request (its last sampled token, penalty statistics), plus a dummy
         self.num_slots = cfg.scheduler.max_num_seqs + 1
+        self._worker = (concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxengine-dispatch")
+                        if cfg.runner.dispatch_thread else None)
+        self._last_future: concurrent.futures.Future | None = None
         self.penalty_state = sampler.init_penalty_state(self.num_slots, m.vocab_size)
         # each slot's last sampled token stays on the device: the next step may be dispatched before
         # the host has read it back (asynchronous scheduling) and takes its input from here
@@ -355,6 +359,7 @@ class ModelRunner:
                               program=True)
         tokens = np.full((self.cfg.scheduler.max_model_len,), -1, np.int32)
         self._dispatch_load_history(self.num_slots - 1, tokens, 0)
+        self.sync()
         jax.block_until_ready(self.penalty_state)
 
     # ------------------------------------------------------------------------------ execute
@@ -514,6 +519,8 @@ class ModelRunner:
     def collect(self, handle: tuple) -> dict[str, SampleResult]:
         """Block until the step of `handle` is done; its sampled tokens by request id."""
         seqs, (num_steps, program, result) = handle
+        if isinstance(result, concurrent.futures.Future):  # issued by the dispatching thread
+            result = result.result()
         if program:  # [K, S, ...]: one SampleResult per iteration (K = 1: the decode program)
             hosts = [self._read_back(r) for r in np.asarray(jax.device_get(result))]
             if num_steps == 1:
@@ -601,18 +608,43 @@ class ModelRunner:
             return self._dispatch_multi_step(ints, floats, t, s, num_steps, mode)
         return self._dispatch(ints, floats, t, s, mode)
 
+    # ------------------------------------------------------------------ the dispatching thread
+    # RunnerConfig.dispatch_thread: every call that reads or replaces the device state (KV pages,
+    # penalty state) runs, in order, on one worker thread, and `collect` waits for its future.
+    # Why: an XLA:GPU while loop (the multi-step program's) reads its trip predicate back to the
+    # host, so the jitted call returns only at the last trip; on the calling thread that leaves the
+    # host's work between steps (collect, scheduling, packing) unoverlapped with the device.
+    def _on_device(self, call):
+        if self._worker is None:
+            return call()
+        last = self._last_future
+        if last is not None and last.done() and last.exception() is not None:
+            raise last.exception()  # a call nobody collects (a penalty history) failed
+        self._last_future = self._worker.submit(call)
+        return self._last_future
+
+    def sync(self) -> None:
+        """Wait until every device call handed to the dispatching thread has been issued (a no-op
+        without one); then `kv_caches` and `penalty_state` are the latest."""
+        if self._last_future is not None:
+            self._last_future.result()
+
     def _dispatch_multi_step(self, ints: np.ndarray, floats: np.ndarray, t: int, s: int, num_steps: int,
                              mode: int):
-        ints_d, floats_d = self._put_inputs(ints, floats)
-        self.kv_caches, self.penalty_state, out = self._multi_step(
-            self.params, self.kv_caches, self.penalty_state, ints_d, floats_d, (t, s), num_steps, mode)
-        return out
+        def call():
+            ints_d, floats_d = self._put_inputs(ints, floats)
+            self.kv_caches, self.penalty_state, out = self._multi_step(
+                self.params, self.kv_caches, self.penalty_state, ints_d, floats_d, (t, s), num_steps, mode)
+            return out
+        return self._on_device(call)
 
     def _dispatch_load_history(self, slot: int, tokens: np.ndarray, prompt_len: int) -> None:
         args = (np.int32(slot), tokens, np.int32(prompt_len))
-        if self.mesh is not None:
-            args = self._put_inputs(*(np.asarray(a) for a in args))
-        self.penalty_state = self._load_history(self.penalty_state, *args)
+
+        def call():
+            a = self._put_inputs(*(np.asarray(x) for x in args)) if self.mesh is not None else args
+            self.penalty_state = self._load_history(self.penalty_state, *a)
+        self._on_device(call)
 
     def _put_inputs(self, *arrays: np.ndarray) -> tuple[Any, ...]:
         if self.mesh is None:
@@ -627,14 +659,18 @@ class ModelRunner:
         return tuple(sharding.put_array(a, sharding.replicated(self.mesh)) for a in arrays)
 
     def _dispatch(self, ints: np.ndarray, floats: np.ndarray, t: int, s: int, mode: int = 0):
-        ints_d, floats_d = self._put_inputs(ints, floats)
-        self.kv_caches, logits, samp_ints, samp_floats = self._forward(
-            self.params, self.kv_caches, self.penalty_state["last_tokens"], ints_d, floats_d, (t, s))
-        self.penalty_state, out = self._sample(logits, self.penalty_state, samp_ints, samp_floats, s, mode)
-        return out
+        def call():
+            ints_d, floats_d = self._put_inputs(ints, floats)
+            self.kv_caches, logits, samp_ints, samp_floats = self._forward(
+                self.params, self.kv_caches, self.penalty_state["last_tokens"], ints_d, floats_d, (t, s))
+            self.penalty_state, out = self._sample(logits, self.penalty_state, samp_ints, samp_floats, s, mode)
+            return out
+        return self._on_device(call)
 
     def _read_back(self, out) -> dict[str, np.ndarray]:
         """The sampled rows of one step (pack_samples' layout), from the device or already read."""
+        if isinstance(out, concurrent.futures.Future):  # issued by the dispatching thread
+            out = out.result()
         packed = np.asarray(jax.device_get(out))
         k = (packed.shape[-1] - 3) // 2
         floats = packed[:, 2 + k:].view(np.float32)
