@@ -109,8 +109,8 @@ def _largest_true(pred, lo: jax.Array, hi: jax.Array) -> jax.Array:
     """Per row, the largest key u in [lo, hi] with pred(u), for a pred that holds up to some key
     and not after it, taken to hold at lo (lo comes back where it holds nowhere above).  Each of
     the 8 passes evaluates pred at 15 pivots splitting the range in 16 (one read of the row for
-    all 15: XLA fuses the compare-reduce), so there is no loop (an XLA:GPU loop reads its
-    predicate back to the host every trip)."""
+    all 15: XLA fuses the compare-reduce, [rows, 15, vocab] reduced over its last axis, a row
+    reduction).  No loop: an XLA:GPU loop reads its predicate back to the host every trip."""
     j = jnp.arange(1, _WAYS, dtype=jnp.uint32)[None, :]
     for _ in range(_PASSES):
         step = (hi - lo) // _WAYS + 1
@@ -131,7 +131,7 @@ def _keep_search(logits: jax.Array, s: dict[str, jax.Array]) -> jax.Array:
     lo, hi = jnp.min(key, axis=-1), jnp.max(key, axis=-1)
     k = jnp.where(s["top_k"] > 0, jnp.minimum(s["top_k"], vocab), vocab)
     kth_key = _largest_true(
-        lambda piv: jnp.sum(key[:, :, None] >= piv[:, None, :], axis=1) >= k[:, None], lo, hi)
+        lambda piv: jnp.sum(key[:, None, :] >= piv[:, :, None], axis=-1) >= k[:, None], lo, hi)
     # the top-k's softmax normaliser: values above the k-th, and the k-th's ties up to k entries
     m = jnp.max(logits, axis=-1, keepdims=True)
     e = jnp.exp(logits - m)
@@ -141,7 +141,7 @@ def _keep_search(logits: jax.Array, s: dict[str, jax.Array]) -> jax.Array:
     target = s["top_p"] * z
 
     def mass_above_reaches(piv):  # sum of e over keys > piv >= top_p * z
-        return jnp.sum(jnp.where(key[:, :, None] > piv[:, None, :], e[:, :, None], 0.0), axis=1) >= target[:, None]
+        return jnp.sum(jnp.where(key[:, None, :] > piv[:, :, None], e[:, None, :], 0.0), axis=-1) >= target[:, None]
 
     # the largest u whose mass above still reaches top_p: the threshold is the next key up
     p_key = _largest_true(mass_above_reaches, kth_key - 1, hi) + 1
