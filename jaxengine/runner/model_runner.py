@@ -669,8 +669,6 @@ class ModelRunner:
 
     def _read_back(self, out) -> dict[str, np.ndarray]:
         """The sampled rows of one step (pack_samples' layout), from the device or already read."""
-        if isinstance(out, concurrent.futures.Future):  # issued by the dispatching thread
-            out = out.result()
         packed = np.asarray(jax.device_get(out))
         k = (packed.shape[-1] - 3) // 2
         floats = packed[:, 2 + k:].view(np.float32)

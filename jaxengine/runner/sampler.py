@@ -58,7 +58,7 @@ def apply_penalties(logits: jax.Array, state: dict[str, jax.Array], s: dict[str,
 # How top-k / top-p find their thresholds: "sort" sorts each row (two [rows, vocab] sorts in the
 # FULL sampler with the logprobs' top-k; H200, twelfth session: FULL 0.56 ms a call at batch 1 and
 # 2.19 ms at batch 64, PLAIN 0.06-0.09); "search" finds the same thresholds by a 16-way search over
-# the floats' order, 8 passes over the row for each threshold (_search_thresholds).
+# the floats' order, 8 passes over the row for each threshold (_keep_search).
 # RunnerConfig.sampler_filter / $JAXENGINE_SAMPLER_FILTER picks one.
 FILTER_IMPLS = ("sort", "search")
 
