@@ -173,7 +173,8 @@ for part in "$@"; do
           "both|--xla_gpu_command_buffer_update_mode=SKIP_TEMP --xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL" \
           "whileunroll|--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL --xla_gpu_command_buffer_unroll_loops=true"; do
         name=${spec%%|*}; flags=${spec#*|}
-        XLA_FLAGS="${XLA_FLAGS:-} $flags" timeout 170 python3 scripts/bench_step.py --model ${CB_MODELS:-llama-3.2-1b llama-3.1-8b} \
+        xf="${XLA_FLAGS:-} $flags"; xf=${xf# }
+        env ${xf:+"XLA_FLAGS=$xf"} timeout 170 python3 scripts/bench_step.py --model ${CB_MODELS:-llama-3.2-1b llama-3.1-8b} \
           --batch 1 --steps 8 --no-warmup --iters 64 --json "$OUT/cb_$name.json" > "$OUT/cb_$name.log" 2>&1
         echo "-- $name: $flags"; grep -E "^\| llama|Error|error" "$OUT/cb_$name.log" | head -4
       done ;;

@@ -93,8 +93,12 @@ def test_residual_kernel_matches_reference(m, n, k, splits):
     jax.effects_barrier()
     want_h, want_hg, want_ss = reference.decode_matmul_residual(x, w, res, g)
     m_pad = -(-m // 8) * 8
+    # a two-CTA cluster (the compiled default for two splits) runs the epilogue in the kernel, one
+    # partial-sum row per 64-feature block like one split; XLA's split-K sum leaves one row
+    clustered = dm_gpu._epilogue_config(m, n, k, None, splits, None, 0, INTERPRET, None)["cluster"]
+    assert clustered == (splits == 2 and not INTERPRET and dm_gpu.cluster_split_default())
     assert h.shape == hg.shape == (m, n) and h.dtype == hg.dtype == jnp.bfloat16
-    assert ss.shape == ((n // 64 if splits == 1 else 1), m_pad) and ss.dtype == jnp.float32
+    assert ss.shape == ((n // 64 if splits == 1 or clustered else 1), m_pad) and ss.dtype == jnp.float32
     _close(h, want_h)
     _close(hg, want_hg)
     _close(ss.sum(0)[:m], want_ss.sum(0)[:m])
@@ -300,7 +304,9 @@ def test_config_and_impl_selection(monkeypatch):
     from jaxengine.config import RunnerConfig
     from jaxengine.pallas_kernels import decode_matmul
 
-    assert decode_matmul.resolve_impl() == "xla" and decode_matmul.get_dense("xla") is None
+    # the default ("auto"): the kernels on a Hopper GPU, XLA elsewhere (this CPU, another GPU)
+    assert decode_matmul.resolve_impl() == ("mgpu" if decode_matmul._hopper() else "xla")
+    assert decode_matmul.get_dense("xla") is None
     assert decode_matmul.get_dense("mgpu") is decode_matmul.mgpu_dense
     assert decode_matmul.get_dense("mgpu_plain") is decode_matmul.mgpu_plain_dense
     # the norm epilogues: "mgpu" where they measured faster (8B-sized hidden, <= 16 token rows),
@@ -354,7 +360,8 @@ def test_engine_auto_picks_the_kernels_on_hopper(tmp_path, monkeypatch):
         json.dump({**SHAPES["tiny"], "torch_dtype": "bfloat16"}, f)
     kw = dict(load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16", max_model_len=64,
               max_num_seqs=4, max_num_batched_tokens=32, kv_cache_memory_bytes=4 << 20, warmup=False)
-    assert LLM(str(tmp_path), **kw).runner.decode_matmul_impl == "xla"  # CPU: not Hopper
+    monkeypatch.setattr(decode_matmul, "_hopper", lambda: False)  # CPU, or a GPU before Hopper
+    assert LLM(str(tmp_path), **kw).runner.decode_matmul_impl == "xla"
     monkeypatch.setattr(decode_matmul, "_hopper", lambda: True)
     assert LLM(str(tmp_path), **kw).runner.decode_matmul_impl == "mgpu"
     assert LLM(str(tmp_path), matmul_impl="gpu", **kw).runner.decode_matmul_impl == "xla"

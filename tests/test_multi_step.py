@@ -41,8 +41,19 @@ def run(llm, prompts, params):
     return outs, llm.engine.num_steps - steps
 
 
+class _Close(float):
+    """A cumulative logprob that equals another within 1e-4: a K-step program can batch a
+    request with different neighbours (another batch bucket) than single steps do, and XLA's
+    matmul of another row count may round differently in the last bits."""
+
+    def __eq__(self, other):
+        return abs(float(self) - float(other)) <= 1e-4
+
+    __hash__ = float.__hash__
+
+
 def comparable(outs):
-    return [[(c.token_ids, c.text, c.finish_reason, c.stop_reason, round(c.cumulative_logprob, 4))
+    return [[(c.token_ids, c.text, c.finish_reason, c.stop_reason, _Close(c.cumulative_logprob))
              for c in o.outputs] for o in outs]
 
 
@@ -90,8 +101,12 @@ def test_full_sampler_steps_run_multi_step_with_the_same_results(single, multi):
               SamplingParams(temperature=0.0, max_tokens=9, ignore_eos=True, repetition_penalty=1.3,
                              presence_penalty=0.5, frequency_penalty=0.2)]
     want, single_steps = run(single, PROMPTS[:4], params)
+    programs = multi.runner.num_program_steps
     got, steps = run(multi, PROMPTS[:4], params)
     assert comparable(got) == comparable(want)
+    # the decode steps ran as K-step programs (how many steps the prompts' prefill takes depends on
+    # what the prefix cache holds from earlier tests, so the step counts are not compared by ratio)
+    assert multi.runner.num_program_steps - programs >= 2 and steps < single_steps, (steps, single_steps)
     for g, w in zip(got, want):
         assert len(g.outputs[0].token_ids) == 9
         if w.outputs[0].logprobs is None:
@@ -102,7 +117,6 @@ def test_full_sampler_steps_run_multi_step_with_the_same_results(single, multi):
             assert eg.keys() == ew.keys()
             for tok in ew:
                 assert eg[tok].rank == ew[tok].rank and abs(eg[tok].logprob - ew[tok].logprob) < 1e-5
-    assert steps < 0.7 * single_steps, (steps, single_steps)
 
 
 def test_abort_while_a_multi_step_is_in_flight_leaks_no_pages(multi):
@@ -211,10 +225,42 @@ def test_scheduler_accounts_for_k_pending_tokens_and_appends_up_to_a_stop():
     # the K tokens are appended up to max_tokens only... here all fit
     sched.update(out3, {"a": [55, 56, 57, 58]})
     assert req.num_output_tokens == 9
-    out4 = sched.schedule()  # one token of room left: a single step
-    assert out4.num_steps == 1
-    sched.update(out4, {"a": 59})
-    assert req.status.finished and req.num_output_tokens == 10
+    out4 = sched.schedule()  # one token of max_tokens left: it still joins a K-step ...
+    assert out4.num_steps == K
+    sched.update(out4, {"a": [59, 60, 61, 62]})  # ... and the three surplus tokens are dropped
+    assert req.status.finished and req.num_output_tokens == 10 and req.output_token_ids[-1] == 59
+    assert req.num_new_tokens == 1 and sched.kv.num_free_pages == sched.kv.num_pages
+
+
+def test_scheduler_bounds_k_steps_by_the_model_length_and_skips_finishing_requests():
+    """max_model_len bounds the K positions (a request 2 positions short of it gets single
+    steps); a request whose pending tokens already reach max_tokens is not scheduled at all."""
+    sched = _scheduler(K, max_model_len=16)
+    req = _request("m", 10, max_tokens=50)
+    req.max_total_tokens = 16  # the engine sets it to max_model_len
+    sched.add_request(req)
+    sched.update(sched.schedule(), {"m": 50})
+    out = sched.schedule()  # 11 tokens known, 1 pending: 4 positions left of 16 -> K fits
+    assert out.num_steps == K
+    sched.update(out, {"m": [51, 52, 53, 54]})
+    out = sched.schedule()  # 15 known + 1 pending = 16: no room for K - 1 more positions
+    assert out.num_steps == 1
+    sched.update(out, {"m": 55})
+    assert req.status.finished and req.num_tokens == 16
+    # two requests, one of which finishes inside the K-step: the next step holds only the other
+    sched = _scheduler(K)
+    short, long_ = _request("s", 4, max_tokens=2), _request("l", 4, max_tokens=20)
+    sched.add_request(short)
+    sched.add_request(long_)
+    first = sched.schedule()
+    out = sched.schedule()  # both decode; "s" needs 1 more token and joins the K-step
+    assert out.num_steps == K and {q.request_id for q in out.seqs} == {"s", "l"}
+    nxt = sched.schedule()  # before any result: "s" is finishing (its pending reach max_tokens)
+    assert [q.request_id for q in nxt.seqs] == ["l"] and nxt.num_steps == K
+    sched.update(first, {"s": 7, "l": 8})
+    sched.update(out, {"s": [9, 10, 11, 12], "l": [13, 14, 15, 16]})
+    assert short.status.finished and short.output_token_ids == [7, 9]
+    assert long_.output_token_ids == [8, 13, 14, 15, 16]
 
 
 def test_scheduler_stops_appending_at_a_stop_token():
@@ -252,6 +298,26 @@ def test_server_streams_multi_step_output_like_single_step_output(single, multi)
             results.append((streamed, [c.finish_reason for c in full.choices], full.usage.model_dump()))
             s.wait_idle()
     assert results[0] == results[1]
+
+
+def test_dispatch_thread_setting(monkeypatch):
+    """$JAXENGINE_DISPATCH_THREAD: 1/0 force it, unset or "auto" leaves the runner to decide: a
+    dispatching thread on a single-process GPU backend only."""
+    from jaxengine.config import RunnerConfig
+    from jaxengine.runner.model_runner import resolve_dispatch_thread
+
+    for value, want in (("1", True), ("true", True), ("0", False), ("off", False), ("auto", None)):
+        monkeypatch.setenv("JAXENGINE_DISPATCH_THREAD", value)
+        assert RunnerConfig().dispatch_thread is want, value
+    monkeypatch.delenv("JAXENGINE_DISPATCH_THREAD")
+    assert RunnerConfig().dispatch_thread is None
+    assert resolve_dispatch_thread(True) and not resolve_dispatch_thread(False)
+    for backend, processes, want in (("gpu", 1, True), ("cuda", 1, True), ("gpu", 2, False),
+                                     ("cpu", 1, False), ("tpu", 1, False)):
+        with monkeypatch.context() as mp:
+            mp.setattr(jax, "default_backend", lambda b=backend: b)
+            mp.setattr(jax, "process_count", lambda p=processes: p)
+            assert resolve_dispatch_thread(None) is want, (backend, processes)
 
 
 @pytest.mark.parametrize("k", [1, K], ids=["two-program-steps", "multi-step"])

@@ -14,8 +14,10 @@ whose pending tokens already reach max_tokens is not scheduled again; one that s
 at most one extra step, whose result is dropped.
 
 Multi-step decoding (num_scheduler_steps = K > 1): a step in which every scheduled request decodes
-one token and has room for K more tokens becomes K decode iterations in one device program (`SchedulerOutput.num_steps`): pages for K positions are
-allocated, K tokens become pending, and `update` appends the K sampled tokens up to the first stop.
+one token and has room in max_model_len for K more positions becomes K decode iterations in one
+device program (`SchedulerOutput.num_steps`): pages for K positions are allocated, K tokens become
+pending, and `update` appends the K sampled tokens up to the first stop (max_tokens included: a
+request that ends inside the K iterations joins, its surplus tokens are dropped).
 The host's per-step work (scheduling, packing, launches) is then paid once per K tokens.
 """
 
@@ -245,7 +247,12 @@ class Scheduler:
         returns the number of iterations (1: unchanged)."""
         k = self.config.num_scheduler_steps
         reqs = [self.requests[s.request_id] for s in seqs]
-        if not seqs or not all(len(s.token_ids) == 1 and s.sample and self._room(r) >= k - 1
+        # A request within K - 1 tokens of its max_tokens still joins: `update` stops it at its
+        # last token and drops the surplus (as a stop string would), so one finishing request does
+        # not turn the whole batch back to single steps (with mixed output lengths some request
+        # nearly always is).  Only the model's length bounds the K positions.
+        if not seqs or not all(len(s.token_ids) == 1 and s.sample
+                               and self.config.max_model_len - (r.num_tokens + r.num_pending) >= k - 1
                                for s, r in zip(seqs, reqs)):
             return 1
         # pages for the K positions of every request, all or none (a partial allocation would

@@ -109,6 +109,14 @@ def residual_norm_impl(setting: str) -> str:
     return setting
 
 
+def resolve_dispatch_thread(setting: bool | None) -> bool:
+    """RunnerConfig.dispatch_thread: None ("auto") = a dispatching thread for a single-process GPU
+    backend, whose multi-step while loop blocks the launching thread until its last trip."""
+    if setting is not None:
+        return bool(setting)
+    return jax.default_backend() in ("gpu", "cuda") and jax.process_count() == 1
+
+
 class ModelRunner:
     def __init__(self, cfg: EngineConfig, params: Any, model: ModuleType, num_pages: int,
                  mesh: Any = None):
@@ -165,7 +173,7 @@ class ModelRunner:
         # slots: one per running request (its last sampled token, penalty statistics), plus a dummy
         self.num_slots = cfg.scheduler.max_num_seqs + 1
         self._worker = (concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxengine-dispatch")
-                        if cfg.runner.dispatch_thread else None)
+                        if resolve_dispatch_thread(cfg.runner.dispatch_thread) else None)
         self._last_future: concurrent.futures.Future | None = None
         self.penalty_state = sampler.init_penalty_state(self.num_slots, m.vocab_size)
         # each slot's last sampled token stays on the device: the next step may be dispatched before
