@@ -118,16 +118,33 @@ def torch_ceilings() -> dict[str, float]:
 
 
 class StepLog:
-    """Wraps the runner's dispatch to record every step's shape: [(start_pos, num_tokens), ...]."""
+    """Wraps the runner's dispatch to record every step's shape: [(start_pos, num_tokens), ...].
 
-    def __init__(self, runner):
+    A multi-step dispatch is num_steps decode iterations: the roofline counts each one, and with
+    the scheduler given, only the requests an iteration still serves: a request that reaches its
+    max_tokens inside the K iterations (the scheduler lets it join; its surplus tokens are
+    dropped) is not counted in the iterations after its last token, so the bound stays a bound
+    on the work the outputs needed."""
+
+    def __init__(self, runner, scheduler=None):
         self.steps: list[list[tuple[int, int]]] = []
+        self.dispatches: list[int] = []  # num_steps of each dispatch (K for a multi-step)
         inner = runner.dispatch
 
+        def last_fed(seq) -> int | None:  # the last position whose sampled token is an output
+            req = scheduler.requests.get(seq.request_id) if scheduler is not None else None
+            if req is None:
+                return None
+            ends = [req.num_prompt_tokens + seq.params.max_tokens - 2] if seq.params.max_tokens else []
+            ends += [req.max_total_tokens - 2] if req.max_total_tokens is not None else []
+            return min(ends, default=None)
+
         def dispatch(out):
-            # a multi-step dispatch is num_steps decode iterations: the roofline counts each one
+            self.dispatches.append(out.num_steps)
+            ends = [last_fed(s) if out.num_steps > 1 else None for s in out.seqs]
             for i in range(out.num_steps):
-                self.steps.append([(s.start_pos + i, len(s.token_ids)) for s in out.seqs])
+                self.steps.append([(s.start_pos + i, len(s.token_ids)) for s, end in zip(out.seqs, ends)
+                                   if i == 0 or end is None or s.start_pos + i <= end])
             return inner(out)
 
         runner.dispatch = dispatch
@@ -335,7 +352,7 @@ def main() -> None:
                       fuse_decode_attention=not args.no_fuse_decode_attention,
                       residual_norm=args.residual_norm, decode_matmul=args.decode_matmul)
             startup_s = time.perf_counter() - t0
-        llm._step_log = StepLog(llm.runner)
+        llm._step_log = StepLog(llm.runner, llm.engine.scheduler)
         if args.device_put_inputs and llm.runner.mesh is None:
             llm.runner._put_inputs = lambda *a: jax.device_put(a)
         for batch in args.batch:

@@ -78,7 +78,7 @@ def main() -> None:
                   num_scheduler_steps=args.num_scheduler_steps,
                   token_buckets=[int(b) for b in args.token_buckets.split(",")] if args.token_buckets else None)
         startup_s = time.perf_counter() - t0
-    log = StepLog(llm.runner)
+    log = StepLog(llm.runner, llm.engine.scheduler)
     rng = np.random.default_rng(args.seed + 1)
     vocab = llm.config.model.vocab_size
     prompts = [{"prompt_token_ids": rng.integers(0, vocab, i).tolist()} for i, _ in lengths]
@@ -86,6 +86,7 @@ def main() -> None:
     llm.generate(prompts[:4], [SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)] * 4,
                  use_tqdm=False)  # warm the host paths
     log.steps.clear()
+    log.dispatches.clear()
     t = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     total_s = time.perf_counter() - t
@@ -98,7 +99,9 @@ def main() -> None:
               "jax": jax.__version__, "model": args.model, "dataset": args.dataset, "num_prompts": args.num_prompts,
               "input_tokens": n_in, "output_tokens": n_out, "total_s": total_s,
               "requests_per_s": args.num_prompts / total_s, "total_tok_s": (n_in + n_out) / total_s,
-              "output_tok_s": n_out / total_s, "num_steps": len(log.steps), "roofline_s": bound,
+              "output_tok_s": n_out / total_s, "num_steps": len(log.steps),
+              "num_dispatches": len(log.dispatches),
+              "multi_step_dispatches": sum(k > 1 for k in log.dispatches), "roofline_s": bound,
               "roofline_fraction": bound / total_s, "startup_s": startup_s, "ceilings": ceil,
               "preemptions": llm.engine.scheduler.num_preemptions,
               "attention": llm.runner.attention_impl, "num_scheduler_steps": args.num_scheduler_steps,
@@ -106,7 +109,8 @@ def main() -> None:
     print(f"# {report['device']} jax {jax.__version__} {args.model} {args.dataset} x{args.num_prompts}: "
           f"{report['requests_per_s']:.2f} req/s, {report['total_tok_s']:.0f} total tok/s, "
           f"{report['output_tok_s']:.0f} output tok/s, roofline {100 * report['roofline_fraction']:.1f}% "
-          f"({len(log.steps)} steps, {report['preemptions']} preemptions, startup {startup_s:.0f}s)")
+          f"({len(log.steps)} steps in {len(log.dispatches)} dispatches, {report['multi_step_dispatches']} of them "
+          f"multi-step; {report['preemptions']} preemptions, startup {startup_s:.0f}s)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)

@@ -19,7 +19,7 @@ def test_steps_are_logged_at_dispatch_and_the_roofline_is_a_lower_bound(tmp_path
         json.dump({**bl.SHAPES["tiny"], "torch_dtype": "float32"}, f)
     llm = LLM(str(tmp_path), load_format="dummy", skip_tokenizer_init=True, dtype="float32", max_model_len=64,
               max_num_seqs=4, max_num_batched_tokens=32, kv_cache_memory_bytes=4 << 20)
-    llm._step_log = bl.StepLog(llm.runner)
+    llm._step_log = bl.StepLog(llm.runner, llm.engine.scheduler)
     streamed = bl.run_engine(llm, batch=4, input_len=20, output_len=6, seed=9, stream=True)
     r = bl.run_engine(llm, batch=4, input_len=20, output_len=6)
     assert streamed["stream"] and not r["stream"]
@@ -93,7 +93,7 @@ def test_a_multi_step_dispatch_is_logged_as_its_decode_iterations(tmp_path):
         json.dump({**bl.SHAPES["tiny"], "torch_dtype": "float32"}, f)
     llm = LLM(str(tmp_path), load_format="dummy", skip_tokenizer_init=True, dtype="float32", max_model_len=64,
               max_num_seqs=4, max_num_batched_tokens=32, kv_cache_memory_bytes=4 << 20, num_scheduler_steps=4)
-    llm._step_log = bl.StepLog(llm.runner)
+    llm._step_log = bl.StepLog(llm.runner, llm.engine.scheduler)
     dispatches = []
     inner = llm.runner.dispatch
     llm.runner.dispatch = lambda out: dispatches.append(out.num_steps) or inner(out)

@@ -225,11 +225,10 @@ def test_scheduler_accounts_for_k_pending_tokens_and_appends_up_to_a_stop():
     # the K tokens are appended up to max_tokens only... here all fit
     sched.update(out3, {"a": [55, 56, 57, 58]})
     assert req.num_output_tokens == 9
-    out4 = sched.schedule()  # one token of max_tokens left: it still joins a K-step ...
-    assert out4.num_steps == K
-    sched.update(out4, {"a": [59, 60, 61, 62]})  # ... and the three surplus tokens are dropped
-    assert req.status.finished and req.num_output_tokens == 10 and req.output_token_ids[-1] == 59
-    assert req.num_new_tokens == 1 and sched.kv.num_free_pages == sched.kv.num_pages
+    out4 = sched.schedule()  # one token of room left and no other request: a single step
+    assert out4.num_steps == 1
+    sched.update(out4, {"a": 59})
+    assert req.status.finished and req.num_output_tokens == 10
 
 
 def test_scheduler_bounds_k_steps_by_the_model_length_and_skips_finishing_requests():
@@ -247,7 +246,8 @@ def test_scheduler_bounds_k_steps_by_the_model_length_and_skips_finishing_reques
     assert out.num_steps == 1
     sched.update(out, {"m": 55})
     assert req.status.finished and req.num_tokens == 16
-    # two requests, one of which finishes inside the K-step: the next step holds only the other
+    # two requests, one of which finishes inside the K-step while the other needs all K: both join
+    # (the short one's surplus dropped), and the next step holds only the other
     sched = _scheduler(K)
     short, long_ = _request("s", 4, max_tokens=2), _request("l", 4, max_tokens=20)
     sched.add_request(short)
@@ -259,8 +259,11 @@ def test_scheduler_bounds_k_steps_by_the_model_length_and_skips_finishing_reques
     assert [q.request_id for q in nxt.seqs] == ["l"] and nxt.num_steps == K
     sched.update(first, {"s": 7, "l": 8})
     sched.update(out, {"s": [9, 10, 11, 12], "l": [13, 14, 15, 16]})
-    assert short.status.finished and short.output_token_ids == [7, 9]
+    assert short.status.finished and short.output_token_ids == [7, 9] and short.num_new_tokens == 1
     assert long_.output_token_ids == [8, 13, 14, 15, 16]
+    sched.update(nxt, {"l": [17, 18, 19, 20]})
+    assert long_.num_output_tokens == 9 and sched.kv.num_free_pages == sched.kv.num_pages - len(
+        sched.kv.tables["l"])
 
 
 def test_scheduler_stops_appending_at_a_stop_token():

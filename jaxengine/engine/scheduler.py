@@ -17,7 +17,8 @@ Multi-step decoding (num_scheduler_steps = K > 1): a step in which every schedul
 one token and has room in max_model_len for K more positions becomes K decode iterations in one
 device program (`SchedulerOutput.num_steps`): pages for K positions are allocated, K tokens become
 pending, and `update` appends the K sampled tokens up to the first stop (max_tokens included: a
-request that ends inside the K iterations joins, its surplus tokens are dropped).
+request that ends inside the K iterations joins when another needs all K, and its surplus tokens
+are dropped).
 The host's per-step work (scheduling, packing, launches) is then paid once per K tokens.
 """
 
@@ -247,14 +248,17 @@ class Scheduler:
         returns the number of iterations (1: unchanged)."""
         k = self.config.num_scheduler_steps
         reqs = [self.requests[s.request_id] for s in seqs]
-        # A request within K - 1 tokens of its max_tokens still joins: `update` stops it at its
-        # last token and drops the surplus (as a stop string would), so one finishing request does
-        # not turn the whole batch back to single steps (with mixed output lengths some request
-        # nearly always is).  Only the model's length bounds the K positions.
+        # A request within K - 1 tokens of its max_tokens still joins when another request needs
+        # all K: `update` stops it at its last token and drops the surplus (as a stop string
+        # would), so one finishing request does not turn the whole batch back to single steps
+        # (with mixed output lengths some request nearly always is), and no iteration runs that
+        # no request needs.  The model's length bounds every request's K positions.
         if not seqs or not all(len(s.token_ids) == 1 and s.sample
                                and self.config.max_model_len - (r.num_tokens + r.num_pending) >= k - 1
                                for s, r in zip(seqs, reqs)):
             return 1
+        if max(self._room(r) for r in reqs) < k - 1:
+            return 1  # the whole batch ends inside K iterations: single steps waste nothing
         # pages for the K positions of every request, all or none (a partial allocation would
         # hold pages that this single step does not use)
         need = sum(max(0, self.kv.pages_needed(r.num_computed_tokens + k - 1) - len(self.kv.tables[r.request_id]))
