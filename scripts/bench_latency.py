@@ -7,7 +7,9 @@ Random weights of real shapes (vLLM's load_format="dummy"), bf16, greedy, ignore
 run it prints TTFT, TPOT, output tok/s, and the roofline: for every step the engine ran, the lower
 bound max(FLOPs / measured bf16 matmul rate, bytes that must move / measured copy bandwidth),
 summed; "roofline %" is that bound over the measured time.  Both ceilings are measured in the
-same run.  The peer is transformers' generate() on the same shapes (eager and/or static cache
+same run.  A second line splits it by phase (`phase_split`): the prefill phase (start to the
+last request's first token, steps holding a prompt chunk) and the decode phase, each with its
+bound, wall time and fraction.  The peer is transformers' generate() on the same shapes (eager and/or static cache
 with torch.compile).
 """
 
@@ -168,6 +170,21 @@ def step_bound_s(step: list[tuple[int, int]], cfg, ceil: dict[str, float]) -> fl
     return max(flops / ceil["matmul_flops_per_s"], (weight_bytes + kv_read + kv_write) / ceil["copy_bytes_per_s"])
 
 
+def phase_split(steps: list, cfg, ceil: dict[str, float], total_s: float, ttft_max_s: float) -> dict:
+    """Where a fixed-length run's time goes against its bound, by phase: the prefill phase runs
+    from the start to the last request's first token (the steps that hold a prompt chunk, decodes
+    riding along included), the decode phase after it (decode-only steps).  Each phase's bound
+    over its wall time says which one keeps the run under the roofline."""
+    prefill = [st for st in steps if any(n > 1 for _, n in st)]
+    decode = [st for st in steps if not any(n > 1 for _, n in st)]
+    out = {}
+    for name, group, wall in (("prefill", prefill, ttft_max_s), ("decode", decode, total_s - ttft_max_s)):
+        bound = sum(step_bound_s(st, cfg, ceil) for st in group)
+        out[name] = {"steps": len(group), "bound_s": bound, "wall_s": wall,
+                     "fraction": bound / wall if wall > 0 else None}
+    return out
+
+
 def run_engine(llm, batch: int, input_len: int, output_len: int, seed: int = 0, stream: bool = False) -> dict:
     """One batch of `batch` prompts, all submitted at once.  stream=False (default): outputs are
     built only for finished requests, as LLM.generate does, and TTFT/TPOT come from each request's
@@ -205,7 +222,8 @@ def run_engine(llm, batch: int, input_len: int, output_len: int, seed: int = 0, 
     tpot = np.array([(done[r] - first[r]) / max(output_len - 1, 1) for r in done])
     return {"batch": batch, "input_len": input_len, "output_len": output_len, "total_s": total,
             "output_tok_s": batch * output_len / total, "ttft_ms_mean": 1e3 * ttft.mean(),
-            "ttft_ms_p50": 1e3 * float(np.median(ttft)), "tpot_ms_mean": 1e3 * tpot.mean(),
+            "ttft_ms_p50": 1e3 * float(np.median(ttft)), "ttft_ms_max": 1e3 * float(ttft.max()),
+            "tpot_ms_mean": 1e3 * tpot.mean(),
             "stream": stream, "num_steps": len(log.steps), "steps": list(log.steps)}
 
 
@@ -360,7 +378,9 @@ def main() -> None:
             r = run_engine(llm, batch, args.input_len, args.output_len, stream=args.stream)
             if args.profile_dir:  # a separate run, so tracing overhead stays out of the figures
                 r["profile"] = profile_run(llm, batch, args, os.path.join(args.profile_dir, f"{name}-b{batch}"))
-            bound = sum(step_bound_s(s, llm.config, ceil) for s in r.pop("steps"))
+            steps = r.pop("steps")
+            bound = sum(step_bound_s(s, llm.config, ceil) for s in steps)
+            r["phases"] = phase_split(steps, llm.config, ceil, r["total_s"], r["ttft_ms_max"] / 1e3)
             r.update(model=name, startup_s=startup_s, attention=llm.runner.attention_impl,
                      matmul=llm.runner.matmul_impl, fused_matmul_max_tokens=llm.runner.fused_max_tokens,
                      num_scheduler_steps=args.num_scheduler_steps,
@@ -377,6 +397,10 @@ def main() -> None:
             print(f"{name:14s} batch {batch:4d}  {r['output_tok_s']:9.1f} tok/s  TTFT {r['ttft_ms_p50']:8.1f} ms"
                   f"  TPOT {r['tpot_ms_mean']:7.2f} ms  roofline {100 * r['roofline_fraction']:5.1f}%"
                   f"  ({r['attention']} attention, {r['matmul']} matmul, {r['param_layout']} layout, startup {startup_s:.0f}s)", flush=True)
+            print("    " + "; ".join(
+                f"{k} phase {1e3 * v['wall_s']:.1f} ms over {v['steps']} steps, bound {1e3 * v['bound_s']:.1f} ms"
+                + (f" ({100 * v['fraction']:.1f}%)" if v["fraction"] is not None else "")
+                for k, v in r["phases"].items()), flush=True)
         del llm
         for mode in args.hf_peer:
             run_peers(report, name, shape, mode, args)

@@ -35,6 +35,7 @@
 #   long        8B 1024/128 at 64 and 4096/256 at 8                                              ~4 min
 #   qwen3       Qwen3-8B shape, batch 1 and 64                                                    ~3 min
 #   throughput  bench_throughput, 8B, ShareGPT-like mix of 256 prompts, default and finer buckets  ~8 min
+#   throughput8 bench_throughput at K = 8 (multi-step), 8B then 1B, ShareGPT-like mix               ~5 min
 #   startup     8B cold and warm compilation cache                                                ~2 min
 #   attention   bench_attention --quick                                                           ~4 min
 #   kernels     compiled attention, decode-attention, decode-matmul and residual-norm kernel tests  ~6 min
@@ -86,7 +87,7 @@ S=$(date +%s)
 lat() {  # name, then bench_latency args
   local name=$1; shift
   timeout 560 python3 scripts/bench_latency.py "$@" --json "$OUT/$name.json" > "$OUT/$name.log" 2>&1
-  grep -E "tok/s|failed|Error" "$OUT/$name.log" | grep -v "it/s" | tail -8
+  grep -E "tok/s|phase|failed|Error" "$OUT/$name.log" | grep -v "it/s" | tail -16
 }
 fwd() {  # name, an environment assignment, then more bench_forward args: 8B and 1B decode forward, b1 and b64
   local name=$1 assign=$2; shift 2
@@ -196,6 +197,11 @@ for part in "$@"; do
       lat long1024 --model llama-3.1-8b --batch 64 --input-len 1024 --output-len 128
       lat long4096 --model llama-3.1-8b --batch 8 --input-len 4096 --output-len 256 ;;
     qwen3) lat qwen3 --model qwen3-8b --batch 1 64 ;;
+    throughput8)  # the engine's serving config for throughput: multi-step K = 8, 8B then 1B
+      for m in llama-3.1-8b llama-3.2-1b; do
+        timeout 280 python3 scripts/bench_throughput.py --model $m --num-scheduler-steps 8 \
+          --json "$OUT/throughput8_$m.json" > "$OUT/throughput8_$m.log" 2>&1; grep "^#" "$OUT/throughput8_$m.log"
+      done ;;
     throughput)  # default buckets, then the finer set bucket_waste.py suggests, then multi-step
       timeout 280 python3 scripts/bench_throughput.py --model llama-3.1-8b --json "$OUT/throughput.json" \
         > "$OUT/throughput.log" 2>&1; tail -2 "$OUT/throughput.log"

@@ -32,6 +32,15 @@ def test_steps_are_logged_at_dispatch_and_the_roofline_is_a_lower_bound(tmp_path
     ceil = {"copy_bytes_per_s": 1e12, "matmul_flops_per_s": 1e14}
     bound = sum(bl.step_bound_s(s, llm.config, ceil) for s in steps)
     assert 0 < bound < r["total_s"]
+    # by phase: prompt-chunk steps until the last first token, then decode-only steps; the two
+    # bounds add up to the whole, the walls to the run's time
+    assert r["ttft_ms_p50"] <= r["ttft_ms_max"] < 1e3 * r["total_s"]
+    ph = bl.phase_split(steps, llm.config, ceil, r["total_s"], r["ttft_ms_max"] / 1e3)
+    assert ph["prefill"]["steps"] >= 3 and ph["decode"]["steps"] >= 4
+    assert ph["prefill"]["steps"] + ph["decode"]["steps"] == len(steps)
+    assert abs(ph["prefill"]["bound_s"] + ph["decode"]["bound_s"] - bound) < 1e-12
+    assert abs(ph["prefill"]["wall_s"] + ph["decode"]["wall_s"] - r["total_s"]) < 1e-9
+    assert 0 < ph["decode"]["fraction"] < 1 and 0 < ph["prefill"]["fraction"] < 1
     # a decode step of 4 requests reads the weights once, each request's context (31 positions
     # with the new token) and writes each new token's K/V
     m = llm.config.model
