@@ -348,7 +348,7 @@ def main() -> None:
     dev = jax.devices()[0]
     report = {"date": time.strftime("%Y-%m-%d"), "device": getattr(dev, "device_kind", str(dev)),
               "backend": jax.default_backend(), "jax": jax.__version__, "python": platform.python_version(),
-              "ceilings": ceil, "runs": [], "peers": []}
+              "ceilings": ceil, "args": vars(args), "runs": [], "peers": []}
     print(f"# device {report['device']}  jax {jax.__version__}  copy {ceil['copy_bytes_per_s'] / 1e12:.2f} TB/s"
           f"  bf16 matmul {ceil['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s", flush=True)
     for name in args.model:

@@ -35,6 +35,8 @@
 #   long        8B 1024/128 at 64 and 4096/256 at 8                                              ~4 min
 #   qwen3       Qwen3-8B shape, batch 1 and 64                                                    ~3 min
 #   throughput  bench_throughput, 8B, ShareGPT-like mix of 256 prompts, default and finer buckets  ~8 min
+#   longbudget  8B 1024/128 at 64, K = 8, max_num_batched_tokens 2048 / 4096 / 8192 ($BUDGETS), with the
+#               roofline split by phase (prefill until the last first token, then decode)          ~6 min
 #   throughput8 bench_throughput at K = 8 (multi-step), 8B then 1B, ShareGPT-like mix               ~5 min
 #   startup     8B cold and warm compilation cache                                                ~2 min
 #   attention   bench_attention --quick                                                           ~4 min
@@ -197,6 +199,11 @@ for part in "$@"; do
       lat long1024 --model llama-3.1-8b --batch 64 --input-len 1024 --output-len 128
       lat long4096 --model llama-3.1-8b --batch 8 --input-len 4096 --output-len 256 ;;
     qwen3) lat qwen3 --model qwen3-8b --batch 1 64 ;;
+    longbudget)  # 8B 1024/128 at 64, K = 8, by prefill budget (max_num_batched_tokens): bigger GEMMs, fewer steps
+      for b in ${BUDGETS:-2048 4096 8192}; do
+        lat long1024_k8_budget$b --model llama-3.1-8b --batch 64 --input-len 1024 --output-len 128 \
+          --num-scheduler-steps 8 --max-num-batched-tokens $b
+      done ;;
     throughput8)  # the engine's serving config for throughput: multi-step K = 8, 8B then 1B
       for m in llama-3.1-8b llama-3.2-1b; do
         timeout 280 python3 scripts/bench_throughput.py --model $m --num-scheduler-steps 8 \
