@@ -35,6 +35,8 @@
 #   long        8B 1024/128 at 64 and 4096/256 at 8                                              ~4 min
 #   qwen3       Qwen3-8B shape, batch 1 and 64                                                    ~3 min
 #   throughput  bench_throughput, 8B, ShareGPT-like mix of 256 prompts, default and finer buckets  ~8 min
+#   unrollskip  the unrolled K = 8 program under --xla_gpu_command_buffer_update_mode=SKIP_TEMP: bench_step
+#               1B/8B b1, then the engine 1B/8B b1/b64 (against `engine`/`abdispatch` figures)  ~7 min
 #   longbudget  8B 1024/128 at 64, K = 8, max_num_batched_tokens 2048 / 4096 / 8192 ($BUDGETS), with the
 #               roofline split by phase (prefill until the last first token, then decode)          ~6 min
 #   throughput8 bench_throughput at K = 8 (multi-step), 8B then 1B, ShareGPT-like mix               ~5 min
@@ -199,6 +201,15 @@ for part in "$@"; do
       lat long1024 --model llama-3.1-8b --batch 64 --input-len 1024 --output-len 128
       lat long4096 --model llama-3.1-8b --batch 8 --input-len 4096 --output-len 256 ;;
     qwen3) lat qwen3 --model qwen3-8b --batch 1 64 ;;
+    unrollskip)  # the unrolled K-step program (no host-driven loop) with SKIP_TEMP command-buffer updates:
+      # bench_step (1B/8B b1), then the engine at K = 8 (1B and 8B, b1/b64); the twelfth session's
+      # unrolled 1B lost to ~3.5 ms of command-buffer updates a call under the default ALWAYS_UPDATE
+      (xf="${XLA_FLAGS:-} --xla_gpu_command_buffer_update_mode=SKIP_TEMP"; export XLA_FLAGS=${xf# }
+       export JAXENGINE_MULTI_STEP_UNROLL=0
+       timeout 200 python3 scripts/bench_step.py --model llama-3.2-1b llama-3.1-8b --batch 1 --steps 8 --no-warmup \
+         --iters 64 --json "$OUT/unrollskip_step.json" > "$OUT/unrollskip_step.log" 2>&1
+       grep -E "^\| llama|Error" "$OUT/unrollskip_step.log" | head -4
+       lat unrollskip --model llama-3.2-1b llama-3.1-8b --batch 1 64 --num-scheduler-steps 8) ;;
     longbudget)  # 8B 1024/128 at 64, K = 8, by prefill budget (max_num_batched_tokens): bigger GEMMs, fewer steps
       for b in ${BUDGETS:-2048 4096 8192}; do
         lat long1024_k8_budget$b --model llama-3.1-8b --batch 64 --input-len 1024 --output-len 128 \
