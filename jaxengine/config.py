@@ -223,10 +223,11 @@ class RunnerConfig:
 
     # Issue every device call from one worker thread (ModelRunner._on_device), so the host's work
     # between steps overlaps a call that blocks its caller (an XLA:GPU while loop returns only at
-    # its last trip).  None ("auto", the default) = on for a single-process GPU backend, where it
+    # its last trip).  None ("auto", the default) = on for one GPU in one process, where it
     # measured faster at every point (H200, thirteenth session, engine K = 8: 1B b1 990.6 tok/s
     # against 948.7, b64 38,702 / 37,708; 8B b1 241.3 / 238.7, b64 9,860 / 9,715), off elsewhere
-    # (a CPU or TPU call does not block its caller; multi-host runs are unmeasured).
+    # (a CPU or TPU call does not block its caller; multi-device meshes and multi-host runs are
+    # unmeasured).
     dispatch_thread: bool | None = dataclasses.field(
         default_factory=lambda: _tristate(os.environ.get("JAXENGINE_DISPATCH_THREAD", "auto")))
 

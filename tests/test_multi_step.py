@@ -3,7 +3,10 @@ exactly what K single steps give, stop where they stop, and leak nothing."""
 
 from __future__ import annotations
 
+import types
+
 import jax
+import numpy as np
 import pytest
 
 from conftest import SMALL_ENGINE
@@ -321,6 +324,11 @@ def test_dispatch_thread_setting(monkeypatch):
             mp.setattr(jax, "default_backend", lambda b=backend: b)
             mp.setattr(jax, "process_count", lambda p=processes: p)
             assert resolve_dispatch_thread(None) is want, (backend, processes)
+            one = types.SimpleNamespace(devices=np.empty((1, 1)))
+            eight = types.SimpleNamespace(devices=np.empty((2, 4)))
+            assert resolve_dispatch_thread(None, one) is want
+            assert resolve_dispatch_thread(None, eight) is False  # a multi-device mesh: unmeasured
+            assert resolve_dispatch_thread(True, eight) is True
 
 
 @pytest.mark.parametrize("k", [1, K], ids=["two-program-steps", "multi-step"])

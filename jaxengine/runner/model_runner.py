@@ -109,12 +109,14 @@ def residual_norm_impl(setting: str) -> str:
     return setting
 
 
-def resolve_dispatch_thread(setting: bool | None) -> bool:
-    """RunnerConfig.dispatch_thread: None ("auto") = a dispatching thread for a single-process GPU
-    backend, whose multi-step while loop blocks the launching thread until its last trip."""
+def resolve_dispatch_thread(setting: bool | None, mesh: Any = None) -> bool:
+    """RunnerConfig.dispatch_thread: None ("auto") = a dispatching thread for one GPU in one
+    process (what was measured), whose multi-step while loop blocks the launching thread until its
+    last trip; a mesh of several devices or processes keeps the calling thread until measured."""
     if setting is not None:
         return bool(setting)
-    return jax.default_backend() in ("gpu", "cuda") and jax.process_count() == 1
+    one_device = mesh is None or mesh.devices.size == 1
+    return jax.default_backend() in ("gpu", "cuda") and jax.process_count() == 1 and one_device
 
 
 class ModelRunner:
@@ -173,7 +175,7 @@ class ModelRunner:
         # slots: one per running request (its last sampled token, penalty statistics), plus a dummy
         self.num_slots = cfg.scheduler.max_num_seqs + 1
         self._worker = (concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxengine-dispatch")
-                        if resolve_dispatch_thread(cfg.runner.dispatch_thread) else None)
+                        if resolve_dispatch_thread(cfg.runner.dispatch_thread, mesh) else None)
         self._last_future: concurrent.futures.Future | None = None
         self.penalty_state = sampler.init_penalty_state(self.num_slots, m.vocab_size)
         # each slot's last sampled token stays on the device: the next step may be dispatched before
