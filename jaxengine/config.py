@@ -246,6 +246,8 @@ class RunnerConfig:
         default_factory=lambda: os.environ.get("JAXENGINE_RESIDUAL_NORM", "auto"))
 
     def __post_init__(self):
+        _check(isinstance(self.max_logprobs, int) and self.max_logprobs >= 0,
+               f"max_logprobs must be an int >= 0; got {self.max_logprobs!r}")
         _check(self.residual_norm in ("auto", "gpu", "reference", "off"),
                f"residual_norm must be one of auto, gpu, reference, off; got {self.residual_norm!r}")
         _check(self.attention_impl in ("auto", "reference", "gpu", "tpu"),

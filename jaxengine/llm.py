@@ -50,7 +50,8 @@ class LLM:
                  async_scheduling: bool = True, matmul_impl: str = "auto", num_scheduler_steps: int = 1,
                  param_layout: str | None = None, fuse_decode_attention: bool | None = None,
                  decode_program: bool | None = None, residual_norm: str | None = None,
-                 decode_matmul: str | None = None, multi_step_unroll: int | None = None):
+                 decode_matmul: str | None = None, multi_step_unroll: int | None = None,
+                 max_logprobs: int = 20):
         import jax
 
         from jaxengine import models
@@ -115,7 +116,7 @@ class LLM:
             token_buckets=tuple(token_buckets) if token_buckets else None,
             compilation_cache_dir=(default_compilation_cache_dir() if compilation_cache_dir is None
                                    else compilation_cache_dir),
-            attention_impl=attention_impl, matmul_impl=matmul_impl, warmup=warmup,
+            attention_impl=attention_impl, matmul_impl=matmul_impl, warmup=warmup, max_logprobs=max_logprobs,
             **({"param_layout": param_layout} if param_layout is not None else {}),
             **({"fuse_decode_attention": bool(fuse_decode_attention)}
                if fuse_decode_attention is not None else {}),

@@ -56,8 +56,11 @@ class SamplingParams:
             raise bad("max_tokens", "an int >= 1", self.max_tokens)
         if self.min_tokens < 0 or (self.max_tokens is not None and self.min_tokens > self.max_tokens):
             raise bad("min_tokens", ">= 0 and <= max_tokens", self.min_tokens)
-        if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20):
-            raise bad("logprobs", "an int in [0, 20]", self.logprobs)
+        # the upper bound is the engine's max_logprobs (LLM(max_logprobs=...), 20 by default),
+        # checked when the request is added
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or isinstance(self.logprobs, bool)
+                                          or self.logprobs < 0):
+            raise bad("logprobs", "an int >= 0", self.logprobs)
         if not -2.0 <= self.presence_penalty <= 2.0:
             raise bad("presence_penalty", "in [-2, 2]", self.presence_penalty)
         if not -2.0 <= self.frequency_penalty <= 2.0:

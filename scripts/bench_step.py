@@ -104,6 +104,37 @@ def time_programs(runner, batch: int, context: int, steps: int, iters: int) -> d
     return out
 
 
+def profile_full_sampler(runner, batch: int, context: int, trace: str, top: int) -> list[dict]:
+    """The FULL sampler (penalties, top-k/top-p filter, top-n logprobs) under jax.profiler: its
+    kernels per call, to say which part of it costs what."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxengine.runner import sampler
+
+    b, samp = step_arrays(runner, batch, context)
+    t, s = b["input_ids"].shape[0], b["kv_lens"].shape[0]
+    ints, floats = runner._pack(b, samp, runner._layout(t, s))
+    _, n_int, n_float = runner._layout(s)
+    samp_ints, samp_floats = jnp.asarray(ints[:n_int]), jnp.asarray(floats[:n_float])
+    logits = jax.random.normal(jax.random.PRNGKey(0), (s, runner.cfg.model.vocab_size), jnp.float32) * 3.0
+    calls = 3
+    runner.penalty_state, packed = runner._sample(logits, runner.penalty_state, samp_ints, samp_floats, s,
+                                                  sampler.FULL)  # donated: the state comes back
+    jax.block_until_ready(packed)
+    with jax.profiler.trace(trace, create_perfetto_trace=True):
+        for _ in range(calls):
+            runner.penalty_state, packed = runner._sample(logits, runner.penalty_state, samp_ints, samp_floats,
+                                                          s, sampler.FULL)
+        jax.block_until_ready(packed)
+    rows = kernel_table(device_events(trace), calls)
+    print(f"  kernels of the FULL sampler, b{batch}, per call: {sum(x['count_per_step'] for x in rows):.0f} "
+          f"launches, {sum(x['us_per_step'] for x in rows):.0f} us")
+    for x in rows[:top]:
+        print(f"    {x['us_per_step']:9.1f} us  x{x['count_per_step']:5.1f}  {x['kernel'][:110]}")
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", nargs="+", default=["llama-3.2-1b"], choices=sorted(SHAPES))
@@ -113,7 +144,10 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=48, help="tokens timed per figure")
     ap.add_argument("--kv-cache-gib", type=float, default=8.0)
     ap.add_argument("--decode-matmul", default="auto", choices=["auto", "xla", "mgpu", "mgpu_norm", "mgpu_plain"])
-    ap.add_argument("--profile-dir", default=None, help="trace the k = steps program and list its kernels")
+    ap.add_argument("--profile-dir", default=None,
+                    help="trace the k = steps program and the FULL sampler and list their kernels")
+    ap.add_argument("--max-logprobs", type=int, default=None,
+                    help="the engine's max_logprobs (the FULL sampler's top-n logprobs; default the engine's)")
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--no-warmup", action="store_true",
                     help="compile only the programs timed (not every bucket): for quick A/Bs of XLA flags")
@@ -149,12 +183,13 @@ def main() -> None:
                       max_model_len=args.context + 64, max_num_seqs=max(args.batch),
                       kv_cache_memory_bytes=int(args.kv_cache_gib * 2**30),
                       num_scheduler_steps=args.steps, decode_matmul=args.decode_matmul,
-                      warmup=not args.no_warmup)
+                      warmup=not args.no_warmup,
+                      **({} if args.max_logprobs is None else {"max_logprobs": args.max_logprobs}))
         runner = llm.runner
         params_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(runner.params))
         for batch in args.batch:
             r = {"model": name, "batch": batch, "decode_matmul": runner.decode_matmul_impl,
-                 "sampler_filter": runner.cfg.runner.sampler_filter,
+                 "sampler_filter": runner.cfg.runner.sampler_filter, "max_logprobs": runner.num_logprobs,
                  **time_programs(runner, batch, args.context, args.steps, args.iters)}
             moved, flops = step_cost(runner.cfg.model, params_bytes, batch, args.context)
             floor_ms = max(moved / ceil["copy_bytes_per_s"], flops / ceil["matmul_flops_per_s"]) * 1e3
@@ -181,6 +216,8 @@ def main() -> None:
                     print(f"    {x['us_per_step']:9.1f} us  x{x['count_per_step']:5.1f}  {x['kernel'][:110]}")
                 r["gaps"] = device_gaps(events)
                 print_gaps(r["gaps"], per=calls * args.steps, label="token")
+                r["full_sampler_kernels"] = profile_full_sampler(runner, batch, args.context,
+                                                                 os.path.join(trace, "sampler"), args.top)
             report["runs"].append(r)
         del llm, runner
     if args.json:

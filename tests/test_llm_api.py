@@ -104,7 +104,8 @@ def test_module_level_generate_returns_text(llama_ckpt):
     (lambda: SamplingParams(temperature=-1), "temperature"),
     (lambda: SamplingParams(n=0), "n must"),
     (lambda: SamplingParams(top_k=-3), "top_k"),
-    (lambda: SamplingParams(logprobs=50), "logprobs"),
+    (lambda: SamplingParams(logprobs=-1), "logprobs"),
+    (lambda: SamplingParams(logprobs=True), "logprobs"),
 ])
 def test_bad_sampling_params_name_the_field(make, match):
     with pytest.raises(ValueError, match=match):
@@ -124,6 +125,30 @@ def test_bad_prompts_raise_and_the_engine_keeps_serving(llm, prompt, match):
     assert not llm.engine.has_unfinished_requests()
     assert llm.kv_cache.num_free_pages == llm.kv_cache.num_pages
     assert llm.generate("hello", SamplingParams(max_tokens=3), use_tqdm=False)[0].finished
+
+
+def test_logprobs_are_bounded_by_the_engines_max_logprobs(llm, llama_ckpt):
+    """logprobs beyond LLM(max_logprobs=...) (20 by default, vLLM's) is a ValueError naming the
+    field, and the engine keeps serving; an engine built with a larger max serves them."""
+    with pytest.raises(ValueError, match="logprobs: 21 requested.*max_logprobs 20"):
+        llm.generate(["hello", "world"], [SamplingParams(max_tokens=3), SamplingParams(max_tokens=3, logprobs=21)],
+                     use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests()
+    assert llm.kv_cache.num_free_pages == llm.kv_cache.num_pages
+    with pytest.raises(ValueError, match="max_logprobs"):
+        LLM(llama_ckpt, **SMALL_ENGINE, max_logprobs=-1)
+    wide = LLM(llama_ckpt, **SMALL_ENGINE, max_logprobs=24, warmup=False)
+    assert wide.runner.num_logprobs == 24
+    c = wide.generate("hello", SamplingParams(temperature=0.0, max_tokens=3, logprobs=24, ignore_eos=True),
+                      use_tqdm=False)[0].outputs[0]
+    assert [len(e) for e in c.logprobs] == [24] * 3
+    assert all(sorted(lp.rank for lp in e.values()) == list(range(1, 25)) for e in c.logprobs)
+    # the same top-3 as the default engine's
+    want = llm.generate("hello", SamplingParams(temperature=0.0, max_tokens=3, logprobs=3, ignore_eos=True),
+                        use_tqdm=False)[0].outputs[0]
+    for e_wide, e in zip(c.logprobs, want.logprobs):
+        top3 = {t for t, lp in e_wide.items() if lp.rank <= 3}
+        assert len(e) == 3 and top3 == set(e)
 
 
 def test_unknown_checkpoint_dir_is_a_file_not_found_error(tmp_path):

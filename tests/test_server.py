@@ -269,6 +269,9 @@ BAD_REQUESTS = {
                              "messages"),
     "image_content_part": ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}, auth(), 400, "messages"),
+    "logprobs_above_max_logprobs": ("/v1/completions", {**GOOD, "logprobs": 21}, auth(), 400, "logprobs"),
+    "top_logprobs_above_max_logprobs": ("/v1/chat/completions", {**CHAT, "logprobs": True, "top_logprobs": 21},
+                                        auth(), 400, "top_logprobs"),
     "top_logprobs_without_logprobs": ("/v1/chat/completions", {**CHAT, "top_logprobs": 2}, auth(), 400,
                                       "top_logprobs"),
     "chat_unknown_model": ("/v1/chat/completions", {**CHAT, "model": "nope"}, auth(), 404, "model"),

@@ -77,6 +77,10 @@ class EngineCore:
         vocab = getattr(self.runner, "vocab_size", None)
         if vocab is not None and any(not 0 <= t < vocab for t in prompt_token_ids):
             raise ValueError(f"prompt_token_ids must be in [0, {vocab})")
+        max_logprobs = getattr(self.runner, "num_logprobs", None)
+        if params.logprobs is not None and max_logprobs is not None and params.logprobs > max_logprobs:
+            raise ValueError(f"logprobs: {params.logprobs} requested, more than this engine's max_logprobs "
+                             f"{max_logprobs} (LLM(max_logprobs=...), --max-logprobs)")
         base_seed = params.seed if params.seed is not None else self._rng.getrandbits(31)
         children: list[Request] = []
         for i in range(params.n):

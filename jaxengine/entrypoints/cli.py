@@ -61,6 +61,8 @@ ENGINE_ARG_HELP: dict[str, str] = {
                          "loop: 1 (default) a loop of K trips, 0 the K iterations unrolled (no loop: no "
                          "predicate read back per trip, but a longer compile and, on GPUs, a command-buffer "
                          "update per call); $JAXENGINE_MULTI_STEP_UNROLL.",
+    "max_logprobs": "Most top logprobs a request may ask for (OpenAI logprobs / top_logprobs); every step that "
+                    "serves logprobs, penalties or top-k/top-p computes this many (default 20).",
     "async_scheduling": "Schedule and dispatch step N+1 before reading back step N's tokens, so host "
                         "work overlaps the device (default on; --no-async-scheduling turns it off).",
     "load_format": "How to get weights: auto (from the checkpoint) or dummy (random, right shapes; benchmarks).",

@@ -70,6 +70,7 @@ class ServerState:
         self.served_model_names = list(served_model_names)
         self.api_key = api_key or None
         self.max_model_len = llm.config.scheduler.max_model_len
+        self.max_logprobs = llm.runner.num_logprobs  # LLM(max_logprobs=...), at most the vocabulary
         self.defaults = llm.default_sampling_params()
         self.metrics = None
         observer = None
@@ -395,8 +396,9 @@ async def create_completion(request: Request) -> Any:
     _check_max_tokens(req.max_tokens, "max_tokens")
     if req.suffix:
         raise OpenAIError(400, "suffix is not supported", param="suffix")
-    if req.logprobs is not None and not 0 <= req.logprobs <= 20:
-        raise OpenAIError(400, f"logprobs must be an int in [0, 20], got {req.logprobs}", param="logprobs")
+    if req.logprobs is not None and not 0 <= req.logprobs <= state.max_logprobs:
+        raise OpenAIError(400, f"logprobs must be an int in [0, {state.max_logprobs}], got {req.logprobs}",
+                          param="logprobs")
     if req.echo and req.logprobs is not None:
         raise OpenAIError(400, "echo with logprobs needs prompt logprobs, which this server does not compute",
                           param="echo")
@@ -507,9 +509,9 @@ async def create_chat_completion(request: Request) -> Any:
     _check_max_tokens(req.max_completion_tokens, "max_completion_tokens")
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     if req.top_logprobs is not None:
-        if not 0 <= req.top_logprobs <= 20:
-            raise OpenAIError(400, f"top_logprobs must be an int in [0, 20], got {req.top_logprobs}",
-                              param="top_logprobs")
+        if not 0 <= req.top_logprobs <= state.max_logprobs:
+            raise OpenAIError(400, f"top_logprobs must be an int in [0, {state.max_logprobs}], got "
+                              f"{req.top_logprobs}", param="top_logprobs")
         if not req.logprobs:
             raise OpenAIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
     if req.response_format and req.response_format.get("type") not in (None, "text"):
