@@ -36,7 +36,7 @@
 #   qwen3       Qwen3-8B shape, batch 1 and 64                                                    ~3 min
 #   throughput  bench_throughput, 8B, ShareGPT-like mix of 256 prompts, default and finer buckets  ~8 min
 #   samplerprof bench_step 1B b1/b64 profiled (the K = 8 program and the FULL sampler's kernels), max_logprobs
-#               20 then 16 (XLA:GPU's TopK kernel stops at k = 16)                                 ~4 min
+#               20, 16 (XLA:GPU's TopK kernel stops at k = 16), then 20 with $JAXENGINE_SAMPLER_TOPN=chunks  ~6 min
 #   unrollskip  the unrolled K = 8 program under --xla_gpu_command_buffer_update_mode=SKIP_TEMP: bench_step
 #               1B/8B b1, then the engine 1B/8B b1/b64 (against `engine`/`abdispatch` figures)  ~7 min
 #   longbudget  8B 1024/128 at 64, K = 8, max_num_batched_tokens 2048 / 4096 / 8192 ($BUDGETS), with the
@@ -205,10 +205,12 @@ for part in "$@"; do
     qwen3) lat qwen3 --model qwen3-8b --batch 1 64 ;;
     samplerprof)  # the FULL sampler's kernels (bench_step --profile-dir), max_logprobs 20 then 16: XLA:GPU's
       # TopK kernel covers k <= 16; the logprobs' lax.top_k at k = 20 may be a sort of the vocabulary
-      for n in 20 16; do
-        timeout 200 python3 scripts/bench_step.py --model llama-3.2-1b --batch 1 64 --steps 8 --no-warmup \
-          --max-logprobs $n --profile-dir /tmp/sprof$n --top 12 --json "$OUT/samplerprof$n.json" > "$OUT/samplerprof$n.log" 2>&1
-        echo "-- max_logprobs $n"; grep -E "^\| llama|FULL sampler|^ +[0-9.]+ us|Error" "$OUT/samplerprof$n.log" | head -40
+      for spec in 20:top_k 16:top_k 20:chunks; do
+        n=${spec%%:*}; t=${spec#*:}
+        JAXENGINE_SAMPLER_TOPN=$t timeout 200 python3 scripts/bench_step.py --model llama-3.2-1b --batch 1 64 --steps 8 \
+          --no-warmup --max-logprobs $n --profile-dir /tmp/sprof$n$t --top 12 --json "$OUT/samplerprof$n$t.json" \
+          > "$OUT/samplerprof$n$t.log" 2>&1
+        echo "-- max_logprobs $n, top-n $t"; grep -E "^\| llama|FULL sampler|^ +[0-9.]+ us|Error" "$OUT/samplerprof$n$t.log" | head -40
       done ;;
     unrollskip)  # the unrolled K-step program (no host-driven loop) with SKIP_TEMP command-buffer updates:
       # bench_step (1B/8B b1), then the engine at K = 8 (1B and 8B, b1/b64); the twelfth session's

@@ -207,3 +207,34 @@ def test_sampler_filter_setting_is_checked():
     assert RunnerConfig().sampler_filter == "search"  # the default (measured faster, same tokens)
     with pytest.raises(ValueError, match="sampler_filter"):
         RunnerConfig(sampler_filter="heap")
+
+
+@pytest.mark.parametrize("n", [3, 16, 17, 20, 40])
+def test_top_n_in_chunks_equals_lax_top_k(n):
+    """$JAXENGINE_SAMPLER_TOPN=chunks: rounds of at most 16 give lax.top_k's ids and values,
+    ties (lower index first) included."""
+    rng = np.random.default_rng(n)
+    x = rng.normal(size=(5, 300)).astype(np.float32)
+    x[1, ::7] = 2.5  # a tie across the chunk boundary
+    x[2, :] = np.round(x[2, :], 1)  # many ties
+    x[3, 50:90] = x[3].max()  # more tied maxima than one round takes
+    want_v, want_i = jax.lax.top_k(jnp.asarray(x), n)
+    got_v, got_i = jax.jit(lambda a: sampler.top_n(a, n, "chunks"))(jnp.asarray(x))
+    np.testing.assert_array_equal(np.asarray(got_i), np.asarray(want_i))
+    np.testing.assert_array_equal(np.asarray(got_v), np.asarray(want_v))
+    with pytest.raises(ValueError, match="top-n impl"):
+        sampler.top_n(jnp.asarray(x), n, "heap")
+
+
+def test_full_sampler_logprobs_are_the_same_with_top_n_in_chunks(monkeypatch):
+    vocab = 64  # more than 20 top logprobs, so two rounds
+    logits = np.random.default_rng(3).normal(size=(4, vocab)).astype(np.float32)
+    knob = knobs(4, top_k=np.array([0, 5, 0, 2]), top_p=np.array([1.0, 0.9, 0.5, 1.0]), seed=np.arange(4))
+    state = sampler.init_penalty_state(2, vocab)
+    out = {}
+    for impl in ("top_k", "chunks"):
+        monkeypatch.setenv("JAXENGINE_SAMPLER_TOPN", impl)
+        out[impl] = jax.device_get(jax.jit(lambda l, st, k: sampler.sample(l, st, k, 20))(
+            jnp.asarray(logits), state, knob))
+    for field in ("tokens", "top_ids", "top_logprobs", "logprob", "rank"):
+        np.testing.assert_array_equal(out["chunks"][field], out["top_k"][field])

@@ -8,6 +8,8 @@ Logprobs are of the model's raw distribution (before penalties and temperature),
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 
@@ -149,6 +151,33 @@ def _keep_search(logits: jax.Array, s: dict[str, jax.Array]) -> jax.Array:
     return key >= jnp.maximum(kth_key, p_key)[:, None]
 
 
+# XLA:GPU replaces lax.top_k by its TopK kernel (one pass over the row) only for k <= 16; the
+# logprobs' top-n (max_logprobs, 20 by default) may otherwise become a sort of the vocabulary.
+# $JAXENGINE_SAMPLER_TOPN=chunks takes the top-n in rounds of at most 16 (each round's winners
+# masked to -inf for the next), the same ids and values as one lax.top_k for finite logits;
+# "top_k" (default) is one lax.top_k.  Not yet measured on a GPU (gpu_suite.sh samplerprof).
+TOPN_CHUNK = 16
+
+
+def top_n(x: jax.Array, n: int, impl: str | None = None) -> tuple[jax.Array, jax.Array]:
+    """lax.top_k(x, n) over the last axis of a [rows, vocab] array of finite values."""
+    impl = os.environ.get("JAXENGINE_SAMPLER_TOPN", "top_k").strip().lower() if impl is None else impl
+    if impl not in ("top_k", "chunks"):
+        raise ValueError(f"top-n impl must be top_k or chunks; got {impl!r}")
+    if impl == "top_k" or n <= TOPN_CHUNK:
+        return jax.lax.top_k(x, n)
+    values, ids = [], []
+    rows = jnp.arange(x.shape[0])[:, None]
+    while n > 0:
+        v, i = jax.lax.top_k(x, min(TOPN_CHUNK, n))
+        values.append(v)
+        ids.append(i)
+        n -= v.shape[-1]
+        if n > 0:
+            x = x.at[rows, i].set(-jnp.inf)
+    return jnp.concatenate(values, axis=-1), jnp.concatenate(ids, axis=-1)
+
+
 def sample(logits: jax.Array, state: dict[str, jax.Array], s: dict[str, jax.Array],
            num_logprobs: int, *, full: bool = True, filter_impl: str = "sort") -> dict[str, jax.Array]:
     """logits: [num_seqs, vocab] float32.  s: per-row sampling arrays (see ModelRunner).
@@ -183,7 +212,7 @@ def sample(logits: jax.Array, state: dict[str, jax.Array], s: dict[str, jax.Arra
     if full:
         # the rank and the top-k are only reported with logprobs, which only FULL serves
         token_rank = jnp.sum(raw_logits > token_logit[:, None], axis=-1).astype(jnp.int32) + 1
-        top_logits, top_ids = jax.lax.top_k(raw_logits, num_logprobs)
+        top_logits, top_ids = top_n(raw_logits, num_logprobs)
         top_lp = top_logits - lse[:, None]
     else:
         token_rank = jnp.zeros_like(tokens)
