@@ -173,10 +173,10 @@ def attention_block(p: Params, cfg: ModelConfig, x: jax.Array, rope: Any,
     decode_args = (batch["kv_lens"], batch["page_indices"], batch["num_seqs"], rope)
     if "qkv_proj" in p:  # "fused" layout: one GEMM, [num_tokens, num_kv_heads, group + 2, head_dim]
         w = p["qkv_proj"]["weight"]
-        if dense is None:
-            qkv = jnp.einsum("ti,ngdi->tngd", x, w)
-        else:  # [num_kv_heads * (group + 2) * head_dim, hidden]: a free reshape
-            qkv = dense(x, w.reshape(-1, w.shape[-1])).reshape(t, *w.shape[:3])
+        # as [num_kv_heads * (group + 2) * head_dim, hidden] (a free reshape): a 2-D x @ w.T, which
+        # XLA:CPU runs on the weight as stored; the 4-D einsum made it transpose and copy the whole
+        # weight every step (SmolLM2-135M on CPU: 60 such copies, most of a decode step's time)
+        qkv = (dense or dense_einsum)(x, w.reshape(-1, w.shape[-1])).reshape(t, *w.shape[:3])
         if "bias" in p["qkv_proj"]:
             qkv = qkv + p["qkv_proj"]["bias"]
         if decode and not cfg.qk_norm:  # the kernel reads q, k and v out of the one buffer
@@ -208,8 +208,12 @@ def mlp_block(p: Params, x: jax.Array, dense: Callable[..., jax.Array] | None = 
         if gate_up_silu is not None and "bias" not in p["gate_up_proj"]:
             return linear(gate_up_silu(x, w.reshape(-1, w.shape[-1])), p["down_proj"], dense)
         if dense is None:
+            # the 3-D einsum keeps a tensor-parallel sharding of the intermediate axis (a
+            # [2 * intermediate, hidden] reshape would gather the weight), but XLA:CPU transposes
+            # and copies the whole weight for it every step: unsharded runners pass `dense`
+            # (dense_einsum at least) and take the 2-D form below
             gu = jnp.einsum("...i,cfi->...cf", x, w)
-        else:
+        else:  # [2 * intermediate, hidden]: a free reshape, one 2-D x @ w.T
             gu = dense(x, w.reshape(-1, w.shape[-1])).reshape(*x.shape[:-1], *w.shape[:2])
         if "bias" in p["gate_up_proj"]:
             gu = gu + p["gate_up_proj"]["bias"]

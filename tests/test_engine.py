@@ -214,6 +214,30 @@ def test_fused_matmul_engine_reproduces_the_xla_engine(llama_ckpt, alone):
     assert r.compile_counter.since() == 0
 
 
+def test_compiled_steps_use_the_fused_weights_as_stored(llm):
+    """The fused layout's q/k/v and gate/up GEMMs read the weights as they are: no program
+    transposes or copies a weight every step (XLA:CPU did, for the 3-D einsums: most of a
+    SmolLM2-135M decode step).  Checked on the optimized HLO of a decode-sized and a prefill-sized
+    step: no instruction yields a q/k/v or gate/up weight's transposed shape [hidden, out]."""
+    r = llm.runner
+    m = llm.config.model
+    layer = r.params["model"]["layers"]["0"]
+    outs = [int(np.prod(layer["self_attn"]["qkv_proj"]["weight"].shape[:-1])),
+            int(np.prod(layer["mlp"]["gate_up_proj"]["weight"].shape[:-1]))]
+    transposed = [f"[{m.hidden_size},{n}]" for n in outs]
+    for t in (8, 64):
+        s = r.seqs_for(t)
+        batch, samp = r._empty_arrays(t, s)
+        ints, floats = r._put_inputs(*r._pack(batch, samp, r._layout(t, s)))
+        hlo = r._forward.lower(r.params, r.kv_caches, r.penalty_state["last_tokens"], ints, floats,
+                               (t, s)).compile().as_text()
+        assert "qkv_proj" in hlo and "gate_up_proj" in hlo  # the names this check looks for
+        copies = [line.strip()[:160] for line in hlo.splitlines()
+                  if " = " in line and any(sh in line.split(" = ", 1)[1].split(" ", 1)[0] for sh in transposed)
+                  and ("qkv_proj" in line or "gate_up_proj" in line)]
+        assert not copies, (t, copies[:3])
+
+
 def test_params_layouts_give_the_same_tokens_and_bad_layouts_are_refused(llm, llama_ckpt, alone):
     """The default engine runs the "fused" params layout (one q/k/v GEMM, one gate/up GEMM);
     param_layout="hf" runs the checkpoint's tensors as they are, to the same greedy tokens."""

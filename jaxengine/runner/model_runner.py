@@ -154,7 +154,13 @@ class ModelRunner:
         # the fused-matmul kernels, which replace the same matmuls)
         auto_off = mesh is not None or (fused is not None and cfg.runner.decode_matmul == "auto")
         self.decode_matmul_impl = "xla" if auto_off else decode_matmul.resolve_impl(cfg.runner.decode_matmul)
-        dense = decode_matmul.get_dense(self.decode_matmul_impl)
+        # unsharded (and without the fused-matmul kernels): every program takes the model's 2-D
+        # GEMM form for the fused layout's weights (`dense` = its dense_einsum where no kernel
+        # replaces it): XLA:CPU transposed and copied each layer's q/k/v and gate/up weight every
+        # step for the 3-D einsums (SmolLM2-135M bf16 on 2 CPU cores, greedy b1: 10.3 -> 23.7
+        # tok/s); sharded weights keep the einsums, whose reshape-free form keeps their sharding
+        base_dense = getattr(model, "dense_einsum", None) if mesh is None and fused is None else None
+        dense = decode_matmul.get_dense(self.decode_matmul_impl) or base_dense
         dense_max_tokens = cfg.runner.fused_matmul_max_tokens
         # mesh: a ("dp"=1, "tp") jax.sharding.Mesh; params arrive already sharded by sharding/ rules
         self.mesh = mesh
@@ -246,7 +252,7 @@ class ModelRunner:
             matmul = fused if bucket[0] <= self.fused_max_tokens else None
             logits, kv_caches = model.forward(params, m, batch, kv_caches, attention, matmul=matmul,
                                               residual_norm=residual_norm,
-                                              dense=dense if bucket[0] <= dense_max_tokens else None)
+                                              dense=dense if bucket[0] <= dense_max_tokens else base_dense)
             logits = gather_logits(logits)
             # the sampling knobs lead both buffers: handed on as they are, so the sampler's
             # programs depend on the request bucket only, not on the token bucket
