@@ -178,17 +178,26 @@ def step_bound_s(step: list[tuple[int, int]], cfg, ceil: dict[str, float]) -> fl
 
 def phase_split(steps: list, cfg, ceil: dict[str, float], total_s: float, ttft_max_s: float) -> dict:
     """Where a fixed-length run's time goes against its bound, by phase: the prefill phase runs
-    from the start to the last request's first token (the steps that hold a prompt chunk, decodes
-    riding along included), the decode phase after it (decode-only steps).  Each phase's bound
-    over its wall time says which one keeps the run under the roofline."""
-    prefill = [st for st in steps if any(n > 1 for _, n in st)]
-    decode = [st for st in steps if not any(n > 1 for _, n in st)]
+    from the start to the last request's first token (every step up to the last one that holds a
+    prompt chunk, decode-only steps between them included), the decode phase after it.  Each
+    phase's bound over its wall time says which one keeps the run under the roofline."""
+    last = max((i for i, st in enumerate(steps) if any(n > 1 for _, n in st)), default=-1)
+    prefill, decode = steps[:last + 1], steps[last + 1:]
     out = {}
     for name, group, wall in (("prefill", prefill, ttft_max_s), ("decode", decode, total_s - ttft_max_s)):
         bound = sum(step_bound_s(st, cfg, ceil) for st in group)
         out[name] = {"steps": len(group), "bound_s": bound, "wall_s": wall,
                      "fraction": bound / wall if wall > 0 else None}
     return out
+
+
+def kv_cache_gib(shape: dict, batch: int, tokens: int) -> float:
+    """The KV cache a fixed-length run needs to keep every request resident (bf16 K and V, all
+    layers, `tokens` per request, a quarter more for page rounding), at least 8 GiB: a run whose
+    requests wait for pages measures the cache, not the engine."""
+    head_dim = shape.get("head_dim") or shape["hidden_size"] // shape["num_attention_heads"]
+    per_token = 2 * 2 * shape["num_hidden_layers"] * shape.get("num_key_value_heads", shape["num_attention_heads"]) * head_dim
+    return max(8.0, 1.25 * per_token * batch * tokens / 2**30)
 
 
 def run_engine(llm, batch: int, input_len: int, output_len: int, seed: int = 0, stream: bool = False,
@@ -314,7 +323,8 @@ def main() -> None:
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    ap.add_argument("--kv-cache-gib", type=float, default=8.0)
+    ap.add_argument("--kv-cache-gib", type=float, default=None,
+                    help="KV cache size (default: what the largest batch needs resident, at least 8 GiB)")
     ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy (the default)")
     ap.add_argument("--top-p", type=float, default=1.0,
                     help="< 1 runs every step's FULL sampler (top-k/top-p filter, penalties, logprobs)")
@@ -375,7 +385,8 @@ def main() -> None:
             llm = LLM(d, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
                       max_model_len=args.input_len + args.output_len + 16, max_num_seqs=max(args.batch),
                       max_num_batched_tokens=args.max_num_batched_tokens,
-                      kv_cache_memory_bytes=int(args.kv_cache_gib * 2**30), attention_impl=args.attention,
+                      kv_cache_memory_bytes=int(2**30 * (args.kv_cache_gib or kv_cache_gib(
+                          shape, max(args.batch), args.input_len + args.output_len + 16))), attention_impl=args.attention,
                       matmul_impl=args.matmul, num_scheduler_steps=args.num_scheduler_steps,
                       param_layout=args.param_layout, decode_program=args.decode_program,
                       fuse_decode_attention=not args.no_fuse_decode_attention,

@@ -50,6 +50,36 @@ def test_steps_are_logged_at_dispatch_and_the_roofline_is_a_lower_bound(tmp_path
     assert abs((four - one) - 3 * (31 + 1) * kv_token / 1e12) < 1e-9 * four
 
 
+def test_phase_split_keeps_decode_steps_between_prompt_chunks_in_the_prefill_phase(tmp_path):
+    """Steps that run while prompts still wait (requests held back for KV pages, say) belong to
+    the prefill phase's wall time, so they count in its bound too; only the steps after the last
+    prompt chunk make the decode phase."""
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump({**bl.SHAPES["tiny"], "torch_dtype": "float32"}, f)
+    llm = LLM(str(tmp_path), load_format="dummy", skip_tokenizer_init=True, dtype="float32", max_model_len=64,
+              max_num_seqs=4, max_num_batched_tokens=32, kv_cache_memory_bytes=4 << 20)
+    ceil = {"copy_bytes_per_s": 1e12, "matmul_flops_per_s": 1e14}
+    chunk, dec = [(0, 16), (5, 1)], [(6, 1), (20, 1)]
+    steps = [chunk, dec, dec, chunk, dec, dec, dec]
+    ph = bl.phase_split(steps, llm.config, ceil, total_s=2.0, ttft_max_s=1.5)
+    assert ph["prefill"]["steps"] == 4 and ph["decode"]["steps"] == 3
+    b = lambda st: bl.step_bound_s(st, llm.config, ceil)  # noqa: E731
+    assert abs(ph["prefill"]["bound_s"] - (2 * b(chunk) + 2 * b(dec))) < 1e-15
+    assert abs(ph["decode"]["bound_s"] - 3 * b(dec)) < 1e-15
+    assert ph["prefill"]["wall_s"] == 1.5 and abs(ph["decode"]["wall_s"] - 0.5) < 1e-12
+    assert bl.phase_split([dec, dec], llm.config, ceil, 1.0, 0.0)["prefill"]["steps"] == 0
+
+
+def test_default_kv_cache_holds_every_request():
+    """8B at 64 x (1024 + 128 + 16) tokens needs 9.1 GiB of bf16 K/V (128 KiB a token): the
+    default cache is a quarter above that; small runs keep the 8 GiB floor."""
+    need = 64 * 1168 * 32 * 2 * 8 * 128 * 2 / 2**30
+    assert abs(bl.kv_cache_gib(bl.SHAPES["llama-3.1-8b"], 64, 1168) - 1.25 * need) < 1e-9
+    assert bl.kv_cache_gib(bl.SHAPES["llama-3.1-8b"], 1, 272) == 8.0
+    # no head_dim in the config: hidden / heads (SmolLM2: 576 / 9 = 64, 3 kv heads, 30 layers)
+    assert abs(bl.kv_cache_gib(bl.SHAPES["smollm2-135m"], 10**4, 1000) - 1.25 * 10**7 * 30 * 2 * 3 * 64 * 2 / 2**30) < 1e-9
+
+
 def test_bench_matmul_times_the_same_computation_both_ways():
     """bench_matmul's XLA and Pallas calls compute one thing per op (interpret mode on CPU)."""
     import jax
