@@ -25,6 +25,7 @@ bench_forward's (weights + KV bytes / copy bandwidth, FLOPs / matmul rate, measu
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import math
 import os
@@ -59,15 +60,21 @@ def step_arrays(runner, batch: int, context: int) -> tuple[dict, dict]:
     return b, samp
 
 
+def _issued(x):
+    """A device call's output; with the runner's dispatching thread (RunnerConfig.dispatch_thread)
+    its future, waited for until the call has been issued (the multi-step loop: until it ran)."""
+    return x.result() if isinstance(x, concurrent.futures.Future) else x
+
+
 def _timed(fn, iters: int) -> float:
     import jax
 
-    jax.block_until_ready(fn())
-    jax.block_until_ready(fn())
+    jax.block_until_ready(_issued(fn()))
+    jax.block_until_ready(_issued(fn()))
     t0 = time.perf_counter()
     out = None
     for _ in range(iters):
-        out = fn()
+        out = _issued(fn())
     jax.block_until_ready(out)
     return (time.perf_counter() - t0) / iters
 
@@ -80,6 +87,7 @@ def time_programs(runner, batch: int, context: int, steps: int, iters: int) -> d
 
     from jaxengine.runner import sampler
 
+    runner.sync()  # the sampler below reads the penalty state the dispatching thread may replace
     b, samp = step_arrays(runner, batch, context)
     t, s = b["input_ids"].shape[0], b["kv_lens"].shape[0]
     ints, floats = runner._pack(b, samp, runner._layout(t, s))
@@ -101,6 +109,7 @@ def time_programs(runner, batch: int, context: int, steps: int, iters: int) -> d
     for k in sorted({1, steps}):
         call = lambda k=k: runner._run(b, samp, mode=sampler.PLAIN, num_steps=k, program=True)  # noqa: E731
         out[f"program_k{k}_ms_per_token"] = _timed(call, max(1, iters // k)) * 1e3 / k
+    runner.sync()
     return out
 
 
@@ -112,6 +121,7 @@ def profile_full_sampler(runner, batch: int, context: int, trace: str, top: int)
 
     from jaxengine.runner import sampler
 
+    runner.sync()  # the penalty state is donated below: no program of the dispatching thread may hold it
     b, samp = step_arrays(runner, batch, context)
     t, s = b["input_ids"].shape[0], b["kv_lens"].shape[0]
     ints, floats = runner._pack(b, samp, runner._layout(t, s))
@@ -204,7 +214,7 @@ def main() -> None:
                 calls = 3
                 with jax.profiler.trace(trace, create_perfetto_trace=True):
                     for _ in range(calls):
-                        out = runner._run(b, samp, mode=sampler.PLAIN, num_steps=args.steps, program=True)
+                        out = _issued(runner._run(b, samp, mode=sampler.PLAIN, num_steps=args.steps, program=True))
                     jax.block_until_ready(out)
                 events = device_events(trace)
                 rows = kernel_table(events, calls * args.steps)

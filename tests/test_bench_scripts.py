@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
 
@@ -276,6 +277,30 @@ def test_decode_kernel_sweep_times_every_split_count():
         ("b3 ctx20", "splits=2")]
     assert all("error" not in r and r["time_us"] > 0 for r in rows), rows
     assert rows[2]["bytes"] == 3 * rows[0]["bytes"]
+
+
+def test_bench_step_waits_for_the_dispatching_threads_calls(monkeypatch, tmp_path):
+    """With RunnerConfig.dispatch_thread (the default on one GPU) runner._run returns a future:
+    the timing waits for each call, not for the future object (block_until_ready passes a future
+    straight through, which once timed 0.005 ms a 1B token), and the sampler timing never races
+    the worker's programs for the donated penalty state."""
+    import concurrent.futures
+
+    import bench_step as bs
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        per_call = bs._timed(lambda: pool.submit(time.sleep, 0.02), iters=3)
+    assert per_call >= 0.02
+    monkeypatch.setenv("JAXENGINE_DISPATCH_THREAD", "1")
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump({**bl.SHAPES["tiny"], "torch_dtype": "float32"}, f)
+    llm = LLM(str(tmp_path), load_format="dummy", skip_tokenizer_init=True, max_model_len=64, max_num_seqs=4,
+              kv_cache_memory_bytes=1 << 20, num_scheduler_steps=2, warmup=False)
+    assert llm.runner._worker is not None
+    for batch in (1, 3):  # the sampler's penalty state after the worker's programs, twice
+        out = bs.time_programs(llm.runner, batch=batch, context=20, steps=2, iters=2)
+        assert all(out[k] > 0 for k in ("sampler_full_ms", "program_k1_ms_per_token", "program_k2_ms_per_token"))
+        assert llm.runner._last_future.done()
 
 
 def test_bench_step_times_the_engines_own_programs_on_a_real_decode_batch(tmp_path):
