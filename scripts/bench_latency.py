@@ -137,6 +137,7 @@ class StepLog:
     def __init__(self, runner, scheduler=None):
         self.steps: list[list[tuple[int, int]]] = []
         self.dispatches: list[int] = []  # num_steps of each dispatch (K for a multi-step)
+        self.times: list[float] = []  # time.perf_counter() at each dispatch
         inner = runner.dispatch
 
         def last_fed(seq) -> int | None:  # the last position whose sampled token is an output
@@ -148,6 +149,7 @@ class StepLog:
             return min(ends, default=None)
 
         def dispatch(out):
+            self.times.append(time.perf_counter())
             self.dispatches.append(out.num_steps)
             ends = [last_fed(s) if out.num_steps > 1 else None for s in out.seqs]
             for i in range(out.num_steps):
@@ -156,6 +158,44 @@ class StepLog:
             return inner(out)
 
         runner.dispatch = dispatch
+
+    def clear(self) -> None:
+        self.steps.clear()
+        self.dispatches.clear()
+        self.times.clear()
+
+
+def dispatch_breakdown(log: StepLog, cfg, ceil: dict[str, float], end: float,
+                       classes: tuple[int, ...] = (128, 32, 1)) -> list[dict]:
+    """Where a run's wall time goes, by kind of dispatch: those holding a prompt chunk, then
+    decode-only dispatches by running requests (>= 128, 32-127, 1-31).  A dispatch's wall time is
+    the host time until the next dispatch (the last one's: until `end`); with the runner one
+    dispatch ahead of the device that is its device time once the device is the bottleneck.
+    Each class's bound is the sum of its steps' bounds (step_bound_s)."""
+    rows = {}
+    names = ["prefill"] + [f"decode {lo}-{hi - 1}" if hi else f"decode >= {lo}"
+                           for lo, hi in zip(classes, (None,) + classes[:-1])]
+    for name in names:
+        rows[name] = {"class": name, "dispatches": 0, "steps": 0, "wall_s": 0.0, "bound_s": 0.0}
+    first = 0
+    for j, k in enumerate(log.dispatches):
+        steps = log.steps[first:first + k]
+        first += k
+        wall = (log.times[j + 1] if j + 1 < len(log.times) else end) - log.times[j]
+        if any(n > 1 for st in steps for _, n in st):
+            name = "prefill"
+        else:
+            seqs = len(steps[0])
+            name = names[1 + next(i for i, lo in enumerate(classes) if seqs >= lo)]
+        r = rows[name]
+        r["dispatches"] += 1
+        r["steps"] += k
+        r["wall_s"] += wall
+        r["bound_s"] += sum(step_bound_s(st, cfg, ceil) for st in steps)
+    out = [r for r in rows.values() if r["dispatches"]]
+    for r in out:
+        r["fraction"] = r["bound_s"] / r["wall_s"] if r["wall_s"] > 0 else None
+    return out
 
 
 def step_bound_s(step: list[tuple[int, int]], cfg, ceil: dict[str, float]) -> float:
@@ -215,7 +255,7 @@ def run_engine(llm, batch: int, input_len: int, output_len: int, seed: int = 0, 
     prompts = [rng.integers(0, vocab, input_len).tolist() for _ in range(batch)]
     engine = llm.engine
     log = llm._step_log
-    log.steps.clear()
+    log.clear()
     start = time.perf_counter()
     start_mono = time.monotonic()  # the clock of RequestOutput.metrics
     for i, p in enumerate(prompts):

@@ -28,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from bench_latency import SHAPES, StepLog, measure_ceilings, step_bound_s  # noqa: E402
+from bench_latency import SHAPES, StepLog, dispatch_breakdown, measure_ceilings, step_bound_s  # noqa: E402
 
 # log-normal (mu, sigma) of token counts, ShareGPT-like
 LOGNORMAL_INPUT = (5.45, 1.05)
@@ -85,11 +85,11 @@ def main() -> None:
     params = [SamplingParams(temperature=0.0, max_tokens=o, ignore_eos=True) for _, o in lengths]
     llm.generate(prompts[:4], [SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)] * 4,
                  use_tqdm=False)  # warm the host paths
-    log.steps.clear()
-    log.dispatches.clear()
+    log.clear()
     t = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
-    total_s = time.perf_counter() - t
+    end = time.perf_counter()
+    total_s = end - t
     n_in = sum(i for i, _ in lengths)
     n_out = sum(len(o.outputs[0].token_ids) for o in outs)
     assert n_out == sum(o for _, o in lengths)
@@ -105,12 +105,16 @@ def main() -> None:
               "roofline_fraction": bound / total_s, "startup_s": startup_s, "ceilings": ceil,
               "preemptions": llm.engine.scheduler.num_preemptions,
               "attention": llm.runner.attention_impl, "num_scheduler_steps": args.num_scheduler_steps,
-              "token_buckets": list(llm.runner.buckets)}
+              "token_buckets": list(llm.runner.buckets),
+              "breakdown": dispatch_breakdown(log, llm.config, ceil, end)}
     print(f"# {report['device']} jax {jax.__version__} {args.model} {args.dataset} x{args.num_prompts}: "
           f"{report['requests_per_s']:.2f} req/s, {report['total_tok_s']:.0f} total tok/s, "
           f"{report['output_tok_s']:.0f} output tok/s, roofline {100 * report['roofline_fraction']:.1f}% "
           f"({len(log.steps)} steps in {len(log.dispatches)} dispatches, {report['multi_step_dispatches']} of them "
           f"multi-step; {report['preemptions']} preemptions, startup {startup_s:.0f}s)")
+    for r in report["breakdown"]:
+        print(f"#   {r['class']:14s} {r['dispatches']:4d} dispatches {r['steps']:5d} steps  "
+              f"{1e3 * r['wall_s']:9.1f} ms  bound {1e3 * r['bound_s']:9.1f} ms  ({100 * r['fraction']:.1f}%)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)

@@ -71,6 +71,51 @@ def test_phase_split_keeps_decode_steps_between_prompt_chunks_in_the_prefill_pha
     assert bl.phase_split([dec, dec], llm.config, ceil, 1.0, 0.0)["prefill"]["steps"] == 0
 
 
+def test_dispatch_breakdown_splits_wall_time_and_bound_by_kind_of_dispatch(tmp_path):
+    """Each dispatch's wall time runs to the next dispatch; prompt-chunk dispatches are "prefill",
+    decode-only ones are classed by running requests; the classes' bounds add up to the run's."""
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump({**bl.SHAPES["tiny"], "torch_dtype": "float32"}, f)
+    llm = LLM(str(tmp_path), load_format="dummy", skip_tokenizer_init=True, dtype="float32", max_model_len=64,
+              max_num_seqs=4, max_num_batched_tokens=32, kv_cache_memory_bytes=4 << 20)
+    ceil = {"copy_bytes_per_s": 1e12, "matmul_flops_per_s": 1e14}
+    log = bl.StepLog.__new__(bl.StepLog)
+    chunk, big, small = [(0, 16)] + [(9, 1)] * 40, [(9, 1)] * 200, [(9, 1)] * 3
+    log.dispatches = [1, 2, 1, 4]  # a prompt chunk, a K = 2 decode of 200, a decode of 3, a K = 4 of 3
+    log.steps = [chunk, big, big, small, small, small, small, small]
+    log.times = [10.0, 10.5, 11.5, 11.75]
+    rows = {r["class"]: r for r in bl.dispatch_breakdown(log, llm.config, ceil, end=12.0)}
+    assert set(rows) == {"prefill", "decode >= 128", "decode 1-31"}  # no dispatch of 32-127 requests
+    assert rows["prefill"]["wall_s"] == 0.5 and rows["decode >= 128"]["wall_s"] == 1.0
+    assert rows["decode 1-31"]["wall_s"] == 0.5 and rows["decode 1-31"]["dispatches"] == 2
+    assert rows["decode 1-31"]["steps"] == 5 and rows["decode >= 128"]["steps"] == 2
+    b = lambda st: bl.step_bound_s(st, llm.config, ceil)  # noqa: E731
+    assert abs(rows["decode >= 128"]["bound_s"] - 2 * b(big)) < 1e-15
+    assert abs(sum(r["bound_s"] for r in rows.values()) - sum(b(st) for st in log.steps)) < 1e-12
+    assert rows["prefill"]["fraction"] == rows["prefill"]["bound_s"] / 0.5
+
+
+def test_bench_throughput_end_to_end_reports_the_breakdown(tmp_path):
+    """bench_throughput on the tiny shape: every output token generated, the breakdown's walls
+    within the run's time and its bounds adding up to the roofline."""
+    import subprocess
+
+    js = tmp_path / "t.json"
+    here = os.path.dirname(os.path.abspath(__file__))
+    out = subprocess.run([sys.executable, os.path.join(here, "..", "scripts", "bench_throughput.py"), "--model", "tiny",
+                          "--num-prompts", "12", "--max-num-seqs", "8", "--max-num-batched-tokens", "256",
+                          "--kv-cache-gib", "0.01", "--num-scheduler-steps", "4", "--json", str(js)],
+                         check=True, capture_output=True, text=True)
+    report = json.load(open(js))
+    assert report["output_tokens"] > 12 and report["num_dispatches"] < report["num_steps"]
+    rows = report["breakdown"]
+    assert rows[0]["class"] == "prefill" and sum(r["dispatches"] for r in rows) == report["num_dispatches"]
+    assert sum(r["steps"] for r in rows) == report["num_steps"]
+    assert abs(sum(r["bound_s"] for r in rows) - report["roofline_s"]) < 1e-9 * report["roofline_s"]
+    assert 0 < sum(r["wall_s"] for r in rows) <= report["total_s"]
+    assert "dispatches" in out.stdout and "prefill" in out.stdout
+
+
 def test_default_kv_cache_holds_every_request():
     """8B at 64 x (1024 + 128 + 16) tokens needs 9.1 GiB of bf16 K/V (128 KiB a token): the
     default cache is a quarter above that; small runs keep the 8 GiB floor."""
