@@ -39,8 +39,10 @@
 #               20, 16 (XLA:GPU's TopK kernel stops at k = 16), then 20 with $JAXENGINE_SAMPLER_TOPN=chunks  ~6 min
 #   unrollskip  the unrolled K = 8 program under --xla_gpu_command_buffer_update_mode=SKIP_TEMP: bench_step
 #               1B/8B b1, then the engine 1B/8B b1/b64 (against `engine`/`abdispatch` figures)  ~7 min
+#               (fourteenth session: worse than the loop at 3 of 4 points, dropped)
 #   longbudget  8B 1024/128 at 64, K = 8, max_num_batched_tokens 2048 / 4096 / 8192 ($BUDGETS), with the
 #               roofline split by phase (prefill until the last first token, then decode)          ~6 min
+#               (fourteenth session: 75.5% / 79.0% at 2048 / 8192)
 #   throughput8 bench_throughput at K = 8 (multi-step), 8B then 1B, ShareGPT-like mix               ~5 min
 #   startup     8B cold and warm compilation cache                                                ~2 min
 #   attention   bench_attention --quick                                                           ~4 min
