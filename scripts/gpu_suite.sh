@@ -37,6 +37,8 @@
 #   throughput  bench_throughput, 8B, ShareGPT-like mix of 256 prompts, default and finer buckets  ~8 min
 #   samplerprof bench_step 1B b1/b64 profiled (the K = 8 program and the FULL sampler's kernels), max_logprobs
 #               20, 16 (XLA:GPU's TopK kernel stops at k = 16), then 20 with $JAXENGINE_SAMPLER_TOPN=chunks  ~6 min
+#   topp        the engine at K = 8 sampling with temperature 0.7, top_p 0.9 (the FILTER sampler), 1B and 8B,
+#               b1/b64, then bench_step 1B b1/b64 (sampler PLAIN / FILTER / FULL ms)               ~6 min
 #   unrollskip  the unrolled K = 8 program under --xla_gpu_command_buffer_update_mode=SKIP_TEMP: bench_step
 #               1B/8B b1, then the engine 1B/8B b1/b64 (against `engine`/`abdispatch` figures)  ~7 min
 #               (fourteenth session: worse than the loop at 3 of 4 points, dropped)
@@ -214,6 +216,10 @@ for part in "$@"; do
           > "$OUT/samplerprof$n$t.log" 2>&1
         echo "-- max_logprobs $n, top-n $t"; grep -E "^\| llama|FULL sampler|^ +[0-9.]+ us|Error" "$OUT/samplerprof$n$t.log" | head -40
       done ;;
+    topp)  # sampling as chat requests do (top_p without logprobs: the FILTER sampler), engine at K = 8
+      lat topp --model llama-3.2-1b llama-3.1-8b --batch 1 64 --num-scheduler-steps 8 --temperature 0.7 --top-p 0.9
+      timeout 150 python3 scripts/bench_step.py --model llama-3.2-1b --batch 1 64 --steps 8 --no-warmup \
+        --json "$OUT/topp_step.json" > "$OUT/topp_step.log" 2>&1; grep -E "^\| llama|Error" "$OUT/topp_step.log" ;;
     unrollskip)  # the unrolled K-step program (no host-driven loop) with SKIP_TEMP command-buffer updates:
       # bench_step (1B/8B b1), then the engine at K = 8 (1B and 8B, b1/b64); the twelfth session's
       # unrolled 1B lost to ~3.5 ms of command-buffer updates a call under the default ALWAYS_UPDATE

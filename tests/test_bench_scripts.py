@@ -382,7 +382,8 @@ def test_bench_step_times_the_engines_own_programs_on_a_real_decode_batch(tmp_pa
     flat = after.reshape(-1, *after.shape[2:])
     assert (before.reshape(flat.shape)[slots] == 0).all() and (np.abs(flat[slots]).sum(axis=(1, 2)) > 0).all()
     assert out["token_bucket"] == 8 and all(out[k] > 0 for k in (
-        "sampler_plain_ms", "sampler_full_ms", "program_k1_ms_per_token", "program_k2_ms_per_token"))
+        "sampler_plain_ms", "sampler_filter_ms", "sampler_full_ms", "program_k1_ms_per_token",
+        "program_k2_ms_per_token"))
     # the script end to end: one row per model and batch, with the floor
     js = tmp_path / "s.json"
     here = os.path.dirname(os.path.abspath(__file__))

@@ -109,6 +109,9 @@ def test_serving_never_compiles_after_warmup(llm):
                                                  (1.0, 1.0, 40, 0.05, 3, 5, -0.5, 0.8)]]
     llm.generate(PROMPTS[:4], params, use_tqdm=False)
     llm.generate(PROMPTS[4:20], SamplingParams(n=2, temperature=1.0, max_tokens=5), use_tqdm=False)
+    # the FILTER sampler (filters and penalties without logprobs), at every request bucket
+    llm.generate(PROMPTS[:20], [SamplingParams(temperature=0.8, top_p=0.9, seed=i, max_tokens=4,
+                                               frequency_penalty=0.2 * (i % 2)) for i in range(20)], use_tqdm=False)
     assert llm.runner.compile_counter.since() == 0
     # and the counter does see compilations: a new shape outside the engine is counted
     import jax
@@ -147,11 +150,21 @@ def test_step_programs_hold_no_data_dependent_branch_and_the_host_picks_the_samp
         modes.clear()
         llm.generate(PROMPTS[0], SamplingParams(temperature=0.8, seed=1, max_tokens=3), use_tqdm=False)
         assert set(modes) == {sampler.PLAIN}
-        for p in (SamplingParams(top_p=0.9, max_tokens=3), SamplingParams(logprobs=2, max_tokens=3),
-                  SamplingParams(presence_penalty=0.3, max_tokens=3), SamplingParams(min_p=0.1, max_tokens=3)):
+        # filters and penalties run the FILTER sampler, logprobs the FULL one (top-n and rank);
+        # a batch runs the highest mode of its rows (PLAIN again once only greedy is left)
+        for p, want in ((SamplingParams(top_p=0.9, max_tokens=3), sampler.FILTER),
+                        (SamplingParams(top_k=5, max_tokens=3), sampler.FILTER),
+                        (SamplingParams(logprobs=2, max_tokens=3), sampler.FULL),
+                        (SamplingParams(presence_penalty=0.3, max_tokens=3), sampler.FILTER),
+                        (SamplingParams(min_p=0.1, max_tokens=3), sampler.FILTER),
+                        (SamplingParams(top_p=0.9, logprobs=0, max_tokens=3), sampler.FULL)):
             modes.clear()
             llm.generate([PROMPTS[0], PROMPTS[1]], [GREEDY, p], use_tqdm=False)
-            assert sampler.FULL in modes, p  # (PLAIN again once only the greedy request is left)
+            assert max(modes) == want and set(modes) <= {sampler.PLAIN, want}, (p, modes)
+        modes.clear()
+        llm.generate([PROMPTS[0], PROMPTS[1]], [SamplingParams(top_p=0.9, max_tokens=3),
+                                                SamplingParams(logprobs=1, max_tokens=3)], use_tqdm=False)
+        assert set(modes) == {sampler.FULL}
     finally:
         r._sample = inner
 

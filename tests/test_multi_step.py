@@ -64,7 +64,8 @@ def comparable(outs):
     SamplingParams(temperature=0.0, max_tokens=13, ignore_eos=True),  # 13 = 3 x 4 + 1
     SamplingParams(temperature=0.9, seed=5, max_tokens=11, ignore_eos=True),
     SamplingParams(temperature=0.8, max_tokens=9, ignore_eos=True, n=3, seed=1),
-], ids=["greedy", "seeded-temperature", "parallel-n3"])
+    SamplingParams(temperature=0.8, top_p=0.8, presence_penalty=0.5, seed=7, max_tokens=10, ignore_eos=True),
+], ids=["greedy", "seeded-temperature", "parallel-n3", "top-p-penalty"])
 def test_same_outputs_as_single_steps_in_fewer_steps(single, multi, params):
     want, single_steps = run(single, PROMPTS, params)
     got, multi_steps = run(multi, PROMPTS, params)

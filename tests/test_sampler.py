@@ -119,6 +119,41 @@ def test_penalties_follow_the_history_loaded_into_a_slot():
     assert draw(logits, state, temperature=0.0)["tokens"][0] == 3
 
 
+def test_filter_mode_is_full_mode_without_the_logprobs(logits):
+    """FILTER (penalties and filters, no rank or top-n) samples exactly what FULL samples on rows
+    with top-k/top-p/min-p and penalties, and its program holds no top-k over the vocabulary
+    (the dearest part of FULL on a GPU); FULL's does."""
+    s = logits.shape[0]
+    temps = np.where(np.arange(s) % 2 == 0, 0.0, 0.8).astype(np.float32)
+    k = knobs(s, temperature=temps, seed=np.arange(s), rng_pos=np.arange(s),
+              top_k=np.where(np.arange(s) % 3 == 0, 5, 0), top_p=np.where(np.arange(s) % 3 == 1, 0.7, 1.0),
+              min_p=np.where(np.arange(s) == 2, 0.05, 0.0), repetition_penalty=np.where(np.arange(s) == 5, 1.5, 1.0),
+              use_penalty=np.arange(s) == 5)
+    state = sampler.init_penalty_state(8, logits.shape[1])
+    state = sampler.count_sampled(state, jnp.arange(s) % 8, jnp.arange(s) % 7, jnp.ones(s, bool))
+    x = jnp.asarray(logits)
+    run = lambda lp: jax.jit(lambda l, st, kk: sampler.sample(l, st, kk, 4, full=True, logprobs=lp,  # noqa: E731
+                                                              filter_impl="search"))
+    filt, full = jax.device_get(run(False)(x, state, k)), jax.device_get(run(True)(x, state, k))
+    for key in ("tokens", "logprob"):
+        np.testing.assert_array_equal(filt[key], full[key])
+    assert (filt["rank"] == 0).all() and (filt["top_ids"] == 0).all() and (filt["top_logprobs"] == 0).all()
+    assert (full["rank"] >= 1).all() and (full["top_ids"] != 0).any()
+    assert "top_k" not in run(False).lower(x, state, k).as_text()
+    assert "top_k" in run(True).lower(x, state, k).as_text()
+
+
+def test_mode_for_picks_the_lowest_mode_a_request_needs():
+    from jaxengine import SamplingParams
+    assert sampler.PLAIN < sampler.FILTER < sampler.FULL and sampler.MODES == (0, 1, 2)
+    assert sampler.mode_for(SamplingParams(temperature=0.7), False) == sampler.PLAIN
+    assert sampler.mode_for(SamplingParams(temperature=0.7), True) == sampler.FILTER  # penalties
+    for p in (SamplingParams(top_p=0.9), SamplingParams(top_k=3), SamplingParams(min_p=0.1)):
+        assert sampler.mode_for(p, False) == sampler.FILTER
+    assert sampler.mode_for(SamplingParams(logprobs=0), False) == sampler.FULL
+    assert sampler.mode_for(SamplingParams(top_p=0.5, logprobs=3), True) == sampler.FULL
+
+
 def test_sampled_tokens_are_counted_for_frequency_penalty():
     state = sampler.init_penalty_state(3, VOCAB)
     state = sampler.count_sampled(state, jnp.array([1, 2]), jnp.array([4, 4]), jnp.array([True, False]))

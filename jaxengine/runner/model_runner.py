@@ -200,7 +200,7 @@ class ModelRunner:
         self._slot_num_pages = [0] * self.num_slots
         self._slot_tables: list[list[int] | None] = [None] * self.num_slots  # the table each row copies
         self._slot_samp = {k: v.repeat(self.num_slots) for k, v in _SLOT_SAMPLING_DEFAULTS.items()}
-        self._slot_full = np.zeros((self.num_slots,), np.bool_)  # needs the FULL sampler
+        self._slot_mode = np.zeros((self.num_slots,), np.int8)  # the sampler mode it needs (sampler.mode_for)
         self._slot_penalties = np.zeros((self.num_slots,), np.bool_)
         self.num_device_inputs = 0  # input tokens taken from the device (asynchronous scheduling)
         self.num_program_steps = 0  # steps run as a decode program (multi-step or K = 1)
@@ -225,9 +225,10 @@ class ModelRunner:
             pending = batch["input_slot"] >= 0
             return jnp.where(pending, last_tokens[jnp.maximum(batch["input_slot"], 0)], batch["input_ids"])
 
-        def sample_and_count(logits, penalty_state, samp, full):
+        def sample_and_count(logits, penalty_state, samp, mode):
+            full = mode != sampler.PLAIN  # FILTER and FULL: penalties and filters
             out = sampler.sample(logits, penalty_state, samp, self.num_logprobs, full=full,
-                                 filter_impl=cfg.runner.sampler_filter)
+                                 logprobs=mode == sampler.FULL, filter_impl=cfg.runner.sampler_filter)
             if full:
                 penalty_state = sampler.count_sampled(penalty_state, samp["penalty_slot"], out["tokens"],
                                                       samp["count_sampled"])
@@ -261,7 +262,7 @@ class ModelRunner:
 
         def sample(logits, penalty_state, ints, floats, seqs, mode):
             _, samp = self._unpack(ints, floats, self._layout(seqs))
-            penalty_state, out = sample_and_count(logits, penalty_state, samp, mode == sampler.FULL)
+            penalty_state, out = sample_and_count(logits, penalty_state, samp, mode)
             return store_last_tokens(penalty_state, samp, out["tokens"]), pack_samples(out)
 
         # Multi-step decoding (SchedulerOutput.num_steps = K > 1): a decode-only step run as K
@@ -272,7 +273,6 @@ class ModelRunner:
         def multi_step(params, kv_caches, penalty_state, ints, floats, bucket, k, mode):
             batch, samp = self._unpack(ints, floats, self._layout(*bucket))
             t, s = bucket
-            full = mode == sampler.FULL
             ids = input_ids(batch, penalty_state["last_tokens"])
             seq_of_row = jnp.minimum(jnp.arange(t), s - 1)
             seq_real = jnp.arange(s) < batch["num_seqs"][0]
@@ -290,7 +290,7 @@ class ModelRunner:
                                                   residual_norm=residual_norm, dense=dense)
                 logits = gather_logits(logits)
                 penalty_state, out = sample_and_count(logits, penalty_state,
-                                                      {**samp, "rng_pos": samp["rng_pos"] + i}, full)
+                                                      {**samp, "rng_pos": samp["rng_pos"] + i}, mode)
                 # the iteration's samples packed as the read-back wants them: one in-place update
                 # of the [k, s, 3 + 2 n_top] result a token, not one per field
                 packed = packed.at[i].set(pack_samples(out))
@@ -426,7 +426,7 @@ class ModelRunner:
             row["frequency_penalty"][slot] = p.frequency_penalty if penalties else 0.0
             row["repetition_penalty"][slot] = p.repetition_penalty if penalties else 1.0
             self._slot_penalties[slot] = penalties
-            self._slot_full[slot] = sampler.needs_full(p, penalties)
+            self._slot_mode[slot] = sampler.mode_for(p, penalties)
         return slot
 
     def release(self, request_ids: list[str]) -> None:
@@ -512,7 +512,7 @@ class ModelRunner:
         penalties = self._slot_penalties[sl]
         samp["use_penalty"][:ns] = penalties
         samp["count_sampled"][:ns] = store & penalties
-        mode = sampler.FULL if self._slot_full[sl].any() else sampler.PLAIN
+        mode = int(self._slot_mode[sl].max(initial=sampler.PLAIN))  # the modes nest: the highest serves all
         if penalties.any():
             for i in np.flatnonzero(penalties).tolist():
                 seq = seqs[i]

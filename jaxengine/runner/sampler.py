@@ -15,16 +15,24 @@ import jax.numpy as jnp
 
 _EPS = 1e-5
 
-# Sampling modes, one compiled sampler each (static; chosen on the host per step):
-# PLAIN: greedy / temperature only.  FULL: also penalties, top-k/top-p/min-p, and the top-k
-# logprobs, each applied only to the rows that ask for it.
-PLAIN, FULL = 0, 1
-MODES = (PLAIN, FULL)
+# Sampling modes, one compiled sampler each (static; chosen on the host per step), each a superset
+# of the one before, so a batch runs the highest mode any of its rows needs:
+# PLAIN: greedy / temperature only.  FILTER: also penalties and top-k/top-p/min-p.  FULL: also
+# the sampled token's rank and the top-n logprobs (each applied only to the rows that ask for it).
+# FILTER exists because the top-n is the dearest part of FULL where nobody asked for logprobs
+# (H200, 128k vocabulary, b64: a segmented sort of every row, 0.98 of the FULL sampler's 1.81 ms;
+# BENCHMARKS.md fourteenth session), and top_p without logprobs is the usual chat request.
+PLAIN, FILTER, FULL = 0, 1, 2
+MODES = (PLAIN, FILTER, FULL)
 
 
-def needs_full(p, penalties: bool) -> bool:
-    """Does a request with SamplingParams p (which uses penalties, or not) need the FULL sampler?"""
-    return penalties or p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0 or p.logprobs is not None
+def mode_for(p, penalties: bool) -> int:
+    """The lowest sampler mode a request with SamplingParams p (which uses penalties, or not) needs."""
+    if p.logprobs is not None:
+        return FULL
+    if penalties or p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0:
+        return FILTER
+    return PLAIN
 
 
 def init_penalty_state(num_slots: int, vocab_size: int) -> dict[str, jax.Array]:
@@ -179,14 +187,18 @@ def top_n(x: jax.Array, n: int, impl: str | None = None) -> tuple[jax.Array, jax
 
 
 def sample(logits: jax.Array, state: dict[str, jax.Array], s: dict[str, jax.Array],
-           num_logprobs: int, *, full: bool = True, filter_impl: str = "sort") -> dict[str, jax.Array]:
+           num_logprobs: int, *, full: bool = True, logprobs: bool | None = None,
+           filter_impl: str = "sort") -> dict[str, jax.Array]:
     """logits: [num_seqs, vocab] float32.  s: per-row sampling arrays (see ModelRunner).
 
     filter_impl: how top-k/top-p find their thresholds (FILTER_IMPLS; the same tokens).
     full=False (the PLAIN mode) leaves out penalties, filtering, the top-k logprobs and the
     sampled token's rank (returned as 0): the host chooses it only for steps where no row asks
-    for them.  The sampled token's logprob comes in every mode (cumulative_logprob).
+    for them.  logprobs (default: full) computes the rank and the top-k logprobs; full=True with
+    logprobs=False is the FILTER mode.  The sampled token's logprob comes in every mode
+    (cumulative_logprob).
     """
+    with_logprobs = full if logprobs is None else logprobs
     raw_logits = logits
     # log-probabilities are raw_logits - lse; no [rows, vocab] log_softmax is materialised
     lse = jax.nn.logsumexp(raw_logits, axis=-1)
@@ -209,7 +221,7 @@ def sample(logits: jax.Array, state: dict[str, jax.Array], s: dict[str, jax.Arra
 
     token_logit = jnp.take_along_axis(raw_logits, tokens[:, None], axis=-1)[:, 0]
     token_lp = token_logit - lse  # every mode: the requests' cumulative_logprob
-    if full:
+    if with_logprobs:
         # the rank and the top-k are only reported with logprobs, which only FULL serves
         token_rank = jnp.sum(raw_logits > token_logit[:, None], axis=-1).astype(jnp.int32) + 1
         top_logits, top_ids = top_n(raw_logits, num_logprobs)
