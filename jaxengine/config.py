@@ -231,13 +231,14 @@ class RunnerConfig:
     dispatch_thread: bool | None = dataclasses.field(
         default_factory=lambda: _tristate(os.environ.get("JAXENGINE_DISPATCH_THREAD", "auto")))
 
-    # How the FULL sampler's top-k / top-p find their thresholds: "search" (a 16-way search over
-    # the floats' order, no sort; the default since the thirteenth session: H200 1B FULL sampler
-    # 0.440 ms a call at batch 1 against 0.561 with "sort", 1.84 ms against 2.19 at batch 64; on
-    # CPU 10.8 ms against 31.8 at batch 1) or "sort" (each row sorted); the same tokens
-    # (runner/sampler.py, FILTER_IMPLS).
+    # How the FILTER and FULL samplers' top-k / top-p find their thresholds (runner/sampler.py,
+    # FILTER_IMPLS; the same tokens): "search" (a 16-way search over the floats' order, no sort;
+    # H200 1B FULL sampler 0.440 ms a call at batch 1 against 0.561 with "sort", 1.84 ms against
+    # 2.19 at batch 64), "sort" (each row sorted), "candidates" (each row's 256 largest values,
+    # with "sort" behind a lax.cond for rows whose kept tokens reach past them), or "auto" (the
+    # default): candidates on CPU, search on GPU and TPU.
     sampler_filter: str = dataclasses.field(
-        default_factory=lambda: os.environ.get("JAXENGINE_SAMPLER_FILTER", "search").strip().lower())
+        default_factory=lambda: os.environ.get("JAXENGINE_SAMPLER_FILTER", "auto").strip().lower())
 
     # Residual add + the RMSNorm after it as one call (pallas_kernels/residual_norm) in every
     # program: "gpu" the Pallas kernel (one kernel where XLA:GPU launches two or more), "reference"
@@ -264,8 +265,8 @@ class RunnerConfig:
         _check(not (self.param_layout == "fused" and self.matmul_impl == "gpu"),
                "param_layout='fused' cannot run with matmul_impl='gpu' (the fused-matmul kernels take "
                "the hf layout)")
-        _check(self.sampler_filter in ("sort", "search"),
-               f"sampler_filter must be one of sort, search; got {self.sampler_filter!r}")
+        _check(self.sampler_filter in ("auto", "sort", "search", "candidates"),
+               f"sampler_filter must be one of auto, sort, search, candidates; got {self.sampler_filter!r}")
         _check(self.multi_step_unroll >= 0,
                f"multi_step_unroll must be >= 0 (0: fully unrolled), got {self.multi_step_unroll}")
         _check(self.fused_matmul_max_tokens >= 0,

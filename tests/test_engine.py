@@ -131,11 +131,22 @@ def test_step_programs_hold_no_data_dependent_branch_and_the_host_picks_the_samp
     ints, floats = r._put_inputs(*r._pack(batch, samp, r._layout(t, s)))
     lowered = r._forward.lower(r.params, r.kv_caches, r.penalty_state["last_tokens"], ints, floats, (t, s))
     _, logits, samp_ints, samp_floats = lowered.out_info
-    texts = [lowered.as_text()]
-    texts += [r._sample.lower(logits, r.penalty_state, samp_ints, samp_floats, s, mode).as_text()
-              for mode in sampler.MODES]
+    texts = [lowered.as_text(), r._sample.lower(logits, r.penalty_state, samp_ints, samp_floats, s,
+                                                sampler.PLAIN).as_text()]
+    # the FILTER and FULL samplers with the GPU's filter (search) or sort; on CPU the runner
+    # filters by "candidates", whose fallback is a lax.cond (free there)
+    assert r.sampler_filter == "candidates"
+    knob = {k: jnp.asarray(v) for k, v in samp.items()}
+    for impl in ("search", "sort"):
+        for full, lp in ((True, False), (True, True)):
+            texts.append(jax.jit(lambda lg, st, k: sampler.sample(lg, st, k, 4, full=full, logprobs=lp,  # noqa: B023
+                                                                  filter_impl=impl)).lower(
+                jnp.zeros(logits.shape, jnp.float32), r.penalty_state, knob).as_text())
     for text in texts:  # (loops are fine: threefry's has a fixed trip count)
         assert "stablehlo.case" not in text and "stablehlo.if" not in text
+    cand = jax.jit(lambda lg, st, k: sampler.sample(lg, st, k, 4, filter_impl="candidates")).lower(
+        jnp.zeros(logits.shape, jnp.float32), r.penalty_state, knob).as_text()
+    assert "stablehlo.case" in cand or "stablehlo.if" in cand  # the check above can see a branch
     modes = []
     inner = r._sample
 

@@ -232,6 +232,7 @@ def test_full_sampler_gives_the_same_tokens_with_either_filter(logits):
     out = {impl: jax.device_get(jax.jit(lambda l, st, k, impl=impl: sampler.sample(l, st, k, 4, filter_impl=impl))(
         jnp.asarray(logits), state, knob)) for impl in sampler.FILTER_IMPLS}
     np.testing.assert_array_equal(out["search"]["tokens"], out["sort"]["tokens"])
+    np.testing.assert_array_equal(out["candidates"]["tokens"], out["sort"]["tokens"])
     with pytest.raises(ValueError, match="filter impl"):
         sampler.sample(jnp.asarray(logits), state, knob, 4, filter_impl="bogus")
 
@@ -239,9 +240,50 @@ def test_full_sampler_gives_the_same_tokens_with_either_filter(logits):
 def test_sampler_filter_setting_is_checked():
     from jaxengine.config import RunnerConfig
     assert RunnerConfig(sampler_filter="sort").sampler_filter == "sort"
-    assert RunnerConfig().sampler_filter == "search"  # the default (measured faster, same tokens)
+    assert RunnerConfig().sampler_filter == "auto"  # candidates on CPU, search on GPU/TPU
+    assert sampler.resolve_filter_impl("auto", "cpu") == "candidates"
+    assert sampler.resolve_filter_impl("auto", "gpu") == "search" == sampler.resolve_filter_impl("auto", "tpu")
+    assert sampler.resolve_filter_impl("sort", "cpu") == "sort"
     with pytest.raises(ValueError, match="sampler_filter"):
         RunnerConfig(sampler_filter="heap")
+    with pytest.raises(ValueError, match="filter impl"):
+        sampler.resolve_filter_impl("heap", "cpu")
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_candidates_keep_exactly_the_sorted_filters_tokens_where_they_say_so(seed):
+    """The "candidates" filter (each row's n largest values) keeps the sorted cumulative sum's
+    tokens on every row it calls exact (ties and -inf included), calls rows exact and inexact in
+    the cases it should, and through its fallback the whole filter equals the sort's."""
+    vocab = 300 if seed % 2 else 1000
+    x, knob = _filter_rows(seed, 8, vocab)
+    if seed % 4 == 2:  # a trained model's rows: a few tokens hold most of the mass
+        x = x.at[:, :5].add(25.0)
+    n = 16
+    want = np.asarray(jax.jit(sampler._keep_sort)(x, knob))
+    got, ok = (np.asarray(a) for a in jax.jit(lambda x, k: sampler._keep_candidates(x, k, n))(x, knob))
+    np.testing.assert_array_equal(got[ok], want[ok])
+    k, p = np.asarray(knob["top_k"]), np.asarray(knob["top_p"])
+    k = np.where(k > 0, np.minimum(k, vocab), vocab)
+    assert ok[k <= n].all() and not ok[(k > n) & (k < vocab)].any()
+    assert ok[(k >= vocab) & (p >= 1.0)].all()
+    if seed % 4 == 2:  # the nucleus lies within the 16 candidates
+        assert ok[(k >= vocab) & (p <= 0.999)].all()
+    full = jax.jit(lambda x, k: sampler._filter(x, k, "candidates"))(x, {**knob, "min_p": jnp.zeros(8)})
+    ref = jax.jit(lambda x, k: sampler._filter(x, k, "sort"))(x, {**knob, "min_p": jnp.zeros(8)})
+    np.testing.assert_array_equal(np.isfinite(np.asarray(full)), np.isfinite(np.asarray(ref)))
+
+
+def test_candidates_call_a_flat_row_without_top_k_inexact():
+    """Without top_k, a row whose top_p nucleus reaches past the candidates (a flat
+    distribution) is not exact: the fallback must run."""
+    x = jnp.zeros((2, 64), jnp.float32).at[1, :3].set(30.0)
+    knob = {"top_k": jnp.zeros(2, jnp.int32), "top_p": jnp.full(2, 0.9, jnp.float32)}
+    keep, ok = sampler._keep_candidates(x, knob, 16)
+    assert list(np.asarray(ok)) == [False, True]
+    np.testing.assert_array_equal(np.asarray(keep)[1], np.arange(64) < 3)
+    np.testing.assert_array_equal(np.asarray(sampler._filter(x, {**knob, "min_p": jnp.zeros(2)}, "candidates"))[0] > -1,
+                                  np.asarray(sampler._keep_sort(x, knob))[0])
 
 
 @pytest.mark.parametrize("n", [3, 16, 17, 20, 40])
