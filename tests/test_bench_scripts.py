@@ -125,6 +125,7 @@ def test_bench_latency_runs_the_default_model_with_its_trained_weights(tmp_path)
     here = os.path.dirname(os.path.abspath(__file__))
     subprocess.run([sys.executable, os.path.join(here, "..", "scripts", "bench_latency.py"), "--model", "default",
                     "--batch", "2", "--input-len", "8", "--output-len", "6", "--kv-cache-gib", "0.05",
+                    "--max-num-batched-tokens", "16",
                     "--temperature", "0.7", "--top-p", "0.9", "--json", str(js)], check=True, capture_output=True)
     report = json.load(open(js))
     (run,) = report["runs"]
