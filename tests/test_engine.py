@@ -131,14 +131,15 @@ def test_step_programs_hold_no_data_dependent_branch_and_the_host_picks_the_samp
     ints, floats = r._put_inputs(*r._pack(batch, samp, r._layout(t, s)))
     lowered = r._forward.lower(r.params, r.kv_caches, r.penalty_state["last_tokens"], ints, floats, (t, s))
     _, logits, samp_ints, samp_floats = lowered.out_info
-    texts = [lowered.as_text(), r._sample.lower(logits, r.penalty_state, samp_ints, samp_floats, s,
-                                                sampler.PLAIN).as_text()]
-    # the FILTER and FULL samplers with the GPU's filter (search) or sort; on CPU the runner
-    # filters by "candidates", whose fallback is a lax.cond (free there)
-    assert r.sampler_filter == ("candidates" if jax.default_backend() == "cpu" else "search")
+    texts = [lowered.as_text()]
+    # the samplers as a GPU runs them (filter search or sort, no branches); on CPU the runner
+    # filters by "candidates", whose fallback is a lax.cond, and lets an all-greedy batch skip
+    # the Gumbel noise by one (branches are free there)
+    cpu = jax.default_backend() == "cpu"
+    assert r.sampler_filter == ("candidates" if cpu else "search") and r.sampler_branches == cpu
     knob = {k: jnp.asarray(v) for k, v in samp.items()}
     for impl in ("search", "sort"):
-        for full, lp in ((True, False), (True, True)):
+        for full, lp in ((False, False), (True, False), (True, True)):
             texts.append(jax.jit(lambda lg, st, k: sampler.sample(lg, st, k, 4, full=full, logprobs=lp,  # noqa: B023
                                                                   filter_impl=impl)).lower(
                 jnp.zeros(logits.shape, jnp.float32), r.penalty_state, knob).as_text())
@@ -147,6 +148,8 @@ def test_step_programs_hold_no_data_dependent_branch_and_the_host_picks_the_samp
     cand = jax.jit(lambda lg, st, k: sampler.sample(lg, st, k, 4, filter_impl="candidates")).lower(
         jnp.zeros(logits.shape, jnp.float32), r.penalty_state, knob).as_text()
     assert "stablehlo.case" in cand or "stablehlo.if" in cand  # the check above can see a branch
+    plain = r._sample.lower(logits, r.penalty_state, samp_ints, samp_floats, s, sampler.PLAIN).as_text()
+    assert ("stablehlo.case" in plain) == cpu  # the runner's own PLAIN sampler: a branch on CPU only
     modes = []
     inner = r._sample
 

@@ -143,6 +143,25 @@ def test_filter_mode_is_full_mode_without_the_logprobs(logits):
     assert "top_k" in run(True).lower(x, state, k).as_text()
 
 
+@pytest.mark.parametrize("full", [False, True])
+def test_branches_give_the_same_tokens_and_skip_the_noise_of_an_all_greedy_batch(logits, full):
+    """branches=True (the CPU's sampler) samples exactly what the branch-free one does, greedy
+    rows beside sampled ones or alone; its program holds the branch."""
+    s = logits.shape[0]
+    state = sampler.init_penalty_state(2, logits.shape[1])
+    x = jnp.asarray(logits)
+    run = lambda b: jax.jit(lambda l, st, kk: sampler.sample(l, st, kk, 4, full=full, branches=b))  # noqa: E731
+    for temps in (np.where(np.arange(s) % 3 == 0, 0.0, 0.9), np.zeros(s)):
+        k = knobs(s, temperature=temps.astype(np.float32), seed=np.arange(s), rng_pos=np.arange(s))
+        want, got = jax.device_get(run(False)(x, state, k)), jax.device_get(run(True)(x, state, k))
+        for key in ("tokens", "logprob", "rank"):
+            np.testing.assert_array_equal(got[key], want[key])
+        assert (want["tokens"][temps == 0] == logits[temps == 0].argmax(-1)).all()
+    k = knobs(s)
+    assert "stablehlo.case" in run(True).lower(x, state, k).as_text()
+    assert "stablehlo.case" not in run(False).lower(x, state, k).as_text()
+
+
 def test_mode_for_picks_the_lowest_mode_a_request_needs():
     from jaxengine import SamplingParams
     assert sampler.PLAIN < sampler.FILTER < sampler.FULL and sampler.MODES == (0, 1, 2)

@@ -208,12 +208,14 @@ class ModelRunner:
         self.vocab_size = m.vocab_size
         self.num_logprobs = min(cfg.runner.max_logprobs, m.vocab_size)
         self.sampler_filter = sampler.resolve_filter_impl(cfg.runner.sampler_filter, jax.default_backend())
+        self.sampler_branches = jax.default_backend() == "cpu"  # lax.cond is free on CPU (sampler.sample)
 
         # Two programs a step.  `forward` (one per token bucket) runs the model and writes the KV
         # pages; `sample` (one per request bucket and sampling mode) turns the logits into tokens.
         # The mode is static and chosen on the host from the requests in the step, so no program
-        # holds a data-dependent branch (but the CPU's "candidates" filter's fallback, where a
-        # branch costs nothing): on a GPU, lax.cond reads its predicate back to the host,
+        # holds a data-dependent branch (but on CPU, where a branch costs nothing: the
+        # "candidates" filter's fallback, the Gumbel noise an all-greedy batch skips): on a GPU,
+        # lax.cond reads its predicate back to the host,
         # which blocks the dispatching thread until the device gets there and undoes asynchronous
         # scheduling (measured on the H100: ~10 ms of host time per step at batch 64).
         def gather_logits(logits):
@@ -230,7 +232,8 @@ class ModelRunner:
         def sample_and_count(logits, penalty_state, samp, mode):
             full = mode != sampler.PLAIN  # FILTER and FULL: penalties and filters
             out = sampler.sample(logits, penalty_state, samp, self.num_logprobs, full=full,
-                                 logprobs=mode == sampler.FULL, filter_impl=self.sampler_filter)
+                                 logprobs=mode == sampler.FULL, filter_impl=self.sampler_filter,
+                                 branches=self.sampler_branches)
             if full:
                 penalty_state = sampler.count_sampled(penalty_state, samp["penalty_slot"], out["tokens"],
                                                       samp["count_sampled"])

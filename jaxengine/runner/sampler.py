@@ -236,7 +236,7 @@ def top_n(x: jax.Array, n: int, impl: str | None = None) -> tuple[jax.Array, jax
 
 def sample(logits: jax.Array, state: dict[str, jax.Array], s: dict[str, jax.Array],
            num_logprobs: int, *, full: bool = True, logprobs: bool | None = None,
-           filter_impl: str = "sort") -> dict[str, jax.Array]:
+           filter_impl: str = "sort", branches: bool = False) -> dict[str, jax.Array]:
     """logits: [num_seqs, vocab] float32.  s: per-row sampling arrays (see ModelRunner).
 
     filter_impl: how top-k/top-p find their thresholds (FILTER_IMPLS; the same tokens).
@@ -244,7 +244,8 @@ def sample(logits: jax.Array, state: dict[str, jax.Array], s: dict[str, jax.Arra
     sampled token's rank (returned as 0): the host chooses it only for steps where no row asks
     for them.  logprobs (default: full) computes the rank and the top-k logprobs; full=True with
     logprobs=False is the FILTER mode.  The sampled token's logprob comes in every mode
-    (cumulative_logprob).
+    (cumulative_logprob).  branches=True (CPU, where a lax.cond costs nothing) skips work an
+    all-greedy batch does not need; a GPU program must hold no branch (ModelRunner).
     """
     with_logprobs = full if logprobs is None else logprobs
     raw_logits = logits
@@ -263,8 +264,14 @@ def sample(logits: jax.Array, state: dict[str, jax.Array], s: dict[str, jax.Arra
         key = jax.random.fold_in(jax.random.PRNGKey(seed), pos)
         return jax.random.gumbel(key, (logits.shape[-1],), jnp.float32)
 
-    noise = jax.vmap(gumbel)(s["seed"], s["rng_pos"])
-    sampled = jnp.argmax(scaled + noise, axis=-1).astype(jnp.int32)
+    def sample_rows():
+        noise = jax.vmap(gumbel)(s["seed"], s["rng_pos"])
+        return jnp.argmax(scaled + noise, axis=-1).astype(jnp.int32)
+
+    if branches:  # an all-greedy batch skips the [rows, vocab] Gumbel noise (threefry)
+        sampled = jax.lax.cond(jnp.any(s["temperature"] >= _EPS), sample_rows, lambda: greedy_tokens)
+    else:
+        sampled = sample_rows()
     tokens = jnp.where(s["temperature"] < _EPS, greedy_tokens, sampled)
 
     token_logit = jnp.take_along_axis(raw_logits, tokens[:, None], axis=-1)[:, 0]
