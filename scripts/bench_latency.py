@@ -165,6 +165,11 @@ class StepLog:
         self.times.clear()
 
 
+def holds_prompt_chunk(step: list[tuple[int, int]]) -> bool:
+    """A step that feeds some request more than one token (a prompt chunk), not decodes only."""
+    return any(n > 1 for _, n in step)
+
+
 def dispatch_breakdown(log: StepLog, cfg, ceil: dict[str, float], end: float,
                        classes: tuple[int, ...] = (128, 32, 1)) -> list[dict]:
     """Where a run's wall time goes, by kind of dispatch: those holding a prompt chunk, then
@@ -182,7 +187,7 @@ def dispatch_breakdown(log: StepLog, cfg, ceil: dict[str, float], end: float,
         steps = log.steps[first:first + k]
         first += k
         wall = (log.times[j + 1] if j + 1 < len(log.times) else end) - log.times[j]
-        if any(n > 1 for st in steps for _, n in st):
+        if any(holds_prompt_chunk(st) for st in steps):
             name = "prefill"
         else:
             seqs = len(steps[0])
@@ -221,7 +226,7 @@ def phase_split(steps: list, cfg, ceil: dict[str, float], total_s: float, ttft_m
     from the start to the last request's first token (every step up to the last one that holds a
     prompt chunk, decode-only steps between them included), the decode phase after it.  Each
     phase's bound over its wall time says which one keeps the run under the roofline."""
-    last = max((i for i, st in enumerate(steps) if any(n > 1 for _, n in st)), default=-1)
+    last = max((i for i, st in enumerate(steps) if holds_prompt_chunk(st)), default=-1)
     prefill, decode = steps[:last + 1], steps[last + 1:]
     out = {}
     for name, group, wall in (("prefill", prefill, ttft_max_s), ("decode", decode, total_s - ttft_max_s)):
@@ -370,7 +375,7 @@ def main() -> None:
                     help="KV cache size (default: what the largest batch needs resident, at least 8 GiB)")
     ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy (the default)")
     ap.add_argument("--top-p", type=float, default=1.0,
-                    help="< 1 runs every step's FULL sampler (top-k/top-p filter, penalties, logprobs)")
+                    help="< 1 runs every step's FILTER sampler (the top-k/top-p filter and penalties)")
     ap.add_argument("--attention", default="auto")
     ap.add_argument("--stream", action="store_true",
                     help="build every request's output at every step, as a streaming server does "
