@@ -81,6 +81,7 @@
 #               and the K = 8 program, device-timed; the K = 8 program's kernels per token), then the
 #               engine at K = 8, batch 1, profiled: forward -> programs -> TPOT splits the gap  ~6 min
 # PACK=1 packs everything under $OUT into $OUT/all.tgz at the end (the device tool returns 8 files a call).
+#   ncu         Nsight Compute details of the decode kernel (b8 / b64 ctx 2k) and the 4k prefill chunk  ~2 min
 #   hf-static   Hugging Face static-cache generate(), 8B batch 1 and 64 (long compile)            ~8 min
 #   hf-eager    Hugging Face eager generate(), 1B and 8B, batch 1 and 64                          ~2 min
 # Everything is also runnable by hand: each part is one or two commands below.
@@ -371,6 +372,21 @@ for part in "$@"; do
           --batch 1 64 --decode-attention fused --residual-norm gpu --json "$OUT/forward_flags$i.json" \
           > "$OUT/forward_flags$i.log" 2>&1
         echo "-- XLA_FLAGS=$f"; grep -E "^\|" "$OUT/forward_flags$i.log"
+      done ;;
+    ncu)  # Nsight Compute on the attention kernels (issue 3's misses): decode kernel b8 / b64 ctx 2k, prefill
+      # 4k chunk; each case's details page (launch stats, occupancy, memory, warp stalls) in ncu_CASE.log,
+      # the headline metrics printed.  $NCU_CASES overrides the cases ("case[:extra script args]" words).
+      NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+      [ -n "$NCU" ] || { echo "no ncu"; continue; }
+      for spec in ${NCU_CASES:-decode-b8-ctx2048 decode-b64-ctx2048 decode-b8-ctx2048:--stages=3:--splits=4 prefill-4096}; do
+        c=${spec%%:*}; extra=""; [ "$spec" != "$c" ] && extra=$(echo "${spec#*:}" | tr ':' ' ')
+        tag=$(echo "$spec" | tr -c 'a-zA-Z0-9\n-' '_')
+        case $c in decode-*) k='regex:^decode_attention'; skip=1; cnt=1 ;;
+                   *) k='regex:ragged_paged_attention'; skip=2; cnt=2 ;; esac
+        timeout 240 "$NCU" --clock-control none --set full -k "$k" --launch-skip $skip --launch-count $cnt \
+          python3 scripts/ncu_kernels.py --case $c $extra > "$OUT/ncu_$tag.log" 2>&1
+        echo "-- $spec"
+        grep -E "^  [a-z_]|case |Duration|DRAM Throughput|Memory Throughput|Registers Per Thread|Achieved Occupancy|Theoretical Occupancy|Block Limit|Waves Per SM|Shared Memory Per Block|Grid Size|Block Size|L2 Hit|Stall|ERR|rror" "$OUT/ncu_$tag.log" | head -60
       done ;;
     hf-static)
       XLA_PYTHON_CLIENT_PREALLOCATE=false lat hf_static --model llama-3.1-8b --batch 1 64 --no-engine \
