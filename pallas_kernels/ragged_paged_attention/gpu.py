@@ -43,7 +43,7 @@ def _next_pow2(x: int) -> int:
 
 def fast_math_default() -> bool:
     """Whether the compiled GPU kernel's online softmax uses PTX directly (`fast_math`):
-    p = ex2.approx.ftz(fma(s, scale, -m)).  XLA's Triton pipeline
+    p = ex2.approx.ftz(fma(s, scale, -m)) and acc = fma(acc, alpha, pv).  XLA's Triton pipeline
     contracts no multiply-add (Nsight Compute, fifteenth session: 0 fused of 64M FP32
     instructions in the 4k prefill kernel, ~7.6 a score) and lowers exp2 to libdevice's
     `__nv_exp2f`, whose non-ftz `ex2.approx.f32` adds a range check and two predicated
@@ -80,6 +80,10 @@ def exp2_fma(s, scale, neg_m, fast: bool):
 def exp2(x, fast: bool):
     return _f32_asm("ex2.approx.ftz.f32 $0, $1;", x) if fast else jnp.exp2(x)
 
+
+def fma(a, b, c, fast: bool):
+    """a * b + c, one fused multiply-add with fast (XLA's Triton pipeline contracts none)."""
+    return _f32_asm("fma.rn.f32 $0, $1, $2, $3;", a, b, c) if fast else a * b + c
 
 
 def _kernel(
@@ -256,10 +260,7 @@ def _kernel(
             p = exp2_fma(s, scale, -m_safe[:, None], fast_math)
             l_next = l_prev * alpha + jnp.sum(p, axis=1)
             pv = plgpu.dot(p.astype(v.dtype), v, precision=precision)
-            # acc * alpha + pv stays jnp: Triton folds the add into the p.v dot's accumulator (an
-            # FMA written as PTX kept pv apart: 2x the accumulator registers, 4k prefill 511 ->
-            # 703 us on the H200, fifteenth session)
-            return acc * alpha[:, None] + pv, m_next, l_next
+            return fma(acc, alpha[:, None], pv, fast_math), m_next, l_next
 
         def full_body(i, carry):
             # The page of the split's next block is read one block ahead and carried: a K/V
