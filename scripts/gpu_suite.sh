@@ -81,7 +81,6 @@
 #               and the K = 8 program, device-timed; the K = 8 program's kernels per token), then the
 #               engine at K = 8, batch 1, profiled: forward -> programs -> TPOT splits the gap  ~6 min
 # PACK=1 packs everything under $OUT into $OUT/all.tgz at the end (the device tool returns 8 files a call).
-#   fastmath    compiled ragged-kernel tests, then bench_attention --fast-math-ab --device-time (softmax as PTX on / off)  ~6 min
 #   ncu         Nsight Compute details of the decode kernel (b8 / b64 ctx 2k) and the 4k prefill chunk  ~2 min
 #   hf-static   Hugging Face static-cache generate(), 8B batch 1 and 64 (long compile)            ~8 min
 #   hf-eager    Hugging Face eager generate(), 1B and 8B, batch 1 and 64                          ~2 min
@@ -374,13 +373,6 @@ for part in "$@"; do
           > "$OUT/forward_flags$i.log" 2>&1
         echo "-- XLA_FLAGS=$f"; grep -E "^\|" "$OUT/forward_flags$i.log"
       done ;;
-    fastmath)  # the ragged kernel's softmax as PTX (fast_math, default on): compiled ragged-kernel tests, then
-      # bench_attention --fast-math-ab --device-time (prefill-tile cases and decode cases, fast_math on / off)
-      (cd tests && timeout ${KERNELS_TIMEOUT:-200} python3 -m pytest -v test_ragged_paged_attention.py -k gpu -x \
-        -rf --tb=short > "$OUT/fastmath_tests.log" 2>&1
-       grep -E "^E |[0-9]+ passed|failed|FAILED|rror" "$OUT/fastmath_tests.log" | head -20)
-      timeout 330 python3 scripts/bench_attention.py --fast-math-ab --device-time --out "$OUT/fastmath.json" \
-        > "$OUT/fastmath.log" 2>&1; grep -E "^\||ceilings|device:|rror" "$OUT/fastmath.log" ;;
     ncu)  # Nsight Compute on the attention kernels (issue 3's misses): decode kernel b8 / b64 ctx 2k, prefill
       # 4k chunk; each case's details page (launch stats, occupancy, memory, warp stalls) in ncu_CASE.log,
       # the headline metrics printed.  $NCU_CASES overrides the cases ("case[:extra script args]" words).

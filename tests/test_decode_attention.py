@@ -223,32 +223,6 @@ def test_ragged_kernel_lowers_to_triton_for_h100(as_h100, num_tokens):
         assert merged.count("xla.gpu.triton") == 1
 
 
-def test_ragged_kernel_fast_math_lowers_to_ptx_softmax(as_h100, monkeypatch):
-    """fast_math (the compiled default) writes the online softmax's exp2 and multiply-adds as PTX
-    (XLA's Triton pipeline contracts no FMA and takes libdevice's non-ftz exp2); off, none of it;
-    $JAXENGINE_ATTN_FAST_MATH sets the default."""
-    from jaxengine.pallas_kernels.ragged_paged_attention import gpu
-    i32 = jnp.int32
-
-    def lowered(**kw):
-        return lower_for_cuda(
-            lambda *a: gpu.ragged_paged_attention(*a, sm_scale=0.088, interpret=False, **kw),
-            _sds((2048, HQ, D)), _sds((PAGES, PS, 2 * HKV, D)), _sds((T,), i32), _sds((T, 16), i32),
-            _sds((T + 1,), i32), _sds((1,), i32))
-
-    monkeypatch.delenv("JAXENGINE_ATTN_FAST_MATH", raising=False)
-    assert gpu.fast_math_default()
-    fast = lowered()
-    assert "ex2.approx.ftz.f32" in fast and "fma.rn.f32" in fast
-    plain = lowered(fast_math=False)
-    assert "ex2.approx" not in plain and "fma.rn" not in plain
-    monkeypatch.setenv("JAXENGINE_ATTN_FAST_MATH", "0")
-    assert not gpu.fast_math_default() and "ex2.approx" not in lowered()
-    monkeypatch.setenv("JAXENGINE_ATTN_FAST_MATH", "yes")
-    with pytest.raises(ValueError, match="JAXENGINE_ATTN_FAST_MATH"):
-        gpu.fast_math_default()
-
-
 def test_split_merge_defaults_per_kernel(monkeypatch):
     """Where the kv splits merge (measured on the H200, eleventh session): inside the decode
     kernel, in a combine kernel after the ragged one; $JAXENGINE_DECODE_COMBINE sets both, and a
