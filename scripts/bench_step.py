@@ -114,9 +114,11 @@ def time_programs(runner, batch: int, context: int, steps: int, iters: int) -> d
     return out
 
 
-def profile_full_sampler(runner, batch: int, context: int, trace: str, top: int) -> list[dict]:
-    """The FULL sampler (penalties, top-k/top-p filter, top-n logprobs) under jax.profiler: its
-    kernels per call, to say which part of it costs what."""
+def profile_full_sampler(runner, batch: int, context: int, trace: str, top: int,
+                         mode_name: str = "FULL") -> list[dict]:
+    """The FULL sampler (penalties, top-k/top-p filter, top-n logprobs), or the one mode_name
+    names (FILTER: without the logprobs), under jax.profiler: its kernels per call, to say which
+    part of it costs what."""
     import jax
     import jax.numpy as jnp
 
@@ -130,16 +132,17 @@ def profile_full_sampler(runner, batch: int, context: int, trace: str, top: int)
     samp_ints, samp_floats = jnp.asarray(ints[:n_int]), jnp.asarray(floats[:n_float])
     logits = jax.random.normal(jax.random.PRNGKey(0), (s, runner.cfg.model.vocab_size), jnp.float32) * 3.0
     calls = 3
+    mode = getattr(sampler, mode_name)
     runner.penalty_state, packed = runner._sample(logits, runner.penalty_state, samp_ints, samp_floats, s,
-                                                  sampler.FULL)  # donated: the state comes back
+                                                  mode)  # donated: the state comes back
     jax.block_until_ready(packed)
     with jax.profiler.trace(trace, create_perfetto_trace=True):
         for _ in range(calls):
             runner.penalty_state, packed = runner._sample(logits, runner.penalty_state, samp_ints, samp_floats,
-                                                          s, sampler.FULL)
+                                                          s, mode)
         jax.block_until_ready(packed)
     rows = kernel_table(device_events(trace), calls)
-    print(f"  kernels of the FULL sampler, b{batch}, per call: {sum(x['count_per_step'] for x in rows):.0f} "
+    print(f"  kernels of the {mode_name} sampler, b{batch}, per call: {sum(x['count_per_step'] for x in rows):.0f} "
           f"launches, {sum(x['us_per_step'] for x in rows):.0f} us")
     for x in rows[:top]:
         print(f"    {x['us_per_step']:9.1f} us  x{x['count_per_step']:5.1f}  {x['kernel'][:110]}")
@@ -155,6 +158,8 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=48, help="tokens timed per figure")
     ap.add_argument("--kv-cache-gib", type=float, default=8.0)
     ap.add_argument("--decode-matmul", default="auto", choices=["auto", "xla", "mgpu", "mgpu_norm", "mgpu_plain"])
+    ap.add_argument("--profile-sampler", choices=("full", "filter"), default="full",
+                    help="which sampler mode --profile-dir traces (filter: top-k/top-p without logprobs)")
     ap.add_argument("--profile-dir", default=None,
                     help="trace the k = steps program and the FULL sampler and list their kernels")
     ap.add_argument("--max-logprobs", type=int, default=None,
@@ -228,7 +233,9 @@ def main() -> None:
                 r["gaps"] = device_gaps(events)
                 print_gaps(r["gaps"], per=calls * args.steps, label="token")
                 r["full_sampler_kernels"] = profile_full_sampler(runner, batch, args.context,
-                                                                 os.path.join(trace, "sampler"), args.top)
+                                                                 os.path.join(trace, "sampler"), args.top,
+                                                                 args.profile_sampler.upper())
+                r["profiled_sampler"] = args.profile_sampler.upper()
             report["runs"].append(r)
         del llm, runner
     if args.json:
