@@ -81,6 +81,8 @@
 #               and the K = 8 program, device-timed; the K = 8 program's kernels per token), then the
 #               engine at K = 8, batch 1, profiled: forward -> programs -> TPOT splits the gap  ~6 min
 # PACK=1 packs everything under $OUT into $OUT/all.tgz at the end (the device tool returns 8 files a call).
+#   absearch    bench_step 1B b1/b64 with the FILTER sampler's search at 16 / 4 / 8 / 16 ways ($WAYS)   ~4 min
+#   prefillcheck bench_attention --prefill-tiles --device-time with nvidia-smi dmon (clocks, power) and throttle reasons  ~3 min
 #   ncu         Nsight Compute details of the decode kernel (b8 / b64 ctx 2k) and the 4k prefill chunk  ~2 min
 #   hf-static   Hugging Face static-cache generate(), 8B batch 1 and 64 (long compile)            ~8 min
 #   hf-eager    Hugging Face eager generate(), 1B and 8B, batch 1 and 64                          ~2 min
@@ -373,6 +375,24 @@ for part in "$@"; do
           > "$OUT/forward_flags$i.log" 2>&1
         echo "-- XLA_FLAGS=$f"; grep -E "^\|" "$OUT/forward_flags$i.log"
       done ;;
+    absearch)  # the FILTER sampler's threshold search by ways ($JAXENGINE_SAMPLER_SEARCH_WAYS 16 / 4 / 8 / 16):
+      # bench_step 1B b1/b64, FILTER ms column (fifteenth session: 0.19 / 0.79-0.82 ms at 16 ways)
+      for w in ${WAYS:-16 4 8 16}; do
+        JAXENGINE_SAMPLER_SEARCH_WAYS=$w timeout 150 python3 scripts/bench_step.py --model llama-3.2-1b --batch 1 64 \
+          --steps 8 --no-warmup --json "$OUT/absearch_w$w.json" > "$OUT/absearch_w$w.log" 2>&1
+        echo "-- ways $w"; grep -E "^\| llama|Error" "$OUT/absearch_w$w.log"
+      done ;;
+    prefillcheck)  # prefill attention device-timed (chunks 512-8192, cuDNN beside), with the GPU's clocks, power and
+      # throttle reasons sampled during the run (fifteenth session: the same 4k chunk took 319 us under ncu on one
+      # machine and 499-511 us device-timed on another, where cuDNN ran as usual)
+      nvidia-smi dmon -s pc -d 1 > "$OUT/prefillcheck_dmon.log" 2>&1 & dm=$!
+      timeout 300 python3 scripts/bench_attention.py --prefill-tiles --device-time --out "$OUT/prefillcheck.json" \
+        > "$OUT/prefillcheck.log" 2>&1
+      kill $dm 2>/dev/null
+      nvidia-smi -q -d PERFORMANCE > "$OUT/prefillcheck_perf.txt" 2>&1
+      grep -E "^\| prefill \| (chunk|2x)|ceilings|rror" "$OUT/prefillcheck.log"
+      grep -iE "throttle|slowdown|capping|Active|Idle" "$OUT/prefillcheck_perf.txt" | head -20
+      head -2 "$OUT/prefillcheck_dmon.log"; awk 'NR > 2 && $1 == 0' "$OUT/prefillcheck_dmon.log" | sort -n -k2 | tail -3 ;;
     ncu)  # Nsight Compute on the attention kernels (issue 3's misses): decode kernel b8 / b64 ctx 2k, prefill
       # 4k chunk; each case's details page (launch stats, occupancy, memory, warp stalls) in ncu_CASE.log,
       # the headline metrics printed.  $NCU_CASES overrides the cases ("case[:extra script args]" words).
@@ -383,7 +403,9 @@ for part in "$@"; do
         tag=$(echo "$spec" | tr -c 'a-zA-Z0-9\n-' '_')
         case $c in decode-*) k='regex:^decode_attention'; skip=1; cnt=1 ;;
                    *) k='regex:ragged_paged_attention'; skip=2; cnt=2 ;; esac
-        timeout 240 "$NCU" --clock-control none --set full -k "$k" --launch-skip $skip --launch-count $cnt \
+        # no preallocation: ncu saves and restores the device memory for each replay pass (75 s a case with
+        # XLA's 75% of 139 GiB preallocated, fifteenth session)
+        XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 240 "$NCU" --clock-control none --set full -k "$k" --launch-skip $skip --launch-count $cnt \
           python3 scripts/ncu_kernels.py --case $c $extra > "$OUT/ncu_$tag.log" 2>&1
         echo "-- $spec"
         grep -E "^  [a-z_]|case |Duration|DRAM Throughput|Memory Throughput|Registers Per Thread|Achieved Occupancy|Theoretical Occupancy|Block Limit|Waves Per SM|Shared Memory Per Block|Grid Size|Block Size|L2 Hit|Stall|ERR|rror" "$OUT/ncu_$tag.log" | head -60

@@ -235,6 +235,30 @@ def test_threshold_search_keeps_exactly_the_sorted_filters_tokens(seed):
     assert (got[cut].sum(-1) < x.shape[1]).all()
 
 
+@pytest.mark.parametrize("ways", [2, 4, 8])
+def test_threshold_search_with_fewer_ways_keeps_the_same_tokens(ways):
+    """$JAXENGINE_SAMPLER_SEARCH_WAYS: fewer pivots a pass, more passes (32 / log2(ways)), the
+    same exact thresholds as the sort (and the 16-way default)."""
+    for seed in (0, 1, 3, 6):  # ties, -inf tails, both vocab sizes
+        x, knob = _filter_rows(seed, 8, 300 if seed % 2 else 1000)
+        want = np.asarray(jax.jit(sampler._keep_sort)(x, knob))
+        got = np.asarray(jax.jit(lambda x, k: sampler._keep_search(x, k, ways))(x, knob))
+        np.testing.assert_array_equal(got, want)
+
+
+def test_search_ways_setting_is_checked(monkeypatch):
+    monkeypatch.delenv("JAXENGINE_SAMPLER_SEARCH_WAYS", raising=False)
+    assert sampler.search_ways() == 16
+    monkeypatch.setenv("JAXENGINE_SAMPLER_SEARCH_WAYS", "4")
+    assert sampler.search_ways() == 4
+    for bad in ("3", "32", "four"):
+        monkeypatch.setenv("JAXENGINE_SAMPLER_SEARCH_WAYS", bad)
+        with pytest.raises(ValueError, match="JAXENGINE_SAMPLER_SEARCH_WAYS"):
+            sampler.search_ways()
+    with pytest.raises(ValueError, match="ways"):
+        sampler._largest_true(lambda p: p > 0, jnp.zeros(1, jnp.uint32), jnp.ones(1, jnp.uint32), 3)
+
+
 def test_threshold_search_on_one_row_by_hand():
     """top_k 3 of [4, 3, 3, 3, 1, 0] keeps the value 3's ties (the threshold is a value); top_p 0.6
     of [log 0.5, log 0.3, log 0.2]: the mass above the 0.3 token is 0.5 < 0.6, above 0.2 it is 0.8."""

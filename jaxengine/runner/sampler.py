@@ -160,36 +160,55 @@ def _key_value(key: jax.Array) -> jax.Array:
     return jax.lax.bitcast_convert_type(bits, jnp.float32)
 
 
-_WAYS, _PASSES = 16, 8  # 16 ** 8 = 2 ** 32 keys: 8 passes end on the exact key
+# Ways of the threshold search: 16 (8 passes of 15 pivots) by default.  On the H200 (fifteenth
+# session) XLA:GPU's reduction of the [rows, 15, vocab] compare reads the row once per pivot, ~3 us
+# a pivot at batch 64 (the count pass 45 us, the mass pass 26 us: 0.57 of the FILTER sampler's
+# 0.81 ms), so fewer pivots a pass may win at big batches: 4 ways = 16 passes of 3 pivots (48
+# reads of the row instead of 120, twice the launches).  Not yet measured:
+# $JAXENGINE_SAMPLER_SEARCH_WAYS (2, 4, 8 or 16) picks it at trace time.
+SEARCH_WAYS = (2, 4, 8, 16)
 
 
-def _largest_true(pred, lo: jax.Array, hi: jax.Array) -> jax.Array:
+def search_ways() -> int:
+    env = os.environ.get("JAXENGINE_SAMPLER_SEARCH_WAYS", "").strip()
+    if not env:
+        return 16
+    if env not in {str(w) for w in SEARCH_WAYS}:
+        raise ValueError(f"JAXENGINE_SAMPLER_SEARCH_WAYS must be one of {SEARCH_WAYS}; got {env!r}")
+    return int(env)
+
+
+def _largest_true(pred, lo: jax.Array, hi: jax.Array, ways: int = 16) -> jax.Array:
     """Per row, the largest key u in [lo, hi] with pred(u), for a pred that holds up to some key
-    and not after it, taken to hold at lo (lo comes back where it holds nowhere above).  Each of
-    the 8 passes evaluates pred at 15 pivots splitting the range in 16 (one read of the row for
-    all 15: XLA fuses the compare-reduce, [rows, 15, vocab] reduced over its last axis, a row
-    reduction).  No loop: an XLA:GPU loop reads its predicate back to the host every trip."""
-    j = jnp.arange(1, _WAYS, dtype=jnp.uint32)[None, :]
-    for _ in range(_PASSES):
-        step = (hi - lo) // _WAYS + 1
-        piv = lo[:, None] + step[:, None] * j  # [rows, 15]; at most hi + 15: no wrap for float keys
+    and not after it, taken to hold at lo (lo comes back where it holds nowhere above).  Each pass
+    evaluates pred at ways - 1 pivots splitting the range in `ways` (one XLA reduction, [rows,
+    ways - 1, vocab] over its last axis), shrinking hi - lo to at most (hi - lo) // ways: 32 /
+    log2(ways) passes end on the exact key of a 32-bit range.  No loop: an XLA:GPU loop reads its
+    predicate back to the host every trip."""
+    if ways not in SEARCH_WAYS:
+        raise ValueError(f"ways must be one of {SEARCH_WAYS}; got {ways}")
+    j = jnp.arange(1, ways, dtype=jnp.uint32)[None, :]
+    for _ in range(32 // (ways.bit_length() - 1)):
+        step = (hi - lo) // ways + 1
+        piv = lo[:, None] + step[:, None] * j  # [rows, ways - 1]; at most hi + ways - 1: no wrap for float keys
         ok = pred(piv) & (piv <= hi[:, None])
         n = jnp.sum(ok, axis=-1).astype(jnp.uint32)  # pivots that hold: a prefix
-        lo, hi = lo + step * n, jnp.where(n < _WAYS - 1, jnp.minimum(lo + step * (n + 1) - 1, hi), hi)
+        lo, hi = lo + step * n, jnp.where(n < ways - 1, jnp.minimum(lo + step * (n + 1) - 1, hi), hi)
     return lo
 
 
-def _keep_search(logits: jax.Array, s: dict[str, jax.Array]) -> jax.Array:
+def _keep_search(logits: jax.Array, s: dict[str, jax.Array], ways: int | None = None) -> jax.Array:
     """_keep_sort's tokens without sorting: the k-th largest value is the largest v with
     count(x >= v) >= k, and the top-p threshold the smallest top-k value v whose mass above
     (strictly greater values, over the top-k's softmax) is below top_p, as the sorted cumulative
-    sum puts it.  Both by _largest_true over the floats' order keys."""
+    sum puts it.  Both by _largest_true over the floats' order keys (ways: search_ways())."""
+    ways = search_ways() if ways is None else ways
     vocab = logits.shape[-1]
     key = _order_key(logits)
     lo, hi = jnp.min(key, axis=-1), jnp.max(key, axis=-1)
     k = jnp.where(s["top_k"] > 0, jnp.minimum(s["top_k"], vocab), vocab)
     kth_key = _largest_true(
-        lambda piv: jnp.sum(key[:, None, :] >= piv[:, :, None], axis=-1) >= k[:, None], lo, hi)
+        lambda piv: jnp.sum(key[:, None, :] >= piv[:, :, None], axis=-1) >= k[:, None], lo, hi, ways)
     # the top-k's softmax normaliser: values above the k-th, and the k-th's ties up to k entries
     m = jnp.max(logits, axis=-1, keepdims=True)
     e = jnp.exp(logits - m)
@@ -202,7 +221,7 @@ def _keep_search(logits: jax.Array, s: dict[str, jax.Array]) -> jax.Array:
         return jnp.sum(jnp.where(key[:, None, :] > piv[:, :, None], e[:, None, :], 0.0), axis=-1) >= target[:, None]
 
     # the largest u whose mass above still reaches top_p: the threshold is the next key up
-    p_key = _largest_true(mass_above_reaches, kth_key - 1, hi) + 1
+    p_key = _largest_true(mass_above_reaches, kth_key - 1, hi, ways) + 1
     p_key = jnp.where(s["top_p"] >= 1.0, kth_key, p_key)  # top_p 1: off (as _keep_sort)
     return key >= jnp.maximum(kth_key, p_key)[:, None]
 
