@@ -284,6 +284,10 @@ LONG_TILE_SWEEP = {
     "2x256pq": dict(block_q=64, block_k=64, num_warps=8, num_stages=3, short_q=4, prescale_q=True),
     "2x256st2": dict(block_q=64, block_k=64, num_warps=8, num_stages=2, short_q=4),
 }
+# --fast-math-ab: the default kernel (fast_math, the softmax's exponent as PTX, on for tiles of
+# 32-128 rows) against fast_math off and on for every tile, on the prefill-tile cases (cuDNN
+# beside the pure chunks) and the decode sweep's cases.
+FAST_MATH_AB = {"nofm": dict(fast_math=False), "allfm": dict(fast_math=True)}
 LONG_TILE_CASES = [c for c in PREFILL_TILE_CASES
                    if c[0] in ("chunk2048", "chunk4096", "chunk8192", "1984 prefill + 64 dec ctx2048")]
 
@@ -421,6 +425,8 @@ def main():
                     help="only the engine's decode kernel (gpu_decode) over batch x context x kv splits")
     ap.add_argument("--decode-sweep", action="store_true",
                     help="only the ragged kernel's decode tile sweep (DECODE_SWEEP at DECODE_SWEEP_CASES)")
+    ap.add_argument("--fast-math-ab", action="store_true",
+                    help="only PREFILL_TILE_CASES and DECODE_SWEEP_CASES, the default beside fast_math off / on")
     ap.add_argument("--page-sizes", default="16,32,64")
     ap.add_argument("--decode-page-size", type=int, default=32)
     args = ap.parse_args()
@@ -455,6 +461,16 @@ def main():
         for name, q_lens, ctx_lens, max_seqs in LONG_TILE_CASES:
             save(); run_case(rows, "prefill", name, q_lens, ctx_lens, args.decode_page_size, hbm, mxu,
                      variants=LONG_TILE_SWEEP, max_num_seqs=max_seqs)
+        save()
+        return
+    if args.fast_math_ab:
+        for name, q_lens, ctx_lens, max_seqs in PREFILL_TILE_CASES:
+            peers = ["cudnn"] if len(q_lens) == 1 and q_lens == ctx_lens else []
+            save(); run_case(rows, "prefill", name, q_lens, ctx_lens, args.decode_page_size, hbm, mxu, peers,
+                     variants=FAST_MATH_AB, max_num_seqs=max_seqs)
+        for b, c in DECODE_SWEEP_CASES:
+            save(); run_case(rows, "decode", f"b{b} ctx{c}", [1] * b, [c] * b, args.decode_page_size,
+                     hbm, mxu, variants=FAST_MATH_AB)
         save()
         return
     if args.prefill_tiles:

@@ -81,6 +81,7 @@
 #               and the K = 8 program, device-timed; the K = 8 program's kernels per token), then the
 #               engine at K = 8, batch 1, profiled: forward -> programs -> TPOT splits the gap  ~6 min
 # PACK=1 packs everything under $OUT into $OUT/all.tgz at the end (the device tool returns 8 files a call).
+#   fastmath    compiled ragged-kernel tests, then bench_attention --fast-math-ab --device-time (softmax exponent as PTX)  ~7 min
 #   absearch    bench_step 1B b1/b64 with the FILTER sampler's search at 16 / 4 / 8 / 16 ways ($WAYS)   ~4 min
 #   prefillcheck bench_attention --prefill-tiles --device-time with nvidia-smi dmon (clocks, power) and throttle reasons  ~3 min
 #   ncu         Nsight Compute details of the decode kernel (b8 / b64 ctx 2k) and the 4k prefill chunk  ~2 min
@@ -375,6 +376,13 @@ for part in "$@"; do
           > "$OUT/forward_flags$i.log" 2>&1
         echo "-- XLA_FLAGS=$f"; grep -E "^\|" "$OUT/forward_flags$i.log"
       done ;;
+    fastmath)  # the ragged kernel's softmax exponent as PTX (fast_math: default on for tiles of 32-128 rows):
+      # compiled ragged-kernel tests, then bench_attention --fast-math-ab --device-time (default / off / every tile)
+      (cd tests && timeout ${KERNELS_TIMEOUT:-200} python3 -m pytest -v test_ragged_paged_attention.py -k gpu -x \
+        -rf --tb=short > "$OUT/fastmath_tests.log" 2>&1
+       grep -E "^E |[0-9]+ passed|failed|FAILED|rror" "$OUT/fastmath_tests.log" | head -20)
+      timeout 330 python3 scripts/bench_attention.py --fast-math-ab --device-time --out "$OUT/fastmath.json" \
+        > "$OUT/fastmath.log" 2>&1; grep -E "^\||ceilings|device:|rror" "$OUT/fastmath.log" ;;
     absearch)  # the FILTER sampler's threshold search by ways ($JAXENGINE_SAMPLER_SEARCH_WAYS 16 / 4 / 8 / 16):
       # bench_step 1B b1/b64, FILTER ms column (fifteenth session: 0.19 / 0.79-0.82 ms at 16 ways)
       for w in ${WAYS:-16 4 8 16}; do

@@ -223,6 +223,43 @@ def test_ragged_kernel_lowers_to_triton_for_h100(as_h100, num_tokens):
         assert merged.count("xla.gpu.triton") == 1
 
 
+def test_ragged_kernel_fast_math_lowers_to_ptx_softmax(as_h100, monkeypatch):
+    """fast_math writes the online softmax's exponent as PTX (XLA's Triton pipeline contracts no
+    FMA and takes libdevice's non-ftz exp2).  By default only the 32-128-row tiles take it (H200:
+    the 128-row prefill tile faster, the 256-row long tile slower, 16-row decode tiles even): a
+    512-token bucket's one launch, neither launch of a 2048-token bucket (256 and 16 rows);
+    $JAXENGINE_ATTN_FAST_MATH=1 / 0 forces every tile."""
+    import re
+
+    from jaxengine.pallas_kernels.ragged_paged_attention import gpu
+    i32 = jnp.int32
+
+    def launches(num_tokens, **kw):  # {kernel name: whether its Triton IR holds the PTX softmax}
+        mlir = lower_for_cuda(
+            lambda *a: gpu.ragged_paged_attention(*a, sm_scale=0.088, interpret=False, **kw),
+            _sds((num_tokens, HQ, D)), _sds((PAGES, PS, 2 * HKV, D)), _sds((T,), i32), _sds((T, 16), i32),
+            _sds((T + 1,), i32), _sds((1,), i32))
+        calls = [line for line in mlir.splitlines() if "xla.gpu.triton" in line]
+        return {re.findall(r'name = \\?"([a-z_0-9]+)', line)[0]:
+                "ex2.approx.ftz.f32" in line and "fma.rn.f32" in line for line in calls}
+
+    tile128, long_k, short_k = ("ragged_paged_attention_bq32_bk32_s1", "ragged_paged_attention_bq64_bk64_s1",
+                                "ragged_paged_attention_bq4_bk32_s1")
+    monkeypatch.delenv("JAXENGINE_ATTN_FAST_MATH", raising=False)
+    assert gpu.fast_math_default() is None
+    assert launches(512) == {tile128: True}
+    assert launches(2048) == {long_k: False, short_k: False}
+    assert launches(2048, fast_math=True) == {long_k: True, short_k: True}
+    assert launches(512, fast_math=False) == {tile128: False}
+    monkeypatch.setenv("JAXENGINE_ATTN_FAST_MATH", "0")
+    assert gpu.fast_math_default() is False and launches(512) == {tile128: False}
+    monkeypatch.setenv("JAXENGINE_ATTN_FAST_MATH", "1")
+    assert launches(2048) == {long_k: True, short_k: True}
+    monkeypatch.setenv("JAXENGINE_ATTN_FAST_MATH", "yes")
+    with pytest.raises(ValueError, match="JAXENGINE_ATTN_FAST_MATH"):
+        gpu.fast_math_default()
+
+
 def test_split_merge_defaults_per_kernel(monkeypatch):
     """Where the kv splits merge (measured on the H200, eleventh session): inside the decode
     kernel, in a combine kernel after the ragged one; $JAXENGINE_DECODE_COMBINE sets both, and a

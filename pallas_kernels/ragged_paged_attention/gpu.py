@@ -41,6 +41,56 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
+# Tiles of FAST_MATH_MIN_ROWS..FAST_MATH_MAX_ROWS rows take fast_math by default (fast_math_default).
+FAST_MATH_MIN_ROWS, FAST_MATH_MAX_ROWS = 32, 128
+
+
+def fast_math_default() -> bool | None:
+    """Whether the compiled GPU kernel writes its online softmax's exponent as PTX (`fast_math`):
+    p = ex2.approx.ftz(fma(s, scale, -m)) and alpha = ex2.approx.ftz(m_prev - m), where XLA's
+    Triton pipeline contracts no multiply-add (Nsight Compute, fifteenth session: 0 fused of 64M
+    FP32 instructions in the 4k prefill kernel) and lowers exp2 to libdevice's non-ftz
+    `__nv_exp2f` (a range check and two predicated multiplies around the MUFU).
+    $JAXENGINE_ATTN_FAST_MATH=1 / 0 forces it on / off for every tile; unset (None) it is on for
+    tiles of FAST_MATH_MIN_ROWS to FAST_MATH_MAX_ROWS rows (the prefill tile of buckets under
+    2,048 tokens: 128 rows).  H200, fifteenth session (device-timed, two calls each way): that
+    tile's mixed step (512 prefill + 63 decodes) 296 -> 259 us; the 256-row long tile (255
+    registers, spilling already) 511 -> 703 us at a 4k chunk, 1,880 -> 2,585 us at 8k; 16-row
+    decode tiles within 1% (b64 ctx 2k 132 -> 133 us).  The interpreter (CPU tests) always takes
+    the jnp path: inline PTX has no interpreter rule."""
+    env = os.environ.get("JAXENGINE_ATTN_FAST_MATH", "").strip()
+    if env in ("0", "1"):
+        return env == "1"
+    if env:
+        raise ValueError(f"JAXENGINE_ATTN_FAST_MATH must be 0 or 1, got {env!r}")
+    return None
+
+
+def _f32_asm(asm: str, *args):
+    """One float32 PTX instruction sequence applied elementwise ($0 the result, $1.. the args,
+    all of one shape)."""
+    shape = args[0].shape
+    args = [jnp.broadcast_to(jnp.asarray(a, jnp.float32), shape) for a in args]
+    [out] = plgpu.elementwise_inline_asm(
+        asm, args=args, constraints="=f" + ",f" * len(args), pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(shape, jnp.float32)])
+    return out
+
+
+def exp2_fma(s, scale, neg_m, fast: bool):
+    """exp2(s * scale + neg_m): with fast, one FMA and one MUFU.EX2 (subnormal results flush to
+    0, a weight below 2**-126 of the row's largest)."""
+    if not fast:
+        return jnp.exp2((s * scale if scale != 1.0 else s) + neg_m)
+    return _f32_asm("{ .reg .f32 t; fma.rn.f32 t, $1, $2, $3; ex2.approx.ftz.f32 $0, t; }",
+                    s, scale, neg_m)
+
+
+def exp2(x, fast: bool):
+    return _f32_asm("ex2.approx.ftz.f32 $0, $1;", x) if fast else jnp.exp2(x)
+
+
+
 def _kernel(
     # scalars-in-memory
     num_seqs_ref,  # i32[1]
@@ -71,6 +121,7 @@ def _kernel(
     short_q: int,
     select: str,
     fused_combine: bool = False,
+    fast_math: bool = False,
 ):
     out_ref = cnt_ref = None
     if num_splits == 1:
@@ -187,8 +238,14 @@ def _kernel(
             k = plgpu.load(kv_ref.at[k_row[:, None], col], mask=load_mask, other=other)  # [block_k, d]
             v = plgpu.load(kv_ref.at[k_row[:, None] + 1, col], mask=load_mask, other=other)
             s = plgpu.dot(q, k, trans_b=True, precision=precision)  # [block_m, block_k] f32
+            # Scores become base-2 logits as s * scale; with fast_math the scale goes into the
+            # exponent's FMA (the row max is taken on raw scores: scale > 0, and rounding is
+            # monotonic, so max(s) * scale == max(s * scale) exactly).
+            scale = 1.0
             if soft_cap is None:
-                if qk_scale != 1.0:
+                if fast_math:
+                    scale = qk_scale
+                elif qk_scale != 1.0:
                     s = s * qk_scale
             else:
                 s = soft_cap * jnp.tanh(s * sm_scale / soft_cap) * _LOG2E
@@ -197,16 +254,19 @@ def _kernel(
                 if sliding_window is not None:
                     visible &= q_pos[:, None] - k_pos[None, :] < sliding_window
                 s = jnp.where(visible, s, -jnp.inf)
-            m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
+            m_blk = jnp.max(s, axis=1)
+            m_next = jnp.maximum(m_prev, m_blk * scale if scale != 1.0 else m_blk)
             if masked:
                 # Rows that have seen no visible key yet keep m = -inf; subtract 0 there instead.
                 m_safe = jnp.where(m_next == -jnp.inf, 0.0, m_next)
             else:
                 m_safe = m_next  # every score of a full block is finite
-            alpha = jnp.exp2(m_prev - m_safe)
-            p = jnp.exp2(s - m_safe[:, None])
+            alpha = exp2(m_prev - m_safe, fast_math)
+            p = exp2_fma(s, scale, -m_safe[:, None], fast_math)
             l_next = l_prev * alpha + jnp.sum(p, axis=1)
             pv = plgpu.dot(p.astype(v.dtype), v, precision=precision)
+            # acc * alpha + pv stays jnp, so that Triton can fold the add into the p.v dot's
+            # accumulator (an FMA written as PTX measured the same as without it, fifteenth session)
             return acc * alpha[:, None] + pv, m_next, l_next
 
         def full_body(i, carry):
@@ -488,12 +548,12 @@ LONG_TILE_MIN_TOKENS = 2048
     jax.jit,
     static_argnames=("sm_scale", "sliding_window", "soft_cap", "block_q", "block_k",
                      "num_splits", "num_warps", "num_stages", "prescale_q", "short_q",
-                     "interpret", "fused_combine"),
+                     "interpret", "fused_combine", "fast_math"),
 )
 def _ragged_paged_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *,
                             sm_scale, sliding_window, soft_cap, block_q, block_k, num_splits,
                             num_warps, num_stages, prescale_q, short_q, interpret,
-                            fused_combine=False):
+                            fused_combine=False, fast_math=None):
     num_tokens, num_q_heads, head_dim = q.shape
     num_pages, page_size, combined, _ = kv_pages.shape
     num_kv_heads = combined // 2
@@ -523,7 +583,10 @@ def _ragged_paged_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_s
             clamp_rows=not interpret, sm_scale=sm_scale, sliding_window=sliding_window,
             soft_cap=soft_cap, num_splits=splits, prescale_q=prescale_q, precision=precision,
             max_num_seqs=max_num_seqs, short_q=short_q, select=select,
-            fused_combine=fused_combine and splits > 1)
+            fused_combine=fused_combine and splits > 1,
+            fast_math=not interpret and (
+                FAST_MATH_MIN_ROWS <= _next_pow2(tile_q * group) <= FAST_MATH_MAX_ROWS
+                if fast_math is None else fast_math))
         args = [num_seqs.reshape(1).astype(jnp.int32), *scalars, q2, kv2]
         params = plgpu.CompilerParams(num_warps=warps, num_stages=stages)
         grid = (num_kv_heads, splits, num_work)
@@ -600,6 +663,7 @@ def ragged_paged_attention(
     short_q: int | None = None,
     interpret: bool | None = None,
     fused_combine: bool | None = None,
+    fast_math: bool | None = None,
 ) -> jax.Array:
     """Same contract as `reference.ragged_paged_attention`; the keyword tuning args override
     `default_config`.  block_q counts tokens (a program's rows are block_q * group, padded to a
@@ -609,8 +673,10 @@ def ragged_paged_attention(
     (decode tokens) with a 16-row decode tile; 0 makes one launch.  Left at None it is
     default_config's (two launches for big prefill buckets) unless a tile keyword is given, so a
     tile given is the tile every request gets.  fused_combine (default fused_combine_default())
-    merges kv splits inside the kernel instead of a combine kernel.  `interpret` defaults to True
-    on the CPU backend (tests)."""
+    merges kv splits inside the kernel instead of a combine kernel.  fast_math (compiled kernels
+    only) writes the softmax's exponent as PTX; None: fast_math_default() (the environment, else
+    on for tiles of FAST_MATH_MIN_ROWS to FAST_MATH_MAX_ROWS rows).
+    `interpret` defaults to True on the CPU backend (tests)."""
     num_tokens, num_q_heads, head_dim = q.shape
     _, page_size, combined, _ = kv_pages.shape
     num_kv_heads = combined // 2
@@ -629,7 +695,7 @@ def ragged_paged_attention(
             cu_q_lens, num_seqs, sm_scale=sm_scale, sliding_window=sliding_window,
             soft_cap=soft_cap, block_q=block_q, block_k=block_k, num_splits=num_splits,
             num_warps=num_warps, num_stages=num_stages, prescale_q=prescale_q,
-            short_q=short_q, interpret=interpret, fused_combine=fused_combine)
+            short_q=short_q, interpret=interpret, fused_combine=fused_combine, fast_math=fast_math)
         return out[..., :head_dim]
     max_num_seqs, pages_per_seq = page_indices.shape
     cfg = default_config(num_tokens, max_num_seqs, num_q_heads, num_kv_heads, head_dim,
@@ -656,4 +722,5 @@ def ragged_paged_attention(
         q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, sm_scale=float(sm_scale),
         sliding_window=sliding_window, soft_cap=None if soft_cap is None else float(soft_cap),
         interpret=bool(interpret),
-        fused_combine=fused_combine_default() if fused_combine is None else bool(fused_combine), **cfg)
+        fused_combine=fused_combine_default() if fused_combine is None else bool(fused_combine),
+        fast_math=fast_math_default() if fast_math is None else bool(fast_math), **cfg)
