@@ -309,6 +309,23 @@ DECODE_SWEEP = {"st3": dict(num_stages=3), "st4": dict(num_stages=4), "s4": dict
 DECODE_SWEEP_CASES = [(8, 2048), (8, 8192), (64, 2048)]
 
 
+def decode_kernel_inputs(b: int, c: int, ps: int, width: int):
+    """The decode kernel's inputs for b requests of context c (pages ps tokens, a page table of
+    width pages a row): (token bucket, fused q/k/v, pages, (kv_lens, page table, num_seqs,
+    inv_freq)).  Request i's pages are contiguous, after a page 0 no request uses."""
+    group = NUM_Q_HEADS // NUM_KV_HEADS
+    inv_freq = 1.0 / (500000.0 ** (jnp.arange(0, HEAD_DIM, 2, dtype=jnp.float32) / HEAD_DIM))
+    t = max(8, 1 << (b - 1).bit_length())  # the runner's token bucket
+    need = -(-(c + 1) // ps)
+    pages = jax.random.normal(jax.random.key(c), (1 + b * need, ps, 2 * NUM_KV_HEADS, HEAD_DIM), DTYPE)
+    table = np.zeros((t, width), np.int32)
+    table[:b, :need] = 1 + np.arange(b * need).reshape(b, need)
+    kv_lens = np.zeros(t, np.int32)
+    kv_lens[:b] = c + 1
+    qkv = jax.random.normal(jax.random.key(1), (t, NUM_KV_HEADS, group + 2, HEAD_DIM), DTYPE)
+    return t, qkv, pages, (jnp.asarray(kv_lens), jnp.asarray(table), jnp.asarray([b], jnp.int32), inv_freq)
+
+
 def decode_kernel_sweep(rows, hbm, mxu, cfg=DECODE_KERNEL_SWEEP, inner=10, repeats=5):
     """The engine's decode-only kernel (gpu_decode: rope + KV write + attention, fused q/k/v
     input, with its split combine) at each batch, context and kv split count (None = the default
@@ -317,19 +334,9 @@ def decode_kernel_sweep(rows, hbm, mxu, cfg=DECODE_KERNEL_SWEEP, inner=10, repea
     from jaxengine.pallas_kernels.ragged_paged_attention import gpu_decode
 
     ps, width = cfg["page_size"], cfg["pages_per_seq"]
-    group = NUM_Q_HEADS // NUM_KV_HEADS
-    inv_freq = 1.0 / (500000.0 ** (jnp.arange(0, HEAD_DIM, 2, dtype=jnp.float32) / HEAD_DIM))
     for b in cfg["batches"]:
-        t = max(8, 1 << (b - 1).bit_length())  # the runner's token bucket
         for c in cfg["contexts"]:
-            need = -(-(c + 1) // ps)
-            pages = jax.random.normal(jax.random.key(c), (1 + b * need, ps, 2 * NUM_KV_HEADS, HEAD_DIM), DTYPE)
-            table = np.zeros((t, width), np.int32)
-            table[:b, :need] = 1 + np.arange(b * need).reshape(b, need)
-            kv_lens = np.zeros(t, np.int32)
-            kv_lens[:b] = c + 1
-            qkv = jax.random.normal(jax.random.key(1), (t, NUM_KV_HEADS, group + 2, HEAD_DIM), DTYPE)
-            rest = (jnp.asarray(kv_lens), jnp.asarray(table), jnp.asarray([b], jnp.int32), inv_freq)
+            t, qkv, pages, rest = decode_kernel_inputs(b, c, ps, width)
             kv_bytes = b * (c + 1) * 2 * NUM_KV_HEADS * HEAD_DIM * 2
             flops = 4 * HEAD_DIM * NUM_Q_HEADS * b * (c + 1)
             default = gpu_decode.default_config(t, NUM_KV_HEADS, HEAD_DIM, ps, width)["num_splits"]

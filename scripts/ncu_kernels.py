@@ -22,28 +22,16 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_attention import HEAD_DIM, NUM_KV_HEADS, NUM_Q_HEADS, SM_SCALE, DTYPE, make_step  # noqa: E402
+from bench_attention import HEAD_DIM, NUM_KV_HEADS, SM_SCALE, decode_kernel_inputs, make_step  # noqa: E402
 
 
 def decode_case(batch, ctx, overrides):
     from jaxengine.pallas_kernels.ragged_paged_attention import gpu_decode
 
     ps, width = 16, 512
-    group = NUM_Q_HEADS // NUM_KV_HEADS
-    t = max(8, 1 << (batch - 1).bit_length())
-    need = -(-(ctx + 1) // ps)
-    pages = jax.random.normal(jax.random.key(ctx), (1 + batch * need, ps, 2 * NUM_KV_HEADS, HEAD_DIM), DTYPE)
-    table = np.zeros((t, width), np.int32)
-    table[:batch, :need] = 1 + np.arange(batch * need).reshape(batch, need)
-    kv_lens = np.zeros(t, np.int32)
-    kv_lens[:batch] = ctx + 1
-    qkv = jax.random.normal(jax.random.key(1), (t, NUM_KV_HEADS, group + 2, HEAD_DIM), DTYPE)
-    inv_freq = 1.0 / (500000.0 ** (jnp.arange(0, HEAD_DIM, 2, dtype=jnp.float32) / HEAD_DIM))
-    rest = (jnp.asarray(kv_lens), jnp.asarray(table), jnp.asarray([batch], jnp.int32), inv_freq)
+    t, qkv, pages, rest = decode_kernel_inputs(batch, ctx, ps, width)
     f = jax.jit(lambda qkv, pages, *rest: gpu_decode.decode_attention(
         qkv, None, None, pages, *rest, sm_scale=SM_SCALE, **overrides), donate_argnums=(1,))
     state = {"pages": pages}

@@ -413,3 +413,19 @@ def test_bench_step_times_the_engines_own_programs_on_a_real_decode_batch(tmp_pa
     assert report["multi_step_unroll"] == "0" and "xla_flags" in report
     assert [(r["model"], r["batch"]) for r in runs] == [("tiny", 2)]
     assert 0 < runs[0]["floor_ms_per_token"] and 0 < runs[0]["fraction_of_floor"]
+
+
+def test_ncu_kernels_runs_each_kind_of_case_and_rejects_unknown_ones():
+    """scripts/ncu_kernels.py (the driver gpu_suite.sh's `ncu` part profiles): the decode kernel
+    with a tile override, the ragged kernel's decode step and a prefill chunk run (interpret mode
+    on CPU) and report their config; an unknown case name is an error naming it."""
+    import subprocess
+    here = os.path.dirname(os.path.abspath(__file__))
+    script = os.path.join(here, "..", "scripts", "ncu_kernels.py")
+    for case, extra, want in (("decode-b1-ctx40", ["--splits", "2"], "'num_splits': 2"),
+                              ("ragged-b2-ctx40", [], "config {}"), ("prefill-32", [], "config {}")):
+        out = subprocess.run([sys.executable, script, "--case", case, "--calls", "1", *extra],
+                             check=True, capture_output=True, text=True).stdout
+        assert f"case {case} " in out and want in out and "host-timed call" in out
+    bad = subprocess.run([sys.executable, script, "--case", "decode-8"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "unknown case 'decode-8'" in bad.stderr
