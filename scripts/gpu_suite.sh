@@ -82,6 +82,7 @@
 #               engine at K = 8, batch 1, profiled: forward -> programs -> TPOT splits the gap  ~6 min
 # PACK=1 packs everything under $OUT into $OUT/all.tgz at the end (the device tool returns 8 files a call).
 #   fastmath    compiled ragged-kernel tests, then bench_attention --fast-math-ab --device-time (softmax exponent as PTX)  ~7 min
+#   absplit     decode kernel kv splits as contiguous ranges vs round robin: compiled tests, decode kernel sweep each way  ~5 min
 #   absearch    bench_step 1B b1/b64 with the FILTER sampler's search at 16 / 4 / 8 / 16 ways ($WAYS)   ~4 min
 #   prefillcheck bench_attention --prefill-tiles --device-time with nvidia-smi dmon (clocks, power) and throttle reasons  ~3 min
 #   ncu         Nsight Compute details of the decode kernel (b8 / b64 ctx 2k) and the 4k prefill chunk  ~2 min
@@ -383,6 +384,15 @@ for part in "$@"; do
        grep -E "^E |[0-9]+ passed|failed|FAILED|rror" "$OUT/fastmath_tests.log" | head -20)
       timeout 330 python3 scripts/bench_attention.py --fast-math-ab --device-time --out "$OUT/fastmath.json" \
         > "$OUT/fastmath.log" 2>&1; grep -E "^\||ceilings|device:|rror" "$OUT/fastmath.log" ;;
+    absplit)  # the decode kernel's kv splits as contiguous ranges against round robin ($JAXENGINE_DECODE_SPLIT_LAYOUT
+      # in $LAYOUTS): compiled contiguous-layout tests, then the decode kernel sweep (--quick, device-timed) each way
+      (cd tests && timeout 150 python3 -m pytest -q test_decode_attention.py -k "contiguous or split_layout" \
+        > "$OUT/absplit_tests.log" 2>&1; tail -1 "$OUT/absplit_tests.log")
+      for l in ${LAYOUTS:-round_robin contiguous}; do
+        JAXENGINE_DECODE_SPLIT_LAYOUT=$l timeout 200 python3 scripts/bench_attention.py --decode-kernel-sweep --quick \
+          --device-time --out "$OUT/absplit_$l.json" > "$OUT/absplit_$l.log" 2>&1
+        echo "-- $l"; grep -E "^\| decode-kernel \| b(8|64)|rror" "$OUT/absplit_$l.log"
+      done ;;
     absearch)  # the FILTER sampler's threshold search by ways ($JAXENGINE_SAMPLER_SEARCH_WAYS 16 / 4 / 8 / 16):
       # bench_step 1B b1/b64, FILTER ms column (fifteenth session: 0.19 / 0.79-0.82 ms at 16 ways)
       for w in ${WAYS:-16 4 8 16}; do

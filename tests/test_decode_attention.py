@@ -53,6 +53,10 @@ CASES = [
     # splits take blocks round robin: several blocks a split, a window starting mid-context
     ([300, 129, 65], 4, 64, 16, jnp.float32, 100, None, dict(num_splits=3, block_k=16)),
     ([int(x) for x in np.random.default_rng(0).integers(1, 80, 33)], 4, 64, 16, jnp.bfloat16, 20, 10.0, {}),
+    # splits as contiguous ranges (split_layout="contiguous"): uneven shares, empty splits, a window
+    ([300, 129, 65, 1], 4, 64, 16, jnp.float32, 100, None, dict(num_splits=3, block_k=16, split_layout="contiguous")),
+    ([1, 16, 17, 50, 3, 64, 33], 8, 64, 32, jnp.bfloat16, None, None,
+     dict(num_splits=8, block_k=16, split_layout="contiguous")),
 ]
 
 
@@ -74,7 +78,7 @@ RUNS = [(c, False) for c in CASES] + [(CASES[i], True) for i in (0, 2, 4, 6, 9, 
 
 
 # the kv splits merged inside the kernel (fused_combine): cases with several splits
-MERGED = [(CASES[i], i % 2 == 0) for i in (2, 4, 6, 8, 11, 12)]
+MERGED = [(CASES[i], i % 2 == 0) for i in (2, 4, 6, 8, 11, 12, 13, 14)]
 RUNS_ALL = [(c, f, False) for c, f in RUNS] + [(c, f, True) for c, f in MERGED]
 
 
@@ -258,6 +262,26 @@ def test_ragged_kernel_fast_math_lowers_to_ptx_softmax(as_h100, monkeypatch):
     monkeypatch.setenv("JAXENGINE_ATTN_FAST_MATH", "yes")
     with pytest.raises(ValueError, match="JAXENGINE_ATTN_FAST_MATH"):
         gpu.fast_math_default()
+
+
+def test_split_layout_setting_and_lowering(as_h100, monkeypatch):
+    """$JAXENGINE_DECODE_SPLIT_LAYOUT (round_robin by default, or contiguous) is checked, and the
+    contiguous layout lowers to Triton for sm_90 as one launch like the default."""
+    monkeypatch.delenv("JAXENGINE_DECODE_SPLIT_LAYOUT", raising=False)
+    assert gpu_decode.split_layout_default() == "round_robin"
+    monkeypatch.setenv("JAXENGINE_DECODE_SPLIT_LAYOUT", "Contiguous")
+    assert gpu_decode.split_layout_default() == "contiguous"
+    monkeypatch.setenv("JAXENGINE_DECODE_SPLIT_LAYOUT", "striped")
+    with pytest.raises(ValueError, match="JAXENGINE_DECODE_SPLIT_LAYOUT"):
+        gpu_decode.split_layout_default()
+    i32 = jnp.int32
+    args = (_sds((T, HQ, D)), _sds((T, HKV, D)), _sds((T, HKV, D)), _sds((PAGES, PS, 2 * HKV, D)),
+            _sds((T,), i32), _sds((T, 16), i32), _sds((1,), i32), _sds((D // 2,), jnp.float32))
+    with pytest.raises(ValueError, match="split_layout"):
+        gpu_decode.decode_attention(*args, sm_scale=0.088, split_layout="striped", interpret=False)
+    mlir = lower_for_cuda(lambda *a: gpu_decode.decode_attention(
+        *a, sm_scale=0.088, num_splits=8, interpret=False, split_layout="contiguous"), *args)
+    assert mlir.count("xla.gpu.triton") == 1
 
 
 def test_split_merge_defaults_per_kernel(monkeypatch):

@@ -18,6 +18,7 @@ kernels a layer instead of five, one with a single split.
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -59,6 +60,7 @@ def _decode_kernel(
     soft_cap: float | None,
     precision,
     fused_combine: bool = False,
+    contiguous_splits: bool = False,
 ):
     out_ref = cnt_ref = None
     if num_splits == 1:
@@ -85,8 +87,16 @@ def _decode_kernel(
     # kv splits take the blocks round robin: split s walks blocks s, s + num_splits, ...  Its
     # first block is then known from the program id alone (no window), so the page-table read
     # for it is issued at once, beside the kv_lens read, not after it: at short contexts (one
-    # block a split) that is one memory latency off the kernel's critical path.
-    num_iters = split_blocks_below(num_blocks, split, num_splits)
+    # block a split) that is one memory latency off the kernel's critical path.  With
+    # contiguous_splits (an experiment, split_layout="contiguous") split s walks one range of
+    # ceil(num_blocks / num_splits) blocks instead, whose start waits for kv_lens.
+    if contiguous_splits:
+        per_split = lax.div(num_blocks + num_splits - 1, num_splits)
+        first_block, block_stride = split * per_split, 1
+        num_iters = jnp.clip(num_blocks - first_block, 0, per_split)
+    else:
+        first_block, block_stride = split, num_splits
+        num_iters = split_blocks_below(num_blocks, split, num_splits)
 
     # Rotary embedding, rotate-half layout, in float32 then rounded to the input dtype as the
     # unfused path does: out[c] = x[c] cos - x[c + half] sin (c < half), x[c] cos + x[c - half] sin.
@@ -164,8 +174,8 @@ def _decode_kernel(
         # The page(s) of the split's next block are read one block ahead and carried: a K/V
         # address that depends on a load of the same iteration costs Triton's pipeliner a stage.
         page, acc, m_prev, l_prev = carry
-        b = split + i * num_splits
-        next_page = block_pages(b + num_splits)
+        b = first_block + i * block_stride
+        next_page = block_pages(b + block_stride)
         start = kv_lo + b * block_k
         k_pos = start + k_iota
         k_valid = k_pos < pos
@@ -184,7 +194,7 @@ def _decode_kernel(
         pv = plgpu.dot(p.astype(v.dtype), v, precision=precision)
         return next_page, acc * alpha[:, None] + pv, m_next, l_next
 
-    _, acc, m_i, l_i = lax.fori_loop(0, num_iters, body, (block_pages(split), acc, m_i, l_i))
+    _, acc, m_i, l_i = lax.fori_loop(0, num_iters, body, (block_pages(first_block), acc, m_i, l_i))
 
     if num_splits == 1:
         # Every token row of the bucket is written, padding tokens' as zeros, so the output needs
@@ -222,10 +232,10 @@ def default_config(num_tokens: int, num_kv_heads: int, head_dim: int, page_size:
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "block_k",
                                              "num_splits", "num_warps", "num_stages", "interpret",
-                                             "fused_combine"))
+                                             "fused_combine", "split_layout"))
 def _decode_attention(q, k, v, kv_pages, kv_lens, page_indices, num_seqs, inv_freq, counters=None, *,
                       sm_scale, sliding_window, soft_cap, block_k, num_splits, num_warps, num_stages,
-                      interpret, fused_combine=False):
+                      interpret, fused_combine=False, split_layout="round_robin"):
     num_pages, page_size, combined, head_dim = kv_pages.shape
     num_kv_heads = combined // 2
     num_tokens = q.shape[0]
@@ -256,7 +266,8 @@ def _decode_attention(q, k, v, kv_pages, kv_lens, page_indices, num_seqs, inv_fr
         max_num_seqs=max_num_seqs, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, group=group,
         block_m=block_m, block_k=block_k, num_splits=num_splits, rows_per_split=out_rows,
         clamp_rows=not interpret, sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
-        precision=precision, fused_combine=fused_combine)
+        precision=precision, fused_combine=fused_combine,
+        contiguous_splits=split_layout == "contiguous")
     args = [kv_lens.astype(jnp.int32), page_indices.reshape(-1).astype(jnp.int32),
             num_seqs.astype(jnp.int32).reshape(1), inv_freq.astype(jnp.float32), q2, k2, v2, kv2]
     kv_index = len(args) - 1
@@ -301,15 +312,35 @@ def _decode_attention(q, k, v, kv_pages, kv_lens, page_indices, num_seqs, inv_fr
 
 def decode_attention(q, k, v, kv_pages, kv_lens, page_indices, num_seqs, inv_freq, *, sm_scale,
                      sliding_window=None, soft_cap=None, block_k=None, num_splits=None,
-                     num_warps=None, num_stages=None, interpret=None, fused_combine=None):
+                     num_warps=None, num_stages=None, interpret=None, fused_combine=None,
+                     split_layout=None):
     """`decode.py`'s contract (q may be the fused projection with k = v = None); the keyword
     tuning args override `default_config`; fused_combine (default on: fused_combine_default("decode"))
-    merges the kv splits inside the kernel.  `interpret` defaults to True on the CPU backend."""
+    merges the kv splits inside the kernel; split_layout (default split_layout_default()) is how
+    kv splits share a request's key blocks.  `interpret` defaults to True on the CPU backend."""
     out, kv_pages, _ = decode_attention_with_counters(
         q, k, v, kv_pages, kv_lens, page_indices, num_seqs, inv_freq, None, sm_scale=sm_scale,
         sliding_window=sliding_window, soft_cap=soft_cap, block_k=block_k, num_splits=num_splits,
-        num_warps=num_warps, num_stages=num_stages, interpret=interpret, fused_combine=fused_combine)
+        num_warps=num_warps, num_stages=num_stages, interpret=interpret, fused_combine=fused_combine,
+        split_layout=split_layout)
     return out, kv_pages
+
+
+SPLIT_LAYOUTS = ("round_robin", "contiguous")
+
+
+def split_layout_default() -> str:
+    """How the decode kernel's kv splits share a request's key blocks: "round_robin" (split s takes
+    blocks s, s + S, ...: its first page-table read does not wait for kv_lens) or "contiguous"
+    (one range each).  An experiment for issue 3's batch-8 / 2k case, where Nsight Compute saw the
+    same bytes in flight as at batch 64 deliver 2.71 TB/s against 3.95 (fifteenth session); not yet
+    measured.  $JAXENGINE_DECODE_SPLIT_LAYOUT picks it; default round_robin."""
+    env = os.environ.get("JAXENGINE_DECODE_SPLIT_LAYOUT", "").strip().lower()
+    if not env:
+        return "round_robin"
+    if env not in SPLIT_LAYOUTS:
+        raise ValueError(f"JAXENGINE_DECODE_SPLIT_LAYOUT must be one of {', '.join(SPLIT_LAYOUTS)}; got {env!r}")
+    return env
 
 
 class LayerChain:
@@ -333,7 +364,7 @@ class LayerChain:
 def decode_attention_with_counters(q, k, v, kv_pages, kv_lens, page_indices, num_seqs, inv_freq,
                                    counters, *, sm_scale, sliding_window=None, soft_cap=None,
                                    block_k=None, num_splits=None, num_warps=None, num_stages=None,
-                                   interpret=None, fused_combine=None):
+                                   interpret=None, fused_combine=None, split_layout=None):
     """`decode_attention`, taking and returning the in-kernel merge's count buffer
     (i32[num_kv_heads * num_tokens], all zeros; None: a fresh one): (out, kv_pages, counters), the
     counters zero again (the input passed through where the launch merges no splits)."""
@@ -362,4 +393,11 @@ def decode_attention_with_counters(q, k, v, kv_pages, kv_lens, page_indices, num
         q, k, v, kv_pages, kv_lens, page_indices, num_seqs, inv_freq, counters, sm_scale=float(sm_scale),
         sliding_window=sliding_window, soft_cap=None if soft_cap is None else float(soft_cap),
         interpret=bool(interpret),
-        fused_combine=fused_combine_default("decode") if fused_combine is None else bool(fused_combine), **cfg)
+        fused_combine=fused_combine_default("decode") if fused_combine is None else bool(fused_combine),
+        split_layout=split_layout_default() if split_layout is None else _check_layout(split_layout), **cfg)
+
+
+def _check_layout(split_layout: str) -> str:
+    if split_layout not in SPLIT_LAYOUTS:
+        raise ValueError(f"split_layout must be one of {', '.join(SPLIT_LAYOUTS)}; got {split_layout!r}")
+    return split_layout
