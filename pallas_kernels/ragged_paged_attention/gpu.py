@@ -90,7 +90,6 @@ def exp2(x, fast: bool):
     return _f32_asm("ex2.approx.ftz.f32 $0, $1;", x) if fast else jnp.exp2(x)
 
 
-
 def _kernel(
     # scalars-in-memory
     num_seqs_ref,  # i32[1]
