@@ -83,7 +83,7 @@
 # PACK=1 packs everything under $OUT into $OUT/all.tgz at the end (the device tool returns 8 files a call).
 #   fastmath    compiled ragged-kernel tests, then bench_attention --fast-math-ab --device-time (softmax exponent as PTX)  ~7 min
 #   absplit     decode kernel kv splits as contiguous ranges vs round robin: compiled tests, decode kernel sweep each way  ~5 min
-#   absearch    bench_step 1B b1/b64 with the FILTER sampler's search at 16 / 4 / 8 / 16 ways ($WAYS)   ~4 min
+#   absearch    bench_step 1B b1/b64, the FILTER sampler's search by ways x reduction ($SEARCHES)      ~5 min
 #   prefillcheck bench_attention --prefill-tiles --device-time with nvidia-smi dmon (clocks, power) and throttle reasons  ~3 min
 #   ncu         Nsight Compute details of the decode kernel (b8 / b64 ctx 2k) and the 4k prefill chunk  ~2 min
 #   hf-static   Hugging Face static-cache generate(), 8B batch 1 and 64 (long compile)            ~8 min
@@ -393,12 +393,15 @@ for part in "$@"; do
           --device-time --out "$OUT/absplit_$l.json" > "$OUT/absplit_$l.log" 2>&1
         echo "-- $l"; grep -E "^\| decode-kernel \| b(8|64)|rror" "$OUT/absplit_$l.log"
       done ;;
-    absearch)  # the FILTER sampler's threshold search by ways ($JAXENGINE_SAMPLER_SEARCH_WAYS 16 / 4 / 8 / 16):
-      # bench_step 1B b1/b64, FILTER ms column (fifteenth session: 0.19 / 0.79-0.82 ms at 16 ways)
-      for w in ${WAYS:-16 4 8 16}; do
-        JAXENGINE_SAMPLER_SEARCH_WAYS=$w timeout 150 python3 scripts/bench_step.py --model llama-3.2-1b --batch 1 64 \
-          --steps 8 --no-warmup --json "$OUT/absearch_w$w.json" > "$OUT/absearch_w$w.log" 2>&1
-        echo "-- ways $w"; grep -E "^\| llama|Error" "$OUT/absearch_w$w.log"
+    absearch)  # the FILTER sampler's threshold search: ways x reduction ($JAXENGINE_SAMPLER_SEARCH_WAYS,
+      # $JAXENGINE_SAMPLER_SEARCH_REDUCE) in $SEARCHES ("ways:reduce" words); bench_step 1B b1/b64, FILTER ms
+      # column (fifteenth session: 0.19 / 0.79-0.82 ms at 16:broadcast, the default)
+      for spec in ${SEARCHES:-16:broadcast 16:variadic 4:variadic 4:broadcast}; do
+        w=${spec%%:*}; r=${spec#*:}
+        JAXENGINE_SAMPLER_SEARCH_WAYS=$w JAXENGINE_SAMPLER_SEARCH_REDUCE=$r timeout 150 python3 scripts/bench_step.py \
+          --model llama-3.2-1b --batch 1 64 --steps 8 --no-warmup --json "$OUT/absearch_${w}_$r.json" \
+          > "$OUT/absearch_${w}_$r.log" 2>&1
+        echo "-- ways $w, $r"; grep -E "^\| llama|Error" "$OUT/absearch_${w}_$r.log"
       done ;;
     prefillcheck)  # prefill attention device-timed (chunks 512-8192, cuDNN beside), with the GPU's clocks, power and
       # throttle reasons sampled during the run (fifteenth session: the same 4k chunk took 319 us under ncu on one

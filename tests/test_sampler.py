@@ -246,6 +246,29 @@ def test_threshold_search_with_fewer_ways_keeps_the_same_tokens(ways):
         np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("ways", [16, 4])
+def test_threshold_search_with_a_variadic_reduction_keeps_the_same_tokens(ways):
+    """$JAXENGINE_SAMPLER_SEARCH_REDUCE=variadic: each pass's pivot sums as one lax.reduce with an
+    accumulator per pivot; the same exact thresholds as the sort."""
+    for seed in range(6):
+        x, knob = _filter_rows(seed, 8, 300 if seed % 2 else 1000)
+        want = np.asarray(jax.jit(sampler._keep_sort)(x, knob))
+        got = np.asarray(jax.jit(lambda x, k: sampler._keep_search(x, k, ways, "variadic"))(x, knob))
+        np.testing.assert_array_equal(got, want)
+
+
+def test_search_reduce_setting_is_checked(monkeypatch):
+    monkeypatch.delenv("JAXENGINE_SAMPLER_SEARCH_REDUCE", raising=False)
+    assert sampler.search_reduce() == "broadcast"
+    monkeypatch.setenv("JAXENGINE_SAMPLER_SEARCH_REDUCE", "Variadic")
+    assert sampler.search_reduce() == "variadic"
+    monkeypatch.setenv("JAXENGINE_SAMPLER_SEARCH_REDUCE", "tree")
+    with pytest.raises(ValueError, match="JAXENGINE_SAMPLER_SEARCH_REDUCE"):
+        sampler.search_reduce()
+    with pytest.raises(ValueError, match="reduce"):
+        sampler._pivot_sums(lambda p, ex: ex(jnp.zeros((1, 4))) > p, jnp.zeros((1, 3)), "tree")
+
+
 def test_search_ways_setting_is_checked(monkeypatch):
     monkeypatch.delenv("JAXENGINE_SAMPLER_SEARCH_WAYS", raising=False)
     assert sampler.search_ways() == 16

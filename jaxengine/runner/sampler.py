@@ -197,18 +197,53 @@ def _largest_true(pred, lo: jax.Array, hi: jax.Array, ways: int = 16) -> jax.Arr
     return lo
 
 
-def _keep_search(logits: jax.Array, s: dict[str, jax.Array], ways: int | None = None) -> jax.Array:
+# How a pass sums over the vocabulary for its pivots: "broadcast" (default) reduces a [rows,
+# pivots, vocab] array over its last axis, which XLA:GPU runs as one row reduction per (row,
+# pivot), reading the row once per pivot (H200, fifteenth session); "variadic" is one lax.reduce
+# with an accumulator per pivot, which XLA can emit as one loop over the row.  Not yet measured:
+# $JAXENGINE_SAMPLER_SEARCH_REDUCE picks it at trace time (gpu_suite.sh absearch).
+SEARCH_REDUCES = ("broadcast", "variadic")
+
+
+def search_reduce() -> str:
+    env = os.environ.get("JAXENGINE_SAMPLER_SEARCH_REDUCE", "").strip().lower()
+    if not env:
+        return "broadcast"
+    if env not in SEARCH_REDUCES:
+        raise ValueError(f"JAXENGINE_SAMPLER_SEARCH_REDUCE must be one of {', '.join(SEARCH_REDUCES)}; got {env!r}")
+    return env
+
+
+def _pivot_sums(per_element, piv: jax.Array, reduce: str) -> jax.Array:
+    """[rows, pivots]: for each pivot column p of piv, the sum over the vocabulary of
+    per_element(p, ex), where ex lays a [rows, vocab] array out against p (p is [rows, pivots, 1]
+    with ex adding a pivot axis, or [rows, 1] with ex the identity)."""
+    if reduce == "broadcast":
+        return jnp.sum(per_element(piv[:, :, None], lambda a: a[:, None, :]), axis=-1)
+    if reduce != "variadic":
+        raise ValueError(f"reduce must be one of {', '.join(SEARCH_REDUCES)}; got {reduce!r}")
+    ops = tuple(per_element(piv[:, j:j + 1], lambda a: a) for j in range(piv.shape[1]))
+    sums = jax.lax.reduce(ops, tuple(jnp.zeros((), o.dtype) for o in ops),
+                          lambda acc, x: tuple(a + b for a, b in zip(acc, x)), (1,))
+    return jnp.stack(sums, axis=-1)
+
+
+def _keep_search(logits: jax.Array, s: dict[str, jax.Array], ways: int | None = None,
+                 reduce: str | None = None) -> jax.Array:
     """_keep_sort's tokens without sorting: the k-th largest value is the largest v with
     count(x >= v) >= k, and the top-p threshold the smallest top-k value v whose mass above
     (strictly greater values, over the top-k's softmax) is below top_p, as the sorted cumulative
-    sum puts it.  Both by _largest_true over the floats' order keys (ways: search_ways())."""
+    sum puts it.  Both by _largest_true over the floats' order keys (ways: search_ways(); reduce:
+    search_reduce())."""
     ways = search_ways() if ways is None else ways
+    reduce = search_reduce() if reduce is None else reduce
     vocab = logits.shape[-1]
     key = _order_key(logits)
     lo, hi = jnp.min(key, axis=-1), jnp.max(key, axis=-1)
     k = jnp.where(s["top_k"] > 0, jnp.minimum(s["top_k"], vocab), vocab)
     kth_key = _largest_true(
-        lambda piv: jnp.sum(key[:, None, :] >= piv[:, :, None], axis=-1) >= k[:, None], lo, hi, ways)
+        lambda piv: _pivot_sums(lambda p, ex: (ex(key) >= p).astype(jnp.int32), piv, reduce) >= k[:, None],
+        lo, hi, ways)
     # the top-k's softmax normaliser: values above the k-th, and the k-th's ties up to k entries
     m = jnp.max(logits, axis=-1, keepdims=True)
     e = jnp.exp(logits - m)
@@ -218,7 +253,8 @@ def _keep_search(logits: jax.Array, s: dict[str, jax.Array], ways: int | None = 
     target = s["top_p"] * z
 
     def mass_above_reaches(piv):  # sum of e over keys > piv >= top_p * z
-        return jnp.sum(jnp.where(key[:, None, :] > piv[:, :, None], e[:, None, :], 0.0), axis=-1) >= target[:, None]
+        mass = _pivot_sums(lambda p, ex: jnp.where(ex(key) > p, ex(e), 0.0), piv, reduce)
+        return mass >= target[:, None]
 
     # the largest u whose mass above still reaches top_p: the threshold is the next key up
     p_key = _largest_true(mass_above_reaches, kth_key - 1, hi, ways) + 1
