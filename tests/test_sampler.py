@@ -257,27 +257,25 @@ def test_threshold_search_with_a_variadic_reduction_keeps_the_same_tokens(ways):
         np.testing.assert_array_equal(got, want)
 
 
-def test_search_reduce_setting_is_checked(monkeypatch):
-    monkeypatch.delenv("JAXENGINE_SAMPLER_SEARCH_REDUCE", raising=False)
-    assert sampler.search_reduce() == "broadcast"
-    monkeypatch.setenv("JAXENGINE_SAMPLER_SEARCH_REDUCE", "Variadic")
-    assert sampler.search_reduce() == "variadic"
-    monkeypatch.setenv("JAXENGINE_SAMPLER_SEARCH_REDUCE", "tree")
-    with pytest.raises(ValueError, match="JAXENGINE_SAMPLER_SEARCH_REDUCE"):
-        sampler.search_reduce()
+@pytest.mark.parametrize("name,read,default,given,want,bad", [
+    ("JAXENGINE_SAMPLER_SEARCH_WAYS", "search_ways", 16, "4", 4, ("3", "32", "four")),
+    ("JAXENGINE_SAMPLER_SEARCH_REDUCE", "search_reduce", "broadcast", "Variadic", "variadic", ("tree",)),
+])
+def test_search_settings_are_checked(monkeypatch, name, read, default, given, want, bad):
+    read = getattr(sampler, read)
+    monkeypatch.delenv(name, raising=False)
+    assert read() == default
+    monkeypatch.setenv(name, given)
+    assert read() == want
+    for value in bad:
+        monkeypatch.setenv(name, value)
+        with pytest.raises(ValueError, match=name):
+            read()
+
+
+def test_search_helpers_reject_unknown_arguments():
     with pytest.raises(ValueError, match="reduce"):
         sampler._pivot_sums(lambda p, ex: ex(jnp.zeros((1, 4))) > p, jnp.zeros((1, 3)), "tree")
-
-
-def test_search_ways_setting_is_checked(monkeypatch):
-    monkeypatch.delenv("JAXENGINE_SAMPLER_SEARCH_WAYS", raising=False)
-    assert sampler.search_ways() == 16
-    monkeypatch.setenv("JAXENGINE_SAMPLER_SEARCH_WAYS", "4")
-    assert sampler.search_ways() == 4
-    for bad in ("3", "32", "four"):
-        monkeypatch.setenv("JAXENGINE_SAMPLER_SEARCH_WAYS", bad)
-        with pytest.raises(ValueError, match="JAXENGINE_SAMPLER_SEARCH_WAYS"):
-            sampler.search_ways()
     with pytest.raises(ValueError, match="ways"):
         sampler._largest_true(lambda p: p > 0, jnp.zeros(1, jnp.uint32), jnp.ones(1, jnp.uint32), 3)
 

@@ -13,6 +13,8 @@ import os
 import jax
 import jax.numpy as jnp
 
+from ..pallas_kernels.env import env_choice
+
 _EPS = 1e-5
 
 # Sampling modes, one compiled sampler each (static; chosen on the host per step), each a superset
@@ -170,12 +172,7 @@ SEARCH_WAYS = (2, 4, 8, 16)
 
 
 def search_ways() -> int:
-    env = os.environ.get("JAXENGINE_SAMPLER_SEARCH_WAYS", "").strip()
-    if not env:
-        return 16
-    if env not in {str(w) for w in SEARCH_WAYS}:
-        raise ValueError(f"JAXENGINE_SAMPLER_SEARCH_WAYS must be one of {SEARCH_WAYS}; got {env!r}")
-    return int(env)
+    return int(env_choice("JAXENGINE_SAMPLER_SEARCH_WAYS", tuple(str(w) for w in SEARCH_WAYS), "16"))
 
 
 def _largest_true(pred, lo: jax.Array, hi: jax.Array, ways: int = 16) -> jax.Array:
@@ -206,12 +203,7 @@ SEARCH_REDUCES = ("broadcast", "variadic")
 
 
 def search_reduce() -> str:
-    env = os.environ.get("JAXENGINE_SAMPLER_SEARCH_REDUCE", "").strip().lower()
-    if not env:
-        return "broadcast"
-    if env not in SEARCH_REDUCES:
-        raise ValueError(f"JAXENGINE_SAMPLER_SEARCH_REDUCE must be one of {', '.join(SEARCH_REDUCES)}; got {env!r}")
-    return env
+    return env_choice("JAXENGINE_SAMPLER_SEARCH_REDUCE", SEARCH_REDUCES, "broadcast")
 
 
 def _pivot_sums(per_element, piv: jax.Array, reduce: str) -> jax.Array:

@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+
+from ..env import env_choice
 
 _LOG2E = math.log2(math.e)
 # H100 SXM: 132 SMs.  Used only to pick how many kv splits a decode step needs to fill the chip.
@@ -58,12 +59,8 @@ def fast_math_default() -> bool | None:
     registers, spilling already) 511 -> 703 us at a 4k chunk, 1,880 -> 2,585 us at 8k; 16-row
     decode tiles within 1% (b64 ctx 2k 132 -> 133 us).  The interpreter (CPU tests) always takes
     the jnp path: inline PTX has no interpreter rule."""
-    env = os.environ.get("JAXENGINE_ATTN_FAST_MATH", "").strip()
-    if env in ("0", "1"):
-        return env == "1"
-    if env:
-        raise ValueError(f"JAXENGINE_ATTN_FAST_MATH must be 0 or 1, got {env!r}")
-    return None
+    env = env_choice("JAXENGINE_ATTN_FAST_MATH", ("0", "1"), None)
+    return None if env is None else env == "1"
 
 
 def _f32_asm(asm: str, *args):
@@ -330,12 +327,8 @@ def fused_combine_default(kernel: str = "ragged") -> bool:
     or =separate sets both kernels."""
     if kernel not in ("ragged", "decode"):
         raise ValueError(f"kernel must be 'ragged' or 'decode', got {kernel!r}")
-    env = os.environ.get("JAXENGINE_DECODE_COMBINE", "").strip().lower()
-    if env in ("kernel", "separate"):
-        return env == "kernel"
-    if env:
-        raise ValueError(f"JAXENGINE_DECODE_COMBINE must be 'kernel' or 'separate', got {env!r}")
-    return kernel == "decode"
+    env = env_choice("JAXENGINE_DECODE_COMBINE", ("kernel", "separate"), None)
+    return kernel == "decode" if env is None else env == "kernel"
 
 
 def merge_partials(lses: list, parts: list) -> jax.Array:

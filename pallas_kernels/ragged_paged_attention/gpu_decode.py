@@ -18,7 +18,6 @@ kernels a layer instead of five, one with a single split.
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +25,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from ..env import env_choice
 from .decode import composite
 from .gpu import (_DEFAULT_NUM_SMS, _LOG2E, _next_pow2, combine, fused_combine_default, kv_splits,
                   merge_splits_in_kernel, ragged_paged_attention, split_blocks_below, store_output)
@@ -335,12 +335,7 @@ def split_layout_default() -> str:
     (one range each).  An experiment for issue 3's batch-8 / 2k case, where Nsight Compute saw the
     same bytes in flight as at batch 64 deliver 2.71 TB/s against 3.95 (fifteenth session); not yet
     measured.  $JAXENGINE_DECODE_SPLIT_LAYOUT picks it; default round_robin."""
-    env = os.environ.get("JAXENGINE_DECODE_SPLIT_LAYOUT", "").strip().lower()
-    if not env:
-        return "round_robin"
-    if env not in SPLIT_LAYOUTS:
-        raise ValueError(f"JAXENGINE_DECODE_SPLIT_LAYOUT must be one of {', '.join(SPLIT_LAYOUTS)}; got {env!r}")
-    return env
+    return env_choice("JAXENGINE_DECODE_SPLIT_LAYOUT", SPLIT_LAYOUTS, "round_robin")
 
 
 class LayerChain:
