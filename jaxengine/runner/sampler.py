@@ -13,7 +13,7 @@ import os
 import jax
 import jax.numpy as jnp
 
-from ..pallas_kernels.env import env_choice
+from ..pallas_kernels.env import check_choice, env_choice
 
 _EPS = 1e-5
 
@@ -70,7 +70,7 @@ def apply_penalties(logits: jax.Array, state: dict[str, jax.Array], s: dict[str,
 # How top-k / top-p find their thresholds: "sort" sorts each row (two [rows, vocab] sorts in the
 # FULL sampler with the logprobs' top-k; H200, twelfth session: FULL 0.56 ms a call at batch 1 and
 # 2.19 ms at batch 64, PLAIN 0.06-0.09); "search" finds the same thresholds by a 16-way search over
-# the floats' order, 8 passes over the row for each threshold (_keep_search); "candidates" takes
+# the floats' order, 8 passes of 15 pivots for each threshold (_keep_search); "candidates" takes
 # them from each row's CANDIDATES largest values (one lax.top_k) where the kept tokens lie within
 # them, as they do for a trained model's top_p, and falls back to "sort" through a lax.cond
 # otherwise (_keep_candidates).  "auto": candidates on CPU, where the sort and the search cost
@@ -210,10 +210,8 @@ def _pivot_sums(per_element, piv: jax.Array, reduce: str) -> jax.Array:
     """[rows, pivots]: for each pivot column p of piv, the sum over the vocabulary of
     per_element(p, ex), where ex lays a [rows, vocab] array out against p (p is [rows, pivots, 1]
     with ex adding a pivot axis, or [rows, 1] with ex the identity)."""
-    if reduce == "broadcast":
+    if check_choice("reduce", reduce, SEARCH_REDUCES) == "broadcast":
         return jnp.sum(per_element(piv[:, :, None], lambda a: a[:, None, :]), axis=-1)
-    if reduce != "variadic":
-        raise ValueError(f"reduce must be one of {', '.join(SEARCH_REDUCES)}; got {reduce!r}")
     ops = tuple(per_element(piv[:, j:j + 1], lambda a: a) for j in range(piv.shape[1]))
     sums = jax.lax.reduce(ops, tuple(jnp.zeros((), o.dtype) for o in ops),
                           lambda acc, x: tuple(a + b for a, b in zip(acc, x)), (1,))

@@ -25,7 +25,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from ..env import env_choice
+from ..env import check_choice, env_choice
 from .decode import composite
 from .gpu import (_DEFAULT_NUM_SMS, _LOG2E, _next_pow2, combine, fused_combine_default, kv_splits,
                   merge_splits_in_kernel, ragged_paged_attention, split_blocks_below, store_output)
@@ -389,10 +389,5 @@ def decode_attention_with_counters(q, k, v, kv_pages, kv_lens, page_indices, num
         sliding_window=sliding_window, soft_cap=None if soft_cap is None else float(soft_cap),
         interpret=bool(interpret),
         fused_combine=fused_combine_default("decode") if fused_combine is None else bool(fused_combine),
-        split_layout=split_layout_default() if split_layout is None else _check_layout(split_layout), **cfg)
-
-
-def _check_layout(split_layout: str) -> str:
-    if split_layout not in SPLIT_LAYOUTS:
-        raise ValueError(f"split_layout must be one of {', '.join(SPLIT_LAYOUTS)}; got {split_layout!r}")
-    return split_layout
+        split_layout=(split_layout_default() if split_layout is None
+                      else check_choice("split_layout", split_layout, SPLIT_LAYOUTS)), **cfg)
