@@ -279,13 +279,15 @@ def test_gpu_long_short_launches_match_reference(group, short_q, window, cap):
 
 
 def test_gpu_default_config_splits_big_prefill_buckets():
-    """Big prefill buckets get the 256-row tile plus a decode-tile launch; decode buckets and
+    """Big prefill buckets get the 128-row prefill tile plus a decode-tile launch; decode buckets and
     small prefill buckets one launch; an explicit tile, one launch of that tile."""
     from jaxengine.pallas_kernels.ragged_paged_attention import gpu
     shape = dict(max_num_seqs=64, num_q_heads=32, num_kv_heads=8, head_dim=128, page_size=16,
                  pages_per_seq=512, dtype=jnp.bfloat16)
     big = gpu.default_config(4096, **shape)
-    assert (big["block_q"], big["block_k"], big["num_warps"], big["short_q"]) == (64, 64, 8, 4)
+    assert (big["block_q"], big["block_k"], big["num_warps"], big["short_q"]) == (32, 32, 8, 4)
+    assert {k: v for k, v in big.items() if k != "short_q"} == {
+        k: v for k, v in gpu.default_config(1024, **shape).items() if k != "short_q"}
     assert gpu.default_config(512, **shape)["short_q"] == 0
     assert gpu.default_config(64, **shape)["short_q"] == 0  # decode-only bucket
     assert gpu.default_config(4096, **shape, long_tile=False)["short_q"] == 0

@@ -520,15 +520,18 @@ def default_config(num_tokens, max_num_seqs, num_q_heads, num_kv_heads, head_dim
     cfg = dict(block_q=block_q, block_k=block_k, num_splits=num_splits, num_warps=num_warps,
                num_stages=num_stages, prescale_q=False, short_q=0)
     if long_tile and not decode_like and num_tokens >= LONG_TILE_MIN_TOKENS and head_dim <= 128:
-        # Big prefill buckets: two launches.  Requests of more than short_q tokens take 256-row
-        # tiles (64 tokens at group 4), block_k 64, 8 warps, 3 stages; the short ones (decode
-        # tokens mixed into the step) a decode tile of 16 rows in a second launch, since a
-        # 256-row tile spent on one decode token costs 16x the decode tile's compute (H100, sixth session:
-        # 512 prefill + 63 decodes 237 -> 344 us with the big tile for all).  At 2048-8192
-        # tokens the big tile took 2-14% off pure prefill (NOTES.md).
-        cfg.update(block_q=max(1, 256 // group),
-                   block_k=min(64, _next_pow2(pages_per_seq * page_size)), num_warps=8,
-                   short_q=max(1, 16 // group))
+        # Big prefill buckets: two launches.  Requests of more than short_q tokens take the
+        # prefill tile above (128 rows, block_k 32, 8 warps, 3 stages: fast_math's tile); the
+        # short ones (decode tokens mixed into the step) a decode tile of 16 rows in a second
+        # launch, since a 128-row tile spent on one decode token costs 8x the decode tile's
+        # compute (H200, sixteenth session, device-timed: 1024 prefill at ctx 3072 + 1024
+        # decodes 1,229 us in two launches against 1,996 us in one).  Until the sixteenth
+        # session the long launch took a 256-row tile (block_k 64), 2-14% faster than the
+        # 128-row tile before fast_math; with fast_math the 128-row tile in one launch is 9-11%
+        # faster than that default on pure prefill (4k chunk 511 -> 464 us, 8k 1,881 -> 1,711
+        # us, 2k 151 -> 135 us; BENCHMARKS.md sixteenth session), and fast_math makes the
+        # 256-row tile slower (it spills).
+        cfg.update(short_q=max(1, 16 // group))
     return cfg
 
 
