@@ -1,8 +1,10 @@
-"""The experiment switches' environment variables, read one way."""
+"""The experiment switches' environment variables, read one way; and which GPU generation runs."""
 
 from __future__ import annotations
 
 import os
+
+import jax
 
 
 def check_choice(what: str, value: str, choices: tuple[str, ...]) -> str:
@@ -17,3 +19,10 @@ def env_choice(name: str, choices: tuple[str, ...], default: str | None) -> str 
     other value is a ValueError naming the variable and its choices."""
     value = os.environ.get(name, "").strip().lower()
     return check_choice(name, value, choices) if value else default
+
+
+def hopper() -> bool:
+    """Whether the default device is an NVIDIA Hopper GPU (compute capability 9.x: wgmma + TMA)."""
+    if jax.default_backend() not in ("gpu", "cuda"):
+        return False
+    return str(getattr(jax.devices()[0], "compute_capability", "")).split(".")[0] == "9"

@@ -257,8 +257,9 @@ def run_case(rows, kind, name, q_lens, ctx_lens, page_size, hbm, mxu, peers=(), 
 # --prefill-tiles: what the engine runs in its big prefill buckets (pure prefill, chunks at a long
 # context, mixed steps whose decode rows would pay for a whole 128-row tile), the default (two
 # launches from 2048 tokens: the 128-row prefill tile for the long requests, a decode tile for the
-# short) beside one launch of the 128-row tile, one launch of the 256-row tile and the two-launch
-# default of the seventh to fifteenth sessions (256-row long tile).
+# short) beside one launch of the 128-row tile, one launch of the 256-row tile, the two-launch
+# default of the seventh to fifteenth sessions (256-row long tile) and the long launch on the
+# Mosaic GPU kernel (gpu_prefill).
 # (name, q_lens, ctx_lens, max_num_seqs: the page table's rows, 64 in the engine by default)
 PREFILL_TILE_CASES = [
     ("2x1024", [1024, 1024], [1024, 1024], 64), ("chunk2048", [2048], [2048], 64),
@@ -273,6 +274,8 @@ PREFILL_TILE_VARIANTS = {
     "1x128": dict(block_q=32, block_k=32, num_warps=8, num_stages=3),  # one launch, old default
     "1x256": PREFILL_SWEEP["bq64bk64w8"],  # one launch, the 256-row tile for every request
     "2x256": dict(PREFILL_SWEEP["bq64bk64w8"], num_stages=3, short_q=4),  # default until the 16th session
+    # the long launch on the Mosaic GPU kernel (gpu_prefill: TMA + wgmma), decode tile as the default
+    "2xmgpu": dict(prefill_kernel="mgpu"),
 }
 
 

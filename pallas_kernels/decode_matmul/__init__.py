@@ -22,6 +22,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from ..env import hopper
 from . import reference
 from .reference import decode_matmul as reference_decode_matmul
 
@@ -29,10 +30,7 @@ IMPLS = ("xla", "mgpu", "mgpu_norm", "mgpu_plain")
 
 
 def _hopper() -> bool:
-    """Whether the default device is an NVIDIA Hopper GPU (compute capability 9.x: wgmma + TMA)."""
-    if jax.default_backend() not in ("gpu", "cuda"):
-        return False
-    return str(getattr(jax.devices()[0], "compute_capability", "")).split(".")[0] == "9"
+    return hopper()
 
 
 def resolve_impl(impl: str = "auto") -> str:

@@ -31,7 +31,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from ..env import env_choice
+from ..env import check_choice, env_choice, hopper
+from . import gpu_prefill
 
 _LOG2E = math.log2(math.e)
 # H100 SXM: 132 SMs.  Used only to pick how many kv splits a decode step needs to fill the chip.
@@ -543,12 +544,12 @@ LONG_TILE_MIN_TOKENS = 2048
     jax.jit,
     static_argnames=("sm_scale", "sliding_window", "soft_cap", "block_q", "block_k",
                      "num_splits", "num_warps", "num_stages", "prescale_q", "short_q",
-                     "interpret", "fused_combine", "fast_math"),
+                     "interpret", "fused_combine", "fast_math", "prefill_kernel"),
 )
 def _ragged_paged_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *,
                             sm_scale, sliding_window, soft_cap, block_q, block_k, num_splits,
                             num_warps, num_stages, prescale_q, short_q, interpret,
-                            fused_combine=False, fast_math=None):
+                            fused_combine=False, fast_math=None, prefill_kernel="triton"):
     num_tokens, num_q_heads, head_dim = q.shape
     num_pages, page_size, combined, _ = kv_pages.shape
     num_kv_heads = combined // 2
@@ -621,8 +622,12 @@ def _ragged_paged_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_s
         # in one item.
         long_work = min(num_tokens, num_tokens // block_q
                         + min(max_num_seqs, num_tokens // (short_q + 1)))
-        out = launch(block_q, block_k, num_warps, num_stages, 1, long_work, "long")
         short_work = min(max_num_seqs, num_tokens)
+        if prefill_kernel == "mgpu":
+            # Only the short requests (zeros elsewhere): ragged_paged_attention passes this to
+            # the Mosaic GPU kernel for the long ones.
+            return finish(launch(short_tile, min(32, block_k), 4, 2, 1, short_work, "short"))
+        out = launch(block_q, block_k, num_warps, num_stages, 1, long_work, "long")
         out = launch(short_tile, min(32, block_k), 4, 2, 1, short_work, "short", out)
         return finish(out)
 
@@ -659,6 +664,7 @@ def ragged_paged_attention(
     interpret: bool | None = None,
     fused_combine: bool | None = None,
     fast_math: bool | None = None,
+    prefill_kernel: str | None = None,
 ) -> jax.Array:
     """Same contract as `reference.ragged_paged_attention`; the keyword tuning args override
     `default_config`.  block_q counts tokens (a program's rows are block_q * group, padded to a
@@ -670,7 +676,11 @@ def ragged_paged_attention(
     tile given is the tile every request gets.  fused_combine (default fused_combine_default())
     merges kv splits inside the kernel instead of a combine kernel.  fast_math (compiled kernels
     only) writes the softmax's exponent as PTX; None: fast_math_default() (the environment, else
-    on for tiles of FAST_MATH_MIN_ROWS to FAST_MATH_MAX_ROWS rows).
+    on for tiles of FAST_MATH_MIN_ROWS to FAST_MATH_MAX_ROWS rows).  prefill_kernel (default
+    gpu_prefill.prefill_kernel_default()) runs the long launch of the two-launch split on the
+    Triton kernel ("triton") or on the Mosaic GPU kernel of gpu_prefill ("mgpu": Hopper GPUs, and
+    the interpreter when given as an argument; where gpu_prefill.supported fails, or on other
+    GPUs, "triton").
     `interpret` defaults to True on the CPU backend (tests)."""
     num_tokens, num_q_heads, head_dim = q.shape
     _, page_size, combined, _ = kv_pages.shape
@@ -690,7 +700,8 @@ def ragged_paged_attention(
             cu_q_lens, num_seqs, sm_scale=sm_scale, sliding_window=sliding_window,
             soft_cap=soft_cap, block_q=block_q, block_k=block_k, num_splits=num_splits,
             num_warps=num_warps, num_stages=num_stages, prescale_q=prescale_q,
-            short_q=short_q, interpret=interpret, fused_combine=fused_combine, fast_math=fast_math)
+            short_q=short_q, interpret=interpret, fused_combine=fused_combine, fast_math=fast_math,
+            prefill_kernel=prefill_kernel)
         return out[..., :head_dim]
     max_num_seqs, pages_per_seq = page_indices.shape
     cfg = default_config(num_tokens, max_num_seqs, num_q_heads, num_kv_heads, head_dim,
@@ -713,9 +724,27 @@ def ragged_paged_attention(
     if cfg["short_q"] < 0 or (cfg["short_q"] and cfg["num_splits"] > 1):
         raise ValueError(f"short_q must be >= 0, and 0 with kv splits; got {cfg['short_q']} "
                          f"with num_splits {cfg['num_splits']}")
-    return _ragged_paged_attention(
+    # The Mosaic GPU kernel takes the long launch where it can: a Hopper GPU, or the interpreter
+    # when asked for by argument (tests; the environment's choice is for GPU runs).
+    explicit = prefill_kernel is not None
+    prefill_kernel = check_choice("prefill_kernel", prefill_kernel or gpu_prefill.prefill_kernel_default(),
+                                  gpu_prefill.PREFILL_KERNELS)
+    if prefill_kernel == "mgpu" and not (
+            cfg["short_q"] and gpu_prefill.supported(q, kv_pages, sliding_window, soft_cap)
+            and (hopper() and not interpret or interpret and explicit)):
+        prefill_kernel = "triton"
+    out = _ragged_paged_attention(
         q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, sm_scale=float(sm_scale),
         sliding_window=sliding_window, soft_cap=None if soft_cap is None else float(soft_cap),
         interpret=bool(interpret),
         fused_combine=fused_combine_default() if fused_combine is None else bool(fused_combine),
-        fast_math=fast_math_default() if fast_math is None else bool(fast_math), **cfg)
+        fast_math=fast_math_default() if fast_math is None else bool(fast_math),
+        prefill_kernel=prefill_kernel, **cfg)
+    if prefill_kernel == "mgpu":
+        # The long requests on the Mosaic GPU kernel (TMA + wgmma), the other rows from the
+        # short launch's output.  A call of its own: inside the same jit on the CPU, the
+        # interpreter's nested dispatches starved on 2 cores (a deadlock in the tests).
+        out = gpu_prefill.prefill_attention(
+            q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, sm_scale=sm_scale,
+            short_q=cfg["short_q"], others=out, interpret=interpret)
+    return out

@@ -1,0 +1,356 @@
+"""Prefill attention over the paged KV cache for Hopper GPUs: Pallas on Mosaic GPU (TMA + wgmma).
+
+The Triton kernel (`gpu.py`) gathers K/V through pointer tensors and multiplies with Triton's
+dots; on an H200 its 4k prefill chunk reaches 34-38% of the bf16 matmul rate where cuDNN's and
+jax's Mosaic GPU flash attention reach 62-64% (BENCHMARKS.md, sixteenth session).  This kernel is
+the Hopper way: warp-specialised, K/V pages copied into shared memory by TMA, QK^T and PV on
+wgmma.  It serves the long requests of a big prefill bucket (`gpu.py`'s long launch); decode
+tokens and short requests stay with the Triton kernel's decode tile.
+
+Work decomposition (`work_items`, a few small XLA ops before the launch):
+    work item = (request, block of ITEM_ROWS = COMPUTE_WGS * BLOCK_Q query tokens)
+    grid      = (q head, work item), q heads fastest so the `group` q heads reading one kv head's
+                pages run together (their K/V reads after the first come from L2)
+Items are ordered by how many key blocks they walk, longest first, so the causal tail does not
+leave one long program running alone at the end.  A CTA is three warpgroups: two compute
+warpgroups of BLOCK_Q (= 64, wgmma's M) query rows each and a memory warpgroup that walks the
+key blocks of the item, copying each block's K and V (BLOCK_KV keys: BLOCK_KV / page_size pages,
+one TMA copy per page, or one slice of a bigger page) into a ring of `stages` slots.  The compute
+warpgroups take blocks in order with an online softmax in base 2 (scores scaled by sm_scale *
+log2(e) in one multiply-add), masking only the blocks on the causal diagonal.  A warpgroup whose
+rows end earlier than the other's (the causal tail, or the request's last partial item) keeps
+releasing the slots the memory warpgroup still fills.
+
+Ragged rows: q is read in boxes of BLOCK_Q tokens from the flat [num_tokens, q heads, head_dim]
+array (rows past the request are another request's or out of bounds, computed and dropped).  The
+output cannot be stored the same way (the rows after the request belong to another program), so a
+warpgroup stores its valid rows as a ladder of TMA boxes of 64, 32, ..., 1 rows.
+
+Limits (`supported`): bf16/f16, head_dim a multiple of 64 up to 256, page_size a multiple of 8
+(TMA boxes of whole swizzle tiles) that divides or is divided by BLOCK_KV, no sliding window and
+no soft cap: everything else runs on the Triton kernel.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from ..env import env_choice
+
+_LOG2E = math.log2(math.e)
+BLOCK_Q = 64  # query rows of one compute warpgroup: wgmma's M
+COMPUTE_WGS = 2
+ITEM_ROWS = BLOCK_Q * COMPUTE_WGS
+BLOCK_KV = 128
+STAGES = 2  # K/V ring slots: 2 x 2 x 32 KB at head_dim 128, beside q and the output staging
+
+
+def supported(q: jax.Array, kv_pages: jax.Array, sliding_window, soft_cap,
+              block_kv: int = BLOCK_KV) -> bool:
+    """Whether this kernel takes the step (shapes and options only)."""
+    head_dim = q.shape[-1]
+    page_size = kv_pages.shape[1]
+    return (q.dtype in (jnp.bfloat16, jnp.float16) and kv_pages.dtype == q.dtype
+            and head_dim % 64 == 0 and head_dim <= 256 and page_size % 8 == 0
+            and (page_size % block_kv == 0 or block_kv % page_size == 0)
+            and sliding_window is None and soft_cap is None)
+
+
+PREFILL_KERNELS = ("triton", "mgpu")
+
+
+def prefill_kernel_default() -> str:
+    """Which kernel runs the long launch of big prefill buckets on a Hopper GPU: "triton" (gpu.py's
+    128-row tile) or "mgpu" (this module).  $JAXENGINE_PREFILL_KERNEL picks it; default "triton"
+    until the Mosaic GPU kernel is measured on a GPU (written in the sixteenth session, when no
+    GPU was lent after its first call)."""
+    return env_choice("JAXENGINE_PREFILL_KERNEL", PREFILL_KERNELS, "triton")
+
+
+def work_items(cu_q_lens, kv_lens, num_seqs, *, num_work: int, short_q: int):
+    """The launch's work list, longest walk first: (request, first query row within it) for every
+    block of ITEM_ROWS rows of each request of more than short_q tokens (a walk: the item's last
+    row's context length), (-1, 0) padding it to num_work; and `where`, for each item in request
+    order, its position in the list (the output's item-major rows are found through it)."""
+    max_num_seqs = cu_q_lens.shape[0] - 1
+    q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
+    keep = (jnp.arange(max_num_seqs) < num_seqs[0]) & (q_lens > short_q)
+    blocks = jnp.where(keep, (q_lens + ITEM_ROWS - 1) // ITEM_ROWS, 0)
+    cum = jnp.cumsum(blocks)
+    w = jnp.arange(num_work, dtype=jnp.int32)
+    # compare-and-count rather than searchsorted (an XLA while loop on GPU, see gpu._work_items)
+    seq = jnp.minimum(jnp.sum(cum[None, :] <= w[:, None], axis=1, dtype=jnp.int32), max_num_seqs - 1)
+    q0 = (w - (cum[seq] - blocks[seq])) * ITEM_ROWS
+    real = w < cum[-1]
+    walk = kv_lens[seq] - q_lens[seq] + jnp.minimum(q0 + ITEM_ROWS, q_lens[seq])
+    order = jnp.argsort(jnp.where(real, -walk, 1), stable=True)
+    items = jnp.stack([jnp.where(real, seq, -1), jnp.where(real, q0, 0)]).astype(jnp.int32)[:, order]
+    where = jnp.zeros(num_work, jnp.int32).at[order].set(w)
+    return items, where
+
+
+def num_work_items(num_tokens: int, max_num_seqs: int, short_q: int) -> int:
+    """A bound on work_items' count: sum(ceil(q_len / R)) over the long requests
+    <= num_tokens // R + their number."""
+    return max(1, num_tokens // ITEM_ROWS + min(max_num_seqs, num_tokens // (short_q + 1)))
+
+
+def gather_rows(out_items, others, cu_q_lens, num_seqs, where, *, short_q: int):
+    """[num_tokens, ...]: each long request's rows from the kernel's item-major output (item
+    where[u] holds rows u's ITEM_ROWS rows), every other row from `others`; one XLA fusion."""
+    num_tokens = others.shape[0]
+    max_num_seqs = cu_q_lens.shape[0] - 1
+    q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
+    keep = (jnp.arange(max_num_seqs) < num_seqs[0]) & (q_lens > short_q)
+    blocks = jnp.where(keep, (q_lens + ITEM_ROWS - 1) // ITEM_ROWS, 0)
+    before = jnp.cumsum(blocks) - blocks
+    t = jnp.arange(num_tokens, dtype=jnp.int32)
+    seq = jnp.minimum(jnp.sum(cu_q_lens[None, 1:] <= t[:, None], axis=1, dtype=jnp.int32),
+                      max_num_seqs - 1)
+    local = t - cu_q_lens[seq]
+    long_row = keep[seq] & (t < cu_q_lens[jnp.minimum(num_seqs[0], max_num_seqs)])
+    u = jnp.clip(before[seq] + local // ITEM_ROWS, 0, where.shape[0] - 1)
+    row = where[u] * ITEM_ROWS + local % ITEM_ROWS
+    picked = out_items[jnp.where(long_row, row, 0)]
+    return jnp.where(long_row.reshape((-1,) + (1,) * (others.ndim - 1)), picked, others)
+
+
+def _kernel(items_ref, cu_ref, kv_lens_ref, pt_ref, q_ref, kv_ref, o_ref, *scoped, sm_scale: float,
+            page_size: int, pages_per_seq: int, num_pages: int, group: int, block_kv: int,
+            stages: int):
+    (q_smem, k_smem, v_smem, q_stage, p_smem), (k_ready, v_ready, q_ready), (k_free, v_free), sched = scoped
+    head = lax.axis_index("heads")
+    w = lax.axis_index("work")
+    wg = lax.axis_index("wg")
+    seq = items_ref[0, w]
+    attend = seq >= 0
+    seq = jnp.maximum(seq, 0)
+    first = items_ref[1, w]  # the item's first query row within the request
+    q_start = cu_ref[seq]
+    q_len = cu_ref[seq + 1] - q_start
+    ctx = kv_lens_ref[seq] - q_len  # keys before the request's first query token
+    # Key blocks the item walks: up to its last row's causal horizon.
+    item_rows = jnp.minimum(q_len - first, ITEM_ROWS)
+    item_steps = jnp.where(attend, lax.div(ctx + first + item_rows + block_kv - 1, block_kv), 0)
+    head_dim = q_smem.shape[-1]
+    scale = sm_scale * _LOG2E
+
+    def sync_schedule():
+        # The two compute warpgroups take turns on the tensor cores: one's softmax runs under
+        # the other's wgmma.
+        plgpu.barrier_arrive(sched)
+        plgpu.barrier_wait(sched)
+
+    @pl.when((wg < COMPUTE_WGS) & attend)
+    def _compute():
+        plgpu.set_max_registers(232, action="increase")
+        base = first + wg * BLOCK_Q  # the warpgroup's first row within the request
+        rows = jnp.clip(q_len - base, 0, BLOCK_Q)
+        steps = jnp.where(rows > 0, lax.div(ctx + base + rows + block_kv - 1, block_kv), 0)
+        # Blocks every row sees whole: keys < ctx + base + 1 (row 0's horizon).
+        full = jnp.minimum(lax.div(ctx + base + 1, block_kv), steps)
+        # q rows start anywhere: Mosaic GPU's TMA into a tiled (swizzled) buffer wants tile-aligned
+        # rows, so q lands in an untiled staging buffer first and goes to the swizzled buffer
+        # wgmma reads through registers (16 KB once a program).
+        q_view = q_smem.at[wg]
+        stage = q_stage.at[wg]
+        plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(q_start + base, BLOCK_Q), head], stage, q_ready.at[wg])
+        plgpu.barrier_wait(q_ready.at[wg])
+        q_view[...] = plgpu.load(stage, (), layout=plgpu.Layout.WGMMA, optimized=False)
+        plgpu.commit_smem()
+
+        m_i = plgpu.layout_cast(jnp.full((BLOCK_Q,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+        l_i = plgpu.layout_cast(jnp.full((BLOCK_Q,), 0.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+        acc = plgpu.layout_cast(jnp.full((BLOCK_Q, head_dim), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+
+        @pl.when(steps > 0)
+        def _():
+            plgpu.barrier_wait(k_ready.at[0])
+
+        pl.when(wg == 1)(sync_schedule)
+
+        def step(j, carry, masked: bool):
+            acc, m_i, l_i = carry
+            slot = lax.rem(j, stages)
+
+            def qk_scope(s_ref):
+                plgpu.wgmma(s_ref, q_view, k_smem.at[slot].transpose((1, 0)))
+                sync_schedule()
+                return s_ref[...]
+            s = pl.run_scoped(qk_scope, plgpu.ACC((BLOCK_Q, block_kv), jnp.float32))
+            plgpu.barrier_arrive(k_free.at[slot])
+            if masked:
+                r = plgpu.broadcasted_iota(jnp.int32, s.shape, 0, layout=plgpu.Layout.WGMMA)
+                c = plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA)
+                s = jnp.where(j * block_kv + c <= ctx + base + r, s, -jnp.inf)
+            # m is kept in scaled (base-2) units; every row sees key 0 in block 0, so from the
+            # first block on m is finite and masked entries give exp2(-inf) = 0.
+            m_new = jnp.maximum(m_i, s.max(axis=1) * scale)
+            alpha = jnp.exp2(m_i - m_new)
+            p = jnp.exp2(s * scale - lax.broadcast_in_dim(m_new, s.shape, [0]))
+            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+            l_i = l_i * alpha + p.sum(axis=1)
+            p16 = p.astype(q_smem.dtype)
+            acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
+            plgpu.barrier_arrive(sched)  # softmax done
+            plgpu.barrier_wait(v_ready.at[slot])
+            plgpu.barrier_wait(sched)  # the tensor cores are ours
+
+            def pv(acc_ref):
+                if p_smem is None:
+                    plgpu.wgmma(acc_ref, p16, v_smem.at[slot])  # P from registers (wgmma's A)
+                else:
+                    p_view = p_smem.at[wg]
+                    p_view[...] = p16
+                    plgpu.commit_smem()
+                    plgpu.wgmma(acc_ref, p_view, v_smem.at[slot])
+                nxt = j + 1
+
+                @pl.when(nxt < steps)
+                def _():
+                    plgpu.barrier_wait(k_ready.at[lax.rem(nxt, stages)])
+            if p_smem is None:
+                acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+            else:
+                def pv_scope(acc_ref):
+                    pv(acc_ref)
+                    return acc_ref[...]
+                acc = acc + pl.run_scoped(pv_scope, plgpu.ACC((BLOCK_Q, head_dim), jnp.float32))
+            plgpu.barrier_arrive(v_free.at[slot])
+            return acc, m_new, l_i
+
+        carry = lax.fori_loop(0, full, functools.partial(step, masked=False), (acc, m_i, l_i))
+        acc, m_i, l_i = lax.fori_loop(full, steps, functools.partial(step, masked=True), carry)
+
+        @pl.loop(steps, item_steps)
+        def _release(j):
+            # Blocks past this warpgroup's rows: released as if consumed, keeping the turn taking
+            # in step with the other warpgroup (two schedule phases a block, as in `step`).  The
+            # waits on their copies cost nothing here (the other warpgroup waits for them) and
+            # keep every barrier phase observed by each warpgroup that waits on it, which
+            # Mosaic GPU's interpreter checks.
+            slot = lax.rem(j, stages)
+            plgpu.barrier_wait(k_ready.at[slot])
+            plgpu.barrier_wait(v_ready.at[slot])
+            plgpu.barrier_arrive(k_free.at[slot])
+            plgpu.barrier_arrive(v_free.at[slot])
+            sync_schedule()
+            sync_schedule()
+
+        pl.when(wg == 0)(sync_schedule)
+        l_safe = jnp.where(l_i == 0.0, 1.0, l_i)
+        out = acc * lax.broadcast_in_dim(1.0 / l_safe, acc.shape, [0])
+        # The output goes out item-major (rows w * ITEM_ROWS + wg * BLOCK_Q...: tile-aligned TMA
+        # boxes); gather_rows puts the rows in token order.
+        q_view[...] = out.astype(q_smem.dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(q_view, o_ref.at[pl.ds(w * ITEM_ROWS + wg * BLOCK_Q, BLOCK_Q), head])
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when((wg == COMPUTE_WGS) & attend)
+    def _memory():
+        plgpu.set_max_registers(40, action="decrease")
+        kv_head = lax.div(head, group)
+        piece = min(page_size, block_kv)  # keys of one TMA copy
+
+        def fetch(j, slot, which, ready):
+            col = 2 * kv_head + which  # K at combined head 2h, V at 2h + 1
+            for i in range(block_kv // piece):
+                key = j * block_kv + i * piece
+                # Table entries past the request's pages (the last block's tail) are clamped:
+                # those keys are read and masked.
+                entry = jnp.minimum(lax.div(key, page_size), pages_per_seq - 1)
+                page = jnp.clip(pt_ref[seq, entry], 0, num_pages - 1)
+                # (a block is a slice of a page only when pages are bigger than blocks)
+                within = 0 if page_size <= block_kv else pl.multiple_of(lax.rem(key, page_size), block_kv)
+                src = kv_ref.at[page, pl.ds(within, piece), col]
+                dst = (k_smem if which == 0 else v_smem).at[slot, pl.ds(i * piece, piece)]
+                plgpu.copy_gmem_to_smem(src, dst, ready.at[slot])
+
+        @pl.loop(0, item_steps)
+        def _(j):
+            slot = lax.rem(j, stages)
+
+            @pl.when(j >= stages)
+            def _():
+                plgpu.barrier_wait(k_free.at[slot])
+            fetch(j, slot, 0, k_ready)
+
+            @pl.when(j >= stages)
+            def _():
+                plgpu.barrier_wait(v_free.at[slot])
+            fetch(j, slot, 1, v_ready)
+
+        @pl.loop(jnp.maximum(item_steps - stages, 0), item_steps)
+        def _(j):
+            # The last blocks' releases, so that every phase of the free barriers is observed
+            # (the interpreter's check; on the GPU a short wait at the end).
+            plgpu.barrier_wait(k_free.at[lax.rem(j, stages)])
+            plgpu.barrier_wait(v_free.at[lax.rem(j, stages)])
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale", "short_q", "num_work", "block_kv", "stages",
+                                             "interpret"))
+def _prefill(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, others, *, sm_scale: float,
+             short_q: int, num_work: int, block_kv: int, stages: int, interpret: bool):
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_pages, page_size, combined, _ = kv_pages.shape
+    cu_q_lens = cu_q_lens.astype(jnp.int32)
+    kv_lens = kv_lens.astype(jnp.int32)
+    items, where = work_items(cu_q_lens, kv_lens, num_seqs, num_work=num_work, short_q=short_q)
+    tiles = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    copies = block_kv // min(page_size, block_kv)
+    scratch = (
+        (plgpu.SMEM((COMPUTE_WGS, BLOCK_Q, head_dim), q.dtype, transforms=tiles),
+         plgpu.SMEM((stages, block_kv, head_dim), q.dtype, transforms=tiles),
+         plgpu.SMEM((stages, block_kv, head_dim), q.dtype, transforms=tiles),
+         plgpu.SMEM((COMPUTE_WGS, BLOCK_Q, head_dim), q.dtype),  # q staging (untiled)
+         # Mosaic GPU's interpreter takes wgmma operands from shared memory only: there P goes
+         # through it; compiled, P stays in registers (and the accumulator is wgmma's C).
+         plgpu.SMEM((COMPUTE_WGS, BLOCK_Q, block_kv), q.dtype, transforms=tiles) if interpret else None),
+        (plgpu.Barrier(num_arrivals=copies, num_barriers=stages),
+         plgpu.Barrier(num_arrivals=copies, num_barriers=stages),
+         plgpu.Barrier(num_barriers=COMPUTE_WGS)),
+        (plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),) * 2,
+        plgpu.Barrier(num_arrivals=COMPUTE_WGS),
+    )
+    kernel = functools.partial(
+        _kernel, sm_scale=sm_scale, page_size=page_size, pages_per_seq=page_indices.shape[1],
+        num_pages=num_pages, group=num_q_heads // (combined // 2), block_kv=block_kv,
+        stages=stages)
+    out_items = plgpu.kernel(
+        kernel, out_type=jax.ShapeDtypeStruct((num_work * ITEM_ROWS, num_q_heads, head_dim), q.dtype),
+        scratch_types=scratch, grid=(num_q_heads, num_work), grid_names=("heads", "work"),
+        num_threads=COMPUTE_WGS + 1, thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=plgpu.InterpretGPUParams() if interpret else None,
+    )(items, cu_q_lens, kv_lens, page_indices.astype(jnp.int32), q, kv_pages)
+    return gather_rows(out_items, others, cu_q_lens, num_seqs, where, short_q=short_q)
+
+
+def prefill_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_scale: float,
+                      short_q: int = 0, others: jax.Array | None = None, block_kv: int = BLOCK_KV,
+                      stages: int = STAGES, interpret: bool | None = None) -> jax.Array:
+    """Attention for the query rows of every request of more than short_q tokens (the reference's
+    contract for those rows); every other row (shorter requests, bucket padding) is `others`'s
+    row (default zeros), so a launch for the short requests can run first and pass its output.
+    Shapes as `reference.ragged_paged_attention`; `supported` must hold."""
+    if not supported(q, kv_pages, None, None, block_kv):
+        raise ValueError(f"prefill_attention needs bf16/f16, head_dim % 64 == 0 (<= 256) and "
+                         f"page_size % 8 == 0 dividing or divided by block_kv {block_kv}; got "
+                         f"{q.dtype}, head_dim {q.shape[-1]}, page_size {kv_pages.shape[1]}")
+    if interpret is None:
+        interpret = jax.default_backend() == "cpu"
+    if others is None:
+        others = jnp.zeros_like(q)
+    num_work = num_work_items(q.shape[0], page_indices.shape[0], short_q)
+    return _prefill(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, others,
+                    sm_scale=float(sm_scale), short_q=int(short_q), num_work=num_work,
+                    block_kv=block_kv, stages=stages, interpret=bool(interpret))

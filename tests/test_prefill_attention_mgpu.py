@@ -1,0 +1,179 @@
+"""Mosaic GPU prefill attention (pallas_kernels/ragged_paged_attention/gpu_prefill.py) against the
+jnp reference: fresh random ragged batches (long requests from scratch and as chunks at a context,
+short requests the kernel must leave alone, bucket padding it must zero), GQA 1/4/8, head_dim 64
+and 128, pages smaller than, equal to and larger than the key block, bf16 and f16; in Mosaic GPU's
+interpreter on CPU (output buffers start as NaN there, so an unwritten row fails), compiled on a
+Hopper GPU.  Then the two-launch path of gpu.py with the long launch on this kernel, its work
+list, and its lowering for sm_90 on any host."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxengine.pallas_kernels.env import hopper
+from jaxengine.pallas_kernels.ragged_paged_attention import gpu_prefill
+from test_ragged_paged_attention import check, make_batch, reference_out, rel_err
+
+BACKEND = jax.default_backend()
+INTERPRET = BACKEND != "gpu"
+if BACKEND == "gpu" and not hopper():
+    pytest.skip("TMA + wgmma kernels need a Hopper GPU", allow_module_level=True)
+TOL = {jnp.bfloat16: 2e-2, jnp.float16: 2e-2}
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_callbacks_done():
+    """The interpreter runs kernels as io_callbacks; let each finish before the next test."""
+    jax.effects_barrier()
+    yield
+    jax.effects_barrier()
+
+
+# (q_lens, ctx_lens, short_q, group, head_dim, page_size, dtype, block_kv)
+CASES = [
+    # one request from scratch: a partial last item (150 = 128 + 22 rows: the second warpgroup
+    # of item 2 has no rows), the causal diagonal inside a block
+    ([150], [150], 0, 1, 64, 16, jnp.bfloat16, 128),
+    # a chunk at a context and a prompt; page 64 (two TMA copies a block), f16, GQA 4
+    ([200, 70], [460, 70], 0, 4, 64, 64, jnp.float16, 128),
+    # short requests (decode tokens, a 3-token prefill) among long ones: left to the other launch;
+    # page = block, GQA 8, head_dim 128
+    ([1, 129, 3, 1, 64], [90, 129, 40, 7, 500], 4, 8, 128, 128, jnp.bfloat16, 128),
+    # pages bigger than the key block (a block is a slice of a page), block_kv 64
+    ([100, 33], [356, 33], 0, 2, 64, 256, jnp.bfloat16, 64),
+]
+
+
+@pytest.mark.parametrize("q_lens,ctx_lens,short_q,group,head_dim,page_size,dtype,block_kv", CASES)
+def test_prefill_kernel_matches_reference(q_lens, ctx_lens, short_q, group, head_dim, page_size,
+                                          dtype, block_kv):
+    seed = sum(q_lens) + group + page_size
+    b = make_batch(seed, q_lens, ctx_lens, num_kv_heads=2 if group < 8 else 1, group=group,
+                   head_dim=head_dim, page_size=page_size, dtype=dtype, extra_tokens=40)
+    kw = dict(sm_scale=head_dim ** -0.5)
+    out = gpu_prefill.prefill_attention(*b.args(), short_q=short_q, block_kv=block_kv,
+                                        interpret=INTERPRET, **kw)
+    jax.effects_barrier()
+    out = np.asarray(out.astype(jnp.float32))
+    ref = np.asarray(reference_out(b, kw))
+    real = sum(q_lens)
+    assert np.all(out[real:] == 0), "bucket padding rows must be zero"
+    starts = np.concatenate([[0], np.cumsum(q_lens)])
+    long_rows = np.concatenate([np.arange(starts[i], starts[i + 1])
+                                for i, n in enumerate(q_lens) if n > short_q])
+    assert np.all(np.isfinite(out[long_rows]))
+    err = rel_err(out[long_rows], ref[long_rows])
+    assert err <= TOL[dtype], f"relative error {err:.3g} > {TOL[dtype]}"
+
+
+def test_two_launch_step_with_the_mgpu_long_launch_matches_reference():
+    """gpu.ragged_paged_attention with prefill_kernel="mgpu": the long requests on this kernel,
+    the decode tokens on the Triton kernel's decode tile written into its output, padding zero."""
+    from jaxengine.pallas_kernels.ragged_paged_attention import gpu
+    b = make_batch(77, [1, 140, 1, 2, 66], [300, 140, 12, 50, 200], num_kv_heads=2, group=4,
+                   head_dim=64, page_size=16, dtype=jnp.bfloat16, extra_tokens=21)
+    kw = dict(sm_scale=0.125)
+    out = gpu.ragged_paged_attention(*b.args(), short_q=4, prefill_kernel="mgpu", **kw)
+    jax.effects_barrier()
+    check(out, b, reference_out(b, kw), jnp.bfloat16)
+
+
+def test_prefill_kernel_choice(monkeypatch):
+    from jaxengine.pallas_kernels.ragged_paged_attention import gpu
+    monkeypatch.delenv("JAXENGINE_PREFILL_KERNEL", raising=False)
+    assert gpu_prefill.prefill_kernel_default() == "triton"
+    monkeypatch.setenv("JAXENGINE_PREFILL_KERNEL", "MGPU")
+    assert gpu_prefill.prefill_kernel_default() == "mgpu"
+    monkeypatch.setenv("JAXENGINE_PREFILL_KERNEL", "cudnn")
+    with pytest.raises(ValueError, match="JAXENGINE_PREFILL_KERNEL"):
+        gpu_prefill.prefill_kernel_default()
+    b = make_batch(5, [20], [20], num_kv_heads=1, group=1, head_dim=64, page_size=16,
+                   dtype=jnp.bfloat16)
+    with pytest.raises(ValueError, match="prefill_kernel"):
+        gpu.ragged_paged_attention(*b.args(), sm_scale=0.125, prefill_kernel="cudnn")
+    # The environment's choice is for Hopper GPUs: not taken by the interpreter (the engine's jit
+    # on the CPU keeps the Triton kernel), nor where the step has no long launch.
+    monkeypatch.setenv("JAXENGINE_PREFILL_KERNEL", "mgpu")
+    calls = []
+    monkeypatch.setattr(gpu_prefill, "prefill_attention", lambda *a, **k: calls.append(1))
+    gpu.ragged_paged_attention(*b.args(), sm_scale=0.125, short_q=4)
+    gpu.ragged_paged_attention(*b.args(), sm_scale=0.125, prefill_kernel="mgpu")  # one launch
+    assert calls == []
+    gpu.ragged_paged_attention(*b.args(), sm_scale=0.125, short_q=4, prefill_kernel="mgpu")
+    assert calls == [1]
+    monkeypatch.undo()
+    # What the kernel cannot take: float32, head_dim 32, a sliding window, a soft cap, page 4.
+    q, kv = b.q, b.kv_pages
+    assert gpu_prefill.supported(q, kv, None, None)
+    assert not gpu_prefill.supported(q.astype(jnp.float32), kv.astype(jnp.float32), None, None)
+    assert not gpu_prefill.supported(q[..., :32], kv[..., :32], None, None)
+    assert not gpu_prefill.supported(q, kv, 64, None)
+    assert not gpu_prefill.supported(q, kv, None, 30.0)
+    assert not gpu_prefill.supported(q, kv.reshape(-1, 4, *kv.shape[2:]), None, None)
+    with pytest.raises(ValueError, match="head_dim"):
+        gpu_prefill.prefill_attention(q[..., :32], kv[..., :32], *b.args()[2:], sm_scale=0.1)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_work_items_cover_every_long_row_once_longest_first(seed):
+    rng = np.random.default_rng(seed)
+    max_num_seqs, short_q = 9, int(rng.integers(0, 5))
+    num_seqs = int(rng.integers(1, max_num_seqs + 1))
+    q_lens = rng.integers(1, 400, num_seqs) * (rng.random(num_seqs) < 0.7) + 1
+    ctx = q_lens + rng.integers(0, 900, num_seqs)
+    cu = np.zeros(max_num_seqs + 1, np.int32)
+    cu[1:num_seqs + 1] = np.cumsum(q_lens)
+    cu[num_seqs + 1:] = cu[num_seqs]
+    num_tokens = int(cu[-1]) + int(rng.integers(0, 300))
+    kv_lens = np.zeros(max_num_seqs, np.int32)
+    kv_lens[:num_seqs] = ctx
+    kv_lens[num_seqs:] = rng.integers(1, 99, max_num_seqs - num_seqs)  # garbage rows
+    num_work = gpu_prefill.num_work_items(num_tokens, max_num_seqs, short_q)
+    args = jnp.asarray(cu), jnp.asarray(kv_lens), jnp.asarray([num_seqs], jnp.int32)
+    items, where = gpu_prefill.work_items(*args, num_work=num_work, short_q=short_q)
+    rows = gpu_prefill.ITEM_ROWS
+    covered = np.zeros(num_tokens, int)
+    walks, seen_idle = [], False
+    for s, f in np.asarray(items).T:
+        if s < 0:
+            seen_idle = True
+            continue
+        assert not seen_idle, "idle items last"
+        assert q_lens[s] > short_q and f % rows == 0
+        covered[cu[s] + f:cu[s] + min(f + rows, q_lens[s])] += 1
+        walks.append(ctx[s] - q_lens[s] + min(f + rows, q_lens[s]))
+    want = np.zeros(num_tokens, int)
+    for i in range(num_seqs):
+        if q_lens[i] > short_q:
+            want[cu[i]:cu[i + 1]] = 1
+    np.testing.assert_array_equal(covered, want)  # every long row exactly once
+    assert walks == sorted(walks, reverse=True), "longest walks first"
+    # gather_rows: an item-major array whose rows name their token comes back in token order,
+    # the other rows from `others`.
+    token_of = np.full(num_work * rows, -1)
+    for pos, (s, f) in enumerate(np.asarray(items).T):
+        if s >= 0:
+            n = min(rows, q_lens[s] - f)
+            token_of[pos * rows:pos * rows + n] = cu[s] + f + np.arange(n)
+    others = -np.arange(num_tokens) - 1
+    got = np.asarray(gpu_prefill.gather_rows(jnp.asarray(token_of), jnp.asarray(others), args[0],
+                                             args[2], where, short_q=short_q))
+    np.testing.assert_array_equal(got, np.where(want == 1, np.arange(num_tokens), others))
+
+
+def test_kernel_lowers_to_mosaic_gpu_on_any_host():
+    """The compiled path (P from registers, the accumulator as wgmma's C, TMA page copies, the
+    output ladder) lowers for a Hopper GPU on this host: a kernel Mosaic GPU cannot lower fails
+    in CI, not first on the GPU."""
+    from jax import export
+    b = make_batch(9, [300, 1, 64], [700, 50, 64], num_kv_heads=2, group=4, head_dim=128,
+                   page_size=16, dtype=jnp.bfloat16, extra_tokens=30)
+
+    def fn(*args):
+        return gpu_prefill.prefill_attention(*args, sm_scale=0.088, short_q=4, interpret=False)
+    exp = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[
+        export.DisabledSafetyCheck.custom_call("mosaic_gpu_v2")])(*b.args())
+    assert "mosaic_gpu" in exp.mlir_module()
