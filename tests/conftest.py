@@ -28,3 +28,20 @@ def llama_ckpt(tmp_path_factory) -> str:
 # Small engine settings that keep CPU compile time to a few seconds.
 SMALL_ENGINE = dict(dtype="float32", max_model_len=256, max_num_seqs=8, max_num_batched_tokens=64,
                     kv_cache_memory_bytes=1 << 20, use_tqdm_on_load=False)
+
+
+@pytest.fixture
+def check_env_switch(monkeypatch):
+    """check(name, read, default, value, expected): read() gives `default` with $name unset,
+    `expected` with $name = value (as a user may type it), and a ValueError naming $name for a
+    value outside its choices."""
+    def check(name, read, default, value, expected):
+        monkeypatch.delenv(name, raising=False)
+        assert read() == default
+        monkeypatch.setenv(name, value)
+        assert read() == expected
+        monkeypatch.setenv(name, "no-such-choice")
+        with pytest.raises(ValueError, match=name):
+            read()
+        monkeypatch.delenv(name)
+    return check

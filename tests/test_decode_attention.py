@@ -264,16 +264,11 @@ def test_ragged_kernel_fast_math_lowers_to_ptx_softmax(as_h100, monkeypatch):
         gpu.fast_math_default()
 
 
-def test_split_layout_setting_and_lowering(as_h100, monkeypatch):
+def test_split_layout_setting_and_lowering(as_h100, check_env_switch):
     """$JAXENGINE_DECODE_SPLIT_LAYOUT (round_robin by default, or contiguous) is checked, and the
     contiguous layout lowers to Triton for sm_90 as one launch like the default."""
-    monkeypatch.delenv("JAXENGINE_DECODE_SPLIT_LAYOUT", raising=False)
-    assert gpu_decode.split_layout_default() == "round_robin"
-    monkeypatch.setenv("JAXENGINE_DECODE_SPLIT_LAYOUT", "Contiguous")
-    assert gpu_decode.split_layout_default() == "contiguous"
-    monkeypatch.setenv("JAXENGINE_DECODE_SPLIT_LAYOUT", "striped")
-    with pytest.raises(ValueError, match="JAXENGINE_DECODE_SPLIT_LAYOUT"):
-        gpu_decode.split_layout_default()
+    check_env_switch("JAXENGINE_DECODE_SPLIT_LAYOUT", gpu_decode.split_layout_default, "round_robin",
+                     "Contiguous", "contiguous")
     i32 = jnp.int32
     args = (_sds((T, HQ, D)), _sds((T, HKV, D)), _sds((T, HKV, D)), _sds((PAGES, PS, 2 * HKV, D)),
             _sds((T,), i32), _sds((T, 16), i32), _sds((1,), i32), _sds((D // 2,), jnp.float32))

@@ -81,15 +81,9 @@ def test_two_launch_step_with_the_mgpu_long_launch_matches_reference():
     check(out, b, reference_out(b, kw), jnp.bfloat16)
 
 
-def test_prefill_kernel_choice(monkeypatch):
+def test_prefill_kernel_choice(monkeypatch, check_env_switch):
     from jaxengine.pallas_kernels.ragged_paged_attention import gpu
-    monkeypatch.delenv("JAXENGINE_PREFILL_KERNEL", raising=False)
-    assert gpu_prefill.prefill_kernel_default() == "triton"
-    monkeypatch.setenv("JAXENGINE_PREFILL_KERNEL", "MGPU")
-    assert gpu_prefill.prefill_kernel_default() == "mgpu"
-    monkeypatch.setenv("JAXENGINE_PREFILL_KERNEL", "cudnn")
-    with pytest.raises(ValueError, match="JAXENGINE_PREFILL_KERNEL"):
-        gpu_prefill.prefill_kernel_default()
+    check_env_switch("JAXENGINE_PREFILL_KERNEL", gpu_prefill.prefill_kernel_default, "triton", "MGPU", "mgpu")
     b = make_batch(5, [20], [20], num_kv_heads=1, group=1, head_dim=64, page_size=16,
                    dtype=jnp.bfloat16)
     with pytest.raises(ValueError, match="prefill_kernel"):
