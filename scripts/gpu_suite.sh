@@ -430,8 +430,9 @@ for part in "$@"; do
       for spec in ${NCU_CASES:-decode-b8-ctx2048 decode-b64-ctx2048 decode-b8-ctx2048:--stages=3:--splits=4 prefill-4096}; do
         c=${spec%%:*}; extra=""; [ "$spec" != "$c" ] && extra=$(echo "${spec#*:}" | tr ':' ' ')
         tag=$(echo "$spec" | tr -c 'a-zA-Z0-9\n-' '_')
-        case $c in decode-*) k='regex:^decode_attention'; skip=1; cnt=1 ;;
-                   *) k='regex:ragged_paged_attention'; skip=2; cnt=2 ;; esac
+        case $spec in decode-*) k='regex:^decode_attention'; skip=1; cnt=1 ;;
+                      *mgpu*) k='regex:prefill_attention_mgpu'; skip=1; cnt=1 ;;
+                      *) k='regex:ragged_paged_attention'; skip=2; cnt=2 ;; esac
         # no preallocation: ncu saves and restores the device memory for each replay pass (75 s a case with
         # XLA's 75% of 139 GiB preallocated, fifteenth session)
         XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 240 "$NCU" --clock-control none --set full -k "$k" --launch-skip $skip --launch-count $cnt \

@@ -9,7 +9,8 @@ builds them:
                    page 16, an 8k-token page table (`--decode-kernel-sweep`'s setting)
   ragged-bB-ctxC   the ragged kernel on a decode-only step (page 32)
   prefill-N        the ragged kernel on one N-token causal prefill chunk (page 32)
-`--splits`, `--block-k`, `--stages`, `--warps` override the decode kernel's tile.  Without ncu the
+`--splits`, `--block-k`, `--stages`, `--warps` override the decode kernel's tile; `--prefill-kernel mgpu`
+runs a prefill case's long launch on the Mosaic GPU kernel (ncu -k regex:prefill_attention_mgpu).  Without ncu the
 script prints the kernel's wall time per call (host-timed, a sanity check only).
 """
 
@@ -60,9 +61,11 @@ def main():
     ap.add_argument("--block-k", type=int)
     ap.add_argument("--stages", type=int)
     ap.add_argument("--warps", type=int)
+    ap.add_argument("--prefill-kernel", choices=("triton", "mgpu"))
     args = ap.parse_args()
     overrides = {k: v for k, v in (("num_splits", args.splits), ("block_k", args.block_k),
-                                   ("num_stages", args.stages), ("num_warps", args.warps)) if v is not None}
+                                   ("num_stages", args.stages), ("num_warps", args.warps),
+                                   ("prefill_kernel", args.prefill_kernel)) if v is not None}
     m = re.fullmatch(r"(decode|ragged)-b(\d+)-ctx(\d+)|prefill-(\d+)", args.case)
     if not m:
         raise SystemExit(f"--case: unknown case {args.case!r}")

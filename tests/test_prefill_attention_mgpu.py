@@ -99,11 +99,13 @@ def test_prefill_kernel_choice(monkeypatch, check_env_switch):
     gpu.ragged_paged_attention(*b.args(), sm_scale=0.125, short_q=4, prefill_kernel="mgpu")
     assert calls == [1]
     monkeypatch.undo()
-    # What the kernel cannot take: float32, head_dim 32, a sliding window, a soft cap, page 4.
+    # What the kernel cannot take: float32, head_dim 32 or 256, a sliding window, a soft cap, page 4.
     q, kv = b.q, b.kv_pages
     assert gpu_prefill.supported(q, kv, None, None)
     assert not gpu_prefill.supported(q.astype(jnp.float32), kv.astype(jnp.float32), None, None)
     assert not gpu_prefill.supported(q[..., :32], kv[..., :32], None, None)
+    wide = jnp.zeros(q.shape[:2] + (256,), q.dtype)  # the ring and accumulator do not fit at 256
+    assert not gpu_prefill.supported(wide, jnp.zeros(kv.shape[:3] + (256,), kv.dtype), None, None)
     assert not gpu_prefill.supported(q, kv, 64, None)
     assert not gpu_prefill.supported(q, kv, None, 30.0)
     assert not gpu_prefill.supported(q, kv.reshape(-1, 4, *kv.shape[2:]), None, None)

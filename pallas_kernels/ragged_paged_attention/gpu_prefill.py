@@ -26,7 +26,7 @@ array (rows past the request are another request's or out of bounds, computed an
 output cannot be stored the same way (the rows after the request belong to another program), so a
 warpgroup stores its valid rows as a ladder of TMA boxes of 64, 32, ..., 1 rows.
 
-Limits (`supported`): bf16/f16, head_dim a multiple of 64 up to 256, page_size a multiple of 8
+Limits (`supported`): bf16/f16, head_dim 64 or 128, page_size a multiple of 8
 (TMA boxes of whole swizzle tiles) that divides or is divided by BLOCK_KV, no sliding window and
 no soft cap: everything else runs on the Triton kernel.
 """
@@ -57,8 +57,10 @@ def supported(q: jax.Array, kv_pages: jax.Array, sliding_window, soft_cap,
     """Whether this kernel takes the step (shapes and options only)."""
     head_dim = q.shape[-1]
     page_size = kv_pages.shape[1]
+    # head_dim 64 or 128: at 256 the K/V ring (2 x 2 x 64 KB) and the accumulator's 128 registers
+    # a thread no longer fit beside q and the scores.
     return (q.dtype in (jnp.bfloat16, jnp.float16) and kv_pages.dtype == q.dtype
-            and head_dim % 64 == 0 and head_dim <= 256 and page_size % 8 == 0
+            and head_dim in (64, 128) and page_size % 8 == 0
             and (page_size % block_kv == 0 or block_kv % page_size == 0)
             and sliding_window is None and soft_cap is None)
 
@@ -328,7 +330,7 @@ def _prefill(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, others, *,
     out_items = plgpu.kernel(
         kernel, out_type=jax.ShapeDtypeStruct((num_work * ITEM_ROWS, num_q_heads, head_dim), q.dtype),
         scratch_types=scratch, grid=(num_q_heads, num_work), grid_names=("heads", "work"),
-        num_threads=COMPUTE_WGS + 1, thread_name="wg",
+        num_threads=COMPUTE_WGS + 1, thread_name="wg", kernel_name="prefill_attention_mgpu",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=plgpu.InterpretGPUParams() if interpret else None,
     )(items, cu_q_lens, kv_lens, page_indices.astype(jnp.int32), q, kv_pages)
@@ -343,7 +345,7 @@ def prefill_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *
     row (default zeros), so a launch for the short requests can run first and pass its output.
     Shapes as `reference.ragged_paged_attention`; `supported` must hold."""
     if not supported(q, kv_pages, None, None, block_kv):
-        raise ValueError(f"prefill_attention needs bf16/f16, head_dim % 64 == 0 (<= 256) and "
+        raise ValueError(f"prefill_attention needs bf16/f16, head_dim 64 or 128 and "
                          f"page_size % 8 == 0 dividing or divided by block_kv {block_kv}; got "
                          f"{q.dtype}, head_dim {q.shape[-1]}, page_size {kv_pages.shape[1]}")
     if interpret is None:
