@@ -545,11 +545,13 @@ LONG_TILE_MIN_TOKENS = 2048
     static_argnames=("sm_scale", "sliding_window", "soft_cap", "block_q", "block_k",
                      "num_splits", "num_warps", "num_stages", "prescale_q", "short_q",
                      "interpret", "fused_combine", "fast_math", "prefill_kernel"),
+    donate_argnames=("long_out",),
 )
 def _ragged_paged_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *,
                             sm_scale, sliding_window, soft_cap, block_q, block_k, num_splits,
                             num_warps, num_stages, prescale_q, short_q, interpret,
-                            fused_combine=False, fast_math=None, prefill_kernel="triton"):
+                            fused_combine=False, fast_math=None, prefill_kernel="triton",
+                            long_out=None):
     num_tokens, num_q_heads, head_dim = q.shape
     num_pages, page_size, combined, _ = kv_pages.shape
     num_kv_heads = combined // 2
@@ -624,9 +626,11 @@ def _ragged_paged_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_s
                         + min(max_num_seqs, num_tokens // (short_q + 1)))
         short_work = min(max_num_seqs, num_tokens)
         if prefill_kernel == "mgpu":
-            # Only the short requests (zeros elsewhere): ragged_paged_attention passes this to
-            # the Mosaic GPU kernel for the long ones.
-            return finish(launch(short_tile, min(32, block_k), 4, 2, 1, short_work, "short"))
+            # The long requests' rows came from the Mosaic GPU kernel (long_out, zeros elsewhere,
+            # donated): the decode tile writes the short requests' rows into it.
+            out = jnp.pad(long_out.reshape(num_tokens * num_q_heads, head_dim),
+                          [(0, rows - num_tokens * num_q_heads), (0, 0)])
+            return finish(launch(short_tile, min(32, block_k), 4, 2, 1, short_work, "short", out))
         out = launch(block_q, block_k, num_warps, num_stages, 1, long_work, "long")
         out = launch(short_tile, min(32, block_k), 4, 2, 1, short_work, "short", out)
         return finish(out)
@@ -733,18 +737,19 @@ def ragged_paged_attention(
             cfg["short_q"] and gpu_prefill.supported(q, kv_pages, sliding_window, soft_cap)
             and (hopper() and not interpret or interpret and explicit)):
         prefill_kernel = "triton"
-    out = _ragged_paged_attention(
+    long_out = None
+    if prefill_kernel == "mgpu":
+        # The long requests on the Mosaic GPU kernel (TMA + wgmma), then the short ones on the
+        # decode tile into its output.  A call of its own: inside the same jit on the CPU, the
+        # interpreter's nested dispatches starved on 2 cores (a deadlock in the tests); inside
+        # the engine's jit on a GPU both are inlined anyway.
+        long_out = gpu_prefill.prefill_attention(
+            q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, sm_scale=sm_scale,
+            short_q=cfg["short_q"], interpret=interpret)
+    return _ragged_paged_attention(
         q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, sm_scale=float(sm_scale),
         sliding_window=sliding_window, soft_cap=None if soft_cap is None else float(soft_cap),
         interpret=bool(interpret),
         fused_combine=fused_combine_default() if fused_combine is None else bool(fused_combine),
         fast_math=fast_math_default() if fast_math is None else bool(fast_math),
-        prefill_kernel=prefill_kernel, **cfg)
-    if prefill_kernel == "mgpu":
-        # The long requests on the Mosaic GPU kernel (TMA + wgmma), the other rows from the
-        # short launch's output.  A call of its own: inside the same jit on the CPU, the
-        # interpreter's nested dispatches starved on 2 cores (a deadlock in the tests).
-        out = gpu_prefill.prefill_attention(
-            q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, sm_scale=sm_scale,
-            short_q=cfg["short_q"], others=out, interpret=interpret)
-    return out
+        prefill_kernel=prefill_kernel, long_out=long_out, **cfg)

@@ -342,7 +342,8 @@ def prefill_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *
                       stages: int = STAGES, interpret: bool | None = None) -> jax.Array:
     """Attention for the query rows of every request of more than short_q tokens (the reference's
     contract for those rows); every other row (shorter requests, bucket padding) is `others`'s
-    row (default zeros), so a launch for the short requests can run first and pass its output.
+    row (default zeros: gpu.py's decode-tile launch then writes the short requests' rows into
+    this output, aliased).
     Shapes as `reference.ragged_paged_attention`; `supported` must hold."""
     if not supported(q, kv_pages, None, None, block_kv):
         raise ValueError(f"prefill_attention needs bf16/f16, head_dim 64 or 128 and "
