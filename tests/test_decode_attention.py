@@ -230,8 +230,9 @@ def test_ragged_kernel_lowers_to_triton_for_h100(as_h100, num_tokens):
 def test_ragged_kernel_fast_math_lowers_to_ptx_softmax(as_h100, monkeypatch):
     """fast_math writes the online softmax's exponent as PTX (XLA's Triton pipeline contracts no
     FMA and takes libdevice's non-ftz exp2).  By default only the 32-128-row tiles take it (H200:
-    the 128-row prefill tile faster, the 256-row long tile slower, 16-row decode tiles even): a
-    512-token bucket's one launch, neither launch of a 2048-token bucket (256 and 16 rows);
+    the 128-row prefill tile faster, the 256-row tile slower, 16-row decode tiles even): a
+    512-token bucket's one launch, the long launch of a 2048-token bucket (128 rows since the
+    sixteenth session) but not its decode-tile launch (16 rows), nor an explicit 256-row tile;
     $JAXENGINE_ATTN_FAST_MATH=1 / 0 forces every tile."""
     import re
 
@@ -252,13 +253,15 @@ def test_ragged_kernel_fast_math_lowers_to_ptx_softmax(as_h100, monkeypatch):
     monkeypatch.delenv("JAXENGINE_ATTN_FAST_MATH", raising=False)
     assert gpu.fast_math_default() is None
     assert launches(512) == {tile128: True}
-    assert launches(2048) == {long_k: False, short_k: False}
-    assert launches(2048, fast_math=True) == {long_k: True, short_k: True}
+    assert launches(2048) == {tile128: True, short_k: False}
+    assert launches(2048, fast_math=True) == {tile128: True, short_k: True}
+    assert launches(2048, block_q=64, block_k=64, short_q=4) == {long_k: False, short_k: False}
     assert launches(512, fast_math=False) == {tile128: False}
     monkeypatch.setenv("JAXENGINE_ATTN_FAST_MATH", "0")
     assert gpu.fast_math_default() is False and launches(512) == {tile128: False}
     monkeypatch.setenv("JAXENGINE_ATTN_FAST_MATH", "1")
-    assert launches(2048) == {long_k: True, short_k: True}
+    assert launches(2048) == {tile128: True, short_k: True}
+    assert launches(2048, block_q=64, block_k=64, short_q=4) == {long_k: True, short_k: True}
     monkeypatch.setenv("JAXENGINE_ATTN_FAST_MATH", "yes")
     with pytest.raises(ValueError, match="JAXENGINE_ATTN_FAST_MATH"):
         gpu.fast_math_default()
