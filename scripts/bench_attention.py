@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxengine.pallas_kernels.ragged_paged_attention import gpu, reference
+from jaxengine.pallas_kernels.ragged_paged_attention import gpu, gpu_prefill, reference
 
 NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM = 32, 8, 128
 DTYPE = jnp.bfloat16
@@ -191,6 +191,10 @@ def run_case(rows, kind, name, q_lens, ctx_lens, page_size, hbm, mxu, peers=(), 
     args, bytes_, flops = make_step(q_lens, ctx_lens, page_size, max_num_seqs=max_num_seqs)
     impls = {"ours": lambda *a: gpu.ragged_paged_attention(*a, sm_scale=SM_SCALE)}
     for vname, kw in (variants or {}).items():
+        if "mgpu_kernel" in kw:  # the Mosaic GPU prefill kernel alone (every request long)
+            impls[f"ours[{vname}]"] = (lambda kw: lambda *a: gpu_prefill.prefill_attention(
+                *a, sm_scale=SM_SCALE, **kw))(kw["mgpu_kernel"])
+            continue
         impls[f"ours[{vname}]"] = (lambda kw: lambda *a: gpu.ragged_paged_attention(
             *a, sm_scale=SM_SCALE, **kw))(kw)
     ref_out = None
@@ -279,6 +283,16 @@ PREFILL_TILE_VARIANTS = {
 }
 
 
+# --mgpu-sweep: the Mosaic GPU prefill kernel (gpu_prefill) on pure prefill chunks, through the
+# engine's path (two launches, `2xmgpu`) and alone by key block and ring depth (shared memory at
+# head_dim 128: q 32 KB + staging 32 KB + stages x 2 x block_kv x 256 B).
+MGPU_SWEEP = {
+    "2xmgpu": dict(prefill_kernel="mgpu"),
+    "mgpu_bk128s2": dict(mgpu_kernel=dict(block_kv=128, stages=2)),
+    "mgpu_bk64s2": dict(mgpu_kernel=dict(block_kv=64, stages=2)),
+    "mgpu_bk64s3": dict(mgpu_kernel=dict(block_kv=64, stages=3)),
+    "mgpu_bk64s4": dict(mgpu_kernel=dict(block_kv=64, stages=4)),
+}
 # --long-tile-sweep: the long launch's tile of the two-launch default (short_q = 4 keeps the split),
 # on the pure and mixed steps of the big prefill buckets.
 LONG_TILE_SWEEP = {
@@ -424,6 +438,8 @@ def main():
     ap.add_argument("--prefill-sweep", action="store_true",
                     help="prefill only: every chunk, PREFILL_SWEEP at 4096 and 8192, and those two "
                          "chunks with a few variants at the other --page-sizes")
+    ap.add_argument("--mgpu-sweep", action="store_true",
+                    help="pure prefill chunks 2k-8k: the Mosaic GPU prefill kernel (MGPU_SWEEP) beside the default and cuDNN")
     ap.add_argument("--prefill-tiles", action="store_true",
                     help="only PREFILL_TILE_CASES with PREFILL_TILE_VARIANTS beside the default (and cuDNN)")
     ap.add_argument("--long-tile-sweep", action="store_true",
@@ -483,6 +499,12 @@ def main():
         for b, c in DECODE_SWEEP_CASES:
             save(); run_case(rows, "decode", f"b{b} ctx{c}", [1] * b, [c] * b, args.decode_page_size,
                      hbm, mxu, variants=FAST_MATH_AB)
+        save()
+        return
+    if args.mgpu_sweep:
+        for t in (2048, 4096, 8192):
+            save(); run_case(rows, "prefill", f"chunk{t}", [t], [t], args.decode_page_size, hbm, mxu,
+                     ["cudnn"], variants=MGPU_SWEEP)
         save()
         return
     if args.prefill_tiles:

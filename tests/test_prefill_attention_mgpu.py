@@ -69,6 +69,28 @@ def test_prefill_kernel_matches_reference(q_lens, ctx_lens, short_q, group, head
     assert err <= TOL[dtype], f"relative error {err:.3g} > {TOL[dtype]}"
 
 
+def _bench_configs():
+    """bench_attention's MGPU_SWEEP kernel configs (block_kv, ring depth), one param each."""
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
+    import bench_attention
+    return [pytest.param(kw["mgpu_kernel"], id=name) for name, kw in bench_attention.MGPU_SWEEP.items()
+            if "mgpu_kernel" in kw]
+
+
+@pytest.mark.parametrize("cfg", _bench_configs())
+def test_bench_sweep_configs_match_reference(cfg):
+    """The configurations the GPU benchmark sweeps are correct ones: a chunk at a context over
+    several key blocks and a prompt, GQA 4, page 16."""
+    b = make_batch(41, [90, 40], [300, 40], num_kv_heads=1, group=4, head_dim=64, page_size=16,
+                   dtype=jnp.bfloat16, extra_tokens=6)
+    kw = dict(sm_scale=0.125)
+    out = gpu_prefill.prefill_attention(*b.args(), interpret=INTERPRET, **cfg, **kw)
+    jax.effects_barrier()
+    check(out, b, reference_out(b, kw), jnp.bfloat16)
+
+
 def test_two_launch_step_with_the_mgpu_long_launch_matches_reference():
     """gpu.ragged_paged_attention with prefill_kernel="mgpu": the long requests on this kernel,
     the decode tokens on the Triton kernel's decode tile written into its output, padding zero."""
