@@ -17,14 +17,17 @@ warpgroups of BLOCK_Q (= 64, wgmma's M) query rows each and a memory warpgroup t
 key blocks of the item, copying each block's K and V (BLOCK_KV keys: BLOCK_KV / page_size pages,
 one TMA copy per page, or one slice of a bigger page) into a ring of `stages` slots.  The compute
 warpgroups take blocks in order with an online softmax in base 2 (scores scaled by sm_scale *
-log2(e) in one multiply-add), masking only the blocks on the causal diagonal.  A warpgroup whose
-rows end earlier than the other's (the causal tail, or the request's last partial item) keeps
-releasing the slots the memory warpgroup still fills.
+log2(e) once, against a running max kept in those units), masking only the blocks on the causal
+diagonal.  A warpgroup whose rows end earlier than the other's (the causal tail, or the request's
+last partial item) keeps releasing the slots the memory warpgroup still fills.
 
 Ragged rows: q is read in boxes of BLOCK_Q tokens from the flat [num_tokens, q heads, head_dim]
-array (rows past the request are another request's or out of bounds, computed and dropped).  The
-output cannot be stored the same way (the rows after the request belong to another program), so a
-warpgroup stores its valid rows as a ladder of TMA boxes of 64, 32, ..., 1 rows.
+array at any row (rows past the request are another request's or out of bounds, computed and
+dropped); Mosaic GPU's TMA into a swizzled buffer wants tile-aligned rows, so the box lands in an
+untiled staging buffer and reaches wgmma's swizzled one through registers.  The output cannot be
+stored row-exact (the rows after the request belong to another program, and a WGMMA-layout store
+into an untiled buffer does not lower): each item writes its whole 128 rows item-major, and
+`gather_rows`, one XLA fusion after the kernel, puts the long requests' rows in token order.
 
 Limits (`supported`): bf16/f16, head_dim 64 or 128, page_size a multiple of 8
 (TMA boxes of whole swizzle tiles) that divides or is divided by BLOCK_KV, no sliding window and
@@ -49,7 +52,7 @@ BLOCK_Q = 64  # query rows of one compute warpgroup: wgmma's M
 COMPUTE_WGS = 2
 ITEM_ROWS = BLOCK_Q * COMPUTE_WGS
 BLOCK_KV = 128
-STAGES = 2  # K/V ring slots: 2 x 2 x 32 KB at head_dim 128, beside q and the output staging
+STAGES = 2  # K/V ring slots: 2 x 2 x 32 KB at head_dim 128, beside q (32 KB) and its staging (32 KB)
 
 
 def supported(q: jax.Array, kv_pages: jax.Array, sliding_window, soft_cap,
