@@ -136,7 +136,7 @@ def test_prefill_kernel_choice(monkeypatch, check_env_switch):
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_work_items_cover_every_long_row_once_longest_first(seed):
+def test_work_items_cover_long_rows_and_padding_once_longest_first(seed):
     rng = np.random.default_rng(seed)
     max_num_seqs, short_q = 9, int(rng.integers(0, 5))
     num_seqs = int(rng.integers(1, max_num_seqs + 1))
@@ -150,36 +150,27 @@ def test_work_items_cover_every_long_row_once_longest_first(seed):
     kv_lens[:num_seqs] = ctx
     kv_lens[num_seqs:] = rng.integers(1, 99, max_num_seqs - num_seqs)  # garbage rows
     num_work = gpu_prefill.num_work_items(num_tokens, max_num_seqs, short_q)
-    args = jnp.asarray(cu), jnp.asarray(kv_lens), jnp.asarray([num_seqs], jnp.int32)
-    items, where = gpu_prefill.work_items(*args, num_work=num_work, short_q=short_q)
+    kind, a, first = np.asarray(gpu_prefill.work_items(
+        jnp.asarray(cu), jnp.asarray(kv_lens), jnp.asarray([num_seqs], jnp.int32),
+        num_tokens=num_tokens, num_work=num_work, short_q=short_q))
     rows = gpu_prefill.ITEM_ROWS
     covered = np.zeros(num_tokens, int)
-    walks, seen_idle = [], False
-    for s, f in np.asarray(items).T:
-        if s < 0:
-            seen_idle = True
-            continue
-        assert not seen_idle, "idle items last"
-        assert q_lens[s] > short_q and f % rows == 0
-        covered[cu[s] + f:cu[s] + min(f + rows, q_lens[s])] += 1
-        walks.append(ctx[s] - q_lens[s] + min(f + rows, q_lens[s]))
+    walks = []
+    for k, s, f in zip(kind, a, first):
+        if k == gpu_prefill.ATTEND:
+            assert q_lens[s] > short_q and f % rows == 0
+            covered[cu[s] + f:cu[s] + min(f + rows, q_lens[s])] += 1
+            walks.append(ctx[s] - q_lens[s] + min(f + rows, q_lens[s]))
+        elif k == gpu_prefill.ZERO:
+            covered[f:min(f + rows, num_tokens)] += 1
     want = np.zeros(num_tokens, int)
     for i in range(num_seqs):
         if q_lens[i] > short_q:
             want[cu[i]:cu[i + 1]] = 1
-    np.testing.assert_array_equal(covered, want)  # every long row exactly once
+    want[cu[num_seqs]:] = 1
+    np.testing.assert_array_equal(covered, want)  # every long row and padding row exactly once
     assert walks == sorted(walks, reverse=True), "longest walks first"
-    # gather_rows: an item-major array whose rows name their token comes back in token order,
-    # the other rows from `others`.
-    token_of = np.full(num_work * rows, -1)
-    for pos, (s, f) in enumerate(np.asarray(items).T):
-        if s >= 0:
-            n = min(rows, q_lens[s] - f)
-            token_of[pos * rows:pos * rows + n] = cu[s] + f + np.arange(n)
-    others = -np.arange(num_tokens) - 1
-    got = np.asarray(gpu_prefill.gather_rows(jnp.asarray(token_of), jnp.asarray(others), args[0],
-                                             args[2], where, short_q=short_q))
-    np.testing.assert_array_equal(got, np.where(want == 1, np.arange(num_tokens), others))
+    assert list(kind) == sorted(kind), "attention items, then padding items, then idle ones"
 
 
 def test_kernel_lowers_to_mosaic_gpu_on_any_host():

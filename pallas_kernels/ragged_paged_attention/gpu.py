@@ -626,7 +626,7 @@ def _ragged_paged_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_s
                         + min(max_num_seqs, num_tokens // (short_q + 1)))
         short_work = min(max_num_seqs, num_tokens)
         if prefill_kernel == "mgpu":
-            # The long requests' rows came from the Mosaic GPU kernel (long_out, zeros elsewhere,
+            # The long requests' rows came from the Mosaic GPU kernel (long_out, zeros in the padding,
             # donated): the decode tile writes the short requests' rows into it.
             out = jnp.pad(long_out.reshape(num_tokens * num_q_heads, head_dim),
                           [(0, rows - num_tokens * num_q_heads), (0, 0)])

@@ -24,10 +24,10 @@ last partial item) keeps releasing the slots the memory warpgroup still fills.
 Ragged rows: q is read in boxes of BLOCK_Q tokens from the flat [num_tokens, q heads, head_dim]
 array at any row (rows past the request are another request's or out of bounds, computed and
 dropped); Mosaic GPU's TMA into a swizzled buffer wants tile-aligned rows, so the box lands in an
-untiled staging buffer and reaches wgmma's swizzled one through registers.  The output cannot be
-stored row-exact (the rows after the request belong to another program, and a WGMMA-layout store
-into an untiled buffer does not lower): each item writes its whole 128 rows item-major, and
-`gather_rows`, one XLA fusion after the kernel, puts the long requests' rows in token order.
+untiled staging buffer and reaches wgmma's swizzled one through registers.  The output goes back
+through the same staging buffer, and only the request's rows leave it: a ladder of TMA boxes of
+64, 32, ..., 1 rows (the rows after the request belong to another program).  Bucket-padding rows
+get zeros from ZERO items; short requests' rows are the decode-tile launch's.
 
 Limits (`supported`): bf16/f16, head_dim 64 or 128, page_size a multiple of 8
 (TMA boxes of whole swizzle tiles) that divides or is divided by BLOCK_KV, no sliding window and
@@ -53,6 +53,7 @@ COMPUTE_WGS = 2
 ITEM_ROWS = BLOCK_Q * COMPUTE_WGS
 BLOCK_KV = 128
 STAGES = 2  # K/V ring slots: 2 x 2 x 32 KB at head_dim 128, beside q (32 KB) and its staging (32 KB)
+ATTEND, ZERO, IDLE = 0, 1, 2  # work item kinds
 
 
 def supported(q: jax.Array, kv_pages: jax.Array, sliding_window, soft_cap,
@@ -79,11 +80,13 @@ def prefill_kernel_default() -> str:
     return env_choice("JAXENGINE_PREFILL_KERNEL", PREFILL_KERNELS, "triton")
 
 
-def work_items(cu_q_lens, kv_lens, num_seqs, *, num_work: int, short_q: int):
-    """The launch's work list, longest walk first: (request, first query row within it) for every
-    block of ITEM_ROWS rows of each request of more than short_q tokens (a walk: the item's last
-    row's context length), (-1, 0) padding it to num_work; and `where`, for each item in request
-    order, its position in the list (the output's item-major rows are found through it)."""
+def work_items(cu_q_lens, kv_lens, num_seqs, *, num_tokens: int, num_work: int, short_q: int):
+    """The launch's work list, [3, num_work] (kind, a, b) per item, longest walk first:
+    ATTEND (request a, first query row b within it) for every block of ITEM_ROWS rows of each
+    request of more than short_q tokens, a walk being the item's last row's context length; then
+    ZERO (-, first token b) for every block of ITEM_ROWS bucket-padding rows (tokens past the
+    last request), written as zeros; IDLE pads the list.  Short requests' rows are left to the
+    decode-tile launch."""
     max_num_seqs = cu_q_lens.shape[0] - 1
     q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
     keep = (jnp.arange(max_num_seqs) < num_seqs[0]) & (q_lens > short_q)
@@ -93,51 +96,52 @@ def work_items(cu_q_lens, kv_lens, num_seqs, *, num_work: int, short_q: int):
     # compare-and-count rather than searchsorted (an XLA while loop on GPU, see gpu._work_items)
     seq = jnp.minimum(jnp.sum(cum[None, :] <= w[:, None], axis=1, dtype=jnp.int32), max_num_seqs - 1)
     q0 = (w - (cum[seq] - blocks[seq])) * ITEM_ROWS
-    real = w < cum[-1]
+    attend = w < cum[-1]
     walk = kv_lens[seq] - q_lens[seq] + jnp.minimum(q0 + ITEM_ROWS, q_lens[seq])
-    order = jnp.argsort(jnp.where(real, -walk, 1), stable=True)
-    items = jnp.stack([jnp.where(real, seq, -1), jnp.where(real, q0, 0)]).astype(jnp.int32)[:, order]
-    where = jnp.zeros(num_work, jnp.int32).at[order].set(w)
-    return items, where
+    pad0 = cu_q_lens[jnp.minimum(num_seqs[0], max_num_seqs)] + (w - cum[-1]) * ITEM_ROWS
+    zero = ~attend & (pad0 < num_tokens)
+    kind = jnp.where(attend, ATTEND, jnp.where(zero, ZERO, IDLE))
+    order = jnp.argsort(jnp.where(attend, -walk, jnp.where(zero, 0, 1)), stable=True)
+    a = jnp.where(attend, seq, 0)
+    b = jnp.where(attend, q0, jnp.where(zero, pad0, 0))
+    return jnp.stack([kind, a, b]).astype(jnp.int32)[:, order]
 
 
 def num_work_items(num_tokens: int, max_num_seqs: int, short_q: int) -> int:
-    """A bound on work_items' count: sum(ceil(q_len / R)) over the long requests
-    <= num_tokens // R + their number."""
-    return max(1, num_tokens // ITEM_ROWS + min(max_num_seqs, num_tokens // (short_q + 1)))
+    """A bound on work_items' count: sum(ceil(q_len / R)) over the long requests plus
+    ceil(padding / R) <= num_tokens // R + their number + 1."""
+    return num_tokens // ITEM_ROWS + min(max_num_seqs, num_tokens // (short_q + 1)) + 1
 
 
-def gather_rows(out_items, others, cu_q_lens, num_seqs, where, *, short_q: int):
-    """[num_tokens, ...]: each long request's rows from the kernel's item-major output (item
-    where[u] holds rows u's ITEM_ROWS rows), every other row from `others`; one XLA fusion."""
-    num_tokens = others.shape[0]
-    max_num_seqs = cu_q_lens.shape[0] - 1
-    q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
-    keep = (jnp.arange(max_num_seqs) < num_seqs[0]) & (q_lens > short_q)
-    blocks = jnp.where(keep, (q_lens + ITEM_ROWS - 1) // ITEM_ROWS, 0)
-    before = jnp.cumsum(blocks) - blocks
-    t = jnp.arange(num_tokens, dtype=jnp.int32)
-    seq = jnp.minimum(jnp.sum(cu_q_lens[None, 1:] <= t[:, None], axis=1, dtype=jnp.int32),
-                      max_num_seqs - 1)
-    local = t - cu_q_lens[seq]
-    long_row = keep[seq] & (t < cu_q_lens[jnp.minimum(num_seqs[0], max_num_seqs)])
-    u = jnp.clip(before[seq] + local // ITEM_ROWS, 0, where.shape[0] - 1)
-    row = where[u] * ITEM_ROWS + local % ITEM_ROWS
-    picked = out_items[jnp.where(long_row, row, 0)]
-    return jnp.where(long_row.reshape((-1,) + (1,) * (others.ndim - 1)), picked, others)
+def _store_rows(stage, o_ref, tok0, rows, head):
+    """stage's first `rows` rows to o_ref[tok0 : tok0 + rows, head].  TMA boxes have static
+    shapes: a ladder of 64, 32, ..., 1-row boxes, one per set bit of `rows` (a full warpgroup's
+    64 rows: one box)."""
+    plgpu.commit_smem()
+    done = 0  # rows stored so far (traced after the first box)
+    size = BLOCK_Q
+    while size >= 1:
+        take = (rows & size) != 0
+
+        @pl.when(take)
+        def _(size=size, done=done):
+            plgpu.copy_smem_to_gmem(stage.at[pl.ds(done, size)], o_ref.at[pl.ds(tok0 + done, size), head])
+        done = done + jnp.where(take, size, 0)
+        size //= 2
+    plgpu.wait_smem_to_gmem(0)
 
 
 def _kernel(items_ref, cu_ref, kv_lens_ref, pt_ref, q_ref, kv_ref, o_ref, *scoped, sm_scale: float,
-            page_size: int, pages_per_seq: int, num_pages: int, group: int, block_kv: int,
-            stages: int):
+            num_tokens: int, page_size: int, pages_per_seq: int, num_pages: int, group: int,
+            block_kv: int, stages: int):
     (q_smem, k_smem, v_smem, q_stage, p_smem), (k_ready, v_ready, q_ready), (k_free, v_free), sched = scoped
     head = lax.axis_index("heads")
     w = lax.axis_index("work")
     wg = lax.axis_index("wg")
-    seq = items_ref[0, w]
-    attend = seq >= 0
-    seq = jnp.maximum(seq, 0)
-    first = items_ref[1, w]  # the item's first query row within the request
+    kind = items_ref[0, w]
+    attend = kind == ATTEND
+    seq = items_ref[1, w]
+    first = items_ref[2, w]  # ATTEND: the item's first query row within the request; ZERO: token
     q_start = cu_ref[seq]
     q_len = cu_ref[seq + 1] - q_start
     ctx = kv_lens_ref[seq] - q_len  # keys before the request's first query token
@@ -152,6 +156,13 @@ def _kernel(items_ref, cu_ref, kv_lens_ref, pt_ref, q_ref, kv_ref, o_ref, *scope
         # the other's wgmma.
         plgpu.barrier_arrive(sched)
         plgpu.barrier_wait(sched)
+
+    @pl.when((wg < COMPUTE_WGS) & (kind == ZERO))
+    def _zeros():
+        tok0 = first + wg * BLOCK_Q
+        stage = q_stage.at[wg]
+        stage[...] = plgpu.layout_cast(jnp.zeros((BLOCK_Q, head_dim), q_stage.dtype), plgpu.Layout.WGMMA)
+        _store_rows(stage, o_ref, tok0, jnp.clip(num_tokens - tok0, 0, BLOCK_Q), head)
 
     @pl.when((wg < COMPUTE_WGS) & attend)
     def _compute():
@@ -252,12 +263,8 @@ def _kernel(items_ref, cu_ref, kv_lens_ref, pt_ref, q_ref, kv_ref, o_ref, *scope
         pl.when(wg == 0)(sync_schedule)
         l_safe = jnp.where(l_i == 0.0, 1.0, l_i)
         out = acc * lax.broadcast_in_dim(1.0 / l_safe, acc.shape, [0])
-        # The output goes out item-major (rows w * ITEM_ROWS + wg * BLOCK_Q...: tile-aligned TMA
-        # boxes); gather_rows puts the rows in token order.
-        q_view[...] = out.astype(q_smem.dtype)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(q_view, o_ref.at[pl.ds(w * ITEM_ROWS + wg * BLOCK_Q, BLOCK_Q), head])
-        plgpu.wait_smem_to_gmem(0)
+        stage[...] = out.astype(q_stage.dtype)  # untiled: row-exact boxes can leave it
+        _store_rows(stage, o_ref, q_start + base, rows, head)
 
     @pl.when((wg == COMPUTE_WGS) & attend)
     def _memory():
@@ -303,20 +310,21 @@ def _kernel(items_ref, cu_ref, kv_lens_ref, pt_ref, q_ref, kv_ref, o_ref, *scope
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "short_q", "num_work", "block_kv", "stages",
                                              "interpret"))
-def _prefill(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, others, *, sm_scale: float,
+def _prefill(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_scale: float,
              short_q: int, num_work: int, block_kv: int, stages: int, interpret: bool):
     num_tokens, num_q_heads, head_dim = q.shape
     num_pages, page_size, combined, _ = kv_pages.shape
     cu_q_lens = cu_q_lens.astype(jnp.int32)
     kv_lens = kv_lens.astype(jnp.int32)
-    items, where = work_items(cu_q_lens, kv_lens, num_seqs, num_work=num_work, short_q=short_q)
+    items = work_items(cu_q_lens, kv_lens, num_seqs, num_tokens=num_tokens, num_work=num_work,
+                       short_q=short_q)
     tiles = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     copies = block_kv // min(page_size, block_kv)
     scratch = (
         (plgpu.SMEM((COMPUTE_WGS, BLOCK_Q, head_dim), q.dtype, transforms=tiles),
          plgpu.SMEM((stages, block_kv, head_dim), q.dtype, transforms=tiles),
          plgpu.SMEM((stages, block_kv, head_dim), q.dtype, transforms=tiles),
-         plgpu.SMEM((COMPUTE_WGS, BLOCK_Q, head_dim), q.dtype),  # q staging (untiled)
+         plgpu.SMEM((COMPUTE_WGS, BLOCK_Q, head_dim), q.dtype),  # q / output staging (untiled)
          # Mosaic GPU's interpreter takes wgmma operands from shared memory only: there P goes
          # through it; compiled, P stays in registers (and the accumulator is wgmma's C).
          plgpu.SMEM((COMPUTE_WGS, BLOCK_Q, block_kv), q.dtype, transforms=tiles) if interpret else None),
@@ -327,36 +335,33 @@ def _prefill(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, others, *,
         plgpu.Barrier(num_arrivals=COMPUTE_WGS),
     )
     kernel = functools.partial(
-        _kernel, sm_scale=sm_scale, page_size=page_size, pages_per_seq=page_indices.shape[1],
+        _kernel, sm_scale=sm_scale, num_tokens=num_tokens, page_size=page_size,
+        pages_per_seq=page_indices.shape[1],
         num_pages=num_pages, group=num_q_heads // (combined // 2), block_kv=block_kv,
         stages=stages)
-    out_items = plgpu.kernel(
-        kernel, out_type=jax.ShapeDtypeStruct((num_work * ITEM_ROWS, num_q_heads, head_dim), q.dtype),
-        scratch_types=scratch, grid=(num_q_heads, num_work), grid_names=("heads", "work"),
+    return plgpu.kernel(
+        kernel, out_type=jax.ShapeDtypeStruct(q.shape, q.dtype), scratch_types=scratch,
+        grid=(num_q_heads, num_work), grid_names=("heads", "work"),
         num_threads=COMPUTE_WGS + 1, thread_name="wg", kernel_name="prefill_attention_mgpu",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=plgpu.InterpretGPUParams() if interpret else None,
     )(items, cu_q_lens, kv_lens, page_indices.astype(jnp.int32), q, kv_pages)
-    return gather_rows(out_items, others, cu_q_lens, num_seqs, where, short_q=short_q)
 
 
 def prefill_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_scale: float,
-                      short_q: int = 0, others: jax.Array | None = None, block_kv: int = BLOCK_KV,
-                      stages: int = STAGES, interpret: bool | None = None) -> jax.Array:
+                      short_q: int = 0, block_kv: int = BLOCK_KV, stages: int = STAGES,
+                      interpret: bool | None = None) -> jax.Array:
     """Attention for the query rows of every request of more than short_q tokens (the reference's
-    contract for those rows); every other row (shorter requests, bucket padding) is `others`'s
-    row (default zeros: gpu.py's decode-tile launch then writes the short requests' rows into
-    this output, aliased).
-    Shapes as `reference.ragged_paged_attention`; `supported` must hold."""
+    contract for those rows) and zeros in the bucket padding after the last request; the rows of
+    shorter requests are left unwritten, for gpu.py's decode-tile launch, which writes them into
+    this output (aliased).  Shapes as `reference.ragged_paged_attention`; `supported` must hold."""
     if not supported(q, kv_pages, None, None, block_kv):
         raise ValueError(f"prefill_attention needs bf16/f16, head_dim 64 or 128 and "
                          f"page_size % 8 == 0 dividing or divided by block_kv {block_kv}; got "
                          f"{q.dtype}, head_dim {q.shape[-1]}, page_size {kv_pages.shape[1]}")
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
-    if others is None:
-        others = jnp.zeros_like(q)
     num_work = num_work_items(q.shape[0], page_indices.shape[0], short_q)
-    return _prefill(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, others,
+    return _prefill(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
                     sm_scale=float(sm_scale), short_q=int(short_q), num_work=num_work,
                     block_kv=block_kv, stages=stages, interpret=bool(interpret))
