@@ -45,6 +45,7 @@
 #   longbudget  8B 1024/128 at 64, K = 8, max_num_batched_tokens 2048 / 4096 / 8192 ($BUDGETS), with the
 #               roofline split by phase (prefill until the last first token, then decode)          ~6 min
 #               (fourteenth session: 75.5% / 79.0% at 2048 / 8192)
+#   abprefill   8B 1024/128 at 64, K = 8, budget 8192, prefill attention Triton then Mosaic GPU ($PREFILL_KERNELS)  ~5 min
 #   throughput8 bench_throughput at K = 8 (multi-step), 8B then 1B, ShareGPT-like mix               ~5 min
 #   startup     8B cold and warm compilation cache                                                ~2 min
 #   attention   bench_attention --quick                                                           ~4 min
@@ -239,6 +240,12 @@ for part in "$@"; do
       for b in ${BUDGETS:-2048 4096 8192}; do
         lat long1024_k8_budget$b --model llama-3.1-8b --batch 64 --input-len 1024 --output-len 128 \
           --num-scheduler-steps 8 --max-num-batched-tokens $b
+      done ;;
+    abprefill)  # the engine's prefill attention on the Triton long tile, then on the Mosaic GPU kernel
+      # ($JAXENGINE_PREFILL_KERNEL): 8B 1024/128 at 64, K = 8, budget 8192 (8 prompts a prefill step)
+      for k in ${PREFILL_KERNELS:-triton mgpu}; do
+        JAXENGINE_PREFILL_KERNEL=$k lat abprefill_$k --model llama-3.1-8b --batch 64 --input-len 1024 \
+          --output-len 128 --num-scheduler-steps 8 --max-num-batched-tokens 8192
       done ;;
     throughput8)  # the engine's serving config for throughput: multi-step K = 8, 8B then 1B
       for m in llama-3.1-8b llama-3.2-1b; do
