@@ -29,8 +29,7 @@ from .reference import decode_matmul as reference_decode_matmul
 IMPLS = ("xla", "mgpu", "mgpu_norm", "mgpu_plain")
 
 
-def _hopper() -> bool:
-    return hopper()
+_hopper = hopper  # (module-level, so tests can patch it)
 
 
 def resolve_impl(impl: str = "auto") -> str:

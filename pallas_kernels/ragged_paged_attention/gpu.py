@@ -377,7 +377,7 @@ def merge_splits_in_kernel(cnt_ref, cnt_idx, o_ref, lse_ref, out_ref, rows, load
 def _find_work(w, cu_q_lens_ref, num_seqs_ref, *, max_num_seqs: int, block_q: int, short_q: int,
                select: str):
     """Work item w of the launch, found by the program itself: (seq, first token, rows; 0 rows
-    for padding items).  Same numbering as `_work_items` (each selected request's query rows in
+    for padding items).  Same numbering as `work.work_items` (each selected request's query rows in
     blocks of block_q tokens, requests in order), from a cumulative sum over the request rows, so
     no XLA ops build a work list before the launch (the jnp version is a few small ones
     a call)."""
@@ -405,29 +405,6 @@ def _find_work(w, cu_q_lens_ref, num_seqs_ref, *, max_num_seqs: int, block_q: in
     q_end = jnp.minimum(q_start + block_q, jnp.sum(jnp.where(mine, hi, 0)))
     num_rows = jnp.where(valid, q_end - q_start, 0)
     return seq, jnp.where(valid, q_start, 0), num_rows
-
-
-def _work_items(cu_q_lens, num_seqs, block_q: int, num_work: int):
-    """Split every request's query rows into blocks of block_q tokens: (seq, start, end) each, as
-    jnp arrays (the TPU kernel's scalar-prefetched work list; the GPU kernel's programs find
-    theirs with `_find_work`)."""
-    max_num_seqs = cu_q_lens.shape[0] - 1
-    q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
-    q_lens = jnp.where(jnp.arange(max_num_seqs) < num_seqs[0], q_lens, 0)
-    blocks = (q_lens + block_q - 1) // block_q
-    cum = jnp.cumsum(blocks)
-    w = jnp.arange(num_work, dtype=jnp.int32)
-    # Compare-and-count, not jnp.searchsorted: its scan is an XLA while loop, and on GPU each
-    # iteration costs a host round trip (measured: +130 us per step at 8 requests, H100).
-    seq = jnp.sum(cum[None, :] <= w[:, None], axis=1, dtype=jnp.int32)
-    seq = jnp.minimum(seq, max_num_seqs - 1)
-    blk = w - (cum[seq] - blocks[seq])
-    valid = w < cum[-1]
-    start = cu_q_lens[seq] + blk * block_q
-    end = jnp.minimum(start + block_q, cu_q_lens[seq + 1])
-    start = jnp.where(valid, start, 0).astype(jnp.int32)
-    end = jnp.where(valid, end, 0).astype(jnp.int32)
-    return seq, start, end
 
 
 def _combine_kernel(*refs, num_splits: int, rows: int, block_rows: int, rows_per_token: int,
@@ -622,8 +599,6 @@ def _ragged_paged_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_s
         # long requests (> short_q tokens) with this tile, the short ones (decode tokens) with a
         # decode tile.  Work-item bounds: a long request has > short_q tokens, a short one fits
         # in one item.
-        long_work = min(num_tokens, num_tokens // block_q
-                        + min(max_num_seqs, num_tokens // (short_q + 1)))
         short_work = min(max_num_seqs, num_tokens)
         if prefill_kernel == "mgpu":
             # The long requests' rows came from the Mosaic GPU kernel (long_out, zeros in the padding,
@@ -631,6 +606,8 @@ def _ragged_paged_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_s
             out = jnp.pad(long_out.reshape(num_tokens * num_q_heads, head_dim),
                           [(0, rows - num_tokens * num_q_heads), (0, 0)])
             return finish(launch(short_tile, min(32, block_k), 4, 2, 1, short_work, "short", out))
+        long_work = min(num_tokens, num_tokens // block_q
+                        + min(max_num_seqs, num_tokens // (short_q + 1)))
         out = launch(block_q, block_k, num_warps, num_stages, 1, long_work, "long")
         out = launch(short_tile, min(32, block_k), 4, 2, 1, short_work, "short", out)
         return finish(out)

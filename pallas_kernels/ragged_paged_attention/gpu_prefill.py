@@ -46,6 +46,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ..env import env_choice
+from . import work
 
 _LOG2E = math.log2(math.e)
 BLOCK_Q = 64  # query rows of one compute warpgroup: wgmma's M
@@ -88,17 +89,13 @@ def work_items(cu_q_lens, kv_lens, num_seqs, *, num_tokens: int, num_work: int, 
     last request), written as zeros; IDLE pads the list.  Short requests' rows are left to the
     decode-tile launch."""
     max_num_seqs = cu_q_lens.shape[0] - 1
-    q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
-    keep = (jnp.arange(max_num_seqs) < num_seqs[0]) & (q_lens > short_q)
-    blocks = jnp.where(keep, (q_lens + ITEM_ROWS - 1) // ITEM_ROWS, 0)
-    cum = jnp.cumsum(blocks)
+    seq, start, end = work.work_items(cu_q_lens, num_seqs, ITEM_ROWS, num_work, longer_than=short_q)
+    attend = end > start
+    q_len = cu_q_lens[seq + 1] - cu_q_lens[seq]
+    q0 = start - cu_q_lens[seq]
+    walk = kv_lens[seq] - q_len + jnp.minimum(q0 + ITEM_ROWS, q_len)
     w = jnp.arange(num_work, dtype=jnp.int32)
-    # compare-and-count rather than searchsorted (an XLA while loop on GPU, see gpu._work_items)
-    seq = jnp.minimum(jnp.sum(cum[None, :] <= w[:, None], axis=1, dtype=jnp.int32), max_num_seqs - 1)
-    q0 = (w - (cum[seq] - blocks[seq])) * ITEM_ROWS
-    attend = w < cum[-1]
-    walk = kv_lens[seq] - q_lens[seq] + jnp.minimum(q0 + ITEM_ROWS, q_lens[seq])
-    pad0 = cu_q_lens[jnp.minimum(num_seqs[0], max_num_seqs)] + (w - cum[-1]) * ITEM_ROWS
+    pad0 = cu_q_lens[jnp.minimum(num_seqs[0], max_num_seqs)] + (w - jnp.sum(attend)) * ITEM_ROWS
     zero = ~attend & (pad0 < num_tokens)
     kind = jnp.where(attend, ATTEND, jnp.where(zero, ZERO, IDLE))
     order = jnp.argsort(jnp.where(attend, -walk, jnp.where(zero, 0, 1)), stable=True)

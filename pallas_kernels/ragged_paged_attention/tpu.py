@@ -31,7 +31,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from .gpu import _work_items
+from .work import work_items
 
 
 def _kernel(work_seq_ref, work_start_ref, work_end_ref, kv_lens_ref, page_table_ref,
@@ -139,7 +139,7 @@ def _ours(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_scale, 
     group = num_q_heads // num_kv_heads
     max_num_seqs, pages_per_seq = page_indices.shape
     num_work = min(num_tokens, num_tokens // block_q + max_num_seqs)
-    work_seq, work_start, work_end = _work_items(cu_q_lens, num_seqs, block_q, num_work)
+    work_seq, work_start, work_end = work_items(cu_q_lens, num_seqs, block_q, num_work)
     # q of each work item: [num_work, block_q, num_q_heads, head_dim] (rows past the end: 0)
     tok = work_start[:, None] + jnp.arange(block_q)[None, :]
     q_w = jnp.where((tok < work_end[:, None])[..., None, None],
