@@ -214,10 +214,12 @@ class RunnerConfig:
 
     # Multi-step decode programs: how many of the K iterations one trip of the device loop runs.
     # 1 = a lax.fori_loop of K trips; 0 (or >= K) = no loop, the K iterations unrolled into one
-    # straight-line program.  An XLA:GPU while loop reads its predicate back to the host every
-    # trip, which blocks the thread that launches the program's kernels: the device waits at
-    # every trip, and the next program cannot be launched until the last trip (so the host's
-    # work between programs is not overlapped).  Unrolled programs take longer to compile.
+    # straight-line program.  The loop is a fori_loop of static bounds, so XLA annotates its trip
+    # count (the CPU program's HLO carries known_trip_count = K, tests/test_bench_scripts.py) and
+    # XLA:GPU's while thunk runs the body K times without reading the predicate back (a loop of
+    # unknown count copies it to the host and waits every trip); `gpu_suite.sh loopcheck` checks
+    # the GPU program.  Unrolled programs take longer to compile, and on a GPU their command
+    # buffer is updated before every call (twelfth session: slower at 1B).
     multi_step_unroll: int = dataclasses.field(
         default_factory=lambda: int(os.environ.get("JAXENGINE_MULTI_STEP_UNROLL", "1")))
 

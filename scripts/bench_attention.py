@@ -34,6 +34,23 @@ NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM = 32, 8, 128
 DTYPE = jnp.bfloat16
 SM_SCALE = HEAD_DIM ** -0.5
 MAX_CTX_TOKENS = 1 << 21  # per case: 2M tokens of K/V = 8.6 GB in bf16
+# --kv-pool-gib: the page pool's size (0: just the pages the case reads).  An engine's pool is tens
+# of GB with a request's pages anywhere in it; a pool of the case's own pages puts the whole K/V in
+# one span the size of the L2 cache at batch 8 / context 2k (67 MB).
+KV_POOL_BYTES = 0
+
+
+def pool_pages(needed: int, page_size: int) -> int:
+    """Pages in the pool: `needed` or, with --kv-pool-gib, the pool's size if that is more."""
+    page_bytes = page_size * 2 * NUM_KV_HEADS * HEAD_DIM * jnp.dtype(DTYPE).itemsize
+    return max(needed, KV_POOL_BYTES // page_bytes)
+
+
+def pool_with(pages: jax.Array, num_pages: int, where: np.ndarray) -> jax.Array:
+    """A pool of num_pages pages, zeros but for `pages` at page ids `where`."""
+    if num_pages == pages.shape[0] and np.array_equal(where, np.arange(num_pages)):
+        return pages
+    return jnp.zeros((num_pages,) + pages.shape[1:], pages.dtype).at[jnp.asarray(where)].set(pages)
 # Prefill tuning sweep (chunks 4096 and 8192; group 4, so rows = 4 * block_q).  The defaults are
 # block_q 32 (128 rows), block_k 32, 8 warps, 2 stages, prescale_q off.  Every entry runs through
 # the kernel in tests/test_ragged_paged_attention.py, so the sweep never times an untested config.
@@ -127,7 +144,8 @@ def make_step(q_lens, ctx_lens, page_size, seed=0, max_num_seqs=None):
     pages_per_seq = max(-(-c // page_size) for c in ctx_lens)
     need = [-(-c // page_size) for c in ctx_lens]
     num_pages = sum(need) + 1
-    perm = rng.permutation(num_pages).astype(np.int32)  # scattered pages, as in a real pool
+    pool = pool_pages(num_pages, page_size)
+    perm = rng.permutation(pool)[:num_pages].astype(np.int32)  # scattered pages, as in a real pool
     page_indices = np.zeros((max_num_seqs, pages_per_seq), np.int32)
     at = 0
     for i, n in enumerate(need):
@@ -135,6 +153,7 @@ def make_step(q_lens, ctx_lens, page_size, seed=0, max_num_seqs=None):
         at += n
     key = jax.random.key(seed)
     kv_pages = jax.random.normal(key, (num_pages, page_size, 2 * NUM_KV_HEADS, HEAD_DIM), DTYPE)
+    kv_pages = pool_with(kv_pages, pool, np.sort(perm))  # page ids of perm keep their data
     num_tokens = sum(q_lens)
     q = jax.random.normal(jax.random.fold_in(key, 1), (num_tokens, NUM_Q_HEADS, HEAD_DIM), DTYPE)
     cu = np.zeros(max_num_seqs + 1, np.int32)
@@ -331,14 +350,20 @@ DECODE_SWEEP_CASES = [(8, 2048), (8, 8192), (64, 2048)]
 def decode_kernel_inputs(b: int, c: int, ps: int, width: int):
     """The decode kernel's inputs for b requests of context c (pages ps tokens, a page table of
     width pages a row): (token bucket, fused q/k/v, pages, (kv_lens, page table, num_seqs,
-    inv_freq)).  Request i's pages are contiguous, after a page 0 no request uses."""
+    inv_freq)).  Request i's pages are contiguous, after a page 0 no request uses; with
+    --kv-pool-gib they lie at random places in the pool instead."""
     group = NUM_Q_HEADS // NUM_KV_HEADS
     inv_freq = 1.0 / (500000.0 ** (jnp.arange(0, HEAD_DIM, 2, dtype=jnp.float32) / HEAD_DIM))
     t = max(8, 1 << (b - 1).bit_length())  # the runner's token bucket
     need = -(-(c + 1) // ps)
     pages = jax.random.normal(jax.random.key(c), (1 + b * need, ps, 2 * NUM_KV_HEADS, HEAD_DIM), DTYPE)
+    pool = pool_pages(1 + b * need, ps)
+    ids = np.arange(1 + b * need)
+    if pool > ids.size:
+        ids = np.random.default_rng(c).permutation(pool)[:ids.size]
+        pages = pool_with(pages, pool, ids)
     table = np.zeros((t, width), np.int32)
-    table[:b, :need] = 1 + np.arange(b * need).reshape(b, need)
+    table[:b, :need] = ids[1:].reshape(b, need)
     kv_lens = np.zeros(t, np.int32)
     kv_lens[:b] = c + 1
     qkv = jax.random.normal(jax.random.key(1), (t, NUM_KV_HEADS, group + 2, HEAD_DIM), DTYPE)
@@ -457,9 +482,13 @@ def main():
                     help="only PREFILL_TILE_CASES and DECODE_SWEEP_CASES, the default beside fast_math off / on")
     ap.add_argument("--page-sizes", default="16,32,64")
     ap.add_argument("--decode-page-size", type=int, default=32)
+    ap.add_argument("--kv-pool-gib", type=float, default=0.0,
+                    help="the K/V page pool's size (0: only the pages a case reads); a case's pages "
+                         "at random places in it, as in an engine's pool")
     args = ap.parse_args()
-    global DEVICE_TIME
+    global DEVICE_TIME, KV_POOL_BYTES
     DEVICE_TIME = args.device_time
+    KV_POOL_BYTES = int(args.kv_pool_gib * 2**30)
     dev = jax.devices()[0]
     hbm, mxu = measure_ceilings()
     print(f"device: {dev.device_kind}; jax {jax.__version__}; measured copy bandwidth "

@@ -114,6 +114,45 @@ def time_programs(runner, batch: int, context: int, steps: int, iters: int) -> d
     return out
 
 
+def loop_check(runner, batch: int, context: int, steps: int, iters: int = 8) -> dict:
+    """The K-step program's compiled while loops and its call's return time.  XLA:GPU's while thunk
+    runs a loop of known trip count without reading its predicate back to the host; without one it
+    copies the predicate to the host and waits every trip, and the call returns only at the end.
+    Calls the jitted program directly (not through the dispatching thread)."""
+    import re
+
+    import jax
+
+    from jaxengine.runner import sampler
+
+    runner.sync()
+    b, samp = step_arrays(runner, batch, context)
+    t, s = b["input_ids"].shape[0], b["kv_lens"].shape[0]
+    ints, floats = runner._pack(b, samp, runner._layout(t, s))
+    static = ((t, s), steps, sampler.PLAIN)
+    text = runner._multi_step.lower(runner.params, runner.kv_caches, runner.penalty_state, ints, floats,
+                                    *static).compile().as_text()
+    loops = []
+    for line in text.splitlines():
+        if " while(" in line:
+            m = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', line)
+            loops.append(int(m.group(1)) if m else None)
+    ret, total = [], []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        runner.kv_caches, runner.penalty_state, out = runner._multi_step(
+            runner.params, runner.kv_caches, runner.penalty_state, ints, floats, *static)
+        t1 = time.perf_counter()
+        jax.block_until_ready(out)
+        ret.append(t1 - t0)
+        total.append(time.perf_counter() - t0)
+    ret_ms, total_ms = sorted(ret)[len(ret) // 2] * 1e3, sorted(total)[len(total) // 2] * 1e3
+    print(f"  loop check b{batch}: while loops' known trip counts {loops} (None: unknown, read back "
+          f"each trip); call returns after {ret_ms:.3f} ms of {total_ms:.3f} ms (median of {iters})",
+          flush=True)
+    return {"while_known_trip_counts": loops, "call_return_ms": ret_ms, "call_total_ms": total_ms}
+
+
 def profile_full_sampler(runner, batch: int, context: int, trace: str, top: int,
                          mode_name: str = "FULL") -> list[dict]:
     """The FULL sampler (penalties, top-k/top-p filter, top-n logprobs), or the one mode_name
@@ -167,6 +206,10 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--no-warmup", action="store_true",
                     help="compile only the programs timed (not every bucket): for quick A/Bs of XLA flags")
+    ap.add_argument("--loop-check", action="store_true",
+                    help="also report the K-step program's while loops (XLA's known trip count, which "
+                         "lets XLA:GPU run the body without reading the loop predicate back) and how "
+                         "long its call takes to return against how long it runs")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if args.steps < 2:
@@ -214,6 +257,8 @@ def main() -> None:
             print(f"| {name} | {batch} | {r['token_bucket']}/{r['request_bucket']} | {r['sampler_plain_ms']:.3f} | "
                   f"{r['sampler_filter_ms']:.3f} | {r['sampler_full_ms']:.3f} | {r['program_k1_ms_per_token']:.3f} | "
                   f"{k_ms:.3f} | {floor_ms:.3f} | {100 * floor_ms / k_ms:.1f}% |", flush=True)
+            if args.loop_check:
+                r["loop_check"] = loop_check(runner, batch, args.context, args.steps)
             if args.profile_dir:
                 b, samp = step_arrays(runner, batch, args.context)
                 trace = os.path.join(args.profile_dir, f"step-{name}-b{batch}")

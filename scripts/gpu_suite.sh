@@ -85,6 +85,8 @@
 #   fastmath    compiled ragged-kernel tests, then bench_attention --fast-math-ab --device-time (softmax exponent as PTX)  ~7 min
 #   absplit     decode kernel kv splits as contiguous ranges vs round robin: compiled tests, decode kernel sweep each way  ~5 min
 #   absearch    bench_step 1B b1/b64, the FILTER sampler's search by ways x reduction ($SEARCHES)      ~5 min
+#   abpool      decode kernel sweep (--quick, device-timed) with the case's own pages, then in an 8 GiB pool  ~3 min
+#   loopcheck   bench_step 1B and 8B b1/b64 --loop-check: the K-step program's known trip counts, call return time  ~4 min
 #   mgpuprefill compiled tests of the Mosaic GPU prefill kernel, --mgpu-sweep, then --prefill-tiles (device-timed)  ~7 min
 #   prefillcheck bench_attention --prefill-tiles --device-time with nvidia-smi dmon (clocks, power) and throttle reasons  ~3 min
 #   ncu         Nsight Compute details of the decode kernel (b8 / b64 ctx 2k) and the 4k prefill chunk  ~2 min
@@ -410,6 +412,20 @@ for part in "$@"; do
           --model llama-3.2-1b --batch 1 64 --steps 8 --no-warmup --json "$OUT/absearch_${w}_$r.json" \
           > "$OUT/absearch_${w}_$r.log" 2>&1
         echo "-- ways $w, $r"; grep -E "^\| llama|Error" "$OUT/absearch_${w}_$r.log"
+      done ;;
+    abpool)  # issue 3's batch-8 / 2k decode case with its 67 MB of K/V alone in a pool of that size (every
+      # earlier run) against the same pages scattered in an 8 GiB pool, as in an engine ($POOLS: GiB, 0 = own pages)
+      for g in ${POOLS:-0 8}; do
+        timeout 200 python3 scripts/bench_attention.py --decode-kernel-sweep --quick --device-time --kv-pool-gib "$g" \
+          --out "$OUT/abpool_$g.json" > "$OUT/abpool_$g.log" 2>&1
+        echo "-- pool $g GiB"; grep -E "^\| decode-kernel \| b(1|8|64)|rror" "$OUT/abpool_$g.log"
+      done ;;
+    loopcheck)  # whether XLA:GPU knows the K-step loop's trip count (then it reads no predicate back) and how long
+      # the jitted K = 8 call takes to return against its run time (dispatching thread bypassed)
+      for m in llama-3.2-1b llama-3.1-8b; do
+        timeout 260 python3 scripts/bench_step.py --model $m --batch 1 64 --steps 8 --no-warmup --loop-check \
+          --json "$OUT/loopcheck_$m.json" > "$OUT/loopcheck_$m.log" 2>&1
+        grep -E "^\| llama|loop check|rror" "$OUT/loopcheck_$m.log"
       done ;;
     mgpuprefill)  # the Mosaic GPU prefill kernel (gpu_prefill: TMA + wgmma, written in the sixteenth session without
       # a GPU): its compiled tests, bench_attention --mgpu-sweep --device-time (chunks 2k-8k: the engine's path

@@ -341,6 +341,41 @@ def test_decode_kernel_sweep_times_every_split_count():
     assert rows[2]["bytes"] == 3 * rows[0]["bytes"]
 
 
+def test_kv_pool_scatters_a_cases_pages_without_changing_its_result(monkeypatch):
+    """--kv-pool-gib: the decode kernel's and the ragged step's pages lie at distinct random places
+    in a pool of that size, the rest of the pool zeros, and the attention reads the same K/V."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    import bench_attention as ba
+    from jaxengine.pallas_kernels.ragged_paged_attention import gpu_decode, reference
+
+    def decode(pool_bytes):
+        monkeypatch.setattr(ba, "KV_POOL_BYTES", pool_bytes)
+        t, qkv, pages, rest = ba.decode_kernel_inputs(3, 20, 8, 8)
+        out, _ = gpu_decode.decode_attention(qkv, None, None, pages, *rest, sm_scale=ba.SM_SCALE)
+        return out, pages, np.asarray(rest[1])
+
+    out0, pages0, table0 = decode(0)
+    out1, pages1, table1 = decode(4 << 20)
+    used = table1[:3, :3]
+    assert pages0.shape[0] == 10 and pages1.shape[0] == ba.pool_pages(0, 8) > 100
+    assert len(set(used.ravel())) == 9 and (table1[3:] == 0).all()
+    nonzero = np.flatnonzero(np.abs(np.asarray(pages1, np.float32)).sum(axis=(1, 2, 3)))
+    assert len(nonzero) == 10 and set(used.ravel()) < set(nonzero)  # + the page no request uses
+    np.testing.assert_array_equal(np.asarray(pages1)[used], np.asarray(pages0)[table0[:3, :3]])
+    np.testing.assert_array_equal(np.asarray(out1), np.asarray(out0))
+
+    monkeypatch.setattr(ba, "KV_POOL_BYTES", 4 << 20)
+    args, _, _ = ba.make_step([1, 3], [20, 12], 8)
+    q, kv_pages, kv_lens, page_indices, cu, n = args
+    assert kv_pages.shape[0] == ba.pool_pages(0, 8)
+    out = reference.ragged_paged_attention(q, kv_pages, kv_lens, page_indices, cu, n, sm_scale=ba.SM_SCALE)
+    ids = np.asarray(page_indices)
+    assert (np.abs(np.asarray(kv_pages[ids[0, :3]], np.float32)).sum(axis=(1, 2, 3)) > 0).all()
+    assert bool(jnp.all(jnp.isfinite(out.astype(jnp.float32))))
+
+
 def test_bench_step_waits_for_the_dispatching_threads_calls(monkeypatch, tmp_path):
     """With RunnerConfig.dispatch_thread (the default on one GPU) runner._run returns a future:
     the timing waits for each call, not for the future object (block_until_ready passes a future
@@ -401,6 +436,10 @@ def test_bench_step_times_the_engines_own_programs_on_a_real_decode_batch(tmp_pa
     assert out["token_bucket"] == 8 and all(out[k] > 0 for k in (
         "sampler_plain_ms", "sampler_filter_ms", "sampler_full_ms", "program_k1_ms_per_token",
         "program_k2_ms_per_token"))
+    # --loop-check: the K-step loop's trip count is known to XLA (the last while is the K loop)
+    lc = bs.loop_check(runner, batch=3, context=20, steps=2, iters=2)
+    assert lc["while_known_trip_counts"][-1] == 2
+    assert 0 < lc["call_return_ms"] <= lc["call_total_ms"]
     # the script end to end: one row per model and batch, with the floor
     js = tmp_path / "s.json"
     here = os.path.dirname(os.path.abspath(__file__))

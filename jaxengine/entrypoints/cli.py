@@ -58,9 +58,9 @@ ENGINE_ARG_HELP: dict[str, str] = {
                      "and RMSNorms in their epilogues where measured faster), mgpu_norm (epilogues "
                      "always) or mgpu_plain (never); $JAXENGINE_DECODE_MATMUL.",
     "multi_step_unroll": "Iterations of the --num-scheduler-steps K decode program per trip of its device "
-                         "loop: 1 (default) a loop of K trips, 0 the K iterations unrolled (no loop: no "
-                         "predicate read back per trip, but a longer compile and, on GPUs, a command-buffer "
-                         "update per call); $JAXENGINE_MULTI_STEP_UNROLL.",
+                         "loop: 1 (default) a loop of K trips, 0 the K iterations unrolled (no loop, but a "
+                         "longer compile and, on GPUs, a command-buffer update per call); "
+                         "$JAXENGINE_MULTI_STEP_UNROLL.",
     "max_logprobs": "Most top logprobs a request may ask for (OpenAI logprobs / top_logprobs); every step that "
                     "serves logprobs, penalties or top-k/top-p computes this many (default 20).",
     "async_scheduling": "Schedule and dispatch step N+1 before reading back step N's tokens, so host "

@@ -303,11 +303,10 @@ class ModelRunner:
 
             packed = jnp.zeros((k, s, 3 + 2 * n_top), jnp.int32)
             carry = (kv_caches, penalty_state, ids, packed)
-            # k = 1 (the decode program) without a loop: an XLA:GPU while loop reads its predicate
-            # back to the host each iteration, which blocks the dispatching thread (H100, 1B b1 at
-            # K = 1: 593 -> 530 tok/s with a one-iteration loop)
-            # K > 1: a loop of K / unroll trips, or (unroll 0 or >= K) the K iterations unrolled
-            # into straight-line code, which no trip predicate interrupts (RunnerConfig)
+            # k = 1 (the decode program) without a loop.  K > 1: a fori_loop of K / unroll trips
+            # (static bounds: XLA knows its trip count, so XLA:GPU runs it without reading a
+            # predicate back; RunnerConfig.multi_step_unroll), or (unroll 0 or >= K) the K
+            # iterations unrolled into straight-line code
             unroll = cfg.runner.multi_step_unroll
             if k == 1 or unroll == 0 or unroll >= k:
                 for i in range(k):
@@ -632,9 +631,11 @@ class ModelRunner:
     # ------------------------------------------------------------------ the dispatching thread
     # RunnerConfig.dispatch_thread: every call that reads or replaces the device state (KV pages,
     # penalty state) runs, in order, on one worker thread, and `collect` waits for its future.
-    # Why: an XLA:GPU while loop (the multi-step program's) reads its trip predicate back to the
-    # host, so the jitted call returns only at the last trip; on the calling thread that leaves the
-    # host's work between steps (collect, scheduling, packing) unoverlapped with the device.
+    # Why: on a GPU a jitted call returns only once the host has issued all of the program (the
+    # K-step program: K launches of its loop body's command buffer, with their updates), so on
+    # the calling thread the host's work between steps (collect, scheduling, packing) waits for
+    # that.  (Earlier notes blamed a loop predicate read back each trip; the K loop's trip count
+    # is known to XLA, which skips that read-back: `gpu_suite.sh loopcheck` times the return.)
     def _on_device(self, call):
         if self._worker is None:
             return call()

@@ -180,8 +180,8 @@ def _largest_true(pred, lo: jax.Array, hi: jax.Array, ways: int = 16) -> jax.Arr
     and not after it, taken to hold at lo (lo comes back where it holds nowhere above).  Each pass
     evaluates pred at ways - 1 pivots splitting the range in `ways` (one XLA reduction, [rows,
     ways - 1, vocab] over its last axis), shrinking hi - lo to at most (hi - lo) // ways: 32 /
-    log2(ways) passes end on the exact key of a 32-bit range.  No loop: an XLA:GPU loop reads its
-    predicate back to the host every trip."""
+    log2(ways) passes end on the exact key of a 32-bit range.  The passes are unrolled: one fused
+    program with no loop thunk between passes."""
     if ways not in SEARCH_WAYS:
         raise ValueError(f"ways must be one of {SEARCH_WAYS}; got {ways}")
     j = jnp.arange(1, ways, dtype=jnp.uint32)[None, :]
