@@ -15,7 +15,8 @@ Items are ordered by how many key blocks they walk, longest first, so the causal
 leave one long program running alone at the end.  A CTA is three warpgroups: two compute
 warpgroups of BLOCK_Q (= 64, wgmma's M) query rows each and a memory warpgroup that walks the
 key blocks of the item, copying each block's K and V (BLOCK_KV keys: BLOCK_KV / page_size pages,
-one TMA copy per page, or one slice of a bigger page) into a ring of `stages` slots.  The compute
+one TMA copy per page, or one slice of a bigger page; a block's page ids read together, one block
+ahead) into a ring of `stages` slots.  The compute
 warpgroups take blocks in order with an online softmax in base 2 (scores scaled by sm_scale *
 log2(e) once, against a running max kept in those units), masking only the blocks on the causal
 diagonal.  A warpgroup whose rows end earlier than the other's (the causal tail, or the request's
@@ -176,7 +177,7 @@ def _kernel(items_ref, cu_ref, kv_lens_ref, pt_ref, q_ref, kv_ref, o_ref, *scope
         stage = q_stage.at[wg]
         plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(q_start + base, BLOCK_Q), head], stage, q_ready.at[wg])
         plgpu.barrier_wait(q_ready.at[wg])
-        q_view[...] = plgpu.load(stage, (), layout=plgpu.Layout.WGMMA, optimized=False)
+        q_view[...] = plgpu.load(stage, layout=plgpu.Layout.WGMMA, optimized=False)
         plgpu.commit_smem()
 
         m_i = plgpu.layout_cast(jnp.full((BLOCK_Q,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
@@ -269,33 +270,46 @@ def _kernel(items_ref, cu_ref, kv_lens_ref, pt_ref, q_ref, kv_ref, o_ref, *scope
         kv_head = lax.div(head, group)
         piece = min(page_size, block_kv)  # keys of one TMA copy
 
-        def fetch(j, slot, which, ready):
-            col = 2 * kv_head + which  # K at combined head 2h, V at 2h + 1
+        def pages_of(j):
+            """Page ids of block j's copies (block_kv / piece of them), all loaded before any is
+            used: the table reads of a block overlap each other instead of each waiting for the
+            TMA issued after the one before.  Entries past the request's pages (the last block's
+            tail, or a block past the walk when prefetching) are clamped: those keys are read
+            and masked, or not copied at all."""
+            ids = []
             for i in range(block_kv // piece):
-                key = j * block_kv + i * piece
-                # Table entries past the request's pages (the last block's tail) are clamped:
-                # those keys are read and masked.
-                entry = jnp.minimum(lax.div(key, page_size), pages_per_seq - 1)
-                page = jnp.clip(pt_ref[seq, entry], 0, num_pages - 1)
+                entry = jnp.minimum(lax.div(j * block_kv + i * piece, page_size), pages_per_seq - 1)
+                ids.append(jnp.clip(pt_ref[seq, entry], 0, num_pages - 1))
+            return tuple(ids)
+
+        def fetch(j, slot, pages, which, ready):
+            col = 2 * kv_head + which  # K at combined head 2h, V at 2h + 1
+            for i, page in enumerate(pages):
                 # (a block is a slice of a page only when pages are bigger than blocks)
-                within = 0 if page_size <= block_kv else pl.multiple_of(lax.rem(key, page_size), block_kv)
+                within = (0 if page_size <= block_kv
+                          else pl.multiple_of(lax.rem(j * block_kv + i * piece, page_size), block_kv))
                 src = kv_ref.at[page, pl.ds(within, piece), col]
                 dst = (k_smem if which == 0 else v_smem).at[slot, pl.ds(i * piece, piece)]
                 plgpu.copy_gmem_to_smem(src, dst, ready.at[slot])
 
-        @pl.loop(0, item_steps)
-        def _(j):
+        def step(j, pages):
+            # The next block's page ids are read now, one block ahead: their latency passes
+            # under this block's waits for free slots instead of delaying the next copies.
+            nxt = pages_of(j + 1)
             slot = lax.rem(j, stages)
 
             @pl.when(j >= stages)
             def _():
                 plgpu.barrier_wait(k_free.at[slot])
-            fetch(j, slot, 0, k_ready)
+            fetch(j, slot, pages, 0, k_ready)  # K and V of a block: one read of the table
 
             @pl.when(j >= stages)
             def _():
                 plgpu.barrier_wait(v_free.at[slot])
-            fetch(j, slot, 1, v_ready)
+            fetch(j, slot, pages, 1, v_ready)
+            return nxt
+
+        lax.fori_loop(0, item_steps, step, pages_of(0))
 
         @pl.loop(jnp.maximum(item_steps - stages, 0), item_steps)
         def _(j):
