@@ -150,18 +150,21 @@ def test_work_items_cover_long_rows_and_padding_once_longest_first(seed):
     kv_lens[:num_seqs] = ctx
     kv_lens[num_seqs:] = rng.integers(1, 99, max_num_seqs - num_seqs)  # garbage rows
     num_work = gpu_prefill.num_work_items(num_tokens, max_num_seqs, short_q)
-    kind, a, first = np.asarray(gpu_prefill.work_items(
+    kind, a, first, q_start, q_len, ctx_of = np.asarray(gpu_prefill.work_items(
         jnp.asarray(cu), jnp.asarray(kv_lens), jnp.asarray([num_seqs], jnp.int32),
         num_tokens=num_tokens, num_work=num_work, short_q=short_q))
     rows = gpu_prefill.ITEM_ROWS
     covered = np.zeros(num_tokens, int)
     walks = []
-    for k, s, f in zip(kind, a, first):
+    for k, s, f, qs, ql, c in zip(kind, a, first, q_start, q_len, ctx_of):
         if k == gpu_prefill.ATTEND:
             assert q_lens[s] > short_q and f % rows == 0
+            assert (qs, ql, c) == (cu[s], q_lens[s], ctx[s] - q_lens[s])  # the item's request's
             covered[cu[s] + f:cu[s] + min(f + rows, q_lens[s])] += 1
             walks.append(ctx[s] - q_lens[s] + min(f + rows, q_lens[s]))
-        elif k == gpu_prefill.ZERO:
+        else:
+            assert qs == ql == c == 0
+        if k == gpu_prefill.ZERO:
             covered[f:min(f + rows, num_tokens)] += 1
     want = np.zeros(num_tokens, int)
     for i in range(num_seqs):

@@ -83,12 +83,14 @@ def prefill_kernel_default() -> str:
 
 
 def work_items(cu_q_lens, kv_lens, num_seqs, *, num_tokens: int, num_work: int, short_q: int):
-    """The launch's work list, [3, num_work] (kind, a, b) per item, longest walk first:
-    ATTEND (request a, first query row b within it) for every block of ITEM_ROWS rows of each
-    request of more than short_q tokens, a walk being the item's last row's context length; then
-    ZERO (-, first token b) for every block of ITEM_ROWS bucket-padding rows (tokens past the
-    last request), written as zeros; IDLE pads the list.  Short requests' rows are left to the
-    decode-tile launch."""
+    """The launch's work list, [6, num_work] (kind, a, b, q_start, q_len, ctx) per item, longest
+    walk first: ATTEND (request a, first query row b within it) for every block of ITEM_ROWS rows
+    of each request of more than short_q tokens, a walk being the item's last row's context
+    length; then ZERO (-, first token b) for every block of ITEM_ROWS bucket-padding rows (tokens
+    past the last request), written as zeros; IDLE pads the list.  Short requests' rows are left
+    to the decode-tile launch.  q_start, q_len and ctx (keys before the request's first query
+    token) are the ATTEND item's request's, 0 for the others: a program reads its item in one
+    load round, not the item and then its request's rows of cu_q_lens and kv_lens."""
     max_num_seqs = cu_q_lens.shape[0] - 1
     seq, start, end = work.work_items(cu_q_lens, num_seqs, ITEM_ROWS, num_work, longer_than=short_q)
     attend = end > start
@@ -102,7 +104,9 @@ def work_items(cu_q_lens, kv_lens, num_seqs, *, num_tokens: int, num_work: int, 
     order = jnp.argsort(jnp.where(attend, -walk, jnp.where(zero, 0, 1)), stable=True)
     a = jnp.where(attend, seq, 0)
     b = jnp.where(attend, q0, jnp.where(zero, pad0, 0))
-    return jnp.stack([kind, a, b]).astype(jnp.int32)[:, order]
+    q_start = jnp.where(attend, cu_q_lens[seq], 0)
+    ctx = jnp.where(attend, kv_lens[seq] - q_len, 0)
+    return jnp.stack([kind, a, b, q_start, jnp.where(attend, q_len, 0), ctx]).astype(jnp.int32)[:, order]
 
 
 def num_work_items(num_tokens: int, max_num_seqs: int, short_q: int) -> int:
@@ -129,7 +133,7 @@ def _store_rows(stage, o_ref, tok0, rows, head):
     plgpu.wait_smem_to_gmem(0)
 
 
-def _kernel(items_ref, cu_ref, kv_lens_ref, pt_ref, q_ref, kv_ref, o_ref, *scoped, sm_scale: float,
+def _kernel(items_ref, pt_ref, q_ref, kv_ref, o_ref, *scoped, sm_scale: float,
             num_tokens: int, page_size: int, pages_per_seq: int, num_pages: int, group: int,
             block_kv: int, stages: int):
     (q_smem, k_smem, v_smem, q_stage, p_smem), (k_ready, v_ready, q_ready), (k_free, v_free), sched = scoped
@@ -140,9 +144,9 @@ def _kernel(items_ref, cu_ref, kv_lens_ref, pt_ref, q_ref, kv_ref, o_ref, *scope
     attend = kind == ATTEND
     seq = items_ref[1, w]
     first = items_ref[2, w]  # ATTEND: the item's first query row within the request; ZERO: token
-    q_start = cu_ref[seq]
-    q_len = cu_ref[seq + 1] - q_start
-    ctx = kv_lens_ref[seq] - q_len  # keys before the request's first query token
+    q_start = items_ref[3, w]
+    q_len = items_ref[4, w]
+    ctx = items_ref[5, w]  # keys before the request's first query token
     # Key blocks the item walks: up to its last row's causal horizon.
     item_rows = jnp.minimum(q_len - first, ITEM_ROWS)
     item_steps = jnp.where(attend, lax.div(ctx + first + item_rows + block_kv - 1, block_kv), 0)
@@ -356,7 +360,7 @@ def _prefill(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_scal
         num_threads=COMPUTE_WGS + 1, thread_name="wg", kernel_name="prefill_attention_mgpu",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=plgpu.InterpretGPUParams() if interpret else None,
-    )(items, cu_q_lens, kv_lens, page_indices.astype(jnp.int32), q, kv_pages)
+    )(items, page_indices.astype(jnp.int32), q, kv_pages)
 
 
 def prefill_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_scale: float,
