@@ -304,13 +304,16 @@ PREFILL_TILE_VARIANTS = {
 
 # --mgpu-sweep: the Mosaic GPU prefill kernel (gpu_prefill) on pure prefill chunks, through the
 # engine's path (two launches, `2xmgpu`) and alone by key block and ring depth (shared memory at
-# head_dim 128: q 32 KB + staging 32 KB + stages x 2 x block_kv x 256 B).
+# head_dim 128: q 32 KB + staging 32 KB + stages x 2 x block_kv x 256 B); `_p132`: persistent, 132
+# CTAs (an H100's or H200's SMs) walking the (q head, work item) pairs in turn.
 MGPU_SWEEP = {
-    "2xmgpu": dict(prefill_kernel="mgpu"),
+    "2xmgpu": PREFILL_TILE_VARIANTS["2xmgpu"],
     "mgpu_bk128s2": dict(mgpu_kernel=dict(block_kv=128, stages=2)),
     "mgpu_bk64s2": dict(mgpu_kernel=dict(block_kv=64, stages=2)),
     "mgpu_bk64s3": dict(mgpu_kernel=dict(block_kv=64, stages=3)),
     "mgpu_bk64s4": dict(mgpu_kernel=dict(block_kv=64, stages=4)),
+    "mgpu_bk128s2_p132": dict(mgpu_kernel=dict(block_kv=128, stages=2, num_ctas=132)),
+    "mgpu_bk64s3_p132": dict(mgpu_kernel=dict(block_kv=64, stages=3, num_ctas=132)),
 }
 # --long-tile-sweep: the long launch's tile of the two-launch default (short_q = 4 keeps the split),
 # on the pure and mixed steps of the big prefill buckets.

@@ -69,6 +69,26 @@ def test_prefill_kernel_matches_reference(q_lens, ctx_lens, short_q, group, head
     assert err <= TOL[dtype], f"relative error {err:.3g} > {TOL[dtype]}"
 
 
+@pytest.mark.parametrize("num_ctas,stages", [(2, 2), (5, 3)])
+def test_persistent_ctas_walk_their_items_in_turn(num_ctas, stages):
+    """Fewer CTAs than (q head, work item) pairs: each CTA walks several items in turn, the K/V
+    ring, its barriers' phases and the block count running on from one item into the next
+    (items of different lengths, a warpgroup without rows, ZERO and IDLE items in between); the
+    output is the reference's."""
+    q_lens, ctx_lens, short_q = [150, 1, 200, 2], [150, 30, 330, 2], 2
+    b = make_batch(77 + num_ctas, q_lens, ctx_lens, num_kv_heads=1, group=2, head_dim=64,
+                   page_size=16, dtype=jnp.bfloat16, extra_tokens=40)
+    kw = dict(sm_scale=0.125)
+    out = gpu_prefill.prefill_attention(*b.args(), short_q=short_q, stages=stages, num_ctas=num_ctas,
+                                        interpret=INTERPRET, **kw)
+    jax.effects_barrier()
+    out = np.asarray(out.astype(jnp.float32))
+    ref = np.asarray(reference_out(b, kw))
+    assert np.all(out[sum(q_lens):] == 0), "bucket padding rows must be zero"
+    long_rows = np.r_[0:150, 151:351]
+    assert rel_err(out[long_rows], ref[long_rows]) <= TOL[jnp.bfloat16]
+
+
 def _bench_configs():
     """bench_attention's MGPU_SWEEP kernel configs (block_kv, ring depth), one param each."""
     import os
@@ -184,8 +204,10 @@ def test_kernel_lowers_to_mosaic_gpu_on_any_host():
     b = make_batch(9, [300, 1, 64], [700, 50, 64], num_kv_heads=2, group=4, head_dim=128,
                    page_size=16, dtype=jnp.bfloat16, extra_tokens=30)
 
-    def fn(*args):
-        return gpu_prefill.prefill_attention(*args, sm_scale=0.088, short_q=4, interpret=False)
-    exp = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[
-        export.DisabledSafetyCheck.custom_call("mosaic_gpu_v2")])(*b.args())
-    assert "mosaic_gpu" in exp.mlir_module()
+    for num_ctas in (None, 132):  # a CTA a (head, item) pair; persistent CTAs (an H100's SMs)
+        def fn(*args):
+            return gpu_prefill.prefill_attention(*args, sm_scale=0.088, short_q=4, num_ctas=num_ctas,
+                                                 interpret=False)
+        exp = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[
+            export.DisabledSafetyCheck.custom_call("mosaic_gpu_v2")])(*b.args())
+        assert "mosaic_gpu" in exp.mlir_module()

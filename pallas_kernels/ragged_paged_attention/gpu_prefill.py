@@ -9,8 +9,11 @@ tokens and short requests stay with the Triton kernel's decode tile.
 
 Work decomposition (`work_items`, a few small XLA ops before the launch):
     work item = (request, block of ITEM_ROWS = COMPUTE_WGS * BLOCK_Q query tokens)
-    grid      = (q head, work item), q heads fastest so the `group` q heads reading one kv head's
+    pairs     = (q head, work item), q heads fastest so the `group` q heads reading one kv head's
                 pages run together (their K/V reads after the first come from L2)
+    grid      = one CTA a pair (default), or `num_ctas` persistent CTAs each walking pairs c,
+                c + num_ctas, ... in turn, the K/V ring running on from one item into the next
+                (the next item's first blocks are copied while this one's last are computed)
 Items are ordered by how many key blocks they walk, longest first, so the causal tail does not
 leave one long program running alone at the end.  A CTA is three warpgroups: two compute
 warpgroups of BLOCK_Q (= 64, wgmma's M) query rows each and a memory warpgroup that walks the
@@ -135,23 +138,32 @@ def _store_rows(stage, o_ref, tok0, rows, head):
 
 def _kernel(items_ref, pt_ref, q_ref, kv_ref, o_ref, *scoped, sm_scale: float,
             num_tokens: int, page_size: int, pages_per_seq: int, num_pages: int, group: int,
-            block_kv: int, stages: int):
+            block_kv: int, stages: int, num_heads: int, num_work: int, num_ctas: int):
     (q_smem, k_smem, v_smem, q_stage, p_smem), (k_ready, v_ready, q_ready), (k_free, v_free), sched = scoped
-    head = lax.axis_index("heads")
-    w = lax.axis_index("work")
+    cta = lax.axis_index("ctas")
     wg = lax.axis_index("wg")
-    kind = items_ref[0, w]
-    attend = kind == ATTEND
-    seq = items_ref[1, w]
-    first = items_ref[2, w]  # ATTEND: the item's first query row within the request; ZERO: token
-    q_start = items_ref[3, w]
-    q_len = items_ref[4, w]
-    ctx = items_ref[5, w]  # keys before the request's first query token
-    # Key blocks the item walks: up to its last row's causal horizon.
-    item_rows = jnp.minimum(q_len - first, ITEM_ROWS)
-    item_steps = jnp.where(attend, lax.div(ctx + first + item_rows + block_kv - 1, block_kv), 0)
     head_dim = q_smem.shape[-1]
     scale = sm_scale * _LOG2E
+    # The (q head, work item) pairs, q heads fastest, are dealt to the CTAs round robin: CTA c
+    # takes pairs c, c + num_ctas, ...  With num_ctas = every pair, a CTA takes one; with fewer
+    # (persistent) the ring, its barriers' phases and the count of key blocks (`g0`, which gives
+    # each block its ring slot) run on from one item into the next, so the memory warpgroup copies
+    # the next item's first blocks while the compute warpgroups finish this one.
+    mine = lax.div(num_heads * num_work - cta + num_ctas - 1, num_ctas)
+
+    def item(k):
+        pair = cta + k * num_ctas
+        w = lax.div(pair, num_heads)
+        kind = items_ref[0, w]
+        it = dict(head=lax.rem(pair, num_heads), kind=kind, attend=kind == ATTEND, seq=items_ref[1, w],
+                  # ATTEND: the item's first query row within the request; ZERO: first token
+                  first=items_ref[2, w], q_start=items_ref[3, w], q_len=items_ref[4, w],
+                  ctx=items_ref[5, w])  # ctx: keys before the request's first query token
+        # Key blocks the item walks: up to its last row's causal horizon.
+        item_rows = jnp.minimum(it["q_len"] - it["first"], ITEM_ROWS)
+        it["steps"] = jnp.where(it["attend"],
+                                lax.div(it["ctx"] + it["first"] + item_rows + block_kv - 1, block_kv), 0)
+        return it
 
     def sync_schedule():
         # The two compute warpgroups take turns on the tensor cores: one's softmax runs under
@@ -159,27 +171,29 @@ def _kernel(items_ref, pt_ref, q_ref, kv_ref, o_ref, *scoped, sm_scale: float,
         plgpu.barrier_arrive(sched)
         plgpu.barrier_wait(sched)
 
-    @pl.when((wg < COMPUTE_WGS) & (kind == ZERO))
-    def _zeros():
-        tok0 = first + wg * BLOCK_Q
+    def zeros(it):
+        tok0 = it["first"] + wg * BLOCK_Q
         stage = q_stage.at[wg]
         stage[...] = plgpu.layout_cast(jnp.zeros((BLOCK_Q, head_dim), q_stage.dtype), plgpu.Layout.WGMMA)
-        _store_rows(stage, o_ref, tok0, jnp.clip(num_tokens - tok0, 0, BLOCK_Q), head)
+        _store_rows(stage, o_ref, tok0, jnp.clip(num_tokens - tok0, 0, BLOCK_Q), it["head"])
 
-    @pl.when((wg < COMPUTE_WGS) & attend)
-    def _compute():
-        plgpu.set_max_registers(232, action="increase")
-        base = first + wg * BLOCK_Q  # the warpgroup's first row within the request
-        rows = jnp.clip(q_len - base, 0, BLOCK_Q)
+    def compute(it, g0):
+        head, ctx, item_steps = it["head"], it["ctx"], it["steps"]
+        base = it["first"] + wg * BLOCK_Q  # the warpgroup's first row within the request
+        rows = jnp.clip(it["q_len"] - base, 0, BLOCK_Q)
         steps = jnp.where(rows > 0, lax.div(ctx + base + rows + block_kv - 1, block_kv), 0)
         # Blocks every row sees whole: keys < ctx + base + 1 (row 0's horizon).
         full = jnp.minimum(lax.div(ctx + base + 1, block_kv), steps)
+
+        def slot_of(j):  # the ring slot of the item's key block j
+            return lax.rem(g0 + j, stages)
+
         # q rows start anywhere: Mosaic GPU's TMA into a tiled (swizzled) buffer wants tile-aligned
         # rows, so q lands in an untiled staging buffer first and goes to the swizzled buffer
-        # wgmma reads through registers (16 KB once a program).
+        # wgmma reads through registers (16 KB once an item).
         q_view = q_smem.at[wg]
         stage = q_stage.at[wg]
-        plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(q_start + base, BLOCK_Q), head], stage, q_ready.at[wg])
+        plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(it["q_start"] + base, BLOCK_Q), head], stage, q_ready.at[wg])
         plgpu.barrier_wait(q_ready.at[wg])
         q_view[...] = plgpu.load(stage, layout=plgpu.Layout.WGMMA, optimized=False)
         plgpu.commit_smem()
@@ -190,13 +204,13 @@ def _kernel(items_ref, pt_ref, q_ref, kv_ref, o_ref, *scoped, sm_scale: float,
 
         @pl.when(steps > 0)
         def _():
-            plgpu.barrier_wait(k_ready.at[0])
+            plgpu.barrier_wait(k_ready.at[slot_of(0)])
 
         pl.when(wg == 1)(sync_schedule)
 
         def step(j, carry, masked: bool):
             acc, m_i, l_i = carry
-            slot = lax.rem(j, stages)
+            slot = slot_of(j)
 
             def qk_scope(s_ref):
                 plgpu.wgmma(s_ref, q_view, k_smem.at[slot].transpose((1, 0)))
@@ -233,7 +247,7 @@ def _kernel(items_ref, pt_ref, q_ref, kv_ref, o_ref, *scoped, sm_scale: float,
 
                 @pl.when(nxt < steps)
                 def _():
-                    plgpu.barrier_wait(k_ready.at[lax.rem(nxt, stages)])
+                    plgpu.barrier_wait(k_ready.at[slot_of(nxt)])
             if p_smem is None:
                 acc = pl.run_state(pv)(plgpu.ACC.init(acc))
             else:
@@ -253,8 +267,8 @@ def _kernel(items_ref, pt_ref, q_ref, kv_ref, o_ref, *scoped, sm_scale: float,
             # in step with the other warpgroup (two schedule phases a block, as in `step`).  The
             # waits on their copies cost nothing here (the other warpgroup waits for them) and
             # keep every barrier phase observed by each warpgroup that waits on it, which
-            # Mosaic GPU's interpreter checks.
-            slot = lax.rem(j, stages)
+            # Mosaic GPU's interpreter checks (and the phases right for the next item).
+            slot = slot_of(j)
             plgpu.barrier_wait(k_ready.at[slot])
             plgpu.barrier_wait(v_ready.at[slot])
             plgpu.barrier_arrive(k_free.at[slot])
@@ -266,20 +280,19 @@ def _kernel(items_ref, pt_ref, q_ref, kv_ref, o_ref, *scoped, sm_scale: float,
         l_safe = jnp.where(l_i == 0.0, 1.0, l_i)
         out = acc * lax.broadcast_in_dim(1.0 / l_safe, acc.shape, [0])
         stage[...] = out.astype(q_stage.dtype)  # untiled: row-exact boxes can leave it
-        _store_rows(stage, o_ref, q_start + base, rows, head)
+        _store_rows(stage, o_ref, it["q_start"] + base, rows, head)
 
-    @pl.when((wg == COMPUTE_WGS) & attend)
-    def _memory():
-        plgpu.set_max_registers(40, action="decrease")
-        kv_head = lax.div(head, group)
+    def memory(it, g0):
+        kv_head = lax.div(it["head"], group)
+        seq = it["seq"]
         piece = min(page_size, block_kv)  # keys of one TMA copy
 
         def pages_of(j):
-            """Page ids of block j's copies (block_kv / piece of them), all loaded before any is
-            used: the table reads of a block overlap each other instead of each waiting for the
-            TMA issued after the one before.  Entries past the request's pages (the last block's
-            tail, or a block past the walk when prefetching) are clamped: those keys are read
-            and masked, or not copied at all."""
+            """Page ids of the item's block j's copies (block_kv / piece of them), all loaded
+            before any is used: the table reads of a block overlap each other instead of each
+            waiting for the TMA issued after the one before.  Entries past the request's pages
+            (the last block's tail, or a block past the walk when prefetching) are clamped:
+            those keys are read and masked, or not copied at all."""
             ids = []
             for i in range(block_kv // piece):
                 entry = jnp.minimum(lax.div(j * block_kv + i * piece, page_size), pages_per_seq - 1)
@@ -300,33 +313,56 @@ def _kernel(items_ref, pt_ref, q_ref, kv_ref, o_ref, *scoped, sm_scale: float,
             # The next block's page ids are read now, one block ahead: their latency passes
             # under this block's waits for free slots instead of delaying the next copies.
             nxt = pages_of(j + 1)
-            slot = lax.rem(j, stages)
+            g = g0 + j  # blocks this CTA has copied before this one
+            slot = lax.rem(g, stages)
 
-            @pl.when(j >= stages)
+            @pl.when(g >= stages)
             def _():
                 plgpu.barrier_wait(k_free.at[slot])
             fetch(j, slot, pages, 0, k_ready)  # K and V of a block: one read of the table
 
-            @pl.when(j >= stages)
+            @pl.when(g >= stages)
             def _():
                 plgpu.barrier_wait(v_free.at[slot])
             fetch(j, slot, pages, 1, v_ready)
             return nxt
 
-        lax.fori_loop(0, item_steps, step, pages_of(0))
+        lax.fori_loop(0, it["steps"], step, pages_of(0))
 
-        @pl.loop(jnp.maximum(item_steps - stages, 0), item_steps)
-        def _(j):
+    @pl.when(wg < COMPUTE_WGS)
+    def _compute_warpgroups():
+        plgpu.set_max_registers(232, action="increase")
+
+        def body(k, g0):
+            it = item(k)
+            pl.when(it["kind"] == ZERO)(lambda: zeros(it))
+            pl.when(it["attend"])(lambda: compute(it, g0))
+            return g0 + it["steps"]
+        lax.fori_loop(0, mine, body, jnp.int32(0))
+
+    @pl.when(wg == COMPUTE_WGS)
+    def _memory_warpgroup():
+        plgpu.set_max_registers(40, action="decrease")
+
+        def body(k, g0):
+            it = item(k)
+            pl.when(it["attend"])(lambda: memory(it, g0))
+            return g0 + it["steps"]
+        blocks = lax.fori_loop(0, mine, body, jnp.int32(0))
+
+        @pl.loop(jnp.maximum(blocks - stages, 0), blocks)
+        def _(g):
             # The last blocks' releases, so that every phase of the free barriers is observed
             # (the interpreter's check; on the GPU a short wait at the end).
-            plgpu.barrier_wait(k_free.at[lax.rem(j, stages)])
-            plgpu.barrier_wait(v_free.at[lax.rem(j, stages)])
+            plgpu.barrier_wait(k_free.at[lax.rem(g, stages)])
+            plgpu.barrier_wait(v_free.at[lax.rem(g, stages)])
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "short_q", "num_work", "block_kv", "stages",
-                                             "interpret"))
+                                             "num_ctas", "interpret"))
 def _prefill(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_scale: float,
-             short_q: int, num_work: int, block_kv: int, stages: int, interpret: bool):
+             short_q: int, num_work: int, block_kv: int, stages: int, num_ctas: int | None,
+             interpret: bool):
     num_tokens, num_q_heads, head_dim = q.shape
     num_pages, page_size, combined, _ = kv_pages.shape
     cu_q_lens = cu_q_lens.astype(jnp.int32)
@@ -349,14 +385,16 @@ def _prefill(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_scal
         (plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),) * 2,
         plgpu.Barrier(num_arrivals=COMPUTE_WGS),
     )
+    pairs = num_q_heads * num_work
+    num_ctas = pairs if num_ctas is None else max(1, min(num_ctas, pairs))
     kernel = functools.partial(
         _kernel, sm_scale=sm_scale, num_tokens=num_tokens, page_size=page_size,
         pages_per_seq=page_indices.shape[1],
         num_pages=num_pages, group=num_q_heads // (combined // 2), block_kv=block_kv,
-        stages=stages)
+        stages=stages, num_heads=num_q_heads, num_work=num_work, num_ctas=num_ctas)
     return plgpu.kernel(
         kernel, out_type=jax.ShapeDtypeStruct(q.shape, q.dtype), scratch_types=scratch,
-        grid=(num_q_heads, num_work), grid_names=("heads", "work"),
+        grid=(num_ctas,), grid_names=("ctas",),
         num_threads=COMPUTE_WGS + 1, thread_name="wg", kernel_name="prefill_attention_mgpu",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=plgpu.InterpretGPUParams() if interpret else None,
@@ -365,11 +403,13 @@ def _prefill(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_scal
 
 def prefill_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_scale: float,
                       short_q: int = 0, block_kv: int = BLOCK_KV, stages: int = STAGES,
-                      interpret: bool | None = None) -> jax.Array:
+                      num_ctas: int | None = None, interpret: bool | None = None) -> jax.Array:
     """Attention for the query rows of every request of more than short_q tokens (the reference's
     contract for those rows) and zeros in the bucket padding after the last request; the rows of
     shorter requests are left unwritten, for gpu.py's decode-tile launch, which writes them into
-    this output (aliased).  Shapes as `reference.ragged_paged_attention`; `supported` must hold."""
+    this output (aliased).  Shapes as `reference.ragged_paged_attention`; `supported` must hold.
+    num_ctas: None launches a CTA for every (q head, work item) pair; a number launches that many
+    (persistent: e.g. the GPU's SM count), each walking its share of the pairs in turn."""
     if not supported(q, kv_pages, None, None, block_kv):
         raise ValueError(f"prefill_attention needs bf16/f16, head_dim 64 or 128 and "
                          f"page_size % 8 == 0 dividing or divided by block_kv {block_kv}; got "
@@ -379,4 +419,5 @@ def prefill_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *
     num_work = num_work_items(q.shape[0], page_indices.shape[0], short_q)
     return _prefill(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
                     sm_scale=float(sm_scale), short_q=int(short_q), num_work=num_work,
-                    block_kv=block_kv, stages=stages, interpret=bool(interpret))
+                    block_kv=block_kv, stages=stages, num_ctas=None if num_ctas is None else int(num_ctas),
+                    interpret=bool(interpret))
