@@ -85,7 +85,8 @@
 #   fastmath    compiled ragged-kernel tests, then bench_attention --fast-math-ab --device-time (softmax exponent as PTX)  ~7 min
 #   absplit     decode kernel kv splits as contiguous ranges vs round robin: compiled tests, decode kernel sweep each way  ~5 min
 #   absearch    bench_step 1B b1/b64, the FILTER sampler's search by ways x reduction ($SEARCHES)      ~5 min
-#   abpool      decode kernel sweep (--quick, device-timed) with the case's own pages, then in an 8 GiB pool  ~3 min
+#   abpool      decode kernel sweep (--quick, device-timed) with the case's own pages, then in an 8 GiB pool;
+#               then the decode-only table (ragged kernel, jax's peer) in the 8 GiB pool          ~5 min
 #   loopcheck   bench_step 1B and 8B b1/b64 --loop-check: the K-step program's known trip counts, call return time  ~4 min
 #   mgpuprefill compiled tests of the Mosaic GPU prefill kernel, --mgpu-sweep, then --prefill-tiles (device-timed)  ~7 min
 #   prefillcheck bench_attention --prefill-tiles --device-time with nvidia-smi dmon (clocks, power) and throttle reasons  ~3 min
@@ -419,7 +420,11 @@ for part in "$@"; do
         timeout 200 python3 scripts/bench_attention.py --decode-kernel-sweep --quick --device-time --kv-pool-gib "$g" \
           --out "$OUT/abpool_$g.json" > "$OUT/abpool_$g.log" 2>&1
         echo "-- pool $g GiB"; grep -E "^\| decode-kernel \| b(1|8|64)|rror" "$OUT/abpool_$g.log"
-      done ;;
+      done
+      # issue 3's own table (the ragged kernel and jax's paged_attention on decode steps) in the big pool
+      timeout 200 python3 scripts/bench_attention.py --decode-only --quick --device-time --kv-pool-gib 8 \
+        --out "$OUT/abpool_decode_only.json" > "$OUT/abpool_decode_only.log" 2>&1
+      echo "-- decode-only, pool 8 GiB"; grep -E "^\| decode \||rror" "$OUT/abpool_decode_only.log" ;;
     loopcheck)  # whether XLA:GPU knows the K-step loop's trip count (then it reads no predicate back) and how long
       # the jitted K = 8 call takes to return against its run time (dispatching thread bypassed)
       for m in llama-3.2-1b llama-3.1-8b; do
