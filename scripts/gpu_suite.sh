@@ -88,7 +88,7 @@
 #   abpool      decode kernel sweep (--quick, device-timed) with the case's own pages, then in an 8 GiB pool;
 #               then the decode-only table (ragged kernel, jax's peer) in the 8 GiB pool          ~5 min
 #   loopcheck   bench_step 1B and 8B b1/b64 --loop-check: the K-step program's known trip counts, call return time  ~4 min
-#   mgpuprefill compiled tests of the Mosaic GPU prefill kernel, --mgpu-sweep, then --prefill-tiles (device-timed)  ~7 min
+#   mgpuprefill compiled tests of the Mosaic GPU prefill kernel, then --mgpu-sweep (device-timed)      ~9 min
 #   prefillcheck bench_attention --prefill-tiles --device-time with nvidia-smi dmon (clocks, power) and throttle reasons  ~3 min
 #   ncu         Nsight Compute details of the decode kernel (b8 / b64 ctx 2k) and the 4k prefill chunk  ~2 min
 #   hf-static   Hugging Face static-cache generate(), 8B batch 1 and 64 (long compile)            ~8 min
@@ -433,15 +433,13 @@ for part in "$@"; do
         grep -E "^\| llama|loop check|rror" "$OUT/loopcheck_$m.log"
       done ;;
     mgpuprefill)  # the Mosaic GPU prefill kernel (gpu_prefill: TMA + wgmma, written in the sixteenth session without
-      # a GPU): its compiled tests, bench_attention --mgpu-sweep --device-time (chunks 2k-8k: the engine's path
-      # and the kernel by key block x ring depth, cuDNN beside), then --prefill-tiles --device-time (variant
-      # 2xmgpu beside the Triton tiles, cuDNN and jax's Mosaic GPU flash attention)
-      (cd tests && timeout 240 python3 -m pytest -q -x test_prefill_attention_mgpu.py -rf --tb=short \
+      # a GPU): its compiled tests, then bench_attention --mgpu-sweep --device-time (chunks 2k-8k: the engine's
+      # path and the kernel by key block x ring depth, persistent or not, cuDNN beside; a Mosaic compile per config
+      # and chunk).  `prefillcheck` has the mixed steps (its --prefill-tiles include the variant 2xmgpu)
+      (cd tests && timeout 200 python3 -m pytest -q -x test_prefill_attention_mgpu.py -rf --tb=short \
         > "$OUT/mgpuprefill_tests.log" 2>&1; grep -E "^E |[0-9]+ passed|failed|FAILED|rror" "$OUT/mgpuprefill_tests.log" | head -20)
-      timeout 150 python3 scripts/bench_attention.py --mgpu-sweep --device-time --out "$OUT/mgpusweep.json" \
-        > "$OUT/mgpusweep.log" 2>&1; grep -E "^\| prefill|ceilings|rror" "$OUT/mgpusweep.log"
-      timeout 200 python3 scripts/bench_attention.py --prefill-tiles --device-time --out "$OUT/mgpuprefill.json" \
-        > "$OUT/mgpuprefill.log" 2>&1; grep -E "^\| prefill|rror" "$OUT/mgpuprefill.log" ;;
+      timeout 320 python3 scripts/bench_attention.py --mgpu-sweep --device-time --out "$OUT/mgpusweep.json" \
+        > "$OUT/mgpusweep.log" 2>&1; grep -E "^\| prefill|ceilings|rror" "$OUT/mgpusweep.log" ;;
     prefillcheck)  # prefill attention device-timed (chunks 512-8192, cuDNN beside), with the GPU's clocks, power and
       # throttle reasons sampled during the run (fifteenth session: the same 4k chunk took 319 us under ncu on one
       # machine and 499-511 us device-timed on another, where cuDNN ran as usual)
