@@ -296,7 +296,10 @@ PREFILL_TILE_CASES = [
 PREFILL_TILE_VARIANTS = {
     "1x128": dict(block_q=32, block_k=32, num_warps=8, num_stages=3),  # one launch, old default
     "1x256": PREFILL_SWEEP["bq64bk64w8"],  # one launch, the 256-row tile for every request
-    "2x256": dict(PREFILL_SWEEP["bq64bk64w8"], num_stages=3, short_q=4),  # default until the 16th session
+    "2x256": dict(PREFILL_SWEEP["bq64bk64w8"], num_stages=3, short_q=4, prefill_kernel="triton"),  # default until the 16th session
+    # the Triton long launch of the sixteenth session (128-row fast_math tile), the default on Hopper
+    # GPUs until the seventeenth made it the Mosaic GPU kernel's (and elsewhere still the default)
+    "2xtriton": dict(prefill_kernel="triton"),
     # the long launch on the Mosaic GPU kernel (gpu_prefill: TMA + wgmma), decode tile as the default
     "2xmgpu": dict(prefill_kernel="mgpu"),
 }
@@ -315,15 +318,15 @@ MGPU_SWEEP = {
     "mgpu_bk128s2_p132": dict(mgpu_kernel=dict(block_kv=128, stages=2, num_ctas=132)),
     "mgpu_bk64s3_p132": dict(mgpu_kernel=dict(block_kv=64, stages=3, num_ctas=132)),
 }
-# --long-tile-sweep: the long launch's tile of the two-launch default (short_q = 4 keeps the split),
+# --long-tile-sweep: the Triton long launch's tile of the two-launch split (short_q = 4 keeps the split),
 # on the pure and mixed steps of the big prefill buckets.
 LONG_TILE_SWEEP = {
-    "2x256st4": dict(block_q=64, block_k=64, num_warps=8, num_stages=4, short_q=4),
-    "2x256bk32": dict(block_q=64, block_k=32, num_warps=8, num_stages=3, short_q=4),
-    "2x128bk64": dict(block_q=32, block_k=64, num_warps=8, num_stages=3, short_q=4),
-    "2x128": dict(block_q=32, block_k=32, num_warps=8, num_stages=3, short_q=4),
-    "2x256pq": dict(block_q=64, block_k=64, num_warps=8, num_stages=3, short_q=4, prescale_q=True),
-    "2x256st2": dict(block_q=64, block_k=64, num_warps=8, num_stages=2, short_q=4),
+    "2x256st4": dict(block_q=64, block_k=64, num_warps=8, num_stages=4, short_q=4, prefill_kernel="triton"),
+    "2x256bk32": dict(block_q=64, block_k=32, num_warps=8, num_stages=3, short_q=4, prefill_kernel="triton"),
+    "2x128bk64": dict(block_q=32, block_k=64, num_warps=8, num_stages=3, short_q=4, prefill_kernel="triton"),
+    "2x128": dict(block_q=32, block_k=32, num_warps=8, num_stages=3, short_q=4, prefill_kernel="triton"),
+    "2x256pq": dict(block_q=64, block_k=64, num_warps=8, num_stages=3, short_q=4, prescale_q=True, prefill_kernel="triton"),
+    "2x256st2": dict(block_q=64, block_k=64, num_warps=8, num_stages=2, short_q=4, prefill_kernel="triton"),
 }
 # --fast-math-ab: the default kernel (fast_math, the softmax's exponent as PTX, on for tiles of
 # 32-128 rows) against fast_math off and on for every tile, on the prefill-tile cases (cuDNN

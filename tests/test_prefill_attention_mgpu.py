@@ -125,21 +125,27 @@ def test_two_launch_step_with_the_mgpu_long_launch_matches_reference():
 
 def test_prefill_kernel_choice(monkeypatch, check_env_switch):
     from jaxengine.pallas_kernels.ragged_paged_attention import gpu
-    check_env_switch("JAXENGINE_PREFILL_KERNEL", gpu_prefill.prefill_kernel_default, "triton", "MGPU", "mgpu")
+    check_env_switch("JAXENGINE_PREFILL_KERNEL", gpu_prefill.prefill_kernel_default, "mgpu", "TRITON", "triton")
     b = make_batch(5, [20], [20], num_kv_heads=1, group=1, head_dim=64, page_size=16,
                    dtype=jnp.bfloat16)
     with pytest.raises(ValueError, match="prefill_kernel"):
         gpu.ragged_paged_attention(*b.args(), sm_scale=0.125, prefill_kernel="cudnn")
-    # The environment's choice is for Hopper GPUs: not taken by the interpreter (the engine's jit
-    # on the CPU keeps the Triton kernel), nor where the step has no long launch.
-    monkeypatch.setenv("JAXENGINE_PREFILL_KERNEL", "mgpu")
+    # The default (and the environment's choice) is for Hopper GPUs: the interpreter takes the
+    # Mosaic GPU kernel only when asked by argument (the engine's jit on the CPU keeps the Triton
+    # kernel), and a step without a long launch never takes it.
     calls = []
     monkeypatch.setattr(gpu_prefill, "prefill_attention", lambda q, *a, **k: calls.append(1) or jnp.zeros_like(q))
     gpu.ragged_paged_attention(*b.args(), sm_scale=0.125, short_q=4)
+    assert calls == ([] if INTERPRET else [1])  # compiled here means a Hopper GPU (module skip)
+    calls.clear()
     gpu.ragged_paged_attention(*b.args(), sm_scale=0.125, prefill_kernel="mgpu")  # one launch
     assert calls == []
     gpu.ragged_paged_attention(*b.args(), sm_scale=0.125, short_q=4, prefill_kernel="mgpu")
     assert calls == [1]
+    calls.clear()
+    monkeypatch.setenv("JAXENGINE_PREFILL_KERNEL", "triton")
+    gpu.ragged_paged_attention(*b.args(), sm_scale=0.125, short_q=4)
+    assert calls == []
     monkeypatch.undo()
     # What the kernel cannot take: float32, head_dim 32 or 256, a sliding window, a soft cap, page 4.
     q, kv = b.q, b.kv_pages

@@ -35,7 +35,8 @@ get zeros from ZERO items; short requests' rows are the decode-tile launch's.
 
 Limits (`supported`): bf16/f16, head_dim 64 or 128, page_size a multiple of 8
 (TMA boxes of whole swizzle tiles) that divides or is divided by BLOCK_KV, no sliding window and
-no soft cap: everything else runs on the Triton kernel.
+no soft cap: everything else runs on the Triton kernel.  On Hopper GPUs this kernel is the long
+launch's default (`prefill_kernel_default`).
 """
 
 from __future__ import annotations
@@ -78,11 +79,15 @@ PREFILL_KERNELS = ("triton", "mgpu")
 
 
 def prefill_kernel_default() -> str:
-    """Which kernel runs the long launch of big prefill buckets on a Hopper GPU: "triton" (gpu.py's
-    128-row tile) or "mgpu" (this module).  $JAXENGINE_PREFILL_KERNEL picks it; default "triton"
-    until the Mosaic GPU kernel is measured on a GPU (written in the sixteenth session, when no
-    GPU was lent after its first call)."""
-    return env_choice("JAXENGINE_PREFILL_KERNEL", PREFILL_KERNELS, "triton")
+    """Which kernel runs the long launch of big prefill buckets on a Hopper GPU: "mgpu" (this
+    module) or "triton" (gpu.py's 128-row tile).  $JAXENGINE_PREFILL_KERNEL picks it; default
+    "mgpu" since the seventeenth session, H200, device-timed (BENCHMARKS.md): a 4k chunk 262.7-278.7
+    us (62.8-66.6% of the bf16 matmul rate) against the Triton tile's 343-469 us and cuDNN's 275,
+    8k 913-929 us (75-77%) against 1,721 and cuDNN's 928-931, mixed steps as fast or faster
+    (1984 prefill + 64 decodes 239.7 us against 281.0); the engine's 8B 1024/128 x 64 run +0.9%
+    (budget 8192) and 3,303 tok/s against 3,158 at the default budget.  Other GPUs, the interpreter
+    (unless passed by argument) and what `supported` refuses stay on "triton" (gpu.py)."""
+    return env_choice("JAXENGINE_PREFILL_KERNEL", PREFILL_KERNELS, "mgpu")
 
 
 def work_items(cu_q_lens, kv_lens, num_seqs, *, num_tokens: int, num_work: int, short_q: int):
