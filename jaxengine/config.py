@@ -184,8 +184,12 @@ class RunnerConfig:
     # pallas_kernels/fused_matmul; interpret mode on CPU), "auto" (= reference: XLA measured faster).
     matmul_impl: str = dataclasses.field(
         default_factory=lambda: os.environ.get("JAXENGINE_MATMUL", "auto"))
-    # Token buckets up to this size use the fused matmuls; larger ones XLA's GEMMs.
-    fused_matmul_max_tokens: int = 64
+    # Token buckets up to this size use the fused matmuls (and, with decode_matmul, the Mosaic GPU
+    # decode matmuls, which take up to 256 rows); larger ones XLA's GEMMs.
+    # $JAXENGINE_FUSED_MATMUL_MAX_TOKENS sets it (an experiment switch: the 128-token bucket of a
+    # 128-token prompt at 8B runs ~2x its bound on XLA's GEMMs, seventeenth session).
+    fused_matmul_max_tokens: int = dataclasses.field(
+        default_factory=lambda: int(os.environ.get("JAXENGINE_FUSED_MATMUL_MAX_TOKENS", "64")))
     # The layers' matmuls in decode-sized buckets (token buckets up to fused_matmul_max_tokens, and
     # the multi-step decode programs): "xla" (XLA's GEMMs), "mgpu" (pallas_kernels/decode_matmul:
     # Mosaic GPU TMA + wgmma weight streaming, Hopper; interpret mode on CPU; single device),

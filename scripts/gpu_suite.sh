@@ -85,6 +85,8 @@
 #   fastmath    compiled ragged-kernel tests, then bench_attention --fast-math-ab --device-time (softmax exponent as PTX)  ~7 min
 #   absplit     decode kernel kv splits as contiguous ranges vs round robin: compiled tests, decode kernel sweep each way  ~5 min
 #   absearch    bench_step 1B b1/b64, the FILTER sampler's search by ways x reduction ($SEARCHES)      ~5 min
+#   ab128       the 128-token bucket's GEMMs, XLA vs the Mosaic decode matmuls: bench_forward 8B at 128 rows, then the
+#               engine 8B b1 with $JAXENGINE_FUSED_MATMUL_MAX_TOKENS 64 and 128                    ~5 min
 #   abpool      decode kernel sweep (--quick, device-timed) with the case's own pages, then in an 8 GiB pool;
 #               then the decode-only table (ragged kernel, jax's peer) in the 8 GiB pool          ~5 min
 #   loopcheck   bench_step 1B and 8B b1/b64 --loop-check: the K-step program's known trip counts, call return time  ~4 min
@@ -413,6 +415,15 @@ for part in "$@"; do
           --model llama-3.2-1b --batch 1 64 --steps 8 --no-warmup --json "$OUT/absearch_${w}_$r.json" \
           > "$OUT/absearch_${w}_$r.log" 2>&1
         echo "-- ways $w, $r"; grep -E "^\| llama|Error" "$OUT/absearch_${w}_$r.log"
+      done ;;
+    ab128)  # the 128-token bucket (8B b1's one prefill step: 7.2-7.4 ms against a 3.6 ms bound, seventeenth session)
+      # on XLA's GEMMs against the Mosaic GPU decode matmuls: bench_forward 8B at 128 rows both ways, then the engine
+      # 8B b1 (128/128, K = 8) with $JAXENGINE_FUSED_MATMUL_MAX_TOKENS 64 (default: XLA at 128) and 128
+      timeout 200 python3 scripts/bench_forward.py --model llama-3.1-8b --batch 128 --decode-attention fused \
+        --residual-norm gpu --decode-matmul xla mgpu --iters 20 --json "$OUT/ab128_forward.json" \
+        > "$OUT/ab128_forward.log" 2>&1; grep -E "^\| llama|rror" "$OUT/ab128_forward.log"
+      for t in 64 128; do
+        JAXENGINE_FUSED_MATMUL_MAX_TOKENS=$t lat ab128_engine_$t --model llama-3.1-8b --batch 1 --num-scheduler-steps 8
       done ;;
     abpool)  # issue 3's batch-8 / 2k decode case with its 67 MB of K/V alone in a pool of that size (every
       # earlier run) against the same pages scattered in an 8 GiB pool, as in an engine ($POOLS: GiB, 0 = own pages)

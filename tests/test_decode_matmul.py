@@ -325,6 +325,14 @@ def test_config_and_impl_selection(monkeypatch):
         decode_matmul.get_dense("cublas")
     with pytest.raises(ValueError, match="decode_matmul"):
         RunnerConfig(decode_matmul="cublas")
+    # the token buckets that take them: up to 64 rows, or $JAXENGINE_FUSED_MATMUL_MAX_TOKENS
+    assert RunnerConfig().fused_matmul_max_tokens == 64
+    with monkeypatch.context() as mp:
+        mp.setenv("JAXENGINE_FUSED_MATMUL_MAX_TOKENS", "128")
+        assert RunnerConfig().fused_matmul_max_tokens == 128
+        mp.setenv("JAXENGINE_FUSED_MATMUL_MAX_TOKENS", "-1")
+        with pytest.raises(ValueError, match="fused_matmul_max_tokens"):
+            RunnerConfig()
     with pytest.raises(ValueError, match="pick one"):
         RunnerConfig(decode_matmul="mgpu", matmul_impl="gpu")
     with monkeypatch.context() as mp:  # a TPU host gets a clear error, not a Mosaic GPU compile failure
