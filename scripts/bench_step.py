@@ -60,6 +60,14 @@ def step_arrays(runner, batch: int, context: int) -> tuple[dict, dict]:
     return b, samp
 
 
+def packed_step(runner, batch: int, context: int):
+    """step_arrays and the same step packed as the runner hands it to its programs: (batch
+    arrays, sampling arrays, (token bucket, request bucket), int buffer, float buffer)."""
+    b, samp = step_arrays(runner, batch, context)
+    t, s = b["input_ids"].shape[0], b["kv_lens"].shape[0]
+    return (b, samp, (t, s), *runner._pack(b, samp, runner._layout(t, s)))
+
+
 def _issued(x):
     """A device call's output; with the runner's dispatching thread (RunnerConfig.dispatch_thread)
     its future, waited for until the call has been issued (the multi-step loop: until it ran)."""
@@ -88,9 +96,7 @@ def time_programs(runner, batch: int, context: int, steps: int, iters: int) -> d
     from jaxengine.runner import sampler
 
     runner.sync()  # the sampler below reads the penalty state the dispatching thread may replace
-    b, samp = step_arrays(runner, batch, context)
-    t, s = b["input_ids"].shape[0], b["kv_lens"].shape[0]
-    ints, floats = runner._pack(b, samp, runner._layout(t, s))
+    b, samp, (t, s), ints, floats = packed_step(runner, batch, context)
     _, n_int, n_float = runner._layout(s)
     samp_ints, samp_floats = jnp.asarray(ints[:n_int]), jnp.asarray(floats[:n_float])
     vocab = runner.cfg.model.vocab_size
@@ -126,9 +132,7 @@ def loop_check(runner, batch: int, context: int, steps: int, iters: int = 8) -> 
     from jaxengine.runner import sampler
 
     runner.sync()
-    b, samp = step_arrays(runner, batch, context)
-    t, s = b["input_ids"].shape[0], b["kv_lens"].shape[0]
-    ints, floats = runner._pack(b, samp, runner._layout(t, s))
+    b, samp, (t, s), ints, floats = packed_step(runner, batch, context)
     static = ((t, s), steps, sampler.PLAIN)
     text = runner._multi_step.lower(runner.params, runner.kv_caches, runner.penalty_state, ints, floats,
                                     *static).compile().as_text()
@@ -164,9 +168,7 @@ def profile_full_sampler(runner, batch: int, context: int, trace: str, top: int,
     from jaxengine.runner import sampler
 
     runner.sync()  # the penalty state is donated below: no program of the dispatching thread may hold it
-    b, samp = step_arrays(runner, batch, context)
-    t, s = b["input_ids"].shape[0], b["kv_lens"].shape[0]
-    ints, floats = runner._pack(b, samp, runner._layout(t, s))
+    b, samp, (t, s), ints, floats = packed_step(runner, batch, context)
     _, n_int, n_float = runner._layout(s)
     samp_ints, samp_floats = jnp.asarray(ints[:n_int]), jnp.asarray(floats[:n_float])
     logits = jax.random.normal(jax.random.PRNGKey(0), (s, runner.cfg.model.vocab_size), jnp.float32) * 3.0
