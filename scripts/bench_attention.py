@@ -341,6 +341,20 @@ DECODE_KERNEL_SWEEP = dict(batches=(1, 8, 64), contexts=(256, 1024, 4096), split
 # --decode-kernel-sweep --quick: the default split count only, at the engine's page size (16), at
 # the contexts of the 128/128 and 1024/128 engine runs and issue 3's 2k.
 DECODE_KERNEL_QUICK = dict(DECODE_KERNEL_SWEEP, contexts=(256, 1024, 2048), splits=(None,))
+# --decode-short-sweep: the decode kernel where the engine's batch-1 runs spend it (one request, a
+# 128/128 run's contexts of 128-256 and a few longer), by tile: kv splits, block_k, stages, warps.
+# The fixed cost of a launch at short contexts (~5.7 us device time at b1 ctx 256, eleventh
+# session: 8 splits of one block and the merge) is ~5% of the 8B and ~12% of the 1B batch-1 step.
+DECODE_KERNEL_SHORT = dict(
+    DECODE_KERNEL_SWEEP, batches=(1, 8), contexts=(128, 256, 512, 2048), splits=(None,),
+    variants={"s1bk32": dict(num_splits=1), "s1bk64": dict(num_splits=1, block_k=64),
+              "s1bk128": dict(num_splits=1, block_k=128),
+              "s1bk64st3": dict(num_splits=1, block_k=64, num_stages=3),
+              "s1bk128st3": dict(num_splits=1, block_k=128, num_stages=3),
+              "s1bk128w8": dict(num_splits=1, block_k=128, num_warps=8),
+              "s2bk32": dict(num_splits=2), "s2bk64": dict(num_splits=2, block_k=64),
+              "s4bk32": dict(num_splits=4), "s4bk64": dict(num_splits=4, block_k=64),
+              "s8bk64": dict(num_splits=8, block_k=64), "s16bk32": dict(num_splits=16)})
 
 # --decode-sweep: the ragged kernel's decode tile (issue 3's batch 8 / context 2k case, where the
 # default falls short of 80% of the copy rate, and two reference points), device-timed with
@@ -390,8 +404,9 @@ def decode_kernel_sweep(rows, hbm, mxu, cfg=DECODE_KERNEL_SWEEP, inner=10, repea
             kv_bytes = b * (c + 1) * 2 * NUM_KV_HEADS * HEAD_DIM * 2
             flops = 4 * HEAD_DIM * NUM_Q_HEADS * b * (c + 1)
             default = gpu_decode.default_config(t, NUM_KV_HEADS, HEAD_DIM, ps, width)["num_splits"]
-            for splits in cfg["splits"]:
-                kw = {} if splits is None else {"num_splits": splits}
+            variants = [(f"splits={s or f'default({default})'}", {} if s is None else {"num_splits": s})
+                        for s in cfg["splits"]] + list(cfg.get("variants", {}).items())
+            for impl, kw in variants:
 
                 def loop(qkv, pages, *rest, kw=kw):
                     out = None
@@ -403,7 +418,7 @@ def decode_kernel_sweep(rows, hbm, mxu, cfg=DECODE_KERNEL_SWEEP, inner=10, repea
 
                 f = jax.jit(loop, donate_argnums=(1,))
                 row = dict(kind="decode-kernel", case=f"b{b} ctx{c}", page_size=ps,
-                           impl=f"splits={splits or f'default({default})'}", bytes=kv_bytes, flops=flops)
+                           impl=impl, bytes=kv_bytes, flops=flops)
                 try:
                     out, pages = f(qkv, pages, *rest)
                     jax.block_until_ready(out)
@@ -482,6 +497,8 @@ def main():
                          "no gaps between kernels, less the timing loop's own kernel): device us columns")
     ap.add_argument("--decode-kernel-sweep", action="store_true",
                     help="only the engine's decode kernel (gpu_decode) over batch x context x kv splits")
+    ap.add_argument("--decode-short-sweep", action="store_true",
+                    help="only the engine's decode kernel at batch 1 and 8, contexts 128-2k, by tile (DECODE_KERNEL_SHORT)")
     ap.add_argument("--decode-sweep", action="store_true",
                     help="only the ragged kernel's decode tile sweep (DECODE_SWEEP at DECODE_SWEEP_CASES)")
     ap.add_argument("--fast-math-ab", action="store_true",
@@ -512,6 +529,10 @@ def main():
 
     if args.decode_kernel_sweep:
         decode_kernel_sweep(rows, hbm, mxu, DECODE_KERNEL_QUICK if args.quick else DECODE_KERNEL_SWEEP)
+        save()
+        return
+    if args.decode_short_sweep:
+        decode_kernel_sweep(rows, hbm, mxu, DECODE_KERNEL_SHORT)
         save()
         return
     if args.decode_sweep:

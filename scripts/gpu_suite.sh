@@ -85,6 +85,8 @@
 #   fastmath    compiled ragged-kernel tests, then bench_attention --fast-math-ab --device-time (softmax exponent as PTX)  ~7 min
 #   absplit     decode kernel kv splits as contiguous ranges vs round robin: compiled tests, decode kernel sweep each way  ~5 min
 #   absearch    bench_step 1B b1/b64, the FILTER sampler's search by ways x reduction ($SEARCHES)      ~5 min
+#   abshort     the decode kernel at batch 1 and 8, contexts 128-2k, by tile (bench_attention --decode-short-sweep
+#               --device-time), then bench_step 1B and 8B b1 under $JAXENGINE_DECODE_TILE in $TILES   ~8 min
 #   ab128       the 128-token bucket's GEMMs, XLA vs the Mosaic decode matmuls: bench_forward 8B at 128 rows, then the
 #               engine 8B b1 with $JAXENGINE_FUSED_MATMUL_MAX_TOKENS 64 and 128                    ~5 min
 #   abpool      decode kernel sweep (--quick, device-timed) with the case's own pages, then in an 8 GiB pool;
@@ -415,6 +417,19 @@ for part in "$@"; do
           --model llama-3.2-1b --batch 1 64 --steps 8 --no-warmup --json "$OUT/absearch_${w}_$r.json" \
           > "$OUT/absearch_${w}_$r.log" 2>&1
         echo "-- ways $w, $r"; grep -E "^\| llama|Error" "$OUT/absearch_${w}_$r.log"
+      done ;;
+    abshort)  # the decode attention's fixed cost at batch 1 (~5.7 us device time a layer at ctx 256, eleventh
+      # session; ~5% of the 8B and ~12% of the 1B batch-1 step): the kernel by tile at short contexts, then the
+      # engine's K = 8 decode program (bench_step, context 256) with each tile of $TILES ("-" = default) in every layer
+      timeout 300 python3 scripts/bench_attention.py --decode-short-sweep --device-time --out "$OUT/abshort_sweep.json" \
+        > "$OUT/abshort_sweep.log" 2>&1; grep -E "^\| decode-kernel|rror" "$OUT/abshort_sweep.log"
+      for tile in ${TILES:-- num_splits=1,block_k=64 num_splits=2,block_k=64 num_splits=1,block_k=128}; do
+        t=${tile//[=,]/_}
+        for m in llama-3.2-1b llama-3.1-8b; do
+          JAXENGINE_DECODE_TILE=${tile#-} timeout 200 python3 scripts/bench_step.py --model $m --batch 1 --steps 8 \
+            --no-warmup --json "$OUT/abshort_${m}_$t.json" > "$OUT/abshort_${m}_$t.log" 2>&1
+          echo "-- tile $tile"; grep -E "^\| llama|rror" "$OUT/abshort_${m}_$t.log"
+        done
       done ;;
     ab128)  # the 128-token bucket (8B b1's one prefill step: 7.2-7.4 ms against a 3.6 ms bound, seventeenth session)
       # on XLA's GEMMs against the Mosaic GPU decode matmuls: bench_forward 8B at 128 rows both ways, then the engine

@@ -332,13 +332,15 @@ def test_decode_kernel_sweep_times_every_split_count():
     import bench_attention as ba
 
     rows = []
-    cfg = dict(batches=(1, 3), contexts=(20,), splits=(None, 2), page_size=8, pages_per_seq=8)
+    cfg = dict(batches=(1, 3), contexts=(20,), splits=(None, 2), page_size=8, pages_per_seq=8,
+               variants={"s1bk16": dict(num_splits=1, block_k=16)})
     ba.decode_kernel_sweep(rows, hbm=1e12, mxu=1e14, cfg=cfg, inner=1, repeats=1)
     assert [(r["case"], r["impl"].split("(")[0]) for r in rows] == [
-        ("b1 ctx20", "splits=default"), ("b1 ctx20", "splits=2"), ("b3 ctx20", "splits=default"),
-        ("b3 ctx20", "splits=2")]
+        ("b1 ctx20", "splits=default"), ("b1 ctx20", "splits=2"), ("b1 ctx20", "s1bk16"),
+        ("b3 ctx20", "splits=default"), ("b3 ctx20", "splits=2"), ("b3 ctx20", "s1bk16")]
     assert all("error" not in r and r["time_us"] > 0 for r in rows), rows
-    assert rows[2]["bytes"] == 3 * rows[0]["bytes"]
+    assert rows[3]["bytes"] == 3 * rows[0]["bytes"]
+    assert set(ba.DECODE_KERNEL_SHORT["variants"]) >= {"s1bk64", "s2bk32"}  # the sweep's own table
 
 
 def test_kv_pool_scatters_a_cases_pages_without_changing_its_result(monkeypatch):

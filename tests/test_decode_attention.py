@@ -5,6 +5,9 @@ on the device)."""
 
 from __future__ import annotations
 
+import os
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -361,3 +364,32 @@ def test_layer_chain_threads_the_count_buffer_from_launch_to_launch():
         assert nxt.invars[8] is prev.outvars[2]  # counters in = the previous launch's counters out
     plain = launches(lambda: gpu_decode.decode_attention)
     assert all(len(c.invars) == 8 for c in plain)  # each makes its own zeros inside
+
+
+def test_env_tile_sets_every_launchs_tile_and_is_checked(as_h100, check_env_switch):
+    """$JAXENGINE_DECODE_TILE (an experiment switch) replaces default_config's tile in launches that
+    pass none (the lowered kernel's name carries block_k and the split count); a launch's own
+    arguments still win; an unknown key or a value that is not a power of two is a ValueError."""
+    check_env_switch("JAXENGINE_DECODE_TILE", gpu_decode.env_tile, {},
+                     " num_splits=1 , block_k=64", {"num_splits": 1, "block_k": 64})
+    i32 = jnp.int32
+    args = (_sds((T, HQ, D)), _sds((T, HKV, D)), _sds((T, HKV, D)), _sds((PAGES, PS, 2 * HKV, D)),
+            _sds((T,), i32), _sds((T, 16), i32), _sds((1,), i32), _sds((D // 2,), jnp.float32))
+
+    def kernel_name(**kw):
+        mlir = lower_for_cuda(lambda *a: gpu_decode.decode_attention(*a, sm_scale=0.088, interpret=False,
+                                                                     **kw), *args)
+        return set(re.findall(r"decode_attention_bk\d+_s\d+", mlir))
+
+    default = gpu_decode.default_config(T, HKV, D, PS, 16)
+    assert kernel_name() == {f"decode_attention_bk{default['block_k']}_s{default['num_splits']}"}
+    os.environ["JAXENGINE_DECODE_TILE"] = "num_splits=1,block_k=16"
+    try:
+        assert kernel_name() == {"decode_attention_bk16_s1"}
+        assert kernel_name(num_splits=2) == {"decode_attention_bk16_s2"}
+        for bad in ("num_splits=3", "splits=2", "block_k=0", "block_k"):
+            os.environ["JAXENGINE_DECODE_TILE"] = bad
+            with pytest.raises(ValueError, match="JAXENGINE_DECODE_TILE"):
+                gpu_decode.env_tile()
+    finally:
+        del os.environ["JAXENGINE_DECODE_TILE"]

@@ -18,6 +18,7 @@ kernels a layer instead of five, one with a single split.
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -326,6 +327,27 @@ def decode_attention(q, k, v, kv_pages, kv_lens, page_indices, num_seqs, inv_fre
     return out, kv_pages
 
 
+TILE_KEYS = ("block_k", "num_splits", "num_warps", "num_stages")
+
+
+def env_tile() -> dict:
+    """$JAXENGINE_DECODE_TILE, an experiment switch: "key=value,..." over block_k, num_splits,
+    num_warps and num_stages (positive powers of two), replacing `default_config`'s choice in every
+    launch that does not pass its own (so a whole engine or bench_forward runs one tile); unset or
+    empty: {}.  Anything else is a ValueError naming the variable."""
+    text = os.environ.get("JAXENGINE_DECODE_TILE", "").strip()
+    tile = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, _, value = item.partition("=")
+        key = key.strip()
+        if key not in TILE_KEYS or not value.strip().isdigit() or int(value) < 1 \
+                or _next_pow2(int(value)) != int(value):
+            raise ValueError(f"JAXENGINE_DECODE_TILE: {item!r} is not one of {', '.join(TILE_KEYS)} "
+                             "= a power of two (e.g. 'num_splits=1,block_k=64')")
+        tile[key] = int(value)
+    return tile
+
+
 SPLIT_LAYOUTS = ("round_robin", "contiguous")
 
 
@@ -381,6 +403,7 @@ def decode_attention_with_counters(q, k, v, kv_pages, kv_lens, page_indices, num
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
     cfg = default_config(q.shape[0], num_kv_heads, head_dim, kv_pages.shape[1], page_indices.shape[1])
+    cfg.update(env_tile())
     for key, value in (("block_k", block_k), ("num_splits", num_splits), ("num_warps", num_warps),
                        ("num_stages", num_stages)):
         if value is not None:
