@@ -342,19 +342,20 @@ DECODE_KERNEL_SWEEP = dict(batches=(1, 8, 64), contexts=(256, 1024, 4096), split
 # the contexts of the 128/128 and 1024/128 engine runs and issue 3's 2k.
 DECODE_KERNEL_QUICK = dict(DECODE_KERNEL_SWEEP, contexts=(256, 1024, 2048), splits=(None,))
 # --decode-short-sweep: the decode kernel where the engine's batch-1 runs spend it (one request, a
-# 128/128 run's contexts of 128-256 and a few longer), by tile: kv splits, block_k, stages, warps.
+# 128/128 run's contexts of 128-256 and a few longer), by tile: kv splits, block_k, stages; "minN":
+# the default splits, each row using only as many as give every split N blocks (split_min_blocks).
 # The fixed cost of a launch at short contexts (~5.7 us device time at b1 ctx 256, eleventh
 # session: 8 splits of one block and the merge) is ~5% of the 8B and ~12% of the 1B batch-1 step.
 DECODE_KERNEL_SHORT = dict(
     DECODE_KERNEL_SWEEP, batches=(1, 8), contexts=(128, 256, 512, 2048), splits=(None,),
-    variants={"s1bk32": dict(num_splits=1), "s1bk64": dict(num_splits=1, block_k=64),
+    variants={"min2": dict(split_min_blocks=2), "min4": dict(split_min_blocks=4),
+              "min8": dict(split_min_blocks=8),
+              "s1bk32": dict(num_splits=1), "s1bk64": dict(num_splits=1, block_k=64),
               "s1bk128": dict(num_splits=1, block_k=128),
-              "s1bk64st3": dict(num_splits=1, block_k=64, num_stages=3),
               "s1bk128st3": dict(num_splits=1, block_k=128, num_stages=3),
-              "s1bk128w8": dict(num_splits=1, block_k=128, num_warps=8),
               "s2bk32": dict(num_splits=2), "s2bk64": dict(num_splits=2, block_k=64),
               "s4bk32": dict(num_splits=4), "s4bk64": dict(num_splits=4, block_k=64),
-              "s8bk64": dict(num_splits=8, block_k=64), "s16bk32": dict(num_splits=16)})
+              "s8bk64": dict(num_splits=8, block_k=64)})
 
 # --decode-sweep: the ragged kernel's decode tile (issue 3's batch 8 / context 2k case, where the
 # default falls short of 80% of the copy rate, and two reference points), device-timed with

@@ -423,7 +423,7 @@ for part in "$@"; do
       # engine's K = 8 decode program (bench_step, context 256) with each tile of $TILES ("-" = default) in every layer
       timeout 300 python3 scripts/bench_attention.py --decode-short-sweep --device-time --out "$OUT/abshort_sweep.json" \
         > "$OUT/abshort_sweep.log" 2>&1; grep -E "^\| decode-kernel|rror" "$OUT/abshort_sweep.log"
-      for tile in ${TILES:-- num_splits=1,block_k=64 num_splits=2,block_k=64 num_splits=1,block_k=128}; do
+      for tile in ${TILES:-- split_min_blocks=4 split_min_blocks=8}; do
         t=${tile//[=,]/_}
         for m in llama-3.2-1b llama-3.1-8b; do
           JAXENGINE_DECODE_TILE=${tile#-} timeout 200 python3 scripts/bench_step.py --model $m --batch 1 --steps 8 \

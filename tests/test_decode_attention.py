@@ -60,6 +60,12 @@ CASES = [
     ([300, 129, 65, 1], 4, 64, 16, jnp.float32, 100, None, dict(num_splits=3, block_k=16, split_layout="contiguous")),
     ([1, 16, 17, 50, 3, 64, 33], 8, 64, 32, jnp.bfloat16, None, None,
      dict(num_splits=8, block_k=16, split_layout="contiguous")),
+    # as many splits a row as give each split_min_blocks blocks: rows of one split (output written
+    # directly, no merge), of a few, and of all; round robin, contiguous, a window
+    ([1, 16, 17, 50, 3, 300, 33, 140], 4, 64, 16, jnp.float32, None, None,
+     dict(num_splits=8, block_k=16, split_min_blocks=2)),
+    ([300, 129, 65, 1, 20], 4, 64, 16, jnp.bfloat16, 100, None,
+     dict(num_splits=4, block_k=16, split_min_blocks=4, split_layout="contiguous")),
 ]
 
 
@@ -81,7 +87,7 @@ RUNS = [(c, False) for c in CASES] + [(CASES[i], True) for i in (0, 2, 4, 6, 9, 
 
 
 # the kv splits merged inside the kernel (fused_combine): cases with several splits
-MERGED = [(CASES[i], i % 2 == 0) for i in (2, 4, 6, 8, 11, 12, 13, 14)]
+MERGED = [(CASES[i], i % 2 == 0) for i in (2, 4, 6, 8, 11, 12, 13, 14, 15, 16)]
 RUNS_ALL = [(c, f, False) for c, f in RUNS] + [(c, f, True) for c, f in MERGED]
 
 
@@ -105,7 +111,10 @@ def test_gpu_kernel_matches_composite_of_reference_ops(case, fused_input, fused_
         cfg = gpu_decode.default_config(num_tokens, args[3].shape[2] // 2, head_dim, page_size,
                                         args[5].shape[1])
         assert over.get("num_splits", cfg["num_splits"]) > 1, "a merged case needs several splits"
-    out, kv = gpu_decode.decode_attention(*args, **kw, **over, fused_combine=fused_combine)
+    out, kv, counts = gpu_decode.decode_attention_with_counters(*args, None, **kw, **over,
+                                                                fused_combine=fused_combine)
+    if fused_combine:  # every merge reset its count (and rows of one split never counted)
+        assert counts is not None and not np.any(np.asarray(counts))
     n = len(ctx)
     out = np.asarray(out.astype(jnp.float32))
     assert out.shape == want_out.shape
@@ -387,6 +396,8 @@ def test_env_tile_sets_every_launchs_tile_and_is_checked(as_h100, check_env_swit
     try:
         assert kernel_name() == {"decode_attention_bk16_s1"}
         assert kernel_name(num_splits=2) == {"decode_attention_bk16_s2"}
+        os.environ["JAXENGINE_DECODE_TILE"] = "num_splits=8,split_min_blocks=2"  # rows' own split count
+        assert kernel_name() == {f"decode_attention_bk{default['block_k']}_s8"}
         for bad in ("num_splits=3", "splits=2", "block_k=0", "block_k"):
             os.environ["JAXENGINE_DECODE_TILE"] = bad
             with pytest.raises(ValueError, match="JAXENGINE_DECODE_TILE"):

@@ -348,7 +348,7 @@ def merge_partials(lses: list, parts: list) -> jax.Array:
 
 
 def merge_splits_in_kernel(cnt_ref, cnt_idx, o_ref, lse_ref, out_ref, rows, load_ok, store_ok, col,
-                           rows_per_split: int, num_splits: int, compiled: bool):
+                           rows_per_split: int, num_splits: int, compiled: bool, active=None):
     """After store_output: the last of the num_splits programs of one output block to get here
     merges the splits' partial rows (as `combine` does) into out_ref, so no combine kernel runs.
     All threads' partial stores, a CTA barrier, then one acq_rel atomic count at GPU scope (the
@@ -356,22 +356,26 @@ def merge_splits_in_kernel(cnt_ref, cnt_idx, o_ref, lse_ref, out_ref, rows, load
     starts at zero (a zeros buffer aliased onto it) and, where every program of the launch counts,
     ends at zero: the last program resets its count after the merge, so the decode kernel can pass
     one count buffer from each layer's launch to the next (gpu_decode.LayerChain) instead of taking
-    a fresh zeros buffer (a copy in the XLA program) a layer.  Rows where load_ok is false come out 0."""
+    a fresh zeros buffer (a copy in the XLA program) a layer.  Rows where load_ok is false come out 0.
+    `active` (a traced count, default num_splits): only splits 0 .. active - 1 of the output block
+    take part (each calls this; the others must not), and the merge reads only theirs."""
     if compiled:  # the interpreter runs programs one after another (and has no barrier rule)
         plgpu.debug_barrier()
     done = plgpu.atomic_add(cnt_ref, cnt_idx, jnp.ones((), jnp.int32))
+    count = num_splits if active is None else active
 
-    @pl.when(done == num_splits - 1)
+    @pl.when(done == count - 1)
     def _merge():
-        lses = [plgpu.load(lse_ref.at[s * rows_per_split + rows], mask=load_ok, other=-jnp.inf)
+        ok = [load_ok if active is None or s == 0 else load_ok & (s < active) for s in range(num_splits)]
+        lses = [plgpu.load(lse_ref.at[s * rows_per_split + rows], mask=ok[s], other=-jnp.inf)
                 for s in range(num_splits)]
-        parts = [plgpu.load(o_ref.at[(s * rows_per_split + rows)[:, None], col], mask=load_ok[:, None],
+        parts = [plgpu.load(o_ref.at[(s * rows_per_split + rows)[:, None], col], mask=ok[s][:, None],
                             other=0.0) for s in range(num_splits)]
         out = jnp.where(load_ok[:, None], merge_partials(lses, parts), 0.0)
         plgpu.store(out_ref.at[rows[:, None], col], out.astype(out_ref.dtype), mask=store_ok[:, None])
         # back to zero (every split has counted: none touches it after this one); an add, not an
         # exchange, which Pallas' interpreter has no rule for
-        plgpu.atomic_add(cnt_ref, cnt_idx, jnp.full((), -num_splits, jnp.int32))
+        plgpu.atomic_add(cnt_ref, cnt_idx, jnp.full((), -1, jnp.int32) * count)
 
 
 def _find_work(w, cu_q_lens_ref, num_seqs_ref, *, max_num_seqs: int, block_q: int, short_q: int,

@@ -62,6 +62,7 @@ def _decode_kernel(
     precision,
     fused_combine: bool = False,
     contiguous_splits: bool = False,
+    split_min_blocks: int = 0,
 ):
     out_ref = cnt_ref = None
     if num_splits == 1:
@@ -85,6 +86,15 @@ def _decode_kernel(
     else:
         kv_lo = jnp.int32(0)
     num_blocks = jnp.where(pos > kv_lo, lax.div(pos - kv_lo + block_k - 1, block_k), 0)
+    # With split_min_blocks (and the in-kernel merge) a row uses only as many of the launch's
+    # splits as give each at least that many blocks: at short contexts one split walks them all and
+    # writes the output itself (no partial rows, no count, no merge), and the other programs of
+    # the row return at once.  Without it every split takes part.
+    adaptive = bool(split_min_blocks) and fused_combine and num_splits > 1
+    if adaptive:
+        active = jnp.clip(lax.div(num_blocks + split_min_blocks - 1, split_min_blocks), 1, num_splits)
+    else:
+        active = num_splits
     # kv splits take the blocks round robin: split s walks blocks s, s + num_splits, ...  Its
     # first block is then known from the program id alone (no window), so the page-table read
     # for it is issued at once, beside the kv_lens read, not after it: at short contexts (one
@@ -92,12 +102,14 @@ def _decode_kernel(
     # contiguous_splits (an experiment, split_layout="contiguous") split s walks one range of
     # ceil(num_blocks / num_splits) blocks instead, whose start waits for kv_lens.
     if contiguous_splits:
-        per_split = lax.div(num_blocks + num_splits - 1, num_splits)
+        per_split = lax.div(num_blocks + active - 1, active)
         first_block, block_stride = split * per_split, 1
         num_iters = jnp.clip(num_blocks - first_block, 0, per_split)
     else:
-        first_block, block_stride = split, num_splits
-        num_iters = split_blocks_below(num_blocks, split, num_splits)
+        first_block, block_stride = split, active
+        num_iters = split_blocks_below(num_blocks, split, active)
+        if adaptive:
+            num_iters = jnp.where(split < active, num_iters, 0)
 
     # Rotary embedding, rotate-half layout, in float32 then rounded to the input dtype as the
     # unfused path does: out[c] = x[c] cos - x[c + half] sin (c < half), x[c] cos + x[c - half] sin.
@@ -208,7 +220,7 @@ def _decode_kernel(
         out = acc / jnp.where(l_i > 0, l_i, 1.0)[:, None]
         out = jnp.where(valid, out, 0.0)
         plgpu.store(o_ref.at[rows_all[:, None], kcol], out.astype(o_ref.dtype), mask=keep[:, None])
-    else:
+    elif not adaptive:
         store_output(o_ref, lse_ref, acc, m_i, l_i, o_row, kcol, row_valid, split, rows_per_split,
                      num_splits)
     if fused_combine and num_splits > 1:  # each (request row, kv head)'s last split merges
@@ -216,9 +228,23 @@ def _decode_kernel(
         keep = r < group
         if clamp_rows:
             rows = jnp.where(keep, rows, 0)
-        merge_splits_in_kernel(cnt_ref, h * (cnt_ref.shape[0] // num_kv_heads) + j, o_ref, lse_ref,
-                               out_ref, rows, keep & valid, keep, kcol, rows_per_split, num_splits,
-                               compiled=clamp_rows)
+        cnt_idx = h * (cnt_ref.shape[0] // num_kv_heads) + j
+        if not adaptive:
+            merge_splits_in_kernel(cnt_ref, cnt_idx, o_ref, lse_ref, out_ref, rows, keep & valid, keep,
+                                   kcol, rows_per_split, num_splits, compiled=clamp_rows)
+        else:
+            single = active == 1  # split 0 saw every key: its rows are the output (zeros if padding)
+            out = jnp.where(valid, acc / jnp.where(l_i > 0, l_i, 1.0)[:, None], 0.0)
+            plgpu.store(out_ref.at[rows[:, None], kcol], out.astype(out_ref.dtype),
+                        mask=(keep & single & (split == 0))[:, None])
+
+            @pl.when(~single & (split < active))
+            def _partial_and_merge():
+                store_output(o_ref, lse_ref, acc, m_i, l_i, o_row, kcol, row_valid, split,
+                             rows_per_split, num_splits)
+                merge_splits_in_kernel(cnt_ref, cnt_idx, o_ref, lse_ref, out_ref, rows, keep & valid,
+                                       keep, kcol, rows_per_split, num_splits, compiled=clamp_rows,
+                                       active=active)
 
 
 def default_config(num_tokens: int, num_kv_heads: int, head_dim: int, page_size: int,
@@ -228,15 +254,15 @@ def default_config(num_tokens: int, num_kv_heads: int, head_dim: int, page_size:
     block_k = min(block_k, _next_pow2(pages_per_seq * page_size))
     max_blocks = -(-pages_per_seq * page_size // block_k)
     num_splits = kv_splits(max(1, num_tokens * num_kv_heads), max_blocks, num_sms)
-    return dict(block_k=block_k, num_splits=num_splits, num_warps=4, num_stages=2)
+    return dict(block_k=block_k, num_splits=num_splits, num_warps=4, num_stages=2, split_min_blocks=0)
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "block_k",
                                              "num_splits", "num_warps", "num_stages", "interpret",
-                                             "fused_combine", "split_layout"))
+                                             "fused_combine", "split_layout", "split_min_blocks"))
 def _decode_attention(q, k, v, kv_pages, kv_lens, page_indices, num_seqs, inv_freq, counters=None, *,
                       sm_scale, sliding_window, soft_cap, block_k, num_splits, num_warps, num_stages,
-                      interpret, fused_combine=False, split_layout="round_robin"):
+                      interpret, fused_combine=False, split_layout="round_robin", split_min_blocks=0):
     num_pages, page_size, combined, head_dim = kv_pages.shape
     num_kv_heads = combined // 2
     num_tokens = q.shape[0]
@@ -268,7 +294,7 @@ def _decode_attention(q, k, v, kv_pages, kv_lens, page_indices, num_seqs, inv_fr
         block_m=block_m, block_k=block_k, num_splits=num_splits, rows_per_split=out_rows,
         clamp_rows=not interpret, sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
         precision=precision, fused_combine=fused_combine,
-        contiguous_splits=split_layout == "contiguous")
+        contiguous_splits=split_layout == "contiguous", split_min_blocks=split_min_blocks)
     args = [kv_lens.astype(jnp.int32), page_indices.reshape(-1).astype(jnp.int32),
             num_seqs.astype(jnp.int32).reshape(1), inv_freq.astype(jnp.float32), q2, k2, v2, kv2]
     kv_index = len(args) - 1
@@ -314,7 +340,7 @@ def _decode_attention(q, k, v, kv_pages, kv_lens, page_indices, num_seqs, inv_fr
 def decode_attention(q, k, v, kv_pages, kv_lens, page_indices, num_seqs, inv_freq, *, sm_scale,
                      sliding_window=None, soft_cap=None, block_k=None, num_splits=None,
                      num_warps=None, num_stages=None, interpret=None, fused_combine=None,
-                     split_layout=None):
+                     split_layout=None, split_min_blocks=None):
     """`decode.py`'s contract (q may be the fused projection with k = v = None); the keyword
     tuning args override `default_config`; fused_combine (default on: fused_combine_default("decode"))
     merges the kv splits inside the kernel; split_layout (default split_layout_default()) is how
@@ -323,17 +349,18 @@ def decode_attention(q, k, v, kv_pages, kv_lens, page_indices, num_seqs, inv_fre
         q, k, v, kv_pages, kv_lens, page_indices, num_seqs, inv_freq, None, sm_scale=sm_scale,
         sliding_window=sliding_window, soft_cap=soft_cap, block_k=block_k, num_splits=num_splits,
         num_warps=num_warps, num_stages=num_stages, interpret=interpret, fused_combine=fused_combine,
-        split_layout=split_layout)
+        split_layout=split_layout, split_min_blocks=split_min_blocks)
     return out, kv_pages
 
 
-TILE_KEYS = ("block_k", "num_splits", "num_warps", "num_stages")
+TILE_KEYS = ("block_k", "num_splits", "num_warps", "num_stages", "split_min_blocks")
 
 
 def env_tile() -> dict:
     """$JAXENGINE_DECODE_TILE, an experiment switch: "key=value,..." over block_k, num_splits,
-    num_warps and num_stages (positive powers of two), replacing `default_config`'s choice in every
-    launch that does not pass its own (so a whole engine or bench_forward runs one tile); unset or
+    num_warps, num_stages and split_min_blocks (positive powers of two), replacing
+    `default_config`'s choice in every launch that does not pass its own (so a whole engine or
+    bench_forward runs one tile); unset or
     empty: {}.  Anything else is a ValueError naming the variable."""
     text = os.environ.get("JAXENGINE_DECODE_TILE", "").strip()
     tile = {}
@@ -382,7 +409,8 @@ class LayerChain:
 def decode_attention_with_counters(q, k, v, kv_pages, kv_lens, page_indices, num_seqs, inv_freq,
                                    counters, *, sm_scale, sliding_window=None, soft_cap=None,
                                    block_k=None, num_splits=None, num_warps=None, num_stages=None,
-                                   interpret=None, fused_combine=None, split_layout=None):
+                                   interpret=None, fused_combine=None, split_layout=None,
+                                   split_min_blocks=None):
     """`decode_attention`, taking and returning the in-kernel merge's count buffer
     (i32[num_kv_heads * num_tokens], all zeros; None: a fresh one): (out, kv_pages, counters), the
     counters zero again (the input passed through where the launch merges no splits)."""
@@ -405,7 +433,7 @@ def decode_attention_with_counters(q, k, v, kv_pages, kv_lens, page_indices, num
     cfg = default_config(q.shape[0], num_kv_heads, head_dim, kv_pages.shape[1], page_indices.shape[1])
     cfg.update(env_tile())
     for key, value in (("block_k", block_k), ("num_splits", num_splits), ("num_warps", num_warps),
-                       ("num_stages", num_stages)):
+                       ("num_stages", num_stages), ("split_min_blocks", split_min_blocks)):
         if value is not None:
             cfg[key] = value
     return _decode_attention(
