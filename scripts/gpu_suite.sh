@@ -421,13 +421,14 @@ for part in "$@"; do
     abshort)  # the decode attention's fixed cost at batch 1 (~5.7 us device time a layer at ctx 256, eleventh
       # session; ~5% of the 8B and ~12% of the 1B batch-1 step): the kernel by tile at short contexts, then the
       # engine's K = 8 decode program (bench_step, context 256) with each tile of $TILES ("-" = default) in every layer
-      timeout 300 python3 scripts/bench_attention.py --decode-short-sweep --device-time --out "$OUT/abshort_sweep.json" \
+      timeout 240 python3 scripts/bench_attention.py --decode-short-sweep --device-time --out "$OUT/abshort_sweep.json" \
         > "$OUT/abshort_sweep.log" 2>&1; grep -E "^\| decode-kernel|rror" "$OUT/abshort_sweep.log"
       for tile in ${TILES:-- split_min_blocks=4 split_min_blocks=8}; do
         t=${tile//[=,]/_}
         for m in llama-3.2-1b llama-3.1-8b; do
+          prof=(); [ "$tile" = - ] && prof=(--profile-dir /tmp/abshort_prof --top 40)  # the default's kernels a token
           JAXENGINE_DECODE_TILE=${tile#-} timeout 200 python3 scripts/bench_step.py --model $m --batch 1 --steps 8 \
-            --no-warmup --json "$OUT/abshort_${m}_$t.json" > "$OUT/abshort_${m}_$t.log" 2>&1
+            --no-warmup "${prof[@]}" --json "$OUT/abshort_${m}_$t.json" > "$OUT/abshort_${m}_$t.log" 2>&1
           echo "-- tile $tile"; grep -E "^\| llama|rror" "$OUT/abshort_${m}_$t.log"
         done
       done ;;
