@@ -347,15 +347,12 @@ DECODE_KERNEL_QUICK = dict(DECODE_KERNEL_SWEEP, contexts=(256, 1024, 2048), spli
 # The fixed cost of a launch at short contexts (~5.7 us device time at b1 ctx 256, eleventh
 # session: 8 splits of one block and the merge) is ~5% of the 8B and ~12% of the 1B batch-1 step.
 DECODE_KERNEL_SHORT = dict(
-    DECODE_KERNEL_SWEEP, batches=(1, 8), contexts=(128, 256, 512, 2048), splits=(None,),
+    DECODE_KERNEL_SWEEP, batches=(1, 8), contexts=(128, 256, 2048), splits=(None,),
     variants={"min2": dict(split_min_blocks=2), "min4": dict(split_min_blocks=4),
               "min8": dict(split_min_blocks=8),
               "s1bk32": dict(num_splits=1), "s1bk64": dict(num_splits=1, block_k=64),
-              "s1bk128": dict(num_splits=1, block_k=128),
-              "s1bk128st3": dict(num_splits=1, block_k=128, num_stages=3),
-              "s2bk32": dict(num_splits=2), "s2bk64": dict(num_splits=2, block_k=64),
-              "s4bk32": dict(num_splits=4), "s4bk64": dict(num_splits=4, block_k=64),
-              "s8bk64": dict(num_splits=8, block_k=64)})
+              "s1bk128": dict(num_splits=1, block_k=128), "s2bk32": dict(num_splits=2),
+              "s4bk32": dict(num_splits=4)})
 
 # --decode-sweep: the ragged kernel's decode tile (issue 3's batch 8 / context 2k case, where the
 # default falls short of 80% of the copy rate, and two reference points), device-timed with

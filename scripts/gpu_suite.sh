@@ -86,7 +86,8 @@
 #   absplit     decode kernel kv splits as contiguous ranges vs round robin: compiled tests, decode kernel sweep each way  ~5 min
 #   absearch    bench_step 1B b1/b64, the FILTER sampler's search by ways x reduction ($SEARCHES)      ~5 min
 #   abshort     the decode kernel at batch 1 and 8, contexts 128-2k, by tile (bench_attention --decode-short-sweep
-#               --device-time), then bench_step 1B and 8B b1 under $JAXENGINE_DECODE_TILE in $TILES   ~8 min
+#               --device-time), then bench_step 1B and 8B b1 under $JAXENGINE_DECODE_TILE in $TILES   ~6 min
+#   abshorteng  the engine 1B and 8B b1 (128/128, K = 8) with $JAXENGINE_DECODE_TILE=$TILE (default split_min_blocks=4)  ~3 min
 #   ab128       the 128-token bucket's GEMMs, XLA vs the Mosaic decode matmuls: bench_forward 8B at 128 rows, then the
 #               engine 8B b1 with $JAXENGINE_FUSED_MATMUL_MAX_TOKENS 64 and 128                    ~5 min
 #   abpool      decode kernel sweep (--quick, device-timed) with the case's own pages, then in an 8 GiB pool;
@@ -423,7 +424,7 @@ for part in "$@"; do
       # engine's K = 8 decode program (bench_step, context 256) with each tile of $TILES ("-" = default) in every layer
       timeout 240 python3 scripts/bench_attention.py --decode-short-sweep --device-time --out "$OUT/abshort_sweep.json" \
         > "$OUT/abshort_sweep.log" 2>&1; grep -E "^\| decode-kernel|rror" "$OUT/abshort_sweep.log"
-      for tile in ${TILES:-- split_min_blocks=4 split_min_blocks=8}; do
+      for tile in ${TILES:-- split_min_blocks=4}; do
         t=${tile//[=,]/_}
         for m in llama-3.2-1b llama-3.1-8b; do
           prof=(); [ "$tile" = - ] && prof=(--profile-dir /tmp/abshort_prof --top 40)  # the default's kernels a token
@@ -431,6 +432,10 @@ for part in "$@"; do
             --no-warmup "${prof[@]}" --json "$OUT/abshort_${m}_$t.json" > "$OUT/abshort_${m}_$t.log" 2>&1
           echo "-- tile $tile"; grep -E "^\| llama|rror" "$OUT/abshort_${m}_$t.log"
         done
+      done ;;
+    abshorteng)  # the engine, 1B and 8B b1 (128/128, K = 8), with the decode tile $TILE in every layer
+      for m in llama-3.2-1b llama-3.1-8b; do
+        JAXENGINE_DECODE_TILE=${TILE:-split_min_blocks=4} lat abshorteng_$m --model $m --batch 1 --num-scheduler-steps 8
       done ;;
     ab128)  # the 128-token bucket (8B b1's one prefill step: 7.2-7.4 ms against a 3.6 ms bound, seventeenth session)
       # on XLA's GEMMs against the Mosaic GPU decode matmuls: bench_forward 8B at 128 rows both ways, then the engine
