@@ -187,7 +187,8 @@ class RunnerConfig:
     # Token buckets up to this size use the fused matmuls (and, with decode_matmul, the Mosaic GPU
     # decode matmuls, which take up to 256 rows); larger ones XLA's GEMMs.
     # $JAXENGINE_FUSED_MATMUL_MAX_TOKENS sets it (an experiment switch: the 128-token bucket of a
-    # 128-token prompt at 8B runs ~2x its bound on XLA's GEMMs, seventeenth session).
+    # 128-token prompt at 8B runs ~2x its bound on XLA's GEMMs, seventeenth session; at 128 the
+    # Mosaic kernels made that step slower, 11.5 ms against 7.8, H200, eighteenth session).
     fused_matmul_max_tokens: int = dataclasses.field(
         default_factory=lambda: int(os.environ.get("JAXENGINE_FUSED_MATMUL_MAX_TOKENS", "64")))
     # The layers' matmuls in decode-sized buckets (token buckets up to fused_matmul_max_tokens, and
