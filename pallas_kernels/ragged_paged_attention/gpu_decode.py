@@ -89,7 +89,9 @@ def _decode_kernel(
     # With split_min_blocks (and the in-kernel merge) a row uses only as many of the launch's
     # splits as give each at least that many blocks: at short contexts one split walks them all and
     # writes the output itself (no partial rows, no count, no merge), and the other programs of
-    # the row return at once.  Without it every split takes part.
+    # the row return at once.  Without it every split takes part.  Off by default: measured
+    # slower (H200, eighteenth session: one split walking 4-8 blocks in turn costs more than the
+    # merge it saves; NOTES.md).
     adaptive = bool(split_min_blocks) and fused_combine and num_splits > 1
     if adaptive:
         active = jnp.clip(lax.div(num_blocks + split_min_blocks - 1, split_min_blocks), 1, num_splits)
