@@ -362,8 +362,8 @@ def env_tile() -> dict:
     """$JAXENGINE_DECODE_TILE, an experiment switch: "key=value,..." over block_k, num_splits,
     num_warps, num_stages and split_min_blocks (positive powers of two), replacing
     `default_config`'s choice in every launch that does not pass its own (so a whole engine or
-    bench_forward runs one tile); unset or
-    empty: {}.  Anything else is a ValueError naming the variable."""
+    bench_step runs one tile); unset or empty: {}.  Anything else is a ValueError naming the
+    variable."""
     text = os.environ.get("JAXENGINE_DECODE_TILE", "").strip()
     tile = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
