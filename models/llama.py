@@ -161,15 +161,19 @@ def attention_block(p: Params, cfg: ModelConfig, x: jax.Array, rope: Any,
                     kv_pages: jax.Array, batch: dict[str, jax.Array],
                     attention: Callable[..., Any], decode: bool = False,
                     dense: Callable[..., jax.Array] | None = None,
-                    o_proj: Callable[..., Any] | None = None) -> tuple[Any, jax.Array]:
+                    o_proj: Callable[..., Any] | None = None,
+                    l2_prefetch: tuple = ()) -> tuple[Any, jax.Array]:
     """rope: (cos, sin) [num_tokens, head_dim // 2] each, or with decode=True the inv_freq that
     `attention` (a decode_attention, pallas_kernels/ragged_paged_attention/decode.py) rotates
     q and k with itself while it writes the KV slots.  o_proj(out, w): replaces the output
-    projection (and its bias: the caller's business), its result returned as is."""
+    projection (and its bias: the caller's business), its result returned as is.  l2_prefetch
+    (decode only, `l2_prefetch_list`): passed on to the decode attention."""
     if o_proj is None:
         o_proj = lambda out, w: linear(out, p["o_proj"], dense)  # noqa: E731
     t = x.shape[0]
     kw = dict(sm_scale=cfg.head_dim ** -0.5, sliding_window=cfg.sliding_window)
+    if decode and l2_prefetch:
+        kw["l2_prefetch"] = l2_prefetch
     decode_args = (batch["kv_lens"], batch["page_indices"], batch["num_seqs"], rope)
     if "qkv_proj" in p:  # "fused" layout: one GEMM, [num_tokens, num_kv_heads, group + 2, head_dim]
         w = p["qkv_proj"]["weight"]
@@ -220,6 +224,26 @@ def mlp_block(p: Params, x: jax.Array, dense: Callable[..., jax.Array] | None = 
         return linear(jax.nn.silu(gu[..., 0, :]) * gu[..., 1, :], p["down_proj"], dense)
     return linear(jax.nn.silu(linear(x, p["gate_proj"], dense)) * linear(x, p["up_proj"], dense),
                   p["down_proj"], dense)
+
+
+def l2_prefetch_list(layer: Params, attention: Any, dense: Any, decode: bool) -> tuple:
+    """What a decode attention that takes `l2_prefetch` (its `accepts_l2_prefetch`; the GPU decode
+    kernel) may read into L2 for the GEMMs after it while it runs (gpu_decode.L2Prefetch, off
+    unless $JAXENGINE_L2_PREFETCH is set): the layer's o, gate/up and down weights in the order
+    they run, each with how many contiguous K ranges its kernel's CTAs walk (dense.k_parts; 1
+    without one).  () where the attention does not take it."""
+    if not (decode and getattr(attention, "accepts_l2_prefetch", False)):
+        return ()
+    k_parts = getattr(dense, "k_parts", None)
+    a, mlp = layer["self_attn"], layer["mlp"]
+    ws = [(a["o_proj"]["weight"], False)]
+    if "gate_up_proj" in mlp:
+        w = mlp["gate_up_proj"]["weight"]
+        ws.append((w.reshape(-1, w.shape[-1]), True))
+    else:
+        ws += [(mlp["gate_proj"]["weight"], False), (mlp["up_proj"]["weight"], False)]
+    ws.append((mlp["down_proj"]["weight"], False))
+    return tuple((w, k_parts(w.shape[0], w.shape[-1], gate_up=g) if k_parts else 1) for w, g in ws)
 
 
 def fused_layer(layer: Params, cfg: ModelConfig, x: jax.Array, cos: jax.Array, sin: jax.Array,
@@ -308,10 +332,11 @@ def forward(params: Params, cfg: ModelConfig, batch: dict[str, jax.Array], kv_ca
             x, kv = fused_layer(layer, cfg, x, *rope, kv_caches[i], batch, attention, matmul)
             new_caches.append(kv)
             continue
+        decode = decode_attention is not None
         h, kv = attention_block(layer["self_attn"], cfg, rms_norm(x, layer["input_layernorm"]["weight"],
                                                                  cfg.rms_norm_eps),
-                                rope, kv_caches[i], batch, attention, decode=decode_attention is not None,
-                                dense=dense)
+                                rope, kv_caches[i], batch, attention, decode=decode, dense=dense,
+                                l2_prefetch=l2_prefetch_list(layer, attention, dense, decode))
         new_caches.append(kv)
         x = x + h
         x = x + mlp_block(layer["mlp"], rms_norm(x, layer["post_attention_layernorm"]["weight"],
@@ -336,7 +361,8 @@ def _forward_residual_norm(params, cfg, batch, kv_caches, attention, x, rope, re
     new_caches = []
     for i, layer in enumerate(layers):
         h, kv = attention_block(layer["self_attn"], cfg, normed, rope, kv_caches[i], batch, attention,
-                                decode=decode, dense=dense)
+                                decode=decode, dense=dense,
+                                l2_prefetch=l2_prefetch_list(layer, attention, dense, decode))
         new_caches.append(kv)
         x, normed = residual_norm(x, h, layer["post_attention_layernorm"]["weight"], eps)
         nxt = layers[i + 1]["input_layernorm"]["weight"] if i + 1 < n else model["norm"]["weight"]
@@ -366,7 +392,8 @@ def _forward_norm_in_matmuls(params, cfg, batch, kv_caches, attention, x, rope, 
         qkv_dense = lambda a, w, ss=ss: dense.normed(a, w, ss, eps)  # noqa: E731
         o_proj = lambda out, w, x=x, post=post: dense.residual(out, w, x, post)  # noqa: E731
         (x, hg, ss), kv = attention_block(layer["self_attn"], cfg, hg, rope, kv_caches[i], batch,
-                                          attention, decode=decode, dense=qkv_dense, o_proj=o_proj)
+                                          attention, decode=decode, dense=qkv_dense, o_proj=o_proj,
+                                          l2_prefetch=l2_prefetch_list(layer, attention, dense, decode))
         new_caches.append(kv)
         w = layer["mlp"]["gate_up_proj"]["weight"]
         act = dense.normed_gate_up_silu(hg, w.reshape(-1, w.shape[-1]), ss, eps)

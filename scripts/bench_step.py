@@ -87,9 +87,10 @@ def _timed(fn, iters: int) -> float:
     return (time.perf_counter() - t0) / iters
 
 
-def time_programs(runner, batch: int, context: int, steps: int, iters: int) -> dict:
+def time_programs(runner, batch: int, context: int, steps: int, iters: int, only_k: bool = False) -> dict:
     """ms of the sampler programs (a call), the decode program k = 1 and the multi-step program
-    k = steps (a token), back to back on the device."""
+    k = steps (a token), back to back on the device; only_k: the multi-step program alone (NaN for
+    the others: quick A/Bs of one setting a process)."""
     import jax
     import jax.numpy as jnp
 
@@ -110,10 +111,12 @@ def time_programs(runner, batch: int, context: int, steps: int, iters: int) -> d
             return packed
         return call
 
-    out["sampler_plain_ms"] = _timed(run_sampler(sampler.PLAIN), iters) * 1e3
-    out["sampler_filter_ms"] = _timed(run_sampler(sampler.FILTER), iters) * 1e3
-    out["sampler_full_ms"] = _timed(run_sampler(sampler.FULL), iters) * 1e3
-    for k in sorted({1, steps}):
+    for mode in ("plain", "filter", "full"):
+        out[f"sampler_{mode}_ms"] = (float("nan") if only_k else
+                                     _timed(run_sampler(getattr(sampler, mode.upper())), iters) * 1e3)
+    if only_k:
+        out["program_k1_ms_per_token"] = float("nan")
+    for k in sorted({steps} if only_k else {1, steps}):
         call = lambda k=k: runner._run(b, samp, mode=sampler.PLAIN, num_steps=k, program=True)  # noqa: E731
         out[f"program_k{k}_ms_per_token"] = _timed(call, max(1, iters // k)) * 1e3 / k
     runner.sync()
@@ -208,6 +211,9 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--no-warmup", action="store_true",
                     help="compile only the programs timed (not every bucket): for quick A/Bs of XLA flags")
+    ap.add_argument("--only-k", action="store_true",
+                    help="time the k = steps program alone (no sampler or k = 1 figures): quick A/Bs of an "
+                         "environment setting, one process each")
     ap.add_argument("--loop-check", action="store_true",
                     help="also report the K-step program's while loops (XLA's known trip count, which "
                          "lets XLA:GPU run the body without reading the loop predicate back) and how "
@@ -227,6 +233,7 @@ def main() -> None:
     report = {"date": time.strftime("%Y-%m-%d"), "device": getattr(dev, "device_kind", str(dev)),
               "xla_flags": os.environ.get("XLA_FLAGS", ""),
               "multi_step_unroll": os.environ.get("JAXENGINE_MULTI_STEP_UNROLL", ""),
+              "l2_prefetch": os.environ.get("JAXENGINE_L2_PREFETCH", ""),
               "backend": jax.default_backend(), "jax": jax.__version__, "python": platform.python_version(),
               "context": args.context, "steps": args.steps, "ceilings": ceil, "runs": []}
     print(f"# device {report['device']}  jax {jax.__version__}  copy {ceil['copy_bytes_per_s'] / 1e12:.2f} TB/s"
@@ -251,7 +258,7 @@ def main() -> None:
         for batch in args.batch:
             r = {"model": name, "batch": batch, "decode_matmul": runner.decode_matmul_impl,
                  "sampler_filter": runner.sampler_filter, "max_logprobs": runner.num_logprobs,
-                 **time_programs(runner, batch, args.context, args.steps, args.iters)}
+                 **time_programs(runner, batch, args.context, args.steps, args.iters, args.only_k)}
             moved, flops = step_cost(runner.cfg.model, params_bytes, batch, args.context)
             floor_ms = max(moved / ceil["copy_bytes_per_s"], flops / ceil["matmul_flops_per_s"]) * 1e3
             k_ms = r[f"program_k{args.steps}_ms_per_token"]

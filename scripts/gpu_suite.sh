@@ -87,6 +87,10 @@
 #   absearch    bench_step 1B b1/b64, the FILTER sampler's search by ways x reduction ($SEARCHES)      ~5 min
 #   abshort     the decode kernel at batch 1 and 8, contexts 128-2k, by tile (bench_attention --decode-short-sweep
 #               --device-time), then bench_step 1B and 8B b1 under $JAXENGINE_DECODE_TILE in $TILES   ~6 min
+#   abl2        compiled L2-prefetch tests, then bench_step --only-k 1B and 8B b1 with $JAXENGINE_L2_PREFETCH in $L2S
+#               (default "- mb=8 mb=16 mb=24 mb=32 -"; $MODELS picks the models)               ~8 min (both models)
+#   abl2eng     the engine 1B and 8B b1 (128/128, K = 8) with $JAXENGINE_L2_PREFETCH=$L2 (default mb=16), then off  ~5 min
+#   abl2prof    bench_step's K = 8 program, 1B and 8B b1, profiled (kernels a token) with $L2 (default mb=16)  ~3 min
 #   abshorteng  the engine 1B and 8B b1 (128/128, K = 8) with $JAXENGINE_DECODE_TILE=$TILE (default split_min_blocks=4)  ~3 min
 #   ab128       the 128-token bucket's GEMMs, XLA vs the Mosaic decode matmuls: bench_forward 8B at 128 rows, then the
 #               engine 8B b1 with $JAXENGINE_FUSED_MATMUL_MAX_TOKENS 64 and 128                    ~5 min
@@ -436,6 +440,32 @@ for part in "$@"; do
     abshorteng)  # the engine, 1B and 8B b1 (128/128, K = 8), with the decode tile $TILE in every layer
       for m in llama-3.2-1b llama-3.1-8b; do
         JAXENGINE_DECODE_TILE=${TILE:-split_min_blocks=4} lat abshorteng_$m --model $m --batch 1 --num-scheduler-steps 8
+      done ;;
+    abl2)  # the decode attention's extra programs read the next GEMMs' weights into L2 while it runs
+      # ($JAXENGINE_L2_PREFETCH, nineteenth session, off by default): the compiled prefetch tests, then bench_step's
+      # K = 8 program at batch 1 (--only-k) for each model of $MODELS with each setting of $L2S ("-" = off)
+      timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_decode_attention.py -k prefetch \
+        > "$OUT/abl2_tests.log" 2>&1; tail -2 "$OUT/abl2_tests.log"
+      for m in ${MODELS:-llama-3.2-1b llama-3.1-8b}; do
+        for s in ${L2S:-- mb=8 mb=16 mb=24 mb=32 -}; do
+          t=${s//[=,.]/_}
+          JAXENGINE_L2_PREFETCH=${s#-} timeout 150 python3 scripts/bench_step.py --model $m --batch 1 --steps 8 \
+            --no-warmup --only-k --json "$OUT/abl2_${m}_$t.json" > "$OUT/abl2_${m}_$t.log" 2>&1
+          echo "-- $s"; grep -E "^\| llama|rror" "$OUT/abl2_${m}_$t.log"
+        done
+      done ;;
+    abl2eng)  # the engine, 1B and 8B b1 (128/128, K = 8), with $JAXENGINE_L2_PREFETCH=$L2 (default mb=16), then off
+      for s in "${L2:-mb=16}" ""; do
+        for m in llama-3.2-1b llama-3.1-8b; do
+          JAXENGINE_L2_PREFETCH=$s lat "abl2eng_${m}_${s//[=,.]/_}" --model $m --batch 1 --num-scheduler-steps 8
+        done
+      done ;;
+    abl2prof)  # bench_step's K = 8 program at batch 1 profiled (kernels a token), 1B and 8B, with $L2 (default mb=16)
+      for m in llama-3.2-1b llama-3.1-8b; do
+        JAXENGINE_L2_PREFETCH=${L2:-mb=16} timeout 200 python3 scripts/bench_step.py --model $m --batch 1 --steps 8 \
+          --no-warmup --only-k --profile-dir /tmp/abl2_prof --top 40 --json "$OUT/abl2prof_$m.json" > "$OUT/abl2prof_$m.log" 2>&1
+        grep -E "^\| llama|kernels of the k|rror" "$OUT/abl2prof_$m.log"; grep -E "decode_attention|matmul|gate_up" \
+          "$OUT/abl2prof_$m.log" | head -12
       done ;;
     ab128)  # the 128-token bucket (8B b1's one prefill step: 7.2-7.4 ms against a 3.6 ms bound, seventeenth session)
       # on XLA's GEMMs against the Mosaic GPU decode matmuls: bench_forward 8B at 128 rows both ways, then the engine

@@ -438,6 +438,10 @@ def test_bench_step_times_the_engines_own_programs_on_a_real_decode_batch(tmp_pa
     assert out["token_bucket"] == 8 and all(out[k] > 0 for k in (
         "sampler_plain_ms", "sampler_filter_ms", "sampler_full_ms", "program_k1_ms_per_token",
         "program_k2_ms_per_token"))
+    # --only-k: the K-step program alone, the other figures NaN (not a stale or made-up number)
+    only = bs.time_programs(runner, batch=3, context=20, steps=2, iters=2, only_k=True)
+    assert only["program_k2_ms_per_token"] > 0 and all(np.isnan(only[k]) for k in (
+        "sampler_plain_ms", "sampler_filter_ms", "sampler_full_ms", "program_k1_ms_per_token"))
     # --loop-check: the K-step loop's trip count is known to XLA (the last while is the K loop)
     lc = bs.loop_check(runner, batch=3, context=20, steps=2, iters=2)
     assert lc["while_known_trip_counts"][-1] == 2
@@ -451,7 +455,7 @@ def test_bench_step_times_the_engines_own_programs_on_a_real_decode_batch(tmp_pa
                    env={**os.environ, "JAXENGINE_MULTI_STEP_UNROLL": "0"})
     report = json.load(open(js))
     runs = report["runs"]
-    assert report["multi_step_unroll"] == "0" and "xla_flags" in report
+    assert report["multi_step_unroll"] == "0" and "xla_flags" in report and "l2_prefetch" in report
     assert [(r["model"], r["batch"]) for r in runs] == [("tiny", 2)]
     assert 0 < runs[0]["floor_ms_per_token"] and 0 < runs[0]["fraction_of_floor"]
 

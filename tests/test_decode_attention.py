@@ -404,3 +404,177 @@ def test_env_tile_sets_every_launchs_tile_and_is_checked(as_h100, check_env_swit
                 gpu_decode.env_tile()
     finally:
         del os.environ["JAXENGINE_DECODE_TILE"]
+
+
+# ---------------------------------------------------------------------------------------------
+# L2 prefetch programs (gpu_decode.L2Prefetch, $JAXENGINE_L2_PREFETCH): extra programs of the
+# decode launch read the next GEMMs' weights while the attention runs.
+
+
+def _prefetch_weights(seed=5):
+    """Positive random weights (so sums cannot cancel): an o-like [72, 256] whose GEMM walks two K
+    halves, a gate/up-like [2, 64, 192] (128 rows of 192) and a down-like [64, 320]."""
+    rng = np.random.default_rng(seed)
+    return (jnp.asarray(rng.random((72, 256)) + 0.5, jnp.bfloat16),
+            jnp.asarray(rng.random((2, 64, 192)) + 0.5, jnp.bfloat16),
+            jnp.asarray(rng.random((64, 320)) + 0.5, jnp.bfloat16))
+
+
+def test_plan_l2_prefetch_takes_whole_weights_then_the_start_of_each_part():
+    """Whole weights in order, then the first columns (a multiple of 64) of every K part of the
+    next, then stop: every CTA of a GEMM finds the start of its walk in L2."""
+    shapes = [((72, 256), 2, 2), ((128, 192), 1, 2), ((64, 320), 1, 2)]
+    whole = 72 * 256 * 2
+    assert gpu_decode.plan_l2_prefetch(shapes, 0) == ()
+    assert gpu_decode.plan_l2_prefetch(shapes, whole - 1) == ((0, (72, 2, 64, 128)),)  # 64 of each half
+    assert gpu_decode.plan_l2_prefetch(shapes, whole + 128 * 64 * 2 + 100) == (
+        (0, (72, 2, 128, 128)), (1, (128, 1, 64, 192)))
+    assert gpu_decode.plan_l2_prefetch(shapes, 10 ** 9) == (
+        (0, (72, 2, 128, 128)), (1, (128, 1, 192, 192)), (2, (64, 1, 320, 320)))
+    with pytest.raises(ValueError, match="parts"):
+        gpu_decode.plan_l2_prefetch([((8, 192), 5, 2)], 10 ** 6)
+
+
+@pytest.mark.parametrize("num_splits,fused_combine,fused_input",
+                         [(1, False, False), (4, True, True), (4, False, False)],
+                         ids=["one-split", "merged-fused-qkv", "combine-kernel"])
+def test_l2_prefetch_programs_read_their_plan_once_beside_an_unchanged_attention(
+        num_splits, fused_combine, fused_input):
+    """The launch with prefetch programs gives the same outputs, pages and counts as without (bit
+    for bit: they are other programs), and its programs' sums add up to the planned region's sum
+    (a tile read twice or never, or a program that stores nothing, fails): whole o-like weight
+    (two K halves, rows not a multiple of the tile's), the first 64 columns of the gate/up-like
+    one (a partial column tile), nothing of the third."""
+    args = decode_step(21, [37, 5, 80], num_kv_heads=2, group=4, head_dim=64, page_size=16,
+                       dtype=jnp.float32)
+    if fused_input:
+        args = (fuse_qkv(*args[:3]), None, None) + args[3:]
+    ws = _prefetch_weights()
+    plan = gpu_decode.plan_l2_prefetch([((72, 256), 2, 2), ((128, 192), 1, 2), ((64, 320), 1, 2)],
+                                       72 * 256 * 2 + 128 * 64 * 2 + 100)
+    assert [i for i, _ in plan] == [0, 1]
+    kw = dict(sm_scale=0.125, sliding_window=None, soft_cap=None, block_k=16, num_splits=num_splits,
+              num_warps=4, num_stages=2, interpret=BACKEND == "cpu", fused_combine=fused_combine)
+    out, kv, counts, none = gpu_decode._decode_attention(*args, None, **kw)
+    assert none is None
+    got = gpu_decode._decode_attention(*args, None, ws[:2], prefetch=tuple(s for _, s in plan),
+                                       prefetch_rows=2, prefetch_tile=(16, 128), **kw)
+    for a, b in zip(got[:2], (out, kv)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    if fused_combine:
+        np.testing.assert_array_equal(np.asarray(got[2]), np.asarray(counts))
+    sums = np.asarray(got[3])
+    assert sums.shape == (2 * 2 * num_splits,)  # 2 extra token rows x kv heads x splits
+    f32 = [np.asarray(w.astype(jnp.float32)).reshape(-1, w.shape[-1]) for w in ws]
+    want = f32[0].sum() + f32[1][:, :64].sum()
+    assert abs(sums.sum() - want) <= 1e-5 * want
+    assert np.all(sums > 0), "every program has tiles (18 >= 16 programs here) and stores their sum"
+
+
+def test_l2_prefetch_setting_is_parsed_and_checked(monkeypatch):
+    monkeypatch.delenv("JAXENGINE_L2_PREFETCH", raising=False)
+    assert gpu_decode.l2_prefetch_setting() == gpu_decode.L2Prefetch()
+    assert gpu_decode.L2Prefetch().mb == 0  # off by default: not yet measured on a GPU
+    monkeypatch.setenv("JAXENGINE_L2_PREFETCH", " mb=12.5 , programs=128,max_tokens=16,evict=last")
+    assert gpu_decode.l2_prefetch_setting() == gpu_decode.L2Prefetch(12.5, 128, 16, "last")
+    for bad in ("mb=-1", "programs=0", "max_tokens=x", "evict=first", "size=4", "mb"):
+        monkeypatch.setenv("JAXENGINE_L2_PREFETCH", bad)
+        with pytest.raises(ValueError, match="JAXENGINE_L2_PREFETCH"):
+            gpu_decode.l2_prefetch_setting()
+
+
+def test_l2_prefetch_lowers_for_h100_only_where_the_setting_asks(as_h100, monkeypatch):
+    """With $JAXENGINE_L2_PREFETCH the 8-row bucket's launch (8B shapes) takes the o weight (32 MiB:
+    a 16 MiB budget covers half of each row, no more weights) and 4 more token rows of programs
+    (256 / 64 rounded up); unset, or a bucket above max_tokens, lowers as before."""
+    i32 = jnp.int32
+    h = 4096
+
+    def launch(tokens):
+        args = (_sds((tokens, HKV, HQ // HKV + 2, D)), _sds((PAGES, PS, 2 * HKV, D)), _sds((tokens,), i32),
+                _sds((tokens, 16), i32), _sds((1,), i32), _sds((D // 2,), jnp.float32),
+                _sds((h, h)), _sds((2 * 14336, h)), _sds((h, 14336)))
+
+        def fn(qkv, kv, lens, pt, ns, inv, wo, wgu, wd):
+            return gpu_decode.decode_attention(qkv, None, None, kv, lens, pt, ns, inv, sm_scale=0.088,
+                                               interpret=False, l2_prefetch=((wo, 1), (wgu, 1), (wd, 1)))
+        calls = [line for line in lower_for_cuda(fn, *args).splitlines() if "xla.gpu.triton" in line]
+        assert len(calls) == 1
+        name = re.findall(r'name = \\?"([a-z_0-9]+)', calls[0])[0]
+        operands = calls[0].split("xla.gpu.triton(")[1].split(")")[0].count("%")
+        return name, operands, int(re.findall(r"grid_z = (\d+)", calls[0])[0])
+
+    monkeypatch.delenv("JAXENGINE_L2_PREFETCH", raising=False)
+    name, operands, grid_z = launch(8)
+    assert "l2pf" not in name and grid_z == 8
+    monkeypatch.setenv("JAXENGINE_L2_PREFETCH", "mb=16")
+    assert launch(8) == (name + "_l2pf256", operands + 1, 8 + 4)
+    assert launch(64)[0] == launch(64)[0].split("_l2pf")[0]  # above max_tokens (8): none
+    assert gpu_decode.plan_l2_prefetch([((h, h), 1, 2)], 16 << 20) == ((0, (h, 1, 2048, h)),)
+
+
+def test_forward_offers_the_next_gemms_weights_to_the_decode_attention(monkeypatch):
+    """models.llama.forward hands a decode attention that takes l2_prefetch each layer's o, gate/up
+    and down weights in the order they run, with the K parts their kernels walk (the Mosaic decode
+    matmuls' splits: two halves for the tiny model's o and down), on every layer loop (plain,
+    residual-norm kernels, norm epilogues); an attention without the attribute gets none."""
+    from test_decode_matmul import _tiny_forward_inputs
+
+    from jaxengine.pallas_kernels import decode_matmul
+    from jaxengine.pallas_kernels.ragged_paged_attention import get_attention, get_decode_attention
+    from jaxengine.pallas_kernels.residual_norm import reference as rn_reference
+
+    cfg, model, params, kv, inputs = _tiny_forward_inputs()
+    composite = get_decode_attention("reference")
+    seen = []
+
+    def spy(*a, l2_prefetch=(), **kw):
+        seen.append([(tuple(w.shape), parts) for w, parts in l2_prefetch])
+        return composite(*a, **kw)
+
+    spy.accepts_l2_prefetch = True
+    h, f, n = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
+    o_parts = decode_matmul.mgpu_k_parts(h, cfg.num_heads * cfg.head_dim)
+    down_parts = decode_matmul.mgpu_k_parts(h, f)
+    attention = get_attention("reference")
+    runs = [(dict(), 1, 1),
+            (dict(residual_norm=rn_reference.residual_norm), 1, 1),
+            (dict(dense=decode_matmul.get_dense("mgpu_norm")), o_parts, down_parts)]
+    for extra, po, pd in runs:
+        seen.clear()
+        jax.jit(lambda p, kv, b: model.forward(p, cfg, b, kv, attention, decode_attention=spy, **extra))(
+            params, kv, inputs)
+        want = [((h, cfg.num_heads * cfg.head_dim), po), ((2 * f, h), 1), ((h, f), pd)]
+        assert seen == [want] * n, extra
+    spy.accepts_l2_prefetch = False
+    seen.clear()
+    jax.jit(lambda p, kv, b: model.forward(p, cfg, b, kv, attention, decode_attention=spy))(params, kv, inputs)
+    assert seen == [[]] * n
+
+
+def test_forward_through_the_gpu_decode_kernel_is_unchanged_by_the_prefetch(monkeypatch):
+    """The engine's decode forward with the GPU decode kernel (interpreted) and $JAXENGINE_L2_PREFETCH
+    set: every layer's launch carries prefetch programs, and the logits and pages are bit for bit
+    those without."""
+    from test_decode_matmul import _tiny_forward_inputs
+
+    from jaxengine.pallas_kernels.ragged_paged_attention import get_attention, per_forward
+
+    cfg, model, params, kv, inputs = _tiny_forward_inputs()
+    attention = get_attention("reference")
+
+    def run():
+        fn = jax.jit(lambda p, kv, b: model.forward(p, cfg, b, kv, attention,
+                                                    decode_attention=per_forward(gpu_decode.decode_attention)))
+        names = re.findall(r"decode_attention_bk\d+_s\d+\w*", str(jax.make_jaxpr(fn)(params, kv, inputs)))
+        return fn(params, kv, inputs), names
+
+    monkeypatch.delenv("JAXENGINE_L2_PREFETCH", raising=False)
+    (want, want_kv), names = run()
+    assert names and not any("l2pf" in x for x in names)
+    monkeypatch.setenv("JAXENGINE_L2_PREFETCH", "mb=1,programs=16")
+    (got, got_kv), names = run()
+    assert names and all("_l2pf" in x for x in names)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    for a, b in zip(got_kv, want_kv):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -128,6 +128,19 @@ def measured_norm_rule(rows: int, hidden: int) -> bool:
     return rows <= NORM_EPILOGUE_MAX_ROWS and in_kernel
 
 
+def mgpu_k_parts(n: int, k: int, gate_up: bool = False) -> int:
+    """How many contiguous K ranges the kernels' CTAs walk for a weight [n, k]: its K splits
+    (gpu.default_config, which the plain, residual and normed kernels share; a cluster pair walks
+    the same two halves), 1 for the gate/up kernel (it never splits K).  Where their weights'
+    first columns sit is what the decode attention's L2 prefetch warms
+    (ragged_paged_attention/gpu_decode.plan_l2_prefetch)."""
+    from . import gpu
+
+    if gate_up or n % gpu.TILE_N or k % 64:
+        return 1
+    return gpu.default_config(8, n, k)["splits"]
+
+
 def _make_dense(norm_rule: Callable[[int, int], bool] | None) -> Callable[[jax.Array, jax.Array], jax.Array]:
     """A forward(dense=...): the matmul kernels; models look for its attributes: `gate_up_silu` (the
     MLP's gate/up matmul and SwiGLU as one call) and, with a norm_rule, the norm epilogues
@@ -139,6 +152,7 @@ def _make_dense(norm_rule: Callable[[int, int], bool] | None) -> Callable[[jax.A
         return _kernel_matmul(x, w)
 
     dense.gate_up_silu = mgpu_gate_up_silu
+    dense.k_parts = mgpu_k_parts
     if norm_rule is not None:
         dense.use_norm_epilogues = norm_rule
         dense.prenorm = reference.prenorm
@@ -158,6 +172,6 @@ def get_dense(impl: str = "auto") -> Callable[[jax.Array, jax.Array], jax.Array]
             "mgpu_plain": mgpu_plain_dense}[resolve_impl(impl)]
 
 
-__all__ = ["get_dense", "resolve_impl", "fits", "mgpu_dense", "mgpu_gate_up_silu", "mgpu_norm_dense",
+__all__ = ["get_dense", "resolve_impl", "fits", "mgpu_dense", "mgpu_gate_up_silu", "mgpu_k_parts", "mgpu_norm_dense",
            "mgpu_plain_dense", "measured_norm_rule", "NORM_EPILOGUE_MAX_ROWS",
            "reference_decode_matmul", "IMPLS"]

@@ -17,7 +17,9 @@ kernels a layer instead of five, one with a single split.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
 import os
 
 import jax
@@ -63,6 +65,8 @@ def _decode_kernel(
     fused_combine: bool = False,
     contiguous_splits: bool = False,
     split_min_blocks: int = 0,
+    pids=None,  # the program ids, read by a caller that runs this under a branch (the interpreter
+    # cannot read them there)
 ):
     out_ref = cnt_ref = None
     if num_splits == 1:
@@ -72,9 +76,7 @@ def _decode_kernel(
         _cnt_in_ref, o_ref, lse_ref, out_ref, cnt_ref, kv_out_ref = rest  # cnt aliased onto zeros
     else:
         o_ref, lse_ref, kv_out_ref = rest
-    h = pl.program_id(0)
-    split = pl.program_id(1)
-    j = pl.program_id(2)  # request row
+    h, split, j = pids or (pl.program_id(0), pl.program_id(1), pl.program_id(2))  # j: request row
     head_dim = q_ref.shape[-1]
     half = head_dim // 2
 
@@ -249,6 +251,70 @@ def _decode_kernel(
                                        active=active)
 
 
+def _l2_prefetch_body(w_refs, sums_ref, pid, num_programs: int, specs, tile: tuple[int, int],
+                      eviction: str | None, clamp: bool):
+    """Program `pid` of `num_programs` loads its share of each weight's planned region (tiles of
+    `tile` rows x columns, dealt round robin over the weights' tiles in turn) and stores their float32 sum: the loads bring the bytes
+    into L2 for the GEMMs after the attention, and the sum keeps them alive (and lets the tests
+    check that the programs covered the region once).  specs: (rows, parts, cols, part_stride) a
+    weight: columns [p * part_stride, p * part_stride + cols) of rows [0, rows) for each part p."""
+    tile_rows, tile_cols = tile
+    ri = lax.broadcasted_iota(jnp.int32, (tile_rows,), 0)
+    ci = lax.broadcasted_iota(jnp.int32, (tile_cols,), 0)
+    # column sums a tile: a [tile_cols] accumulator, a few registers a thread (a [tile] one would
+    # raise the whole kernel's register count, and with it cost the attention programs occupancy)
+    acc = jnp.zeros((tile_cols,), jnp.float32)
+    offset = 0  # tiles of the weights before: the round robin runs on across weights
+    for w_ref, (rows, parts, cols, stride) in zip(w_refs, specs):
+        col_blocks = -(-cols // tile_cols)
+        tiles = -(-rows // tile_rows) * parts * col_blocks
+        last_row, last_col = w_ref.shape[0] - 1, w_ref.shape[1] - 1
+        first = lax.rem(pid - offset % num_programs + num_programs, num_programs)
+        offset += tiles
+
+        def body(i, acc, rows=rows, parts=parts, cols=cols, stride=stride, col_blocks=col_blocks,
+                 w_ref=w_ref, last_row=last_row, last_col=last_col, first=first):
+            t = first + i * num_programs  # column blocks fastest: neighbouring programs read one row block
+            rest = lax.div(t, col_blocks)
+            c_local = lax.rem(t, col_blocks) * tile_cols + ci
+            r = lax.div(rest, parts) * tile_rows + ri
+            c = lax.rem(rest, parts) * stride + c_local
+            mask = (r < rows)[:, None] & (c_local < cols)[None, :]
+            if clamp:  # the interpreter reads masked lanes too; compiled, a clamp would cost the
+                # loads their 16-byte vectors (Triton can no longer prove the columns contiguous)
+                r, c = jnp.minimum(r, last_row), jnp.minimum(c, last_col)
+            x = plgpu.load(w_ref.at[r[:, None], c[None, :]], mask=mask, other=0.0,
+                           eviction_policy=eviction)
+            return acc + jnp.sum(x.astype(jnp.float32), axis=0)
+
+        acc = lax.fori_loop(0, lax.div(jnp.maximum(tiles - first + num_programs - 1, 0), num_programs),
+                            body, acc)
+    sums_ref[pid] = jnp.sum(acc)
+
+
+def _decode_kernel_with_prefetch(*refs, num_inputs: int, num_tokens: int, prefetch: tuple,
+                                 prefetch_tile: tuple[int, int], eviction: str | None, **kw):
+    """_decode_kernel's programs (token rows j < num_tokens) beside L2 prefetch programs (the grid's
+    extra token rows): refs = the kernel's inputs, the prefetched weights, its outputs, the
+    prefetch sums.  At batch 1 the attention is ~8 us a layer of latency on ~0.5 MB, with most SMs
+    idle and HBM quiet; the prefetch programs read (part of) the next GEMMs' weights meanwhile."""
+    num_w = len(prefetch)
+    inputs, w_refs = refs[:num_inputs], refs[num_inputs:num_inputs + num_w]
+    outputs, sums_ref = refs[num_inputs + num_w:-1], refs[-1]
+    h, split, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+
+    @pl.when(j < num_tokens)
+    def _attention():
+        _decode_kernel(*inputs, *outputs, pids=(h, split, j), **kw)
+
+    @pl.when(j >= num_tokens)
+    def _prefetch():
+        heads, splits = kw["num_kv_heads"], kw["num_splits"]
+        pid = ((j - num_tokens) * splits + split) * heads + h
+        _l2_prefetch_body(w_refs, sums_ref, pid, sums_ref.shape[0], prefetch, prefetch_tile, eviction,
+                          clamp=not kw["clamp_rows"])
+
+
 def default_config(num_tokens: int, num_kv_heads: int, head_dim: int, page_size: int,
                    pages_per_seq: int, num_sms: int = _DEFAULT_NUM_SMS) -> dict:
     """Static (shape-only) choice of block_k and kv splits."""
@@ -261,10 +327,16 @@ def default_config(num_tokens: int, num_kv_heads: int, head_dim: int, page_size:
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "block_k",
                                              "num_splits", "num_warps", "num_stages", "interpret",
-                                             "fused_combine", "split_layout", "split_min_blocks"))
-def _decode_attention(q, k, v, kv_pages, kv_lens, page_indices, num_seqs, inv_freq, counters=None, *,
-                      sm_scale, sliding_window, soft_cap, block_k, num_splits, num_warps, num_stages,
-                      interpret, fused_combine=False, split_layout="round_robin", split_min_blocks=0):
+                                             "fused_combine", "split_layout", "split_min_blocks",
+                                             "prefetch", "prefetch_rows", "prefetch_tile", "eviction"))
+def _decode_attention(q, k, v, kv_pages, kv_lens, page_indices, num_seqs, inv_freq, counters=None,
+                      prefetch_ws=(), *, sm_scale, sliding_window, soft_cap, block_k, num_splits,
+                      num_warps, num_stages, interpret, fused_combine=False, split_layout="round_robin",
+                      split_min_blocks=0, prefetch=(), prefetch_rows=0, prefetch_tile=(16, 512),
+                      eviction=None):
+    """(out, kv_pages, counters, prefetch sums f32[programs] or None).  prefetch_ws: 2-D weights
+    whose `prefetch` regions (plan_l2_prefetch) `prefetch_rows` extra token rows of programs
+    (x kv heads x splits) load into L2 beside the attention."""
     num_pages, page_size, combined, head_dim = kv_pages.shape
     num_kv_heads = combined // 2
     num_tokens = q.shape[0]
@@ -301,59 +373,73 @@ def _decode_attention(q, k, v, kv_pages, kv_lens, page_indices, num_seqs, inv_fr
             num_seqs.astype(jnp.int32).reshape(1), inv_freq.astype(jnp.float32), q2, k2, v2, kv2]
     kv_index = len(args) - 1
     params = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
-    grid = (num_kv_heads, num_splits, num_tokens)
     name = f"decode_attention_bk{block_k}_s{num_splits}"
     kv_shape = jax.ShapeDtypeStruct(kv2.shape, kv2.dtype)
     if num_splits == 1:
-        out, kv2 = pl.pallas_call(
-            kernel, grid=grid, out_shape=(jax.ShapeDtypeStruct((out_rows, head_dim), q.dtype), kv_shape),
-            input_output_aliases={kv_index: 1}, compiler_params=params, interpret=interpret, name=name,
-        )(*args)
-        out = out[:num_tokens * num_q_heads].reshape(num_tokens, num_q_heads, head_dim)
+        out_shape = (jax.ShapeDtypeStruct((out_rows, head_dim), q.dtype), kv_shape)
+        aliases = {kv_index: 1}
     elif fused_combine:  # the splits' merge by each row's last split: no combine kernel
         cnt_shape = (num_kv_heads * num_tokens,)
         if counters is None or counters.shape != cnt_shape:
             counters = jnp.zeros(cnt_shape, jnp.int32)
-        _, _, out, counters, kv2 = pl.pallas_call(
-            kernel, grid=grid,
-            out_shape=(jax.ShapeDtypeStruct((num_splits * out_rows, head_dim), jnp.float32),
-                       jax.ShapeDtypeStruct((num_splits * out_rows,), jnp.float32),
-                       jax.ShapeDtypeStruct((out_rows, head_dim), q.dtype),
-                       jax.ShapeDtypeStruct((num_kv_heads * num_tokens,), jnp.int32), kv_shape),
-            input_output_aliases={kv_index: 4, kv_index + 1: 3}, compiler_params=params,
-            interpret=interpret, name=name + "_merge",
-        )(*args, counters)  # zero again afterwards: each row's last split resets its count
-        out = out[:num_tokens * num_q_heads].reshape(num_tokens, num_q_heads, head_dim)
-        return out, kv2.reshape(kv_pages.shape), counters
+        args.append(counters)  # zero again afterwards: each row's last split resets its count
+        out_shape = (jax.ShapeDtypeStruct((num_splits * out_rows, head_dim), jnp.float32),
+                     jax.ShapeDtypeStruct((num_splits * out_rows,), jnp.float32),
+                     jax.ShapeDtypeStruct((out_rows, head_dim), q.dtype),
+                     jax.ShapeDtypeStruct(cnt_shape, jnp.int32), kv_shape)
+        aliases = {kv_index: 4, kv_index + 1: 3}
+        name += "_merge"
     else:
-        o_part, lse, kv2 = pl.pallas_call(
-            kernel, grid=grid,
-            out_shape=(jax.ShapeDtypeStruct((num_splits * out_rows, head_dim), jnp.float32),
-                       jax.ShapeDtypeStruct((num_splits * out_rows,), jnp.float32), kv_shape),
-            input_output_aliases={kv_index: 2}, compiler_params=params, interpret=interpret,
-            name=name,
-        )(*args)
+        out_shape = (jax.ShapeDtypeStruct((num_splits * out_rows, head_dim), jnp.float32),
+                     jax.ShapeDtypeStruct((num_splits * out_rows,), jnp.float32), kv_shape)
+        aliases = {kv_index: 2}
+    grid = (num_kv_heads, num_splits, num_tokens)
+    if prefetch:
+        num_inputs = len(args)
+        kernel = functools.partial(_decode_kernel_with_prefetch, num_inputs=num_inputs,
+                                   num_tokens=num_tokens, prefetch=prefetch,
+                                   prefetch_tile=prefetch_tile, eviction=eviction, **kernel.keywords)
+        args += [w.reshape(-1, w.shape[-1]) for w in prefetch_ws]
+        programs = prefetch_rows * num_kv_heads * num_splits
+        out_shape += (jax.ShapeDtypeStruct((programs,), jnp.float32),)
+        grid = (num_kv_heads, num_splits, num_tokens + prefetch_rows)
+        name += f"_l2pf{programs}"
+    results = pl.pallas_call(kernel, grid=grid, out_shape=out_shape, input_output_aliases=aliases,
+                             compiler_params=params, interpret=interpret, name=name)(*args)
+    sums = results[-1] if prefetch else None
+    if num_splits == 1:
+        out, kv2 = results[:2]
+    elif fused_combine:
+        out, counters, kv2 = results[2:5]
+    else:
+        o_part, lse, kv2 = results[:3]
         num_valid = jnp.minimum(num_seqs.reshape(1), max_num_seqs)
         out = combine(o_part, lse, num_valid, num_splits=num_splits, num_tokens=num_tokens,
                       num_q_heads=num_q_heads, dtype=q.dtype, interpret=interpret)
-    return out, kv2.reshape(kv_pages.shape), counters
+    if num_splits == 1 or fused_combine:
+        out = out[:num_tokens * num_q_heads].reshape(num_tokens, num_q_heads, head_dim)
+    return out, kv2.reshape(kv_pages.shape), counters, sums
 
 
 def decode_attention(q, k, v, kv_pages, kv_lens, page_indices, num_seqs, inv_freq, *, sm_scale,
                      sliding_window=None, soft_cap=None, block_k=None, num_splits=None,
                      num_warps=None, num_stages=None, interpret=None, fused_combine=None,
-                     split_layout=None, split_min_blocks=None):
+                     split_layout=None, split_min_blocks=None, l2_prefetch=()):
     """`decode.py`'s contract (q may be the fused projection with k = v = None); the keyword
     tuning args override `default_config`; fused_combine (default on: fused_combine_default("decode"))
     merges the kv splits inside the kernel; split_layout (default split_layout_default()) is how
-    kv splits share a request's key blocks.  `interpret` defaults to True on the CPU backend."""
+    kv splits share a request's key blocks; l2_prefetch: the weights of the GEMMs that run next,
+    which the launch may warm in L2 (see `l2_prefetch_setting`).  `interpret` defaults to True on
+    the CPU backend."""
     out, kv_pages, _ = decode_attention_with_counters(
         q, k, v, kv_pages, kv_lens, page_indices, num_seqs, inv_freq, None, sm_scale=sm_scale,
         sliding_window=sliding_window, soft_cap=soft_cap, block_k=block_k, num_splits=num_splits,
         num_warps=num_warps, num_stages=num_stages, interpret=interpret, fused_combine=fused_combine,
-        split_layout=split_layout, split_min_blocks=split_min_blocks)
+        split_layout=split_layout, split_min_blocks=split_min_blocks, l2_prefetch=l2_prefetch)
     return out, kv_pages
 
+
+decode_attention.accepts_l2_prefetch = True
 
 TILE_KEYS = ("block_k", "num_splits", "num_warps", "num_stages", "split_min_blocks")
 
@@ -390,6 +476,68 @@ def split_layout_default() -> str:
     return env_choice("JAXENGINE_DECODE_SPLIT_LAYOUT", SPLIT_LAYOUTS, "round_robin")
 
 
+@dataclasses.dataclass(frozen=True)
+class L2Prefetch:
+    """$JAXENGINE_L2_PREFETCH, an experiment switch ("key=value,...", unset: off): how much of the
+    next GEMMs' weights the decode kernel's extra programs read into L2 while the attention runs.
+    mb: the budget a launch, in MiB (0: off); programs: about how many prefetch programs (rounded
+    up to a multiple of kv heads x splits); max_tokens: only buckets of at most this many token
+    rows (at batch 64 the attention streams its own K/V); evict: "normal" or "last" (the loads'
+    L2 eviction priority)."""
+    mb: float = 0.0
+    programs: int = 256
+    max_tokens: int = 8
+    evict: str = "normal"
+
+
+def l2_prefetch_setting() -> L2Prefetch:
+    """$JAXENGINE_L2_PREFETCH parsed (see L2Prefetch); a key or value it does not know is a
+    ValueError naming the variable."""
+    text = os.environ.get("JAXENGINE_L2_PREFETCH", "").strip()
+    values = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, _, value = (x.strip() for x in item.partition("="))
+        try:
+            if key == "mb":
+                values[key] = float(value)
+                ok = values[key] >= 0
+            elif key in ("programs", "max_tokens"):
+                values[key] = int(value)
+                ok = values[key] >= 1
+            else:
+                values[key] = value
+                ok = key == "evict" and value in ("normal", "last")
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValueError(f"JAXENGINE_L2_PREFETCH: {item!r} is not one of mb=<MiB >= 0>, "
+                             "programs=<n >= 1>, max_tokens=<n >= 1>, evict=normal|last "
+                             "(e.g. 'mb=16,programs=256')")
+    return L2Prefetch(**values)
+
+
+def plan_l2_prefetch(weights, budget: int, align: int = 64) -> tuple:
+    """What a launch prefetches: weights = ((rows, K), parts, itemsize) each, in the order their
+    GEMMs run; each GEMM's CTAs walk `parts` contiguous K ranges from their starts (its kv split
+    count, decode_matmul.k_parts), so a weight's region is the first `cols` columns of every part
+    (a multiple of `align`), all rows: every CTA then finds the start of its walk in L2.  Whole
+    weights first, then part of the next one, until `budget` bytes.  Returns ((index, (rows, parts,
+    cols, part_stride)), ...)."""
+    plan = []
+    for i, ((rows, k), parts, itemsize) in enumerate(weights):
+        if k % parts:
+            raise ValueError(f"l2_prefetch: {parts} parts of a weight with {k} columns")
+        stride = k // parts
+        cols = min(stride, budget // (rows * parts * itemsize) // align * align)
+        if cols <= 0:
+            break
+        plan.append((i, (rows, parts, cols, stride)))
+        budget -= rows * parts * cols * itemsize
+        if cols < stride:  # the budget ends inside this weight
+            break
+    return tuple(plan)
+
+
 class LayerChain:
     """`decode_attention` for the layers of one forward pass, called in layer order while it is
     traced: the in-kernel merge's count buffer (zero before and after each launch) passes from each
@@ -398,6 +546,8 @@ class LayerChain:
     memcpy node a layer in the multi-step program's command buffer (H200 dump, twelfth session:
     15 copies a token at 1B).  Make one per forward pass (a traced value must not outlive its
     trace)."""
+
+    accepts_l2_prefetch = True  # models pass l2_prefetch= (the next GEMMs' weights)
 
     def __init__(self):
         self.counters = None
@@ -412,10 +562,13 @@ def decode_attention_with_counters(q, k, v, kv_pages, kv_lens, page_indices, num
                                    counters, *, sm_scale, sliding_window=None, soft_cap=None,
                                    block_k=None, num_splits=None, num_warps=None, num_stages=None,
                                    interpret=None, fused_combine=None, split_layout=None,
-                                   split_min_blocks=None):
+                                   split_min_blocks=None, l2_prefetch=()):
     """`decode_attention`, taking and returning the in-kernel merge's count buffer
     (i32[num_kv_heads * num_tokens], all zeros; None: a fresh one): (out, kv_pages, counters), the
-    counters zero again (the input passed through where the launch merges no splits)."""
+    counters zero again (the input passed through where the launch merges no splits).
+    l2_prefetch: ((weight [..., K], parts), ...) of the GEMMs after the attention, in the order they
+    run (parts: how many K ranges their CTAs walk); with $JAXENGINE_L2_PREFETCH set the launch
+    reads the first columns of each part into L2 (`plan_l2_prefetch`), else they are unused."""
     num_kv_heads = kv_pages.shape[2] // 2
     head_dim = kv_pages.shape[3]
     num_q_heads = q.shape[1] if k is not None else num_kv_heads * (q.shape[2] - 2)
@@ -438,10 +591,21 @@ def decode_attention_with_counters(q, k, v, kv_pages, kv_lens, page_indices, num
                        ("num_stages", num_stages), ("split_min_blocks", split_min_blocks)):
         if value is not None:
             cfg[key] = value
-    return _decode_attention(
+    prefetch = {}
+    setting = l2_prefetch_setting() if l2_prefetch else None
+    if setting is not None and setting.mb > 0 and q.shape[0] <= setting.max_tokens:
+        plan = plan_l2_prefetch([((math.prod(w.shape[:-1]), w.shape[-1]), parts, w.dtype.itemsize)
+                                 for w, parts in l2_prefetch], int(setting.mb * 2 ** 20))
+        if plan:
+            prefetch = dict(prefetch_ws=tuple(l2_prefetch[i][0] for i, _ in plan),
+                            prefetch=tuple(spec for _, spec in plan),
+                            prefetch_rows=-(-setting.programs // (num_kv_heads * cfg["num_splits"])),
+                            eviction="evict_last" if setting.evict == "last" else None)
+    out, kv_pages, counters, _ = _decode_attention(
         q, k, v, kv_pages, kv_lens, page_indices, num_seqs, inv_freq, counters, sm_scale=float(sm_scale),
         sliding_window=sliding_window, soft_cap=None if soft_cap is None else float(soft_cap),
         interpret=bool(interpret),
         fused_combine=fused_combine_default("decode") if fused_combine is None else bool(fused_combine),
         split_layout=(split_layout_default() if split_layout is None
-                      else check_choice("split_layout", split_layout, SPLIT_LAYOUTS)), **cfg)
+                      else check_choice("split_layout", split_layout, SPLIT_LAYOUTS)), **prefetch, **cfg)
+    return out, kv_pages, counters
