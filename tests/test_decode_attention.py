@@ -433,6 +433,12 @@ def test_plan_l2_prefetch_takes_whole_weights_then_the_start_of_each_part():
         (0, (72, 2, 128, 128)), (1, (128, 1, 192, 192)), (2, (64, 1, 320, 320)))
     with pytest.raises(ValueError, match="parts"):
         gpu_decode.plan_l2_prefetch([((8, 192), 5, 2)], 10 ** 6)
+    # the K ranges the Mosaic decode matmuls walk: 1B's o / down / q/k/v in two halves (32-48
+    # 64-row tiles), 8B's whole (64+ tiles), gate/up never split, shapes they do not tile whole
+    from jaxengine.pallas_kernels.decode_matmul import mgpu_k_parts
+    assert [mgpu_k_parts(2048, 2048), mgpu_k_parts(2048, 8192), mgpu_k_parts(3072, 2048)] == [2, 2, 2]
+    assert [mgpu_k_parts(4096, 4096), mgpu_k_parts(4096, 14336), mgpu_k_parts(16384, 2048, gate_up=True)] == [1, 1, 1]
+    assert mgpu_k_parts(100, 2048) == 1
 
 
 @pytest.mark.parametrize("num_splits,fused_combine,fused_input",
@@ -522,7 +528,7 @@ def test_forward_offers_the_next_gemms_weights_to_the_decode_attention(monkeypat
 
     from jaxengine.pallas_kernels import decode_matmul
     from jaxengine.pallas_kernels.ragged_paged_attention import get_attention, get_decode_attention
-    from jaxengine.pallas_kernels.residual_norm import reference as rn_reference
+    from jaxengine.pallas_kernels.residual_norm import get_residual_norm
 
     cfg, model, params, kv, inputs = _tiny_forward_inputs()
     composite = get_decode_attention("reference")
@@ -538,7 +544,7 @@ def test_forward_offers_the_next_gemms_weights_to_the_decode_attention(monkeypat
     down_parts = decode_matmul.mgpu_k_parts(h, f)
     attention = get_attention("reference")
     runs = [(dict(), 1, 1),
-            (dict(residual_norm=rn_reference.residual_norm), 1, 1),
+            (dict(residual_norm=get_residual_norm("reference")), 1, 1),
             (dict(dense=decode_matmul.get_dense("mgpu_norm")), o_parts, down_parts)]
     for extra, po, pd in runs:
         seen.clear()
