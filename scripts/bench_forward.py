@@ -58,6 +58,26 @@ def decode_batch(batch: int, context: int, page_size: int, pages_per_seq: int, n
     return b
 
 
+def prefill_batch(prompt: int, page_size: int, pages_per_seq: int, num_pages: int, tokens: int,
+                  seqs: int) -> dict[str, np.ndarray]:
+    """One request's whole prompt as one chunk (positions 0..prompt-1, nothing cached before), padded
+    like the runner pads: `tokens` rows, `seqs` request rows; one logits row (the last prompt token).
+    The request owns pages [1, 1 + pages_per_seq)."""
+    b = decode_batch(0, 0, page_size, pages_per_seq, num_pages, tokens, seqs)
+    pos = np.arange(prompt)
+    page = 1 + pos // page_size
+    b["input_ids"][:prompt] = (pos * 7919) % 1000
+    b["positions"][:prompt] = pos
+    b["slot_mapping"][:prompt] = page * page_size + pos % page_size
+    b["kv_lens"][0] = prompt
+    b["page_indices"][0] = 1 + np.arange(pages_per_seq)
+    b["cu_q_lens"][:] = prompt
+    b["cu_q_lens"][0] = 0
+    b["num_seqs"][0] = 1
+    b["logits_indices"][0] = prompt - 1
+    return b
+
+
 def engine_buckets(batch: int, min_token_bucket: int = 8) -> tuple[int, int]:
     """(token bucket, request bucket) the runner uses for a decode step of `batch` requests with the
     default buckets: powers of two from min_token_bucket; requests padded to a multiple of 8."""
@@ -169,6 +189,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", nargs="+", default=["llama-3.1-8b"], choices=sorted(SHAPES))
     ap.add_argument("--batch", nargs="+", type=int, default=[1, 64])
+    ap.add_argument("--prefill", nargs="+", type=int, default=None,
+                    help="instead of decode steps: one request's prompt of each of these lengths as one "
+                         "chunk (the engine's prefill step, token bucket the next power of two), floor = "
+                         "bench_latency's step bound for it (the roofline's)")
     ap.add_argument("--context", type=int, default=256, help="tokens already cached per request")
     ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--min-token-bucket", type=int, default=8,
@@ -226,16 +250,24 @@ def main() -> None:
         if args.layout == "fused":
             from jaxengine.sharding import map_layers
             params = map_layers(params, lambda layer: model.fuse_layer_weights(layer, cfg))
-        for batch, mode, rn, dm in [(b, m, r, d) for b in args.batch for m in args.decode_attention
+        sizes = args.prefill or args.batch
+        for batch, mode, rn, dm in [(b, m, r, d) for b in sizes for m in args.decode_attention
                                     for r in args.residual_norm for d in args.decode_matmul]:
-            pages_per_seq = math.ceil((args.context + 1) / args.page_size)
-            num_pages = 1 + batch * pages_per_seq
+            prompt = batch if args.prefill else 0  # a prefill run's "batch" column is its prompt length
+            context = 0 if prompt else args.context
+            pages_per_seq = math.ceil(max(prompt, args.context + 1) / args.page_size)
+            num_pages = 1 + (1 if prompt else batch) * pages_per_seq
             shape = (num_pages, args.page_size, 2 * cfg.num_kv_heads, cfg.head_dim)
             kv = [jnp.zeros(shape, cfg.dtype) for _ in range(cfg.num_layers)]
             tokens, seqs = engine_buckets(batch, args.min_token_bucket)
-            inputs = jax.device_put(decode_batch(batch, args.context, args.page_size, pages_per_seq,
-                                                 num_pages, tokens, seqs))
-            decode_attention = get_decode_attention(args.attention) if mode == "fused" else None
+            if prompt:
+                seqs = 8  # the runner's request rows: a multiple of 8
+                inputs = jax.device_put(prefill_batch(prompt, args.page_size, pages_per_seq, num_pages, tokens, seqs))
+            else:
+                inputs = jax.device_put(decode_batch(batch, args.context, args.page_size, pages_per_seq,
+                                                     num_pages, tokens, seqs))
+            # a prefill chunk takes the general path (rope, KV scatter, ragged attention) whatever --decode-attention says
+            decode_attention = get_decode_attention(args.attention) if mode == "fused" and not prompt else None
             residual_norm = None if rn == "off" else get_residual_norm(rn)
             dense = get_dense(dm)
             step = jax.jit(lambda p, kv, b: model.forward(p, cfg, b, kv, attention,
@@ -255,17 +287,25 @@ def main() -> None:
                 logits, kv = compiled(params, kv, inputs)
             jax.block_until_ready(logits)
             step_s = (time.perf_counter() - t) / args.iters
-            moved, flops = step_cost(cfg, params_bytes, batch, args.context)
-            floor_s = max(moved / ceil["copy_bytes_per_s"], flops / ceil["matmul_flops_per_s"])
-            run = {"model": name, "batch": batch, "decode_attention": mode, "residual_norm": rn, "decode_matmul": dm,
+            if prompt:
+                import types
+
+                from bench_latency import step_bound_s
+                floor_s = step_bound_s([(0, prompt)], types.SimpleNamespace(model=cfg), ceil)
+                moved = flops = None
+            else:
+                moved, flops = step_cost(cfg, params_bytes, batch, args.context)
+                floor_s = max(moved / ceil["copy_bytes_per_s"], flops / ceil["matmul_flops_per_s"])
+            run = {"model": name, "batch": 1 if prompt else batch, "prefill": prompt, "decode_attention": mode, "residual_norm": rn, "decode_matmul": dm,
                    "mgpu_pdl": dm != "xla" and mgpu_pdl(), "decode_combine_in_kernel": combine_in_kernel("decode"),
                    "token_bucket": tokens, "step_ms": step_s * 1e3, "floor_ms": floor_s * 1e3,
                    "fraction_of_floor": floor_s / step_s, "bytes_per_step": moved, "flops_per_step": flops,
                    "params_bytes": params_bytes}
-            print(f"| {name} | {batch} | {mode} | {rn} | {dm} | {args.context} | {step_s * 1e3:.3f} | {floor_s * 1e3:.3f} | "
+            label = f"prefill {prompt}" if prompt else batch
+            print(f"| {name} | {label} | {mode} | {rn} | {dm} | {context} | {step_s * 1e3:.3f} | {floor_s * 1e3:.3f} | "
                   f"{100 * floor_s / step_s:.1f}% | {params_bytes / step_s / 1e9:.0f} |", flush=True)
             if args.profile_dir:
-                d = os.path.join(args.profile_dir, f"{name}-b{batch}-{args.layout}-{mode}-{rn}-{dm}")
+                d = os.path.join(args.profile_dir, f"{name}-{'p' if prompt else 'b'}{batch}-{args.layout}-{mode}-{rn}-{dm}")
                 steps = 10
                 with jax.profiler.trace(d, create_perfetto_trace=True):
                     for _ in range(steps):

@@ -87,6 +87,8 @@
 #   absearch    bench_step 1B b1/b64, the FILTER sampler's search by ways x reduction ($SEARCHES)      ~5 min
 #   abshort     the decode kernel at batch 1 and 8, contexts 128-2k, by tile (bench_attention --decode-short-sweep
 #               --device-time), then bench_step 1B and 8B b1 under $JAXENGINE_DECODE_TILE in $TILES   ~6 min
+#   prefill128  bench_forward --prefill 128 (the engine's prefill step of a 128-token prompt), 8B and 1B, XLA then
+#               Mosaic decode matmuls, profiled: where 8B b1's 7.2-7.8 ms first step goes against its 3.6 ms  ~3 min
 #   abl2        compiled L2-prefetch tests, then bench_step --only-k 1B and 8B b1 with $JAXENGINE_L2_PREFETCH in $L2S
 #               (default "- mb=8 mb=16 mb=24 mb=32 -"; $MODELS picks the models)               ~8 min (both models)
 #   abl2eng     the engine 1B and 8B b1 (128/128, K = 8) with $JAXENGINE_L2_PREFETCH=$L2 (default mb=16), then off  ~5 min
@@ -441,15 +443,22 @@ for part in "$@"; do
       for m in llama-3.2-1b llama-3.1-8b; do
         JAXENGINE_DECODE_TILE=${TILE:-split_min_blocks=4} lat abshorteng_$m --model $m --batch 1 --num-scheduler-steps 8
       done ;;
+    prefill128)  # where the engine's one 128-token prefill step goes (8B b1 128/128: 7.2-7.8 ms against a 3.6 ms bound,
+      # seventeenth/eighteenth sessions, the 0.2-0.3 points 8B b1 misses 88% by): bench_forward --prefill 128, device time
+      # and kernels a step, 8B and 1B, XLA's GEMMs (the engine's default at 128 rows) then the Mosaic decode matmuls
+      timeout 400 python3 scripts/bench_forward.py --model llama-3.1-8b llama-3.2-1b --prefill 128 --residual-norm gpu \
+        --decode-matmul xla mgpu --iters 20 --profile-dir /tmp/prefill128 --top 30 --json "$OUT/prefill128.json" \
+        > "$OUT/prefill128.log" 2>&1
+      grep -E "^\| llama|kernels of|rror" "$OUT/prefill128.log" ;;
     abl2)  # the decode attention's extra programs read the next GEMMs' weights into L2 while it runs
       # ($JAXENGINE_L2_PREFETCH, nineteenth session, off by default): the compiled prefetch tests, then bench_step's
-      # K = 8 program at batch 1 (--only-k) for each model of $MODELS with each setting of $L2S ("-" = off)
+      # K = 8 program at batch 1 (--only-k; $BATCHES) for each model of $MODELS with each setting of $L2S ("-" = off)
       timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_decode_attention.py -k prefetch \
         > "$OUT/abl2_tests.log" 2>&1; tail -2 "$OUT/abl2_tests.log"
       for m in ${MODELS:-llama-3.2-1b llama-3.1-8b}; do
         for s in ${L2S:-- mb=8 mb=16 mb=24 mb=32 -}; do
           t=${s//[=,.]/_}
-          JAXENGINE_L2_PREFETCH=${s#-} timeout 150 python3 scripts/bench_step.py --model $m --batch 1 --steps 8 \
+          JAXENGINE_L2_PREFETCH=${s#-} timeout 150 python3 scripts/bench_step.py --model $m --batch ${BATCHES:-1} --steps 8 \
             --no-warmup --only-k --json "$OUT/abl2_${m}_$t.json" > "$OUT/abl2_${m}_$t.log" 2>&1
           echo "-- $s"; grep -E "^\| llama|rror" "$OUT/abl2_${m}_$t.log"
         done

@@ -252,8 +252,18 @@ def test_bench_forward_times_a_decode_step_and_reads_kernels_from_a_trace(tmp_pa
         assert page == b["page_indices"][i][20 // 8] and off == 20 % 8 and page != 0
     assert list(b["slot_mapping"][3:]) == [80] * 5  # padding rows: out of range, dropped
     assert list(b["kv_lens"]) == [21] * 3 + [0] * 5 and list(b["cu_q_lens"]) == [0, 1, 2, 3] + [3] * 5
+    # --prefill: one request's whole prompt as one chunk, laid out as the runner lays out a prefill step
+    p = bf.prefill_batch(prompt=20, page_size=8, pages_per_seq=3, num_pages=10, tokens=32, seqs=8)
+    assert list(p["positions"][:20]) == list(range(20)) and list(p["slot_mapping"][:20]) == list(range(8, 28))
+    assert list(p["slot_mapping"][20:]) == [80] * 12 and list(p["page_indices"][0]) == [1, 2, 3]
+    assert list(p["kv_lens"]) == [20] + [0] * 7 and list(p["cu_q_lens"]) == [0] + [20] * 8
+    assert p["num_seqs"][0] == 1 and p["logits_indices"][0] == 19
     out = tmp_path / "f.json"
     here = os.path.dirname(os.path.abspath(__file__))
+    subprocess.run([sys.executable, os.path.join(here, "..", "scripts", "bench_forward.py"), "--model", "tiny",
+                    "--prefill", "20", "--iters", "2", "--json", str(out)], check=True, capture_output=True)
+    runs = json.load(open(out))["runs"]
+    assert [(r["prefill"], r["token_bucket"]) for r in runs] == [(20, 32)] and 0 < runs[0]["floor_ms"] < runs[0]["step_ms"]
     subprocess.run([sys.executable, os.path.join(here, "..", "scripts", "bench_forward.py"), "--model", "tiny",
                     "--batch", "1", "4", "--context", "20", "--iters", "3", "--decode-attention", "general",
                     "fused", "--residual-norm", "off", "gpu", "--json", str(out)], check=True, capture_output=True)
