@@ -226,14 +226,10 @@ def mlp_block(p: Params, x: jax.Array, dense: Callable[..., jax.Array] | None = 
                   p["down_proj"], dense)
 
 
-def l2_prefetch_list(layer: Params, attention: Any, dense: Any, decode: bool) -> tuple:
-    """What a decode attention that takes `l2_prefetch` (its `accepts_l2_prefetch`; the GPU decode
-    kernel) may read into L2 for the GEMMs after it while it runs (gpu_decode.L2Prefetch, off
-    unless $JAXENGINE_L2_PREFETCH is set): the layer's o, gate/up and down weights in the order
-    they run, each with how many contiguous K ranges its kernel's CTAs walk (dense.k_parts; 1
-    without one).  () where the attention does not take it."""
-    if not (decode and getattr(attention, "accepts_l2_prefetch", False)):
-        return ()
+def l2_prefetch_list(layer: Params, dense: Any) -> tuple:
+    """The layer's weights a decode step reads after its attention, in the order their GEMMs run (o,
+    gate/up, down), each with how many contiguous K ranges its kernel's CTAs walk (dense.k_parts;
+    1 without one): the stream pallas_kernels/l2_prefetch plans L2 prefetches over."""
     k_parts = getattr(dense, "k_parts", None)
     a, mlp = layer["self_attn"], layer["mlp"]
     ws = [(a["o_proj"]["weight"], False)]
@@ -244,6 +240,22 @@ def l2_prefetch_list(layer: Params, attention: Any, dense: Any, decode: bool) ->
         ws += [(mlp["gate_proj"]["weight"], False), (mlp["up_proj"]["weight"], False)]
     ws.append((mlp["down_proj"]["weight"], False))
     return tuple((w, k_parts(w.shape[0], w.shape[-1], gate_up=g) if k_parts else 1) for w, g in ws)
+
+
+def l2_windows(layer: Params, attention: Any, dense: Any, decode: bool, rows: int, gemm: bool) -> dict:
+    """What the layer's kernels read into L2 for the GEMMs after them ({"qkv" | "attention" | "o":
+    ((weight, region), ...)}, pallas_kernels/l2_prefetch.windows; empty unless
+    $JAXENGINE_L2_PREFETCH asks): planned by a decode attention that can take its share (its
+    `l2_windows`: the GPU decode kernel); the q/k/v and o GEMMs' shares only where `gemm` (the
+    norm-epilogue loop) and the dense kernels take them (dense.accepts_l2_next)."""
+    plan = getattr(attention, "l2_windows", None)
+    if not (decode and plan):
+        return {}
+    return plan(l2_prefetch_list(layer, dense), rows, gemm and getattr(dense, "accepts_l2_next", False))
+
+
+def _l2_kw(win: dict, name: str) -> dict:
+    return {"l2_next": win[name]} if name in win else {}
 
 
 def fused_layer(layer: Params, cfg: ModelConfig, x: jax.Array, cos: jax.Array, sin: jax.Array,
@@ -333,10 +345,11 @@ def forward(params: Params, cfg: ModelConfig, batch: dict[str, jax.Array], kv_ca
             new_caches.append(kv)
             continue
         decode = decode_attention is not None
+        win = l2_windows(layer, attention, dense, decode, x.shape[0], gemm=False)
         h, kv = attention_block(layer["self_attn"], cfg, rms_norm(x, layer["input_layernorm"]["weight"],
                                                                  cfg.rms_norm_eps),
                                 rope, kv_caches[i], batch, attention, decode=decode, dense=dense,
-                                l2_prefetch=l2_prefetch_list(layer, attention, dense, decode))
+                                l2_prefetch=win.get("attention", ()))
         new_caches.append(kv)
         x = x + h
         x = x + mlp_block(layer["mlp"], rms_norm(x, layer["post_attention_layernorm"]["weight"],
@@ -360,9 +373,9 @@ def _forward_residual_norm(params, cfg, batch, kv_caches, attention, x, rope, re
     _, normed = residual_norm(x, None, layers[0]["input_layernorm"]["weight"], eps)
     new_caches = []
     for i, layer in enumerate(layers):
+        win = l2_windows(layer, attention, dense, decode, x.shape[0], gemm=False)
         h, kv = attention_block(layer["self_attn"], cfg, normed, rope, kv_caches[i], batch, attention,
-                                decode=decode, dense=dense,
-                                l2_prefetch=l2_prefetch_list(layer, attention, dense, decode))
+                                decode=decode, dense=dense, l2_prefetch=win.get("attention", ()))
         new_caches.append(kv)
         x, normed = residual_norm(x, h, layer["post_attention_layernorm"]["weight"], eps)
         nxt = layers[i + 1]["input_layernorm"]["weight"] if i + 1 < n else model["norm"]["weight"]
@@ -389,11 +402,13 @@ def _forward_norm_in_matmuls(params, cfg, batch, kv_caches, attention, x, rope, 
     new_caches = []
     for i, layer in enumerate(layers):
         post = layer["post_attention_layernorm"]["weight"]
-        qkv_dense = lambda a, w, ss=ss: dense.normed(a, w, ss, eps)  # noqa: E731
-        o_proj = lambda out, w, x=x, post=post: dense.residual(out, w, x, post)  # noqa: E731
+        # the q/k/v GEMM, the attention and the o GEMM each read ahead into L2 on request
+        win = l2_windows(layer, attention, dense, decode, x.shape[0], gemm=True)
+        qkv_dense = lambda a, w, ss=ss, kw=_l2_kw(win, "qkv"): dense.normed(a, w, ss, eps, **kw)  # noqa: E731
+        o_proj = lambda out, w, x=x, post=post, kw=_l2_kw(win, "o"): dense.residual(out, w, x, post, **kw)  # noqa: E731
         (x, hg, ss), kv = attention_block(layer["self_attn"], cfg, hg, rope, kv_caches[i], batch,
                                           attention, decode=decode, dense=qkv_dense, o_proj=o_proj,
-                                          l2_prefetch=l2_prefetch_list(layer, attention, dense, decode))
+                                          l2_prefetch=win.get("attention", ()))
         new_caches.append(kv)
         w = layer["mlp"]["gate_up_proj"]["weight"]
         act = dense.normed_gate_up_silu(hg, w.reshape(-1, w.shape[-1]), ss, eps)

@@ -89,8 +89,8 @@
 #               --device-time), then bench_step 1B and 8B b1 under $JAXENGINE_DECODE_TILE in $TILES   ~6 min
 #   prefill128  bench_forward --prefill 128 (the engine's prefill step of a 128-token prompt), 8B and 1B, XLA then
 #               Mosaic decode matmuls, profiled: where 8B b1's 7.2-7.8 ms first step goes against its 3.6 ms  ~3 min
-#   abl2        compiled L2-prefetch tests, then bench_step --only-k 1B and 8B b1 with $JAXENGINE_L2_PREFETCH in $L2S
-#               (default "- mb=8 mb=16 mb=24 mb=32 -"; $MODELS picks the models)               ~8 min (both models)
+#   abl2        compiled L2-prefetch tests, then bench_step --only-k 1B and 8B b1 with $JAXENGINE_L2_PREFETCH in
+#               $L2S_1B / $L2S_8B (attention window sizes; 1B also the q/k/v and o GEMM windows); $MODELS  ~9 min
 #   abl2eng     the engine 1B and 8B b1 (128/128, K = 8) with $JAXENGINE_L2_PREFETCH=$L2 (default mb=16), then off  ~5 min
 #   abl2prof    bench_step's K = 8 program, 1B and 8B b1, profiled (kernels a token) with $L2 (default mb=16)  ~3 min
 #   abshorteng  the engine 1B and 8B b1 (128/128, K = 8) with $JAXENGINE_DECODE_TILE=$TILE (default split_min_blocks=4)  ~3 min
@@ -450,13 +450,15 @@ for part in "$@"; do
         --decode-matmul xla mgpu --iters 20 --profile-dir /tmp/prefill128 --top 30 --json "$OUT/prefill128.json" \
         > "$OUT/prefill128.log" 2>&1
       grep -E "^\| llama|kernels of|rror" "$OUT/prefill128.log" ;;
-    abl2)  # the decode attention's extra programs read the next GEMMs' weights into L2 while it runs
-      # ($JAXENGINE_L2_PREFETCH, nineteenth session, off by default): the compiled prefetch tests, then bench_step's
-      # K = 8 program at batch 1 (--only-k; $BATCHES) for each model of $MODELS with each setting of $L2S ("-" = off)
-      timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_decode_attention.py -k prefetch \
-        > "$OUT/abl2_tests.log" 2>&1; tail -2 "$OUT/abl2_tests.log"
+    abl2)  # L2 prefetch of a layer's next weights while its latency-bound kernels run ($JAXENGINE_L2_PREFETCH,
+      # nineteenth session, off by default): the compiled prefetch tests, then bench_step's K = 8 program at batch 1
+      # (--only-k; $BATCHES) for each model of $MODELS with each setting ("-" = off) of $L2S_1B / $L2S_8B
+      timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_decode_attention.py tests/test_decode_matmul.py \
+        -k "prefetch or l2_next or windows" > "$OUT/abl2_tests.log" 2>&1; tail -2 "$OUT/abl2_tests.log"
       for m in ${MODELS:-llama-3.2-1b llama-3.1-8b}; do
-        for s in ${L2S:-- mb=8 mb=16 mb=24 mb=32 -}; do
+        if [ "$m" = llama-3.2-1b ]; then sets=${L2S_1B:-- mb=16 mb=24 qkv_mb=8,mb=16 qkv_mb=8,mb=16,o_mb=8 -}
+        else sets=${L2S_8B:-- mb=12 mb=20 mb=28 -}; fi
+        for s in $sets; do
           t=${s//[=,.]/_}
           JAXENGINE_L2_PREFETCH=${s#-} timeout 150 python3 scripts/bench_step.py --model $m --batch ${BATCHES:-1} --steps 8 \
             --no-warmup --only-k --json "$OUT/abl2_${m}_$t.json" > "$OUT/abl2_${m}_$t.log" 2>&1

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from test_ragged_paged_attention import STALE_VALUE, TOL, make_batch, rel_err
+from jaxengine.pallas_kernels import l2_prefetch as l2pf
 from jaxengine.pallas_kernels.ragged_paged_attention import decode, get_decode_attention, gpu_decode
 
 BACKEND = jax.default_backend()
@@ -407,8 +408,9 @@ def test_env_tile_sets_every_launchs_tile_and_is_checked(as_h100, check_env_swit
 
 
 # ---------------------------------------------------------------------------------------------
-# L2 prefetch programs (gpu_decode.L2Prefetch, $JAXENGINE_L2_PREFETCH): extra programs of the
-# decode launch read the next GEMMs' weights while the attention runs.
+# L2 prefetch (pallas_kernels/l2_prefetch, $JAXENGINE_L2_PREFETCH): extra programs of the decode
+# launch read the next GEMMs' weights while the attention runs (the q/k/v and o GEMMs' share:
+# tests/test_decode_matmul.py).
 
 
 def _prefetch_weights(seed=5):
@@ -420,19 +422,34 @@ def _prefetch_weights(seed=5):
             jnp.asarray(rng.random((64, 320)) + 0.5, jnp.bfloat16))
 
 
-def test_plan_l2_prefetch_takes_whole_weights_then_the_start_of_each_part():
-    """Whole weights in order, then the first columns (a multiple of 64) of every K part of the
-    next, then stop: every CTA of a GEMM finds the start of its walk in L2."""
-    shapes = [((72, 256), 2, 2), ((128, 192), 1, 2), ((64, 320), 1, 2)]
-    whole = 72 * 256 * 2
-    assert gpu_decode.plan_l2_prefetch(shapes, 0) == ()
-    assert gpu_decode.plan_l2_prefetch(shapes, whole - 1) == ((0, (72, 2, 64, 128)),)  # 64 of each half
-    assert gpu_decode.plan_l2_prefetch(shapes, whole + 128 * 64 * 2 + 100) == (
-        (0, (72, 2, 128, 128)), (1, (128, 1, 64, 192)))
-    assert gpu_decode.plan_l2_prefetch(shapes, 10 ** 9) == (
-        (0, (72, 2, 128, 128)), (1, (128, 1, 192, 192)), (2, (64, 1, 320, 320)))
+SHAPES3 = [((72, 256), 2, 2), ((128, 192), 1, 2), ((64, 320), 1, 2)]
+
+
+def test_plan_continues_window_after_window_over_whole_weights_then_leading_columns():
+    """Each window takes the rest of the weight the window before stopped in, whole weights, then the
+    same leading columns (a multiple of 64) of every K part of the next, and stops; a window that
+    must not read a weight (the o GEMM's own) starts past it; the deal of tiles over programs
+    covers each tile once and runs on across regions."""
+    plan, half = l2pf.plan, 72 * 128 * 2  # bytes of 64 columns of both halves of the o-like weight
+    assert plan(SHAPES3, [(0, 0)]) == [()]
+    assert plan(SHAPES3, [(half - 1, 0)]) == [()]  # not one 64-column box of every part
+    assert plan(SHAPES3, [(half, 0), (half + 128 * 64 * 2 + 100, 0), (10 ** 9, 1)]) == [
+        ((0, (72, 2, 0, 64, 128)),),
+        ((0, (72, 2, 64, 128, 128)), (1, (128, 1, 0, 64, 192))),
+        ((1, (128, 1, 64, 192, 192)), (2, (64, 1, 0, 320, 320)))]
+    assert plan(SHAPES3, [(10 ** 9, 0)]) == [((0, (72, 2, 0, 128, 128)), (1, (128, 1, 0, 192, 192)),
+                                              (2, (64, 1, 0, 320, 320)))]
+    assert plan(SHAPES3, [(half, 0), (10 ** 9, 1)])[1][0] == (1, (128, 1, 0, 192, 192))  # o's rest skipped
     with pytest.raises(ValueError, match="parts"):
-        gpu_decode.plan_l2_prefetch([((8, 192), 5, 2)], 10 ** 6)
+        plan([((8, 192), 5, 2)], [(10 ** 6, 0)])
+    for programs, offset, tiles in ((7, 0, 20), (7, 3, 20), (24, 10, 8), (5, 13, 3)):
+        dealt = [(p, f + i * programs) for p in range(programs)
+                 for f, n in [l2pf.deal(p, programs, offset, tiles)] for i in range(n)]
+        assert sorted(t for _, t in dealt) == list(range(tiles))
+        assert all((offset + t) % programs == p for p, t in dealt)
+    region = (72, 2, 64, 192, 256)  # columns 64..191 of each of two 256-column parts, 16 x 64 tiles
+    origins = {l2pf.tile_origin(t, region, (16, 64))[:2] for t in range(l2pf.num_tiles(region, (16, 64)))}
+    assert origins == {(r, p * 256 + c) for r in range(0, 72, 16) for p in (0, 1) for c in (64, 128)}
     # the K ranges the Mosaic decode matmuls walk: 1B's o / down / q/k/v in two halves (32-48
     # 64-row tiles), 8B's whole (64+ tiles), gate/up never split, shapes they do not tile whole
     from jaxengine.pallas_kernels.decode_matmul import mgpu_k_parts
@@ -441,29 +458,43 @@ def test_plan_l2_prefetch_takes_whole_weights_then_the_start_of_each_part():
     assert mgpu_k_parts(100, 2048) == 1
 
 
+def test_windows_follow_the_setting_and_stop_at_unboxable_weights(monkeypatch):
+    ws = _prefetch_weights()
+    stream = ((ws[0], 2), (ws[1].reshape(128, 192), 1), (ws[2], 1))
+    monkeypatch.delenv("JAXENGINE_L2_PREFETCH", raising=False)
+    assert l2pf.windows(stream, 8) == {}
+    monkeypatch.setenv("JAXENGINE_L2_PREFETCH", f"mb={72 * 128 * 2 / 2 ** 20},o_mb=1")
+    win = l2pf.windows(stream, 8)
+    assert [(k, [r for _, r in v]) for k, v in win.items()] == [
+        ("attention", [(72, 2, 0, 64, 128)]), ("o", [(128, 1, 0, 192, 192), (64, 1, 0, 320, 320)])]
+    assert win["o"][0][0] is stream[1][0]
+    assert "o" not in l2pf.windows(stream, 8, gemm=False) and l2pf.windows(stream, 16) == {}  # max_tokens 8
+    assert l2pf.windows(((ws[0], 3),) + stream[1:], 8) == {}  # 256 columns in 3 parts: nothing after
+
+
 @pytest.mark.parametrize("num_splits,fused_combine,fused_input",
                          [(1, False, False), (4, True, True), (4, False, False)],
                          ids=["one-split", "merged-fused-qkv", "combine-kernel"])
-def test_l2_prefetch_programs_read_their_plan_once_beside_an_unchanged_attention(
+def test_l2_prefetch_programs_read_their_regions_once_beside_an_unchanged_attention(
         num_splits, fused_combine, fused_input):
     """The launch with prefetch programs gives the same outputs, pages and counts as without (bit
-    for bit: they are other programs), and its programs' sums add up to the planned region's sum
-    (a tile read twice or never, or a program that stores nothing, fails): whole o-like weight
-    (two K halves, rows not a multiple of the tile's), the first 64 columns of the gate/up-like
-    one (a partial column tile), nothing of the third."""
+    for bit: they are other programs), and its programs' sums add up to the regions' sum (a tile
+    read twice or never, or a program that stores nothing, fails): the second window of the plan
+    above (the o-like weight's second 64 columns of each half, rows not a multiple of the tile's;
+    the gate/up-like one's first 64 columns, a partial column tile)."""
     args = decode_step(21, [37, 5, 80], num_kv_heads=2, group=4, head_dim=64, page_size=16,
                        dtype=jnp.float32)
     if fused_input:
         args = (fuse_qkv(*args[:3]), None, None) + args[3:]
     ws = _prefetch_weights()
-    plan = gpu_decode.plan_l2_prefetch([((72, 256), 2, 2), ((128, 192), 1, 2), ((64, 320), 1, 2)],
-                                       72 * 256 * 2 + 128 * 64 * 2 + 100)
-    assert [i for i, _ in plan] == [0, 1]
+    half = 72 * 128 * 2
+    regions = l2pf.plan(SHAPES3, [(half, 0), (half + 128 * 64 * 2 + 100, 0)])[1]
+    assert [i for i, _ in regions] == [0, 1]
     kw = dict(sm_scale=0.125, sliding_window=None, soft_cap=None, block_k=16, num_splits=num_splits,
               num_warps=4, num_stages=2, interpret=BACKEND == "cpu", fused_combine=fused_combine)
     out, kv, counts, none = gpu_decode._decode_attention(*args, None, **kw)
     assert none is None
-    got = gpu_decode._decode_attention(*args, None, ws[:2], prefetch=tuple(s for _, s in plan),
+    got = gpu_decode._decode_attention(*args, None, ws[:2], prefetch=tuple(r for _, r in regions),
                                        prefetch_rows=2, prefetch_tile=(16, 128), **kw)
     for a, b in zip(got[:2], (out, kv)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -472,38 +503,37 @@ def test_l2_prefetch_programs_read_their_plan_once_beside_an_unchanged_attention
     sums = np.asarray(got[3])
     assert sums.shape == (2 * 2 * num_splits,)  # 2 extra token rows x kv heads x splits
     f32 = [np.asarray(w.astype(jnp.float32)).reshape(-1, w.shape[-1]) for w in ws]
-    want = f32[0].sum() + f32[1][:, :64].sum()
+    want = f32[0][:, 64:128].sum() + f32[0][:, 192:].sum() + f32[1][:, :64].sum()
     assert abs(sums.sum() - want) <= 1e-5 * want
     assert np.all(sums > 0), "every program has tiles (18 >= 16 programs here) and stores their sum"
 
 
 def test_l2_prefetch_setting_is_parsed_and_checked(monkeypatch):
     monkeypatch.delenv("JAXENGINE_L2_PREFETCH", raising=False)
-    assert gpu_decode.l2_prefetch_setting() == gpu_decode.L2Prefetch()
-    assert gpu_decode.L2Prefetch().mb == 0  # off by default: not yet measured on a GPU
-    monkeypatch.setenv("JAXENGINE_L2_PREFETCH", " mb=12.5 , programs=128,max_tokens=16,evict=last")
-    assert gpu_decode.l2_prefetch_setting() == gpu_decode.L2Prefetch(12.5, 128, 16, "last")
+    assert l2pf.setting() == l2pf.L2Prefetch() and not l2pf.L2Prefetch().active(1)  # off by default
+    monkeypatch.setenv("JAXENGINE_L2_PREFETCH", " mb=12.5 , programs=128,max_tokens=16,evict=last,qkv_mb=4,o_mb=2")
+    assert l2pf.setting() == l2pf.L2Prefetch(12.5, 4.0, 2.0, 128, 16, "last")
+    assert l2pf.setting().active(16) and not l2pf.setting().active(32)
     for bad in ("mb=-1", "programs=0", "max_tokens=x", "evict=first", "size=4", "mb"):
         monkeypatch.setenv("JAXENGINE_L2_PREFETCH", bad)
         with pytest.raises(ValueError, match="JAXENGINE_L2_PREFETCH"):
-            gpu_decode.l2_prefetch_setting()
+            l2pf.setting()
 
 
-def test_l2_prefetch_lowers_for_h100_only_where_the_setting_asks(as_h100, monkeypatch):
-    """With $JAXENGINE_L2_PREFETCH the 8-row bucket's launch (8B shapes) takes the o weight (32 MiB:
-    a 16 MiB budget covers half of each row, no more weights) and 4 more token rows of programs
-    (256 / 64 rounded up); unset, or a bucket above max_tokens, lowers as before."""
+def test_l2_prefetch_lowers_for_h100_with_the_programs_asked(as_h100, monkeypatch):
+    """A launch given a region (8B shapes: half of each row of the 32 MiB o weight) takes the weight
+    as one more operand and 256 / 64 = 4 more token rows of programs ($JAXENGINE_L2_PREFETCH's
+    `programs`: 128 gives 2); without one it lowers as before."""
     i32 = jnp.int32
     h = 4096
 
-    def launch(tokens):
-        args = (_sds((tokens, HKV, HQ // HKV + 2, D)), _sds((PAGES, PS, 2 * HKV, D)), _sds((tokens,), i32),
-                _sds((tokens, 16), i32), _sds((1,), i32), _sds((D // 2,), jnp.float32),
-                _sds((h, h)), _sds((2 * 14336, h)), _sds((h, 14336)))
+    def launch(regions):
+        args = (_sds((8, HKV, HQ // HKV + 2, D)), _sds((PAGES, PS, 2 * HKV, D)), _sds((8,), i32),
+                _sds((8, 16), i32), _sds((1,), i32), _sds((D // 2,), jnp.float32), _sds((h, h)))
 
-        def fn(qkv, kv, lens, pt, ns, inv, wo, wgu, wd):
+        def fn(qkv, kv, lens, pt, ns, inv, wo):
             return gpu_decode.decode_attention(qkv, None, None, kv, lens, pt, ns, inv, sm_scale=0.088,
-                                               interpret=False, l2_prefetch=((wo, 1), (wgu, 1), (wd, 1)))
+                                               interpret=False, l2_prefetch=tuple((wo, r) for r in regions))
         calls = [line for line in lower_for_cuda(fn, *args).splitlines() if "xla.gpu.triton" in line]
         assert len(calls) == 1
         name = re.findall(r'name = \\?"([a-z_0-9]+)', calls[0])[0]
@@ -511,51 +541,73 @@ def test_l2_prefetch_lowers_for_h100_only_where_the_setting_asks(as_h100, monkey
         return name, operands, int(re.findall(r"grid_z = (\d+)", calls[0])[0])
 
     monkeypatch.delenv("JAXENGINE_L2_PREFETCH", raising=False)
-    name, operands, grid_z = launch(8)
+    name, operands, grid_z = launch(())
     assert "l2pf" not in name and grid_z == 8
-    monkeypatch.setenv("JAXENGINE_L2_PREFETCH", "mb=16")
-    assert launch(8) == (name + "_l2pf256", operands + 1, 8 + 4)
-    assert launch(64)[0] == launch(64)[0].split("_l2pf")[0]  # above max_tokens (8): none
-    assert gpu_decode.plan_l2_prefetch([((h, h), 1, 2)], 16 << 20) == ((0, (h, 1, 2048, h)),)
+    region = (h, 1, 0, 2048, h)
+    assert launch((region,)) == (name + "_l2pf256", operands + 1, 8 + 4)
+    monkeypatch.setenv("JAXENGINE_L2_PREFETCH", "programs=128")
+    assert launch((region,)) == (name + "_l2pf128", operands + 1, 8 + 2)
 
 
-def test_forward_offers_the_next_gemms_weights_to_the_decode_attention(monkeypatch):
-    """models.llama.forward hands a decode attention that takes l2_prefetch each layer's o, gate/up
-    and down weights in the order they run, with the K parts their kernels walk (the Mosaic decode
-    matmuls' splits: two halves for the tiny model's o and down), on every layer loop (plain,
-    residual-norm kernels, norm epilogues); an attention without the attribute gets none."""
+def test_forward_plans_the_layers_windows_and_hands_each_kernel_its_share(monkeypatch):
+    """models.llama.forward asks a decode attention with `l2_windows` for each layer's plan over the
+    layer's o, gate/up and down weights (in the order they run, with the K parts their kernels walk)
+    and hands the attention its window on every layer loop; on the norm-epilogue loop the q/k/v
+    and o GEMMs get theirs (dense.accepts_l2_next), elsewhere the plan is asked without them; an
+    attention without `l2_windows` gets nothing."""
     from test_decode_matmul import _tiny_forward_inputs
 
     from jaxengine.pallas_kernels import decode_matmul
+    from jaxengine.pallas_kernels.decode_matmul import gpu as dm_gpu
     from jaxengine.pallas_kernels.ragged_paged_attention import get_attention, get_decode_attention
     from jaxengine.pallas_kernels.residual_norm import get_residual_norm
 
     cfg, model, params, kv, inputs = _tiny_forward_inputs()
     composite = get_decode_attention("reference")
-    seen = []
+    asked, got_attention, got_gemm = [], [], []
 
     def spy(*a, l2_prefetch=(), **kw):
-        seen.append([(tuple(w.shape), parts) for w, parts in l2_prefetch])
+        got_attention.append([r for _, r in l2_prefetch])
         return composite(*a, **kw)
 
-    spy.accepts_l2_prefetch = True
+    def windows(stream, rows, gemm):
+        asked.append(([(tuple(w.shape), parts) for w, parts in stream], rows, gemm))
+        return l2pf.windows(stream, rows, gemm)
+
+    spy.l2_windows = windows
+    for name in ("decode_matmul_normed", "decode_matmul_residual"):
+        inner = getattr(dm_gpu, name)
+        monkeypatch.setattr(dm_gpu, name, lambda *a, _n=name, _f=inner, **kw: got_gemm.append(
+            (_n, [r for _, r in kw.get("l2_next", ())])) or _f(*a, **kw))
     h, f, n = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
-    o_parts = decode_matmul.mgpu_k_parts(h, cfg.num_heads * cfg.head_dim)
-    down_parts = decode_matmul.mgpu_k_parts(h, f)
+    q = cfg.num_heads * cfg.head_dim
+    o_parts, down_parts = decode_matmul.mgpu_k_parts(h, q), decode_matmul.mgpu_k_parts(h, f)
+    o_bytes = h * q * 2
+    gu_64 = 2 * f * 64 * 2  # 64 columns of the gate/up weight
+    monkeypatch.setenv("JAXENGINE_L2_PREFETCH",
+                       f"qkv_mb={o_bytes / 2 / 2 ** 20},mb={(o_bytes + gu_64) / 2 ** 20},o_mb=64")
     attention = get_attention("reference")
-    runs = [(dict(), 1, 1),
-            (dict(residual_norm=get_residual_norm("reference")), 1, 1),
-            (dict(dense=decode_matmul.get_dense("mgpu_norm")), o_parts, down_parts)]
-    for extra, po, pd in runs:
-        seen.clear()
+    runs = [(dict(), 1, 1, False), (dict(residual_norm=get_residual_norm("reference")), 1, 1, False),
+            (dict(dense=decode_matmul.get_dense("mgpu_norm")), o_parts, down_parts, True)]
+    for extra, po, pd, gemm in runs:
+        for record in (asked, got_attention, got_gemm):
+            record.clear()
         jax.jit(lambda p, kv, b: model.forward(p, cfg, b, kv, attention, decode_attention=spy, **extra))(
             params, kv, inputs)
-        want = [((h, cfg.num_heads * cfg.head_dim), po), ((2 * f, h), 1), ((h, f), pd)]
-        assert seen == [want] * n, extra
-    spy.accepts_l2_prefetch = False
-    seen.clear()
+        stream = [((h, q), po), ((2 * f, h), 1), ((h, f), pd)]
+        assert asked == [(stream, 8, gemm)] * n, extra
+        half = q // po // 2  # the q/k/v window: half of each of o's K parts
+        if gemm:
+            assert got_attention == [[(h, po, half, q // po, q // po), (2 * f, 1, 0, 64, h)]] * n
+            assert got_gemm == [("decode_matmul_normed", [(h, po, 0, half, q // po)]),
+                                ("decode_matmul_residual", [(2 * f, 1, 64, h, h), (h, pd, 0, f // pd, f // pd)]),
+                                ("decode_matmul_residual", [])] * n
+        else:  # no q/k/v or o window: the attention's starts at o's first column
+            assert got_attention == [[(h, po, 0, q // po, q // po), (2 * f, 1, 0, 64, h)]] * n
+    del spy.l2_windows
+    got_attention.clear()
     jax.jit(lambda p, kv, b: model.forward(p, cfg, b, kv, attention, decode_attention=spy))(params, kv, inputs)
-    assert seen == [[]] * n
+    assert got_attention == [[]] * n
 
 
 def test_forward_through_the_gpu_decode_kernel_is_unchanged_by_the_prefetch(monkeypatch):

@@ -509,3 +509,56 @@ def test_pdl_marks_the_kernels_for_programmatic_dependent_launch(monkeypatch):
     got = dm_gpu.decode_matmul(xv, wv, interpret=INTERPRET, pdl=2)
     jax.effects_barrier()
     _close(got, reference_decode_matmul(xv, wv))
+
+
+def test_l2_next_prefetches_the_next_gemms_regions_and_changes_no_result(monkeypatch):
+    """l2_next (the q/k/v and o GEMMs' L2 prefetch windows, pallas_kernels/l2_prefetch): the kernel
+    takes the next weights as extra inputs and its CTAs issue TMA L2 prefetches of their boxes
+    (cp.async.bulk.prefetch.tensor in the lowered module, for sm_90 on any host), on the plain
+    ring, the cluster pair and both epilogues; the results are those without (the interpreter runs
+    the prefetches as no-ops; the compiled tests check the numbers on a GPU); a region that does
+    not fit the weight in 64-row / 64-column boxes is a ValueError, and the dense wrappers drop
+    one whose rows are not whole boxes instead (a prefetch is a hint)."""
+    from jax import export
+
+    from jaxengine.pallas_kernels import decode_matmul
+    sds, bf = jax.ShapeDtypeStruct, jnp.bfloat16
+    m, h, f = 8, 512, 1024
+    prefetch = "cp.async.bulk.prefetch.tensor"
+
+    def module(fn, *args):
+        return export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[
+            export.DisabledSafetyCheck.custom_call("mosaic_gpu_v2")])(*args).mlir_module()
+
+    gu_region, down_region = (2 * f, 1, 0, 256, h), (h, 2, 128, 256, f // 2)
+    for cluster in (False, True):
+        def residual(x, w, gu, dn, **kw):
+            return dm_gpu.decode_matmul_residual(x, w, x, jnp.ones((h,), bf), splits=2, cluster=cluster,
+                                                 interpret=False, **kw)[0]
+
+        def normed(x, w, gu, dn, **kw):
+            ss = jnp.ones((h // 64, m), jnp.float32)
+            return dm_gpu.decode_matmul_normed(x, w, ss, 1e-5, splits=2, cluster=cluster, interpret=False, **kw)
+
+        for kernel in (residual, normed):
+            args = (sds((m, h), bf), sds((h, h), bf), sds((2 * f, h), bf), sds((h, f), bf))
+            off = module(kernel, *args)
+            on = module(lambda x, w, gu, dn: kernel(x, w, gu, dn, l2_next=((gu, gu_region), (dn, down_region))),
+                        *args)
+            assert prefetch not in off and prefetch in on
+            assert on.count("mosaic_gpu_v2") == off.count("mosaic_gpu_v2")  # the same one kernel
+    with pytest.raises(ValueError, match="l2_next"):
+        dm_gpu.decode_matmul_residual(jnp.ones((m, h), bf), jnp.ones((h, h), bf), jnp.ones((m, h), bf),
+                                      jnp.ones((h,), bf), l2_next=((jnp.ones((h, f), bf), (h, 2, 0, 300, 512)),))
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((m, h)), bf)
+    w = jnp.asarray(rng.standard_normal((h, h)) * 0.05, bf)
+    gu = jnp.asarray(rng.standard_normal((2 * f, h)), bf)
+    want = dm_gpu.decode_matmul_residual(x, w, x, jnp.ones((h,), bf), interpret=INTERPRET)
+    got = dm_gpu.decode_matmul_residual(x, w, x, jnp.ones((h,), bf), interpret=INTERPRET,
+                                        l2_next=((gu, gu_region),))
+    jax.effects_barrier()
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert decode_matmul.mgpu_dense.accepts_l2_next
+    assert decode_matmul._boxed(((gu, (100, 1, 0, 64, h)), (gu, gu_region))) == ((gu, gu_region),)

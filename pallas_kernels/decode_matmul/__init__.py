@@ -17,6 +17,7 @@ RunnerConfig.decode_matmul ($JAXENGINE_DECODE_MATMUL).
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import jax
@@ -79,22 +80,29 @@ def mgpu_gate_up_silu(x: jax.Array, w: jax.Array) -> jax.Array:
 
 
 # the norm epilogues: the residual adds and RMSNorms ride in the matmul kernels ------------------
-def mgpu_residual(x: jax.Array, w: jax.Array, residual: jax.Array,
-                  norm_w: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(h, hg, ss) = residual + x @ w.T and the next RMSNorm's inputs (gpu.decode_matmul_residual)."""
+def _boxed(l2_next) -> tuple:
+    """The regions of l2_next (models' l2_prefetch.windows) the kernels' 64-row TMA boxes tile: a
+    prefetch is a hint, so one that does not fit is dropped, not an error."""
+    return tuple((w, r) for w, r in l2_next if r[0] % 64 == 0 and math.prod(w.shape[:-1]) >= r[0])
+
+
+def mgpu_residual(x: jax.Array, w: jax.Array, residual: jax.Array, norm_w: jax.Array,
+                  l2_next=()) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(h, hg, ss) = residual + x @ w.T and the next RMSNorm's inputs (gpu.decode_matmul_residual);
+    l2_next: regions of later GEMMs' weights its CTAs prefetch into L2 meanwhile."""
     from . import gpu
 
     if fits(x, w):
-        return gpu.decode_matmul_residual(x, w, residual, norm_w)
+        return gpu.decode_matmul_residual(x, w, residual, norm_w, l2_next=_boxed(l2_next))
     return reference.decode_matmul_residual(x, w, residual, norm_w)
 
 
-def mgpu_normed(x: jax.Array, w: jax.Array, ss: jax.Array, eps: float) -> jax.Array:
-    """rms_norm(h) @ w.T from hg and ss (gpu.decode_matmul_normed)."""
+def mgpu_normed(x: jax.Array, w: jax.Array, ss: jax.Array, eps: float, l2_next=()) -> jax.Array:
+    """rms_norm(h) @ w.T from hg and ss (gpu.decode_matmul_normed); l2_next: as mgpu_residual's."""
     from . import gpu
 
     if fits(x, w):
-        return gpu.decode_matmul_normed(x, w, ss, eps)
+        return gpu.decode_matmul_normed(x, w, ss, eps, l2_next=_boxed(l2_next))
     return reference.decode_matmul_normed(x, w, ss, eps)
 
 
@@ -158,6 +166,7 @@ def _make_dense(norm_rule: Callable[[int, int], bool] | None) -> Callable[[jax.A
         dense.prenorm = reference.prenorm
         dense.residual = mgpu_residual
         dense.normed = mgpu_normed
+        dense.accepts_l2_next = True  # residual and normed take l2_next= (l2_prefetch.windows)
         dense.normed_gate_up_silu = mgpu_normed_gate_up_silu
     return dense
 

@@ -30,6 +30,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from .. import l2_prefetch as l2pf
 from . import reference
 
 # H100 / H200 SXM: 132 SMs.  Used to pick splits (how many CTAs fill the chip).
@@ -136,6 +137,41 @@ def _row_sums(ss_smem, chunks: bool):
     return tot
 
 
+def _l2_prefetch_regions(w_refs, regions, cta, num_ctas: int):
+    """TMA L2 prefetches of this CTA's share of each region (l2_prefetch.Region) of the weights
+    w_refs: [64, 128]-column boxes (64 where the region's width is not a multiple of 128), dealt
+    round robin over the CTAs, the regions' boxes in turn.  Fire and forget: nothing waits."""
+    offset = 0
+    for w_ref, region in zip(w_refs, regions):
+        tile = (TILE_N, 128 if (region[3] - region[2]) % 128 == 0 else 64)
+        tiles = l2pf.num_tiles(region, tile)
+        first, count = l2pf.deal(cta, num_ctas, offset, tiles)
+        offset += tiles
+
+        def body(i, carry, w_ref=w_ref, region=region, tile=tile, first=first):
+            row0, col0, _ = l2pf.tile_origin(first + i * num_ctas, region, tile)
+            plgpu.async_prefetch(w_ref.at[pl.ds(row0, tile[0]), pl.ds(col0, tile[1])])
+            return carry
+
+        lax.fori_loop(0, count, body, 0)
+
+
+def _with_l2_next(body, num_inputs: int, regions: tuple, cta, num_ctas: int):
+    """body, after this CTA's L2 prefetches of the next GEMMs' weight regions (the kernel's inputs
+    after its own `num_inputs`, which body does not see).  At the start: the small GEMMs this is
+    for (1B's q/k/v and o, 51-60% of the copy rate at batch 1) leave bandwidth to spare while they
+    run."""
+    if not regions:
+        return body
+
+    @functools.wraps(body)
+    def wrapped(*refs):
+        _l2_prefetch_regions(refs[num_inputs:num_inputs + len(regions)], regions, cta(), num_ctas)
+        body(*refs[:num_inputs], *refs[num_inputs + len(regions):])
+
+    return wrapped
+
+
 def _prefetch_rows(w_gmem, row0, k0: int | jax.Array, tile_k: int, tiles: int):
     """L2 prefetch (TMA) of `tiles` [64, tile_k] weight tiles from row row0, column tile k0 on."""
     for i in range(tiles):
@@ -143,17 +179,20 @@ def _prefetch_rows(w_gmem, row0, k0: int | jax.Array, tile_k: int, tiles: int):
 
 
 @functools.partial(jax.jit, static_argnames=("tile_k", "splits", "stages", "warp_specialized",
-                                             "interpret", "epilogue", "eps", "pdl", "ss_chunks", "cluster"))
+                                             "interpret", "epilogue", "eps", "pdl", "ss_chunks", "cluster",
+                                             "l2_next"))
 def _decode_matmul(x, w, *extra, tile_k: int, splits: int, stages: int, warp_specialized: bool,
                    interpret: bool, epilogue: str = "plain", eps: float = 0.0, pdl: int = 0,
-                   ss_chunks: bool = False, cluster: bool = False):
+                   ss_chunks: bool = False, cluster: bool = False, next_ws=(), l2_next=()):
     """epilogue "plain": y.  "residual" (extra = residual [M, N], norm_w [N]): (h, hg, ss) with
     h = residual + y, hg = h * norm_w and ss [N / 64, m_pad] float32 each CTA's sum of h^2 over
     its 64 columns (the next RMSNorm's partial sums).  "normed" (extra = ss [T, m_pad]):
     y * rsqrt(sum(ss, 0) / K + eps) per row (the RMSNorm's 1/rms, its weight already in x).
     cluster (splits = 2): the two K halves run as a cluster of two CTAs; the second hands its
     accumulator to the first through distributed shared memory (async_store_smem) and the first
-    runs the epilogue, so a split-K shape keeps its epilogue in the kernel (no XLA reduction)."""
+    runs the epilogue, so a split-K shape keeps its epilogue in the kernel (no XLA reduction).
+    next_ws / l2_next: 2-D weights of later GEMMs and their l2_prefetch.Region each, which the
+    CTAs TMA-prefetch into L2 at their start (_with_l2_next)."""
     assert not cluster or (splits == 2 and not warp_specialized and not interpret)
     m, k = x.shape
     n = w.shape[0]
@@ -341,6 +380,13 @@ def _decode_matmul(x, w, *extra, tile_k: int, splits: int, stages: int, warp_spe
 
     pdl = 0 if interpret else pdl  # the interpreter has no grids to overlap
     ws = dict(num_threads=2, thread_name="wg") if warp_specialized else {}
+    ctas_n = 2 if cluster else (1 if single else splits)  # CTAs a 64-feature block
+
+    def l2_next_of(body, num_inputs):
+        return _with_l2_next(body, num_inputs, l2_next,
+                             lambda: lax.axis_index("n") * ctas_n + lax.axis_index("s"),
+                             n // TILE_N * ctas_n)
+
     interpret_params = plgpu.InterpretGPUParams() if interpret else None
     out_shape = jax.ShapeDtypeStruct((m_pad, n) if single else (splits, n, m_pad), part_dtype)
     # the grid: (64-feature blocks, K splits), or with a cluster the split axis is the cluster's
@@ -349,21 +395,21 @@ def _decode_matmul(x, w, *extra, tile_k: int, splits: int, stages: int, warp_spe
               if cluster else dict(grid=(n // TILE_N, 1 if single else splits), grid_names=("n", "s")))
     if not single or epilogue == "plain":
         kernel = plgpu.kernel(
-            _with_pdl(matmul_ws if warp_specialized else matmul, pdl, prefetch), out_type=out_shape,
-            interpret=interpret_params, **launch, **ws)
-        out = kernel(w, x)
+            _with_pdl(l2_next_of(matmul_ws if warp_specialized else matmul, 2), pdl, prefetch),
+            out_type=out_shape, interpret=interpret_params, **launch, **ws)
+        out = kernel(w, x, *next_ws)
         if not single:  # one XLA reduction (+ transpose), as XLA's own split-K GEMMs have
             out = out.sum(0).T
         return _xla_epilogue(out, x.dtype, m, epilogue, extra, k, eps)
     if epilogue == "residual":
         outs = plgpu.kernel(
-            _with_pdl(matmul_residual, pdl, prefetch), out_type=(out_shape, out_shape,
-                                     jax.ShapeDtypeStruct((n // TILE_N, m_pad), jnp.float32)),
-            interpret=interpret_params, **launch)(w, x, *extra)
+            _with_pdl(l2_next_of(matmul_residual, 4), pdl, prefetch),
+            out_type=(out_shape, out_shape, jax.ShapeDtypeStruct((n // TILE_N, m_pad), jnp.float32)),
+            interpret=interpret_params, **launch)(w, x, *extra, *next_ws)
         h, hg, ss = outs
         return (h, hg, ss) if m_pad == m else (h[:m], hg[:m], ss)
-    out = plgpu.kernel(_with_pdl(matmul_normed, pdl, prefetch), out_type=out_shape,
-                       interpret=interpret_params, **launch)(w, x, *extra)
+    out = plgpu.kernel(_with_pdl(l2_next_of(matmul_normed, 3), pdl, prefetch), out_type=out_shape,
+                       interpret=interpret_params, **launch)(w, x, *extra, *next_ws)
     return out if m_pad == m else out[:m]  # the engine's decode buckets are multiples of 8 rows
 
 
@@ -467,7 +513,7 @@ def _cluster(cfg: dict, interpret: bool, cluster: bool | None) -> bool:
 def decode_matmul_residual(x: jax.Array, w: jax.Array, residual: jax.Array, norm_w: jax.Array, *,
                            tile_k: int | None = None, splits: int | None = None,
                            stages: int | None = None, interpret: bool | None = None,
-                           pdl: int | None = None, cluster: bool | None = None
+                           pdl: int | None = None, cluster: bool | None = None, l2_next=()
                            ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The o / down projection with the residual add and the next RMSNorm's inputs in its
     epilogue: h = residual + x @ w.T (the new residual stream, x's dtype), hg = h * norm_w (the
@@ -475,7 +521,8 @@ def decode_matmul_residual(x: jax.Array, w: jax.Array, residual: jax.Array, norm
     up to 8], partial sums of h^2 over column blocks whose sum over T is each row's sum of h^2.
     Pass hg and ss to decode_matmul_normed / decode_gate_up_silu(ss=): with this kernel the
     RMSNorm needs no kernel of its own.  Split-K shapes (N / 64 < 60 CTAs) run the epilogue in
-    XLA's split-K reduction."""
+    XLA's split-K reduction.  l2_next: ((weight [..., K], l2_prefetch.Region), ...) of later GEMMs
+    for the CTAs to prefetch into L2 while they run."""
     _check_inputs("decode_matmul_residual", x, w)
     m, k = x.shape
     n = w.shape[0]
@@ -488,16 +535,16 @@ def decode_matmul_residual(x: jax.Array, w: jax.Array, residual: jax.Array, norm
     reserve = _round_up(m, 8) * TILE_N * 2 + 1024
     cfg = _epilogue_config(m, n, k, tile_k, splits, stages, reserve, interpret, cluster)
     return _decode_matmul(x, w, residual, norm_w.astype(x.dtype), interpret=interpret,
-                          epilogue="residual", pdl=_pdl(pdl), **cfg)
+                          epilogue="residual", pdl=_pdl(pdl), **_next_args(l2_next), **cfg)
 
 
 def decode_matmul_normed(x: jax.Array, w: jax.Array, ss: jax.Array, eps: float, *,
                          tile_k: int | None = None, splits: int | None = None,
                          stages: int | None = None, interpret: bool | None = None,
-                         pdl: int | None = None, cluster: bool | None = None) -> jax.Array:
+                         pdl: int | None = None, cluster: bool | None = None, l2_next=()) -> jax.Array:
     """rms_norm(h) @ w.T for the q/k/v projection, given x = hg and ss from
     decode_matmul_residual (or reference.prenorm): each row of x @ w.T scaled by
-    rsqrt(sum(ss, 0) / K + eps) in the epilogue."""
+    rsqrt(sum(ss, 0) / K + eps) in the epilogue.  l2_next: as decode_matmul_residual's."""
     _check_inputs("decode_matmul_normed", x, w)
     m, k = x.shape
     n = w.shape[0]
@@ -505,7 +552,23 @@ def decode_matmul_normed(x: jax.Array, w: jax.Array, ss: jax.Array, eps: float, 
     interpret = _interpret(interpret)
     cfg = _epilogue_config(m, n, k, tile_k, splits, stages, ss.size * 4 + 1024, interpret, cluster)
     return _decode_matmul(x, w, ss, interpret=interpret, epilogue="normed", eps=float(eps),
-                          pdl=_pdl(pdl), ss_chunks=ss_chunk_sum(), **cfg)
+                          pdl=_pdl(pdl), ss_chunks=ss_chunk_sum(), **_next_args(l2_next), **cfg)
+
+
+def _next_args(l2_next) -> dict:
+    """_decode_matmul's next_ws / l2_next from ((weight [..., K], Region), ...), checked: each
+    region inside its weight (2-D view), rows and columns in whole 64-row / 64-column boxes."""
+    ws, regions = [], []
+    for w, region in l2_next:
+        w2 = w.reshape(-1, w.shape[-1])
+        rows, parts, c0, c1, stride = region = tuple(int(v) for v in region)
+        if (rows > w2.shape[0] or rows % TILE_N or parts * stride > w2.shape[1] or not 0 <= c0 < c1 <= stride
+                or c0 % 64 or c1 % 64 or stride % 64):
+            raise ValueError(f"l2_next: region {region} does not fit a weight {w2.shape} in 64-row / "
+                             "64-column boxes")
+        ws.append(w2)
+        regions.append(region)
+    return dict(next_ws=tuple(ws), l2_next=tuple(regions)) if ws else {}
 
 
 @functools.partial(jax.jit, static_argnames=("tile_k", "stages", "interpret", "eps", "pdl", "ss_chunks"))

@@ -17,9 +17,7 @@ kernels a layer instead of five, one with a single split.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import math
 import os
 
 import jax
@@ -28,6 +26,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from .. import l2_prefetch as l2pf
 from ..env import check_choice, env_choice
 from .decode import composite
 from .gpu import (_DEFAULT_NUM_SMS, _LOG2E, _next_pow2, combine, fused_combine_default, kv_splits,
@@ -251,35 +250,31 @@ def _decode_kernel(
                                        active=active)
 
 
-def _l2_prefetch_body(w_refs, sums_ref, pid, num_programs: int, specs, tile: tuple[int, int],
+def _l2_prefetch_body(w_refs, sums_ref, pid, num_programs: int, regions, tile: tuple[int, int],
                       eviction: str | None, clamp: bool):
-    """Program `pid` of `num_programs` loads its share of each weight's planned region (tiles of
-    `tile` rows x columns, dealt round robin over the weights' tiles in turn) and stores their float32 sum: the loads bring the bytes
-    into L2 for the GEMMs after the attention, and the sum keeps them alive (and lets the tests
-    check that the programs covered the region once).  specs: (rows, parts, cols, part_stride) a
-    weight: columns [p * part_stride, p * part_stride + cols) of rows [0, rows) for each part p."""
+    """Program `pid` of `num_programs` loads its share of each weight's region (l2_prefetch.Region;
+    tiles of `tile` rows x columns, dealt round robin over the regions' tiles in turn) and stores
+    their float32 sum: the loads bring the bytes into L2 for the GEMMs after the attention, and the
+    sum keeps them alive (and lets the tests check that the programs covered the regions once)."""
     tile_rows, tile_cols = tile
     ri = lax.broadcasted_iota(jnp.int32, (tile_rows,), 0)
     ci = lax.broadcasted_iota(jnp.int32, (tile_cols,), 0)
     # column sums a tile: a [tile_cols] accumulator, a few registers a thread (a [tile] one would
     # raise the whole kernel's register count, and with it cost the attention programs occupancy)
     acc = jnp.zeros((tile_cols,), jnp.float32)
-    offset = 0  # tiles of the weights before: the round robin runs on across weights
-    for w_ref, (rows, parts, cols, stride) in zip(w_refs, specs):
-        col_blocks = -(-cols // tile_cols)
-        tiles = -(-rows // tile_rows) * parts * col_blocks
+    offset = 0  # tiles of the regions before: the round robin runs on across regions
+    for w_ref, region in zip(w_refs, regions):
+        rows, _, c0, c1, _ = region
+        tiles = l2pf.num_tiles(region, tile)
         last_row, last_col = w_ref.shape[0] - 1, w_ref.shape[1] - 1
-        first = lax.rem(pid - offset % num_programs + num_programs, num_programs)
+        first, count = l2pf.deal(pid, num_programs, offset, tiles)
         offset += tiles
 
-        def body(i, acc, rows=rows, parts=parts, cols=cols, stride=stride, col_blocks=col_blocks,
-                 w_ref=w_ref, last_row=last_row, last_col=last_col, first=first):
-            t = first + i * num_programs  # column blocks fastest: neighbouring programs read one row block
-            rest = lax.div(t, col_blocks)
-            c_local = lax.rem(t, col_blocks) * tile_cols + ci
-            r = lax.div(rest, parts) * tile_rows + ri
-            c = lax.rem(rest, parts) * stride + c_local
-            mask = (r < rows)[:, None] & (c_local < cols)[None, :]
+        def body(i, acc, region=region, rows=rows, width=c1 - c0, w_ref=w_ref, last_row=last_row,
+                 last_col=last_col, first=first):
+            row0, col0, local = l2pf.tile_origin(first + i * num_programs, region, tile)
+            r, c = row0 + ri, col0 + ci
+            mask = (r < rows)[:, None] & (local + ci < width)[None, :]
             if clamp:  # the interpreter reads masked lanes too; compiled, a clamp would cost the
                 # loads their 16-byte vectors (Triton can no longer prove the columns contiguous)
                 r, c = jnp.minimum(r, last_row), jnp.minimum(c, last_col)
@@ -287,13 +282,13 @@ def _l2_prefetch_body(w_refs, sums_ref, pid, num_programs: int, specs, tile: tup
                            eviction_policy=eviction)
             return acc + jnp.sum(x.astype(jnp.float32), axis=0)
 
-        acc = lax.fori_loop(0, lax.div(jnp.maximum(tiles - first + num_programs - 1, 0), num_programs),
-                            body, acc)
+        acc = lax.fori_loop(0, count, body, acc)
     sums_ref[pid] = jnp.sum(acc)
 
 
 def _decode_kernel_with_prefetch(*refs, num_inputs: int, num_tokens: int, prefetch: tuple,
                                  prefetch_tile: tuple[int, int], eviction: str | None, **kw):
+    # prefetch: the weights' l2_prefetch.Region each
     """_decode_kernel's programs (token rows j < num_tokens) beside L2 prefetch programs (the grid's
     extra token rows): refs = the kernel's inputs, the prefetched weights, its outputs, the
     prefetch sums.  At batch 1 the attention is ~8 us a layer of latency on ~0.5 MB, with most SMs
@@ -334,9 +329,9 @@ def _decode_attention(q, k, v, kv_pages, kv_lens, page_indices, num_seqs, inv_fr
                       num_warps, num_stages, interpret, fused_combine=False, split_layout="round_robin",
                       split_min_blocks=0, prefetch=(), prefetch_rows=0, prefetch_tile=(16, 512),
                       eviction=None):
-    """(out, kv_pages, counters, prefetch sums f32[programs] or None).  prefetch_ws: 2-D weights
-    whose `prefetch` regions (plan_l2_prefetch) `prefetch_rows` extra token rows of programs
-    (x kv heads x splits) load into L2 beside the attention."""
+    """(out, kv_pages, counters, prefetch sums f32[programs] or None).  prefetch_ws: weights [...,
+    K] whose `prefetch` regions (l2_prefetch.Region each) `prefetch_rows` extra token rows of
+    programs (x kv heads x splits) load into L2 beside the attention."""
     num_pages, page_size, combined, head_dim = kv_pages.shape
     num_kv_heads = combined // 2
     num_tokens = q.shape[0]
@@ -428,9 +423,9 @@ def decode_attention(q, k, v, kv_pages, kv_lens, page_indices, num_seqs, inv_fre
     """`decode.py`'s contract (q may be the fused projection with k = v = None); the keyword
     tuning args override `default_config`; fused_combine (default on: fused_combine_default("decode"))
     merges the kv splits inside the kernel; split_layout (default split_layout_default()) is how
-    kv splits share a request's key blocks; l2_prefetch: the weights of the GEMMs that run next,
-    which the launch may warm in L2 (see `l2_prefetch_setting`).  `interpret` defaults to True on
-    the CPU backend."""
+    kv splits share a request's key blocks; l2_prefetch: regions of the weights of the GEMMs that
+    run next for extra programs to read into L2 meanwhile (`decode_attention_with_counters`).
+    `interpret` defaults to True on the CPU backend."""
     out, kv_pages, _ = decode_attention_with_counters(
         q, k, v, kv_pages, kv_lens, page_indices, num_seqs, inv_freq, None, sm_scale=sm_scale,
         sliding_window=sliding_window, soft_cap=soft_cap, block_k=block_k, num_splits=num_splits,
@@ -439,7 +434,7 @@ def decode_attention(q, k, v, kv_pages, kv_lens, page_indices, num_seqs, inv_fre
     return out, kv_pages
 
 
-decode_attention.accepts_l2_prefetch = True
+decode_attention.l2_windows = l2pf.windows  # as LayerChain's
 
 TILE_KEYS = ("block_k", "num_splits", "num_warps", "num_stages", "split_min_blocks")
 
@@ -476,68 +471,6 @@ def split_layout_default() -> str:
     return env_choice("JAXENGINE_DECODE_SPLIT_LAYOUT", SPLIT_LAYOUTS, "round_robin")
 
 
-@dataclasses.dataclass(frozen=True)
-class L2Prefetch:
-    """$JAXENGINE_L2_PREFETCH, an experiment switch ("key=value,...", unset: off): how much of the
-    next GEMMs' weights the decode kernel's extra programs read into L2 while the attention runs.
-    mb: the budget a launch, in MiB (0: off); programs: about how many prefetch programs (rounded
-    up to a multiple of kv heads x splits); max_tokens: only buckets of at most this many token
-    rows (at batch 64 the attention streams its own K/V); evict: "normal" or "last" (the loads'
-    L2 eviction priority)."""
-    mb: float = 0.0
-    programs: int = 256
-    max_tokens: int = 8
-    evict: str = "normal"
-
-
-def l2_prefetch_setting() -> L2Prefetch:
-    """$JAXENGINE_L2_PREFETCH parsed (see L2Prefetch); a key or value it does not know is a
-    ValueError naming the variable."""
-    text = os.environ.get("JAXENGINE_L2_PREFETCH", "").strip()
-    values = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        key, _, value = (x.strip() for x in item.partition("="))
-        try:
-            if key == "mb":
-                values[key] = float(value)
-                ok = values[key] >= 0
-            elif key in ("programs", "max_tokens"):
-                values[key] = int(value)
-                ok = values[key] >= 1
-            else:
-                values[key] = value
-                ok = key == "evict" and value in ("normal", "last")
-        except ValueError:
-            ok = False
-        if not ok:
-            raise ValueError(f"JAXENGINE_L2_PREFETCH: {item!r} is not one of mb=<MiB >= 0>, "
-                             "programs=<n >= 1>, max_tokens=<n >= 1>, evict=normal|last "
-                             "(e.g. 'mb=16,programs=256')")
-    return L2Prefetch(**values)
-
-
-def plan_l2_prefetch(weights, budget: int, align: int = 64) -> tuple:
-    """What a launch prefetches: weights = ((rows, K), parts, itemsize) each, in the order their
-    GEMMs run; each GEMM's CTAs walk `parts` contiguous K ranges from their starts (its kv split
-    count, decode_matmul.k_parts), so a weight's region is the first `cols` columns of every part
-    (a multiple of `align`), all rows: every CTA then finds the start of its walk in L2.  Whole
-    weights first, then part of the next one, until `budget` bytes.  Returns ((index, (rows, parts,
-    cols, part_stride)), ...)."""
-    plan = []
-    for i, ((rows, k), parts, itemsize) in enumerate(weights):
-        if k % parts:
-            raise ValueError(f"l2_prefetch: {parts} parts of a weight with {k} columns")
-        stride = k // parts
-        cols = min(stride, budget // (rows * parts * itemsize) // align * align)
-        if cols <= 0:
-            break
-        plan.append((i, (rows, parts, cols, stride)))
-        budget -= rows * parts * cols * itemsize
-        if cols < stride:  # the budget ends inside this weight
-            break
-    return tuple(plan)
-
-
 class LayerChain:
     """`decode_attention` for the layers of one forward pass, called in layer order while it is
     traced: the in-kernel merge's count buffer (zero before and after each launch) passes from each
@@ -547,7 +480,9 @@ class LayerChain:
     15 copies a token at 1B).  Make one per forward pass (a traced value must not outlive its
     trace)."""
 
-    accepts_l2_prefetch = True  # models pass l2_prefetch= (the next GEMMs' weights)
+    # models plan what the layer's kernels read into L2 with it and pass the attention's share as
+    # l2_prefetch= (regions of the next GEMMs' weights)
+    l2_windows = staticmethod(l2pf.windows)
 
     def __init__(self):
         self.counters = None
@@ -566,9 +501,9 @@ def decode_attention_with_counters(q, k, v, kv_pages, kv_lens, page_indices, num
     """`decode_attention`, taking and returning the in-kernel merge's count buffer
     (i32[num_kv_heads * num_tokens], all zeros; None: a fresh one): (out, kv_pages, counters), the
     counters zero again (the input passed through where the launch merges no splits).
-    l2_prefetch: ((weight [..., K], parts), ...) of the GEMMs after the attention, in the order they
-    run (parts: how many K ranges their CTAs walk); with $JAXENGINE_L2_PREFETCH set the launch
-    reads the first columns of each part into L2 (`plan_l2_prefetch`), else they are unused."""
+    l2_prefetch: ((weight [..., K], l2_prefetch.Region), ...): what extra programs of the launch
+    read into L2 for the GEMMs after it (models plan it with l2_prefetch.plan); their number and
+    the loads' eviction priority come from $JAXENGINE_L2_PREFETCH (l2_prefetch.setting)."""
     num_kv_heads = kv_pages.shape[2] // 2
     head_dim = kv_pages.shape[3]
     num_q_heads = q.shape[1] if k is not None else num_kv_heads * (q.shape[2] - 2)
@@ -592,15 +527,12 @@ def decode_attention_with_counters(q, k, v, kv_pages, kv_lens, page_indices, num
         if value is not None:
             cfg[key] = value
     prefetch = {}
-    setting = l2_prefetch_setting() if l2_prefetch else None
-    if setting is not None and setting.mb > 0 and q.shape[0] <= setting.max_tokens:
-        plan = plan_l2_prefetch([((math.prod(w.shape[:-1]), w.shape[-1]), parts, w.dtype.itemsize)
-                                 for w, parts in l2_prefetch], int(setting.mb * 2 ** 20))
-        if plan:
-            prefetch = dict(prefetch_ws=tuple(l2_prefetch[i][0] for i, _ in plan),
-                            prefetch=tuple(spec for _, spec in plan),
-                            prefetch_rows=-(-setting.programs // (num_kv_heads * cfg["num_splits"])),
-                            eviction="evict_last" if setting.evict == "last" else None)
+    if l2_prefetch:
+        setting = l2pf.setting()
+        prefetch = dict(prefetch_ws=tuple(w for w, _ in l2_prefetch),
+                        prefetch=tuple(tuple(region) for _, region in l2_prefetch),
+                        prefetch_rows=-(-setting.programs // (num_kv_heads * cfg["num_splits"])),
+                        eviction="evict_last" if setting.evict == "last" else None)
     out, kv_pages, counters, _ = _decode_attention(
         q, k, v, kv_pages, kv_lens, page_indices, num_seqs, inv_freq, counters, sm_scale=float(sm_scale),
         sliding_window=sliding_window, soft_cap=None if soft_cap is None else float(soft_cap),
