@@ -383,6 +383,8 @@ def _decode_matmul(x, w, *extra, tile_k: int, splits: int, stages: int, warp_spe
     ctas_n = 2 if cluster else (1 if single else splits)  # CTAs a 64-feature block
 
     def l2_next_of(body, num_inputs):
+        if warp_specialized and l2_next:  # two warpgroups would each issue them: not wired (unused there)
+            raise ValueError("l2_next: not with warp_specialized")
         return _with_l2_next(body, num_inputs, l2_next,
                              lambda: lax.axis_index("n") * ctas_n + lax.axis_index("s"),
                              n // TILE_N * ctas_n)
