@@ -172,7 +172,11 @@ def default_compilation_cache_dir() -> str:
 class RunnerConfig:
     # Token-count buckets; None means powers of two from min_token_bucket up to max_num_batched_tokens.
     token_buckets: tuple[int, ...] | None = None
-    min_token_bucket: int = 8
+    # $JAXENGINE_MIN_TOKEN_BUCKET sets it (an experiment switch, nineteenth session: at batch 1 the
+    # 8-row bucket runs 7 padding rows through every kernel; the decode attention's grid is then
+    # 8x the real row's programs, the padding ones storing zeros and counting for the split merge).
+    min_token_bucket: int = dataclasses.field(
+        default_factory=lambda: int(os.environ.get("JAXENGINE_MIN_TOKEN_BUCKET", "8")))
     # "" / None disables the persistent compilation cache.
     compilation_cache_dir: str | None = dataclasses.field(default_factory=default_compilation_cache_dir)
     # Attention implementation: "auto" (by backend), "reference", "gpu", "tpu".
@@ -278,6 +282,7 @@ class RunnerConfig:
                f"multi_step_unroll must be >= 0 (0: fully unrolled), got {self.multi_step_unroll}")
         _check(self.fused_matmul_max_tokens >= 0,
                f"fused_matmul_max_tokens must be >= 0, got {self.fused_matmul_max_tokens}")
+        _check(self.min_token_bucket >= 1, f"min_token_bucket must be >= 1, got {self.min_token_bucket}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -91,6 +91,8 @@
 #               Mosaic decode matmuls, profiled: where 8B b1's 7.2-7.8 ms first step goes against its 3.6 ms  ~3 min
 #   abl2        compiled L2-prefetch tests, then bench_step --only-k 1B and 8B b1 with $JAXENGINE_L2_PREFETCH in
 #               $L2S_1B / $L2S_8B (attention window sizes; 1B also the q/k/v and o GEMM windows); $MODELS  ~9 min
+#   abbucket    bench_step --only-k 1B and 8B b1 with $JAXENGINE_MIN_TOKEN_BUCKET 8 / 1 / 8 (a 1-row bucket: no padding
+#               rows), then with $ENGINE set the engine at 1                                       ~5 min
 #   abl2eng     the engine 1B and 8B b1 (128/128, K = 8) with $JAXENGINE_L2_PREFETCH=$L2 (default mb=16), then off  ~5 min
 #   abl2prof    bench_step's K = 8 program, 1B and 8B b1, profiled (kernels a token) with $L2 (default mb=16)  ~3 min
 #   abshorteng  the engine 1B and 8B b1 (128/128, K = 8) with $JAXENGINE_DECODE_TILE=$TILE (default split_min_blocks=4)  ~3 min
@@ -464,6 +466,20 @@ for part in "$@"; do
             --no-warmup --only-k --json "$OUT/abl2_${m}_$t.json" > "$OUT/abl2_${m}_$t.log" 2>&1
           echo "-- $s"; grep -E "^\| llama|rror" "$OUT/abl2_${m}_$t.log"
         done
+      done ;;
+    abbucket)  # batch 1 on a 1-row bucket ($JAXENGINE_MIN_TOKEN_BUCKET=1, nineteenth session): the default 8-row bucket
+      # runs 7 padding rows through every kernel (the decode attention's grid 8x the real row's programs, the padding
+      # ones storing zeros and counting for the split merge); bench_step's K = 8 program at b1, 1B and 8B, min bucket
+      # in $MINS (default "8 1 8"), then the engine at 1 if $ENGINE is set
+      for m in ${MODELS:-llama-3.2-1b llama-3.1-8b}; do
+        for mb in ${MINS:-8 1 8}; do
+          JAXENGINE_MIN_TOKEN_BUCKET=$mb timeout 150 python3 scripts/bench_step.py --model $m --batch 1 --steps 8 \
+            --no-warmup --only-k --json "$OUT/abbucket_${m}_$mb.json" > "$OUT/abbucket_${m}_$mb.log" 2>&1
+          echo "-- min bucket $mb"; grep -E "^\| llama|rror" "$OUT/abbucket_${m}_$mb.log"
+        done
+        if [ -n "${ENGINE:-}" ]; then
+          JAXENGINE_MIN_TOKEN_BUCKET=1 lat abbucket_engine_$m --model $m --batch 1 --num-scheduler-steps 8
+        fi
       done ;;
     abl2eng)  # the engine, 1B and 8B b1 (128/128, K = 8), with $JAXENGINE_L2_PREFETCH=$L2 (default mb=16), then off
       for s in "${L2:-mb=16}" ""; do

@@ -351,3 +351,33 @@ def test_dispatch_thread_gives_the_same_outputs_and_leaks_nothing(single, llama_
     assert llm.runner.num_program_steps >= (1 if k > 1 else 0)
     assert llm.runner.compile_counter.since() == 0
     assert llm.engine.scheduler.kv.num_free_pages == llm.engine.scheduler.kv.num_pages
+
+
+def test_batch_one_on_a_one_row_bucket_with_the_l2_prefetch_gives_the_same_greedy_tokens(
+        single, llama_ckpt, monkeypatch):
+    """A request alone on the smallest buckets ($JAXENGINE_MIN_TOKEN_BUCKET=1: a 1-row decode program,
+    no padding rows) through the GPU decode kernel (interpret mode on CPU) with the attention's L2
+    prefetch programs ($JAXENGINE_L2_PREFETCH): the greedy tokens of the default single-step engine,
+    the decode programs on the 1-row bucket, and no page leaked."""
+    params = SamplingParams(temperature=0.0, max_tokens=9, ignore_eos=True)
+    want, _ = run(single, PROMPTS[:1], params)
+    from jaxengine.pallas_kernels import l2_prefetch
+    from jaxengine.pallas_kernels.ragged_paged_attention import gpu_decode
+
+    planned = []  # the attention windows the decode programs' layers were given
+
+    def windows(stream, rows, gemm):
+        win = l2_prefetch.windows(stream, rows, gemm)
+        planned.append((rows, [region for _, region in win.get("attention", ())]))
+        return win
+
+    monkeypatch.setattr(gpu_decode.LayerChain, "l2_windows", staticmethod(windows))
+    monkeypatch.setenv("JAXENGINE_MIN_TOKEN_BUCKET", "1")
+    monkeypatch.setenv("JAXENGINE_L2_PREFETCH", "mb=1,programs=8,max_tokens=1")
+    llm = LLM(llama_ckpt, **{**SMALL_ENGINE, "warmup": False}, num_scheduler_steps=K, attention_impl="gpu")
+    assert llm.runner.buckets[0] == 1 and llm.runner.bucket_for(1) == 1
+    got, _ = run(llm, PROMPTS[:1], params)
+    assert planned and all(rows == 1 and regions for rows, regions in planned)
+    assert [c.token_ids for c in got[0].outputs] == [c.token_ids for c in want[0].outputs]
+    assert llm.runner.num_program_steps >= 1
+    assert llm.engine.scheduler.kv.num_free_pages == llm.engine.scheduler.kv.num_pages

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
+
 from jaxengine.config import (CacheConfig, EngineConfig, ModelConfig, ParallelConfig, RunnerConfig,
                               SchedulerConfig)
 from jaxengine.runner.model_runner import kv_bytes_per_page, kv_cache_budget_bytes, token_buckets
@@ -39,7 +41,14 @@ def test_a_page_holds_k_and_v_of_every_layer():
     assert kv_bytes_per_page(config()) == 2 * 16 * 4 * 16 * 2
 
 
-def test_token_buckets_are_powers_of_two_up_to_the_budget():
+def test_token_buckets_are_powers_of_two_up_to_the_budget(monkeypatch):
     assert token_buckets(config()) == (8, 16, 32, 64, 128, 256, 512, 1000)
     custom = dataclasses.replace(config(), runner=RunnerConfig(token_buckets=(24, 96), compilation_cache_dir=""))
     assert token_buckets(custom) == (24, 96, 1000)
+    # $JAXENGINE_MIN_TOKEN_BUCKET (an experiment switch): the smallest power-of-two bucket
+    monkeypatch.setenv("JAXENGINE_MIN_TOKEN_BUCKET", "1")
+    small = dataclasses.replace(config(), runner=RunnerConfig(compilation_cache_dir=""))
+    assert token_buckets(small) == (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1000)
+    monkeypatch.setenv("JAXENGINE_MIN_TOKEN_BUCKET", "0")
+    with pytest.raises(ValueError, match="min_token_bucket"):
+        RunnerConfig(compilation_cache_dir="")
