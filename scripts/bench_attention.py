@@ -346,8 +346,9 @@ DECODE_KERNEL_QUICK = dict(DECODE_KERNEL_SWEEP, contexts=(256, 1024, 2048), spli
 # the default splits, each row using only as many as give every split N blocks (split_min_blocks).
 # The fixed cost of a launch at short contexts (~5.7 us device time at b1 ctx 256, eleventh
 # session: 8 splits of one block and the merge) is ~5% of the 8B and ~12% of the 1B batch-1 step.
+# token_rows: also a 1-row bucket (no padding rows; $JAXENGINE_MIN_TOKEN_BUCKET=1 in the engine).
 DECODE_KERNEL_SHORT = dict(
-    DECODE_KERNEL_SWEEP, batches=(1, 8), contexts=(128, 256, 2048), splits=(None,),
+    DECODE_KERNEL_SWEEP, batches=(1, 8), contexts=(128, 256, 2048), splits=(None,), token_rows=(None, 1),
     variants={"min2": dict(split_min_blocks=2), "min4": dict(split_min_blocks=4),
               "min8": dict(split_min_blocks=8),
               "s1bk32": dict(num_splits=1), "s1bk64": dict(num_splits=1, block_k=64),
@@ -365,14 +366,17 @@ DECODE_SWEEP = {"st3": dict(num_stages=3), "st4": dict(num_stages=4), "s4": dict
 DECODE_SWEEP_CASES = [(8, 2048), (8, 8192), (64, 2048)]
 
 
-def decode_kernel_inputs(b: int, c: int, ps: int, width: int):
+def decode_kernel_inputs(b: int, c: int, ps: int, width: int, rows: int | None = None):
     """The decode kernel's inputs for b requests of context c (pages ps tokens, a page table of
     width pages a row): (token bucket, fused q/k/v, pages, (kv_lens, page table, num_seqs,
     inv_freq)).  Request i's pages are contiguous, after a page 0 no request uses; with
-    --kv-pool-gib they lie at random places in the pool instead."""
+    --kv-pool-gib they lie at random places in the pool instead.  rows: the token bucket (default
+    the runner's: powers of two from 8)."""
     group = NUM_Q_HEADS // NUM_KV_HEADS
     inv_freq = 1.0 / (500000.0 ** (jnp.arange(0, HEAD_DIM, 2, dtype=jnp.float32) / HEAD_DIM))
-    t = max(8, 1 << (b - 1).bit_length())  # the runner's token bucket
+    t = rows or max(8, 1 << (b - 1).bit_length())  # the runner's token bucket
+    if t < b:
+        raise ValueError(f"a token bucket of {t} rows cannot hold {b} requests")
     need = -(-(c + 1) // ps)
     pages = jax.random.normal(jax.random.key(c), (1 + b * need, ps, 2 * NUM_KV_HEADS, HEAD_DIM), DTYPE)
     pool = pool_pages(1 + b * need, ps)
@@ -396,53 +400,53 @@ def decode_kernel_sweep(rows, hbm, mxu, cfg=DECODE_KERNEL_SWEEP, inner=10, repea
     from jaxengine.pallas_kernels.ragged_paged_attention import gpu_decode
 
     ps, width = cfg["page_size"], cfg["pages_per_seq"]
-    for b in cfg["batches"]:
-        for c in cfg["contexts"]:
-            t, qkv, pages, rest = decode_kernel_inputs(b, c, ps, width)
-            kv_bytes = b * (c + 1) * 2 * NUM_KV_HEADS * HEAD_DIM * 2
-            flops = 4 * HEAD_DIM * NUM_Q_HEADS * b * (c + 1)
-            default = gpu_decode.default_config(t, NUM_KV_HEADS, HEAD_DIM, ps, width)["num_splits"]
-            variants = [(f"splits={s or f'default({default})'}", {} if s is None else {"num_splits": s})
-                        for s in cfg["splits"]] + list(cfg.get("variants", {}).items())
-            for impl, kw in variants:
+    for b, c, bucket in [(b, c, r) for b in cfg["batches"] for c in cfg["contexts"]
+                         for r in cfg.get("token_rows", (None,)) if r is None or r >= b]:
+        t, qkv, pages, rest = decode_kernel_inputs(b, c, ps, width, bucket)
+        kv_bytes = b * (c + 1) * 2 * NUM_KV_HEADS * HEAD_DIM * 2
+        flops = 4 * HEAD_DIM * NUM_Q_HEADS * b * (c + 1)
+        default = gpu_decode.default_config(t, NUM_KV_HEADS, HEAD_DIM, ps, width)["num_splits"]
+        variants = [(f"splits={s or f'default({default})'}", {} if s is None else {"num_splits": s})
+                    for s in cfg["splits"]] + list(cfg.get("variants", {}).items())
+        for impl, kw in variants:
 
-                def loop(qkv, pages, *rest, kw=kw):
-                    out = None
-                    for _ in range(inner):
-                        dep = 0 if out is None else (out.reshape(-1)[0] * 0).astype(qkv.dtype)
-                        out, pages = gpu_decode.decode_attention(qkv + dep, None, None, pages, *rest,
-                                                                 sm_scale=SM_SCALE, **kw)
-                    return out, pages
+            def loop(qkv, pages, *rest, kw=kw):
+                out = None
+                for _ in range(inner):
+                    dep = 0 if out is None else (out.reshape(-1)[0] * 0).astype(qkv.dtype)
+                    out, pages = gpu_decode.decode_attention(qkv + dep, None, None, pages, *rest,
+                                                             sm_scale=SM_SCALE, **kw)
+                return out, pages
 
-                f = jax.jit(loop, donate_argnums=(1,))
-                row = dict(kind="decode-kernel", case=f"b{b} ctx{c}", page_size=ps,
-                           impl=impl, bytes=kv_bytes, flops=flops)
-                try:
+            f = jax.jit(loop, donate_argnums=(1,))
+            row = dict(kind="decode-kernel", case=f"b{b} ctx{c}" + (f" rows{t}" if bucket else ""), page_size=ps,
+                       impl=impl, bytes=kv_bytes, flops=flops)
+            try:
+                out, pages = f(qkv, pages, *rest)
+                jax.block_until_ready(out)
+                times = []
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
                     out, pages = f(qkv, pages, *rest)
                     jax.block_until_ready(out)
-                    times = []
-                    for _ in range(repeats):
-                        t0 = time.perf_counter()
-                        out, pages = f(qkv, pages, *rest)
-                        jax.block_until_ready(out)
-                        times.append((time.perf_counter() - t0) / inner)
-                    tm = statistics.median(times)
-                    row.update(time_us=tm * 1e6, hbm_frac=kv_bytes / tm / hbm, mxu_frac=flops / tm / mxu)
-                    if DEVICE_TIME:  # the decode kernel and its combine; not the loop's own kernels
-                        import tempfile
-                        with tempfile.TemporaryDirectory() as d:
-                            with jax.profiler.trace(d):
-                                out, pages = f(qkv, pages, *rest)
-                                jax.block_until_ready(out)
-                            events = [e for e in device_events_of(d)
-                                      if e.get("name", "").startswith(("decode_attention", "attention_split_combine"))]
-                        busy = sum(float(e["dur"]) for e in events) * 1e-6 / inner if events else None
-                        _add_device_time(row, busy, kv_bytes, flops, hbm, mxu)
-                except Exception as e:  # noqa: BLE001 - record and go on
-                    row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-                rows.append(row)
-                print_row(row)
-            del pages
+                    times.append((time.perf_counter() - t0) / inner)
+                tm = statistics.median(times)
+                row.update(time_us=tm * 1e6, hbm_frac=kv_bytes / tm / hbm, mxu_frac=flops / tm / mxu)
+                if DEVICE_TIME:  # the decode kernel and its combine; not the loop's own kernels
+                    import tempfile
+                    with tempfile.TemporaryDirectory() as d:
+                        with jax.profiler.trace(d):
+                            out, pages = f(qkv, pages, *rest)
+                            jax.block_until_ready(out)
+                        events = [e for e in device_events_of(d)
+                                  if e.get("name", "").startswith(("decode_attention", "attention_split_combine"))]
+                    busy = sum(float(e["dur"]) for e in events) * 1e-6 / inner if events else None
+                    _add_device_time(row, busy, kv_bytes, flops, hbm, mxu)
+            except Exception as e:  # noqa: BLE001 - record and go on
+                row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            rows.append(row)
+            print_row(row)
+        del pages
 
 
 # --device-time: also each case's device kernel time (device_time()), as device_us and the two

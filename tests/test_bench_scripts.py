@@ -8,6 +8,8 @@ import os
 import sys
 import time
 
+import pytest
+
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
 
 import bench_latency as bl  # noqa: E402
@@ -351,6 +353,16 @@ def test_decode_kernel_sweep_times_every_split_count():
     assert all("error" not in r and r["time_us"] > 0 for r in rows), rows
     assert rows[3]["bytes"] == 3 * rows[0]["bytes"]
     assert set(ba.DECODE_KERNEL_SHORT["variants"]) >= {"s1bk64", "s2bk32"}  # the sweep's own table
+    # token_rows: the runner's bucket (8 rows for 1-3 requests) and a bucket of exactly 1 row, which
+    # only batch 1 fits; the inputs follow it
+    rows = []
+    ba.decode_kernel_sweep(rows, hbm=1e12, mxu=1e14, cfg=dict(cfg, splits=(None,), variants={},
+                                                              token_rows=(None, 1)), inner=1, repeats=1)
+    assert [r["case"] for r in rows] == ["b1 ctx20", "b1 ctx20 rows1", "b3 ctx20"]
+    assert all("error" not in r and r["time_us"] > 0 for r in rows), rows
+    assert ba.decode_kernel_inputs(1, 20, 8, 8, 1)[1].shape[0] == 1 and ba.DECODE_KERNEL_SHORT["token_rows"] == (None, 1)
+    with pytest.raises(ValueError, match="bucket"):
+        ba.decode_kernel_inputs(3, 20, 8, 8, 2)
 
 
 def test_kv_pool_scatters_a_cases_pages_without_changing_its_result(monkeypatch):
