@@ -298,6 +298,26 @@ def test_engine_decodes_through_the_kernel(tmp_path, monkeypatch):
         assert [t[:4] for t in run] == [t[:4] for t in outs["xla", 4]]
     assert calls and all(shape[0] <= 32 for shape in calls)  # traced into decode-sized programs only
     assert all(len(t) == 6 for t in outs["xla", 4])
+    # the L2 prefetch windows (q/k/v GEMM, the GPU decode kernel's attention, o GEMM) through the
+    # whole engine: the same tokens as without them (a prefetch changes no number)
+    from jaxengine.pallas_kernels import l2_prefetch
+    from jaxengine.pallas_kernels.ragged_paged_attention import gpu_decode
+    planned = []
+
+    def windows(stream, rows, gemm):
+        win = l2_prefetch.windows(stream, rows, gemm)
+        planned.append(sorted(win))
+        return win
+
+    monkeypatch.setattr(gpu_decode.LayerChain, "l2_windows", staticmethod(windows))
+    for setting in ("", "qkv_mb=0.03,mb=0.04,o_mb=0.2"):
+        monkeypatch.setenv("JAXENGINE_L2_PREFETCH", setting)
+        llm = LLM(str(tmp_path), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
+                  max_model_len=64, max_num_seqs=4, max_num_batched_tokens=32, kv_cache_memory_bytes=4 << 20,
+                  num_scheduler_steps=4, decode_matmul="mgpu_norm", attention_impl="gpu", warmup=False)
+        outs["l2", setting] = [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)]
+    assert outs["l2", "qkv_mb=0.03,mb=0.04,o_mb=0.2"] == outs["l2", ""]
+    assert ["attention", "o", "qkv"] in planned  # every window planned in the decode programs
 
 
 def test_config_and_impl_selection(monkeypatch):
