@@ -20,6 +20,8 @@ $JAXENGINE_L2_PREFETCH turns it on (an experiment switch, off by default until m
   max_tokens  token buckets of at most this many rows only (default 8; at batch 64 the attention
               streams its own K/V and the GEMMs their weights)
   evict       "normal" or "last" (the attention programs' loads' L2 eviction priority)
+  tile_rows   the attention programs' tile rows (4, 8 or 16, x 512 columns; default 16: 65 registers,
+              as 8; 32 would take 125 and cost the attention programs occupancy, offline sm_90a compile)
 """
 
 from __future__ import annotations
@@ -47,13 +49,14 @@ class L2Prefetch:
     programs: int = 256
     max_tokens: int = 8
     evict: str = "normal"
+    tile_rows: int = 16  # the attention-side programs' tile: [tile_rows, 512] (16 KB bf16 in flight)
 
     def active(self, rows: int) -> bool:
         """Whether a token bucket of `rows` rows prefetches at all."""
         return rows <= self.max_tokens and (self.mb > 0 or self.qkv_mb > 0 or self.o_mb > 0)
 
 
-_FLOATS, _INTS = ("mb", "qkv_mb", "o_mb"), ("programs", "max_tokens")
+_FLOATS, _INTS = ("mb", "qkv_mb", "o_mb"), ("programs", "max_tokens", "tile_rows")
 
 
 def setting() -> L2Prefetch:
@@ -69,7 +72,7 @@ def setting() -> L2Prefetch:
                 ok = values[key] >= 0
             elif key in _INTS:
                 values[key] = int(value)
-                ok = values[key] >= 1
+                ok = values[key] >= 1 and (key != "tile_rows" or values[key] in (4, 8, 16))
             else:
                 values[key] = value
                 ok = key == "evict" and value in ("normal", "last")
@@ -77,7 +80,8 @@ def setting() -> L2Prefetch:
             ok = False
         if not ok:
             raise ValueError(f"JAXENGINE_L2_PREFETCH: {item!r} is not one of mb=, qkv_mb=, o_mb= (MiB >= 0), "
-                             "programs=, max_tokens= (n >= 1), evict=normal|last (e.g. 'mb=16,o_mb=8')")
+                             "programs=, max_tokens= (n >= 1), tile_rows=4|8|16, evict=normal|last "
+                             "(e.g. 'mb=16,o_mb=8')")
     return L2Prefetch(**values)
 
 

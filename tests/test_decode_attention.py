@@ -511,10 +511,11 @@ def test_l2_prefetch_programs_read_their_regions_once_beside_an_unchanged_attent
 def test_l2_prefetch_setting_is_parsed_and_checked(monkeypatch):
     monkeypatch.delenv("JAXENGINE_L2_PREFETCH", raising=False)
     assert l2pf.setting() == l2pf.L2Prefetch() and not l2pf.L2Prefetch().active(1)  # off by default
-    monkeypatch.setenv("JAXENGINE_L2_PREFETCH", " mb=12.5 , programs=128,max_tokens=16,evict=last,qkv_mb=4,o_mb=2")
-    assert l2pf.setting() == l2pf.L2Prefetch(12.5, 4.0, 2.0, 128, 16, "last")
+    monkeypatch.setenv("JAXENGINE_L2_PREFETCH",
+                       " mb=12.5 , programs=128,max_tokens=16,evict=last,qkv_mb=4,o_mb=2,tile_rows=8")
+    assert l2pf.setting() == l2pf.L2Prefetch(12.5, 4.0, 2.0, 128, 16, "last", 8)
     assert l2pf.setting().active(16) and not l2pf.setting().active(32)
-    for bad in ("mb=-1", "programs=0", "max_tokens=x", "evict=first", "size=4", "mb"):
+    for bad in ("mb=-1", "programs=0", "max_tokens=x", "evict=first", "size=4", "mb", "tile_rows=32"):
         monkeypatch.setenv("JAXENGINE_L2_PREFETCH", bad)
         with pytest.raises(ValueError, match="JAXENGINE_L2_PREFETCH"):
             l2pf.setting()

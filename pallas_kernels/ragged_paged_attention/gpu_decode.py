@@ -532,6 +532,7 @@ def decode_attention_with_counters(q, k, v, kv_pages, kv_lens, page_indices, num
         prefetch = dict(prefetch_ws=tuple(w for w, _ in l2_prefetch),
                         prefetch=tuple(tuple(region) for _, region in l2_prefetch),
                         prefetch_rows=-(-setting.programs // (num_kv_heads * cfg["num_splits"])),
+                        prefetch_tile=(setting.tile_rows, 512),
                         eviction="evict_last" if setting.evict == "last" else None)
     out, kv_pages, counters, _ = _decode_attention(
         q, k, v, kv_pages, kv_lens, page_indices, num_seqs, inv_freq, counters, sm_scale=float(sm_scale),
