@@ -13,6 +13,10 @@ fused_combine, by each row's last split inside this kernel (an atomic count per 
 
 Compared with the general path (q rope, K/V scatter, attention, two combine kernels) this is two
 kernels a layer instead of five, one with a single split.
+
+With l2_prefetch (pallas_kernels/l2_prefetch, $JAXENGINE_L2_PREFETCH, off by default) the launch
+carries extra programs (more token rows of the grid, after the real ones) that read regions of the
+next GEMMs' weights into L2 while the attention's latency-bound programs run.
 """
 
 from __future__ import annotations
