@@ -167,7 +167,7 @@ def attention_block(p: Params, cfg: ModelConfig, x: jax.Array, rope: Any,
     `attention` (a decode_attention, pallas_kernels/ragged_paged_attention/decode.py) rotates
     q and k with itself while it writes the KV slots.  o_proj(out, w): replaces the output
     projection (and its bias: the caller's business), its result returned as is.  l2_prefetch
-    (decode only, `l2_prefetch_list`): passed on to the decode attention."""
+    (decode only): the attention's window of `l2_windows`, passed on to the decode attention."""
     if o_proj is None:
         o_proj = lambda out, w: linear(out, p["o_proj"], dense)  # noqa: E731
     t = x.shape[0]

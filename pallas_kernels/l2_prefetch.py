@@ -151,11 +151,6 @@ def deal(pid, num_programs: int, offset: int, tiles: int):
     return first, lax.div(jnp.maximum(tiles - first + num_programs - 1, 0), num_programs)
 
 
-def region_bytes(region: Region, itemsize: int) -> int:
-    rows, parts, c0, c1, _ = region
-    return rows * parts * (c1 - c0) * itemsize
-
-
 def tile_origin(t, region: Region, tile: tuple[int, int]):
     """(row, column, column within the part's range) of tile t of a region cut in `tile` [rows,
     columns] tiles (column tiles fastest, then parts, then row tiles); ints or traced scalars."""

@@ -140,8 +140,7 @@ def mgpu_k_parts(n: int, k: int, gate_up: bool = False) -> int:
     """How many contiguous K ranges the kernels' CTAs walk for a weight [n, k]: its K splits
     (gpu.default_config, which the plain, residual and normed kernels share; a cluster pair walks
     the same two halves), 1 for the gate/up kernel (it never splits K).  Where their weights'
-    first columns sit is what the decode attention's L2 prefetch warms
-    (ragged_paged_attention/gpu_decode.plan_l2_prefetch)."""
+    first columns sit is what the L2 prefetch windows warm (pallas_kernels/l2_prefetch.plan)."""
     from . import gpu
 
     if gate_up or n % gpu.TILE_N or k % 64:

@@ -292,10 +292,9 @@ def _l2_prefetch_body(w_refs, sums_ref, pid, num_programs: int, regions, tile: t
 
 def _decode_kernel_with_prefetch(*refs, num_inputs: int, num_tokens: int, prefetch: tuple,
                                  prefetch_tile: tuple[int, int], eviction: str | None, **kw):
-    # prefetch: the weights' l2_prefetch.Region each
     """_decode_kernel's programs (token rows j < num_tokens) beside L2 prefetch programs (the grid's
-    extra token rows): refs = the kernel's inputs, the prefetched weights, its outputs, the
-    prefetch sums.  At batch 1 the attention is ~8 us a layer of latency on ~0.5 MB, with most SMs
+    extra token rows): refs = the kernel's inputs, the prefetched weights (prefetch: their
+    l2_prefetch.Region each), its outputs, the prefetch sums.  At batch 1 the attention is ~8 us a layer of latency on ~0.5 MB, with most SMs
     idle and HBM quiet; the prefetch programs read (part of) the next GEMMs' weights meanwhile."""
     num_w = len(prefetch)
     inputs, w_refs = refs[:num_inputs], refs[num_inputs:num_inputs + num_w]
