@@ -21,6 +21,18 @@ def _tristate(value: str) -> bool | None:
     return True if v in ("1", "true", "on") else False if v in ("0", "false", "off") else None
 
 
+def _env_optional_int(name: str, default: str) -> int | None:
+    """An environment number where "", "none" or "off" mean None."""
+    value = os.environ.get(name, default)
+    v = value.strip().lower()
+    if v in ("", "none", "off"):
+        return None
+    try:
+        return int(v)
+    except ValueError:
+        raise ValueError(f"${name} must be an integer or 'none', got {value!r}") from None
+
+
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise ValueError(msg)
@@ -184,6 +196,15 @@ class RunnerConfig:
         default_factory=lambda: os.environ.get("JAXENGINE_ATTENTION", "auto"))
     max_logprobs: int = 20
     warmup: bool = True
+    # Warm-up compiles the token buckets up to this size before the engine starts (LLM() returns)
+    # and the bigger ones on a background thread afterwards, in increasing order; until a bucket
+    # is ready the scheduler's token budget stops at the biggest ready one (ModelRunner.
+    # token_budget).  So a large max_num_batched_tokens (8192 on a GPU, where it measured faster
+    # for long prompts) costs no start-up time.  None or 0: every bucket before the start.  One
+    # process only (multi-host runs compile everything first).
+    # $JAXENGINE_BACKGROUND_COMPILE_ABOVE sets it.
+    background_compile_above: int | None = dataclasses.field(
+        default_factory=lambda: _env_optional_int("JAXENGINE_BACKGROUND_COMPILE_ABOVE", "2048"))
     # Matmuls of decode-sized buckets: "reference" (XLA), "gpu" (the fused Pallas kernels of
     # pallas_kernels/fused_matmul; interpret mode on CPU), "auto" (= reference: XLA measured faster).
     matmul_impl: str = dataclasses.field(
@@ -258,6 +279,8 @@ class RunnerConfig:
         default_factory=lambda: os.environ.get("JAXENGINE_RESIDUAL_NORM", "auto"))
 
     def __post_init__(self):
+        _check(self.background_compile_above is None or self.background_compile_above >= 0,
+               f"background_compile_above must be >= 0 or None; got {self.background_compile_above!r}")
         _check(isinstance(self.max_logprobs, int) and self.max_logprobs >= 0,
                f"max_logprobs must be an int >= 0; got {self.max_logprobs!r}")
         _check(self.residual_norm in ("auto", "gpu", "reference", "off"),

@@ -128,6 +128,19 @@ def _worker(out_path: str, tmp: str) -> None:
     res["q_heads_of_shard"] = [[next(h for h in range(8) if np.array_equal(sh[0, j], q_heads[h])) for j in range(2)]
                                for sh in shards]
 
+    # Bigger buckets compiled in the background over a mesh (tp 2 x dp 2: two runners, each its
+    # own thread): the steps run what the threads compiled, and the tokens are tp=1's.
+    bg = LLM(ckpts["tp8_gqa"], tensor_parallel_size=2, data_parallel_size=2,
+             **{**engine, "token_buckets": (16, 32), "background_compile_above": 16})
+    from jaxengine.runner.compile_watch import num_background_compilations
+    res["background"] = {"done": bg.wait_for_compilation(timeout=300),
+                         "background_programs": num_background_compilations(),
+                         "budgets": [r.token_budget for r in bg.runners],
+                         "errors": [repr(r.background_compile_error) for r in bg.runners if r.background_compile_error]}
+    res["tokens"]["tp8_gqa/tp2dp2/background"] = [
+        o.outputs[0].token_ids for o in bg.generate(prompts, greedy, use_tqdm=False)]
+    res["background"]["compiled_since_warmup"] = bg.num_compilations_since_warmup()
+
     # Collectives of the compiled step, tp=2 and tp=4.
     res["hlo"] = {}
     for tp in (2, 4):
@@ -189,6 +202,13 @@ def test_greedy_tokens_with_tensor_and_data_parallelism_match_one_device(seen, t
     ref = seen["tokens"]["tp8_gqa/tp1dp1"]
     assert len(ref) == 6 and all(len(t) == MAX_TOKENS for t in ref)
     assert seen["tokens"][f"tp8_gqa/tp{tp}dp{dp}"] == ref
+
+
+def test_background_compiled_buckets_under_tensor_and_data_parallelism(seen):
+    bg = seen["background"]
+    assert bg["done"] and bg["budgets"] == [64, 64] and bg["background_programs"] >= 4, bg
+    assert bg["errors"] == [] and bg["compiled_since_warmup"] == 0, bg
+    assert seen["tokens"]["tp8_gqa/tp2dp2/background"] == seen["tokens"]["tp8_gqa/tp1dp1"]
 
 
 def test_multi_step_decoding_under_tensor_parallelism_matches_one_device(seen):

@@ -127,7 +127,15 @@ class EngineCore:
     def step(self, stream: bool = True) -> list[RequestOutput]:
         """One engine step.  Returns the outputs of requests that changed (stream=False: only of
         requests that finished, which saves building outputs nobody reads)."""
+        budget = getattr(self.runner, "token_budget", None)  # lower while buckets still compile
+        if budget is not None:
+            self.scheduler.token_budget = budget
         out = self.scheduler.schedule()
+        if (out.empty and self._inflight is None and self.scheduler.waiting
+                and budget is not None and budget < self.config.max_num_batched_tokens):
+            # nothing fits the buckets ready (a prompt longer than them with chunked prefill off):
+            # wait for the next one instead of spinning
+            self.runner.wait_for_budget(budget, timeout=1.0)
         handle = None
         if not out.empty:
             handle = self.runner.dispatch(out)

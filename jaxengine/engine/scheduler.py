@@ -79,6 +79,9 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self._freed: list[str] = []
         self.num_preemptions = 0
+        # The token budget of the next step, at most max_num_batched_tokens: the engine lowers it
+        # while the runner's bigger buckets are still compiling (ModelRunner.token_budget).
+        self.token_budget = config.max_num_batched_tokens
 
     # ------------------------------------------------------------------------------ requests
     def add_request(self, req: Request) -> None:
@@ -170,7 +173,7 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         cfg = self.config
-        budget = cfg.max_num_batched_tokens
+        budget = step_budget = min(self.token_budget, cfg.max_num_batched_tokens)
         seqs: list[ScheduledSeq] = []
         preempted = 0
 
@@ -232,7 +235,7 @@ class Scheduler:
 
         num_steps = self._multi_step(seqs) if cfg.num_scheduler_steps > 1 and preempted == 0 else 1
         freed, self._freed = self._freed, []
-        return SchedulerOutput(seqs=seqs, num_batched_tokens=cfg.max_num_batched_tokens - budget,
+        return SchedulerOutput(seqs=seqs, num_batched_tokens=step_budget - budget,
                                freed_request_ids=freed, num_preempted=preempted, num_steps=num_steps)
 
     def _room(self, req: Request) -> int:

@@ -23,7 +23,8 @@ ENGINE_ARG_HELP: dict[str, str] = {
     "dtype": "Weights and activations dtype: auto (the checkpoint's), bfloat16, float16 or float32.",
     "max_model_len": "Longest sequence (prompt + output) in tokens; default: the model's, capped by the KV cache.",
     "max_num_seqs": "Most requests in one running batch.",
-    "max_num_batched_tokens": "Token budget of one engine step (prefill chunks and decodes together).",
+    "max_num_batched_tokens": "Token budget of one engine step (prefill chunks and decodes together); default "
+                              "8192 on a GPU (the buckets above 2048 compiled in the background), else 2048.",
     "kv_cache_memory_bytes": "KV-cache size in bytes (suffixes K, M, G, KiB, MiB, GiB accepted); "
                              "overrides --gpu-memory-utilization.",
     "gpu_memory_utilization": "Fraction of device memory the engine may use (weights + KV cache).",
@@ -61,6 +62,9 @@ ENGINE_ARG_HELP: dict[str, str] = {
                          "loop: 1 (default) a loop of K trips, 0 the K iterations unrolled (no loop, but a "
                          "longer compile and, on GPUs, a command-buffer update per call); "
                          "$JAXENGINE_MULTI_STEP_UNROLL.",
+    "background_compile_above": "Compile the token buckets above this size on a background thread after start-up, "
+                                "the step budget growing to each as it is ready (default 2048, "
+                                "$JAXENGINE_BACKGROUND_COMPILE_ABOVE; 0: all before start-up).",
     "max_logprobs": "Most top logprobs a request may ask for (OpenAI logprobs / top_logprobs); every step that "
                     "serves logprobs, penalties or top-k/top-p computes this many (default 20).",
     "async_scheduling": "Schedule and dispatch step N+1 before reading back step N's tokens, so host "

@@ -14,15 +14,31 @@ _CACHE_EVENTS = {"/jax/compilation_cache/cache_hits": "persistent_cache_hits",
 
 _lock = threading.Lock()
 _count = 0
+_background_count = 0  # lowered by a background compile thread (not serving's)
+_thread = threading.local()
 _cache_stats = {"persistent_cache_hits": 0, "persistent_cache_misses": 0}
 _installed = False
 
 
 def _listener(event: str, duration_secs: float, **kwargs) -> None:
-    global _count
+    global _count, _background_count
     if event == _LOWER_EVENT:
         with _lock:
-            _count += 1
+            if getattr(_thread, "background", False):
+                _background_count += 1
+            else:
+                _count += 1
+
+
+def mark_background_thread() -> None:
+    """Lowerings by the calling thread from now on are a background compile's (ModelRunner's
+    bigger buckets after warm-up): counted by `num_background_compilations`, not by
+    `num_compilations` / CompileCounter, which tell whether serving compiled."""
+    _thread.background = True
+
+
+def num_background_compilations() -> int:
+    return _background_count
 
 
 def _event_listener(event: str, **kwargs) -> None:

@@ -10,9 +10,13 @@ bucket and mode is compiled at start-up, so serving never compiles.
 
 from __future__ import annotations
 
+import atexit
 import concurrent.futures
 import dataclasses
 import logging
+import threading
+import time
+import weakref
 from types import ModuleType
 from typing import Any
 
@@ -28,6 +32,7 @@ from jaxengine.pallas_kernels import residual_norm as residual_norm_kernels
 from jaxengine.pallas_kernels.ragged_paged_attention import get_attention, get_decode_attention, per_forward, resolve_impl
 from jaxengine.pallas_kernels.ragged_paged_attention.decode import decode_slots
 from jaxengine.runner import sampler
+from jaxengine.runner import compile_watch
 from jaxengine.runner.compile_watch import CompileCounter
 
 logger = logging.getLogger(__name__)
@@ -117,6 +122,17 @@ def resolve_dispatch_thread(setting: bool | None, mesh: Any = None) -> bool:
         return bool(setting)
     one_device = mesh is None or mesh.devices.size == 1
     return jax.default_backend() in ("gpu", "cuda") and jax.process_count() == 1 and one_device
+
+
+# Runners that started a background compilation: at interpreter exit each finishes the bucket it
+# is compiling and skips the rest (a daemon thread killed inside XLA's compiler can crash the exit).
+_BACKGROUND_RUNNERS: "weakref.WeakSet[ModelRunner]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_background_compiles() -> None:
+    for runner in list(_BACKGROUND_RUNNERS):
+        runner.stop_background_compile()
 
 
 class ModelRunner:
@@ -344,6 +360,13 @@ class ModelRunner:
         self._layouts: dict[tuple[int, int], tuple] = {}
         self._load_history = jax.jit(sampler.load_history, donate_argnums=(0,))
         self.compile_counter = CompileCounter()
+        # Background compilation of the bigger token buckets (warmup, RunnerConfig.
+        # background_compile_above): the scheduler's budget is the biggest bucket ready.
+        self._ready_budget = cfg.scheduler.max_num_batched_tokens
+        self._budget_cond = threading.Condition()
+        self._compile_thread: threading.Thread | None = None
+        self._stop_compile = threading.Event()
+        self.background_compile_error: BaseException | None = None
         # multi-host: a sharding.multihost.StepChannel; the driver (process 0) sends each device call
         # to the workers, which replay it (sharding.multihost.follow) so all run the same programs
         self.channel = None
@@ -358,12 +381,20 @@ class ModelRunner:
     def seqs_for(self, bucket: int) -> int:
         return min(bucket, self.max_seqs)
 
-    def warmup(self, progress: bool = True) -> None:
-        """Compile every bucket now (from the persistent cache when it has them)."""
-        buckets = self.buckets
+    def warmup(self, progress: bool = True, background: bool = True) -> None:
+        """Compile every bucket now (from the persistent cache when it has them).  With
+        `background` (and RunnerConfig.background_compile_above set, one process), token buckets
+        above that size compile on a thread after this returns, smallest first: `token_budget`
+        is the biggest one ready, `wait_compiled` waits for them."""
+        limit = self.cfg.runner.background_compile_above
+        if not background or not limit or jax.process_count() > 1:
+            limit = None
+        now = [t for t in self.buckets if limit is None or t <= limit or t == self.buckets[0]]
+        later = [t for t in self.buckets if t not in now]
+        buckets = now
         if progress:
             from tqdm.auto import tqdm
-            buckets = tqdm(buckets, desc="Compiling buckets", unit="bucket")
+            buckets = tqdm(now, desc="Compiling buckets", unit="bucket")
         sampled: set[int] = set()
         for t in buckets:
             s = self.seqs_for(t)
@@ -381,6 +412,107 @@ class ModelRunner:
         self._dispatch_load_history(self.num_slots - 1, tokens, 0)
         self.sync()
         jax.block_until_ready(self.penalty_state)
+        if later:
+            self._ready_budget = min(now[-1], self.cfg.scheduler.max_num_batched_tokens)
+            self._start_background_compile(later, sampled)
+
+    # ------------------------------------------------------------------ background compilation
+    @property
+    def token_budget(self) -> int:
+        """The most tokens a step may take now: max_num_batched_tokens, or while bigger buckets
+        are still compiling in the background, the biggest bucket ready."""
+        return self._ready_budget
+
+    @property
+    def compiling(self) -> bool:
+        """Whether buckets are still compiling in the background."""
+        t = self._compile_thread
+        return t is not None and t.is_alive()
+
+    def wait_compiled(self, timeout: float | None = None) -> bool:
+        """Wait until the background compilation (if any) is done; True if it is."""
+        t = self._compile_thread
+        if t is not None:
+            t.join(timeout)
+        return not self.compiling
+
+    def wait_for_budget(self, above: int, timeout: float) -> int:
+        """Wait (at most timeout seconds) until the token budget exceeds `above` or the
+        background compilation ends; returns the budget."""
+        deadline = time.monotonic() + timeout
+        with self._budget_cond:
+            while self._ready_budget <= above and self.compiling:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._budget_cond.wait(left)
+            return self._ready_budget
+
+    def stop_background_compile(self, timeout: float | None = None) -> None:
+        """Finish the bucket being compiled, skip the rest (interpreter exit, shutdown)."""
+        self._stop_compile.set()
+        self.wait_compiled(timeout)
+
+    def _start_background_compile(self, buckets: list[int], sampled: set[int]) -> None:
+        # The device state's types, taken now: the dispatching thread replaces the arrays
+        # (donation) while this thread lowers, and lowering needs only their types.  They must be
+        # the types the steps' calls pass, or the jitted function would not find what was compiled:
+        # one device, arrays made without a device_put (uncommitted: no sharding in the type); a
+        # mesh, the explicit shardings the jitted functions take anyway.
+        if self.mesh is None:
+            spec = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)  # noqa: E731
+        else:
+            spec = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)  # noqa: E731
+        kv_specs = [spec(x) for x in self.kv_caches]
+        penalty_specs = {k: spec(v) for k, v in self.penalty_state.items()}
+
+        def run():
+            compile_watch.mark_background_thread()
+            try:
+                for t in buckets:
+                    if self._stop_compile.is_set():
+                        return
+                    start = time.monotonic()
+                    self._compile_bucket(t, sampled, kv_specs, penalty_specs)
+                    with self._budget_cond:
+                        self._ready_budget = min(t, self.cfg.scheduler.max_num_batched_tokens)
+                        self._budget_cond.notify_all()
+                    logger.info("token bucket %d compiled in the background (%.1f s); token budget %d",
+                                t, time.monotonic() - start, self._ready_budget)
+            except BaseException as e:  # keep serving at the budget reached; say why it stopped
+                self.background_compile_error = e
+                logger.exception("background compilation stopped; the token budget stays at %d",
+                                 self._ready_budget)
+            finally:
+                with self._budget_cond:
+                    self._budget_cond.notify_all()
+
+        self._compile_thread = threading.Thread(target=run, name="jaxengine-compile", daemon=True)
+        self._compile_thread.start()
+        _BACKGROUND_RUNNERS.add(self)
+
+    def _compile_bucket(self, t: int, sampled: set[int], kv_specs: list, penalty_specs: dict) -> None:
+        """Compile (without running) the programs a step of bucket t runs: `forward`, and
+        `sample` for its request bucket's modes if no smaller bucket had that request bucket.
+        The jitted functions keep what was compiled, so the first step of the bucket runs it."""
+        s = self.seqs_for(t)
+        _, n_int, n_float = self._layout(t, s)
+        repl = None
+        if self.mesh is not None:
+            from jaxengine import sharding
+            repl = sharding.replicated(self.mesh)
+        ints = jax.ShapeDtypeStruct((n_int,), jnp.int32, sharding=repl)
+        floats = jax.ShapeDtypeStruct((n_float,), jnp.float32, sharding=repl)
+        fwd = self._forward.lower(self.params, kv_specs, penalty_specs["last_tokens"], ints, floats, (t, s))
+        fwd.compile()
+        if s in sampled:
+            return
+        # the sampler's inputs are forward's outputs (replicated over a mesh)
+        outs = [jax.ShapeDtypeStruct(o.shape, o.dtype, sharding=repl)
+                for o in jax.tree_util.tree_leaves(fwd.out_info)[-3:]]
+        for mode in sampler.MODES:
+            self._sample.lower(outs[0], penalty_specs, outs[1], outs[2], s, mode).compile()
+        sampled.add(s)
 
     # ------------------------------------------------------------------------------ execute
     def _empty_arrays(self, t: int, s: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:

@@ -1,0 +1,156 @@
+"""Background compilation of the bigger token buckets (RunnerConfig.background_compile_above):
+LLM() returns once the small buckets are compiled, the scheduler's budget follows the buckets as
+they become ready, what the thread compiled is what the steps run (serving compiles nothing), the
+tokens do not depend on the budget, and a failure or a shutdown leaves the engine serving."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from conftest import SMALL_ENGINE
+from jaxengine import LLM, SamplingParams
+from jaxengine.config import RunnerConfig
+from jaxengine.llm import default_max_num_batched_tokens
+from jaxengine.runner import compile_watch
+from jaxengine.runner.model_runner import ModelRunner
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+ENGINE = {**SMALL_ENGINE, "max_num_seqs": 16, "max_num_batched_tokens": 128, "background_compile_above": 16}
+
+
+def make_prompts(n: int, seed: int = 0, max_len: int = 60) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    return [{"prompt_token_ids": rng.integers(3, 200, rng.integers(20, max_len + 1)).tolist()}
+            for _ in range(n)]
+
+
+class Gate:
+    """Holds ModelRunner._compile_bucket at bucket sizes >= `hold` until opened; `fail` raises
+    at that bucket instead."""
+
+    def __init__(self, monkeypatch, hold: int, fail: int | None = None):
+        self.open = threading.Event()
+        self.compiled: list[int] = []
+        original = ModelRunner._compile_bucket
+
+        def compile_bucket(runner, t, *args):
+            if t >= hold:
+                assert self.open.wait(60), "test gate never opened"
+            if t == fail:
+                raise RuntimeError(f"injected failure compiling bucket {t}")
+            original(runner, t, *args)
+            self.compiled.append(t)
+        monkeypatch.setattr(ModelRunner, "_compile_bucket", compile_bucket)
+
+
+def step_budgets(llm):
+    """Record every step's scheduled token count and the budget it was scheduled under."""
+    sched = llm.engine.scheduler
+    seen: list[tuple[int, int]] = []
+    schedule = sched.schedule
+
+    def record():
+        out = schedule()
+        seen.append((out.num_batched_tokens, sched.token_budget))
+        return out
+    sched.schedule = record
+    return seen
+
+
+def test_bigger_buckets_compile_in_the_background_while_the_engine_serves(llama_ckpt, monkeypatch):
+    gate = Gate(monkeypatch, hold=32)
+    llm = LLM(llama_ckpt, **ENGINE)
+    runner = llm.runner
+    assert runner.buckets == (8, 16, 32, 64, 128)
+    assert runner.compiling and runner.token_budget == 16
+    seen = step_budgets(llm)
+    prompts = make_prompts(12)
+    held = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+    assert seen and max(n for n, _ in seen) <= 16, "steps kept to the buckets ready"
+    assert all(b == 16 for _, b in seen)
+
+    background = compile_watch.num_background_compilations()
+    gate.open.set()
+    assert llm.wait_for_compilation(timeout=120)
+    assert not runner.compiling and runner.background_compile_error is None
+    assert runner.token_budget == 128 and gate.compiled == [32, 64, 128]
+    assert compile_watch.num_background_compilations() > background
+    seen.clear()
+    full = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+    assert full == held, "greedy tokens do not depend on the step budget"
+    assert max(n for n, _ in seen) > 64, "the biggest bucket ran once ready"
+    # what the thread compiled is what the steps ran: serving lowered nothing
+    assert llm.num_compilations_since_warmup() == 0
+
+
+def test_without_chunked_prefill_a_long_prompt_waits_for_its_bucket(llama_ckpt, monkeypatch):
+    """With chunking off a prompt must fit one step: a 60-token prompt waits for the 64-token
+    bucket, the engine blocking on it (not spinning) and then serving it."""
+    gate = Gate(monkeypatch, hold=64)
+    llm = LLM(llama_ckpt, **{**ENGINE, "max_model_len": 128, "enable_chunked_prefill": False})
+    assert llm.runner.token_budget <= 32
+    seen = step_budgets(llm)
+    threading.Timer(1.0, gate.open.set).start()
+    start = time.monotonic()
+    out = llm.generate({"prompt_token_ids": list(range(3, 63))}, GREEDY, use_tqdm=False)
+    assert time.monotonic() - start >= 0.9
+    assert len(out[0].outputs[0].token_ids) == GREEDY.max_tokens
+    empty = sum(1 for n, _ in seen if n == 0)
+    assert empty <= 5, f"{empty} empty steps while waiting: the engine spun instead of waiting"
+    assert llm.wait_for_compilation(timeout=120)
+
+
+def test_a_failed_background_compile_leaves_the_engine_serving_at_the_budget_reached(llama_ckpt, monkeypatch):
+    gate = Gate(monkeypatch, hold=8, fail=64)
+    gate.open.set()
+    llm = LLM(llama_ckpt, **ENGINE)
+    assert llm.wait_for_compilation(timeout=120)
+    runner = llm.runner
+    assert isinstance(runner.background_compile_error, RuntimeError)
+    assert runner.token_budget == 32 and gate.compiled == [32]
+    outs = llm.generate(make_prompts(8), GREEDY, use_tqdm=False)
+    assert all(len(o.outputs[0].token_ids) == GREEDY.max_tokens for o in outs)
+    assert llm.num_compilations_since_warmup() == 0
+    assert llm.kv_cache.num_free_pages == llm.kv_cache.num_pages
+
+
+def test_shutdown_finishes_the_bucket_being_compiled_and_skips_the_rest(llama_ckpt, monkeypatch):
+    gate = Gate(monkeypatch, hold=32)
+    llm = LLM(llama_ckpt, **ENGINE)
+    stopper = threading.Thread(target=llm.shutdown)
+    stopper.start()
+    deadline = time.monotonic() + 30
+    while not llm.runner._stop_compile.is_set() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    gate.open.set()
+    stopper.join(60)
+    assert not stopper.is_alive() and not llm.runner.compiling
+    assert gate.compiled == [32] and llm.runner.token_budget == 32
+
+
+def test_no_background_compile_when_switched_off(llama_ckpt):
+    llm = LLM(llama_ckpt, **{**ENGINE, "background_compile_above": 0})
+    assert not llm.runner.compiling and llm.runner.token_budget == 128
+    assert llm.wait_for_compilation(timeout=0)
+
+
+def test_default_token_budget_is_8192_on_a_gpu_with_background_compilation():
+    on = RunnerConfig(background_compile_above=2048)
+    assert default_max_num_batched_tokens("gpu", on) == 8192
+    assert default_max_num_batched_tokens("cpu", on) == 2048
+    assert default_max_num_batched_tokens("tpu", on) == 2048
+    assert default_max_num_batched_tokens("gpu", RunnerConfig(background_compile_above=None)) == 2048
+    assert default_max_num_batched_tokens("gpu", RunnerConfig(background_compile_above=512)) == 2048
+    assert default_max_num_batched_tokens("gpu", on, process_count=2) == 2048
+
+
+def test_background_compile_switch(check_env_switch):
+    read = lambda: RunnerConfig().background_compile_above  # noqa: E731
+    check_env_switch("JAXENGINE_BACKGROUND_COMPILE_ABOVE", read, 2048, "4096", 4096)
+    check_env_switch("JAXENGINE_BACKGROUND_COMPILE_ABOVE", read, 2048, "none", None)
+    with pytest.raises(ValueError, match="background_compile_above"):
+        RunnerConfig(background_compile_above=-1)
