@@ -93,6 +93,9 @@
 #               $L2S_1B / $L2S_8B (attention window sizes; 1B also the q/k/v and o GEMM windows); $MODELS  ~9 min
 #   abbucket    bench_step --only-k 1B and 8B b1 with $JAXENGINE_MIN_TOKEN_BUCKET 8 / 1 / 8 (a 1-row bucket: no padding
 #               rows), then with $ENGINE set the engine at 1                                       ~5 min
+#   bgcompile   the twentieth session's defaults (budget 8192, buckets above 2048 compiled in the background):
+#               bench_startup 8B cold/warm (first token, then all buckets ready), then 8B 1024/128 at 64, K = 8,
+#               with the default budget and with 2048 ($BG_BUDGETS, default "default 2048")          ~9 min
 #   abl2eng     the engine 1B and 8B b1 (128/128, K = 8) with $JAXENGINE_L2_PREFETCH=$L2 (default mb=16), then off  ~5 min
 #   abl2prof    bench_step's K = 8 program, 1B and 8B b1, profiled (kernels a token) with $L2 (default mb=16)  ~3 min
 #   abshorteng  the engine 1B and 8B b1 (128/128, K = 8) with $JAXENGINE_DECODE_TILE=$TILE (default split_min_blocks=4)  ~3 min
@@ -274,6 +277,14 @@ for part in "$@"; do
       timeout 280 python3 scripts/bench_throughput.py --model llama-3.1-8b --json "$OUT/throughput_fine.json" \
         --token-buckets 8,16,32,64,128,256,512,768,1024,1536,2048 > "$OUT/throughput_fine.log" 2>&1
       tail -2 "$OUT/throughput_fine.log" ;;
+    bgcompile)
+      timeout 300 python3 scripts/bench_startup.py --model llama-3.1-8b --json "$OUT/bgstartup.json" \
+        > "$OUT/bgstartup.log" 2>&1; tail -3 "$OUT/bgstartup.log"
+      for b in ${BG_BUDGETS:-default 2048}; do
+        flag=(); [ "$b" = default ] || flag=(--max-num-batched-tokens $b)
+        echo "-- 8B 1024/128 x 64, K = 8, budget $b"
+        lat bglong$b --model llama-3.1-8b --batch 64 --input-len 1024 --output-len 128 --num-scheduler-steps 8 "${flag[@]}"
+      done ;;
     startup)
       timeout 560 python3 scripts/bench_startup.py --model llama-3.1-8b --json "$OUT/startup.json" \
         > "$OUT/startup.log" 2>&1; tail -3 "$OUT/startup.log" ;;

@@ -103,6 +103,8 @@ def test_models_lists_the_served_name(client, server):
     models = client.models.list().data
     assert [m.id for m in models] == [MODEL]
     assert httpx.get(server.url + "/health").status_code == 200
+    server.llm.wait_for_compilation()
+    assert metric(server, "jaxengine:step_token_budget") == server.llm.config.scheduler.max_num_batched_tokens
 
 
 def test_completion_usage_counts_prompt_and_generated_tokens(client, server):

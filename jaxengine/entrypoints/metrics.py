@@ -69,6 +69,10 @@ class ServerMetrics:
               lambda: total("num_hit_tokens"))
         gauge("jaxengine:num_preemptions", "Requests preempted since start.",
               lambda: llm.engine.scheduler.num_preemptions)
+        runners = list(getattr(llm, "runners", None) or [llm.runner])
+        gauge("jaxengine:step_token_budget", "Most tokens one step takes now: max_num_batched_tokens, or "
+              "less while bigger buckets still compile in the background.",
+              lambda: min(r.token_budget for r in runners))
 
         self.prompt_tokens = Counter("jaxengine:prompt_tokens", "Prompt tokens of admitted requests.",
                                      labels, registry=self.registry).labels(model_name)

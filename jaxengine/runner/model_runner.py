@@ -5,7 +5,9 @@ offsets, kv lengths, page-table rows, sampling knobs), padded to a bucket of tok
 device_put, then two programs: `forward` (per token bucket; KV pages donated, updated in place)
 and `sample` (per request bucket and sampling mode, PLAIN or FULL, picked on the host), and one
 read-back of the sampled ids.  No program branches on data (see `forward` below for why).  Every
-bucket and mode is compiled at start-up, so serving never compiles.
+bucket and mode is compiled at start-up, so serving never compiles: the buckets up to
+RunnerConfig.background_compile_above before the engine starts, the bigger ones on a background
+thread after (the scheduler's budget, `token_budget`, stays within the buckets ready).
 """
 
 from __future__ import annotations
