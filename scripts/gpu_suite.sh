@@ -466,8 +466,8 @@ for part in "$@"; do
     abl2)  # L2 prefetch of a layer's next weights while its latency-bound kernels run ($JAXENGINE_L2_PREFETCH,
       # nineteenth session, off by default): the compiled prefetch tests, then bench_step's K = 8 program at batch 1
       # (--only-k; $BATCHES) for each model of $MODELS with each setting ("-" = off) of $L2S_1B / $L2S_8B
-      timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_decode_attention.py tests/test_decode_matmul.py \
-        -k "prefetch or l2_next or windows" > "$OUT/abl2_tests.log" 2>&1; tail -2 "$OUT/abl2_tests.log"
+      (cd tests && timeout 150 python3 -m pytest -q -p no:cacheprovider test_decode_attention.py test_decode_matmul.py \
+        -k "prefetch or l2_next or windows" > "$OUT/abl2_tests.log" 2>&1; tail -2 "$OUT/abl2_tests.log")
       for m in ${MODELS:-llama-3.2-1b llama-3.1-8b}; do
         if [ "$m" = llama-3.2-1b ]; then sets=${L2S_1B:-- mb=16 mb=24 qkv_mb=8,mb=16 qkv_mb=8,mb=16,o_mb=8 -}
         else sets=${L2S_8B:-- mb=12 mb=20 mb=28 -}; fi
