@@ -344,7 +344,7 @@ class LLM:
 
 
 def default_max_num_batched_tokens(backend: str, runner_cfg: RunnerConfig, process_count: int = 1) -> int:
-    """The token budget of a step when none is given: 8192 on a GPU where the buckets above 2048
+    """The token budget of a step when none is given: 8192 on a GPU where the bigger buckets
     compile in the background (RunnerConfig.background_compile_above), else 2048.  Why 8192 on a
     GPU: H200, 8B, 1024-in/128-out at 64 concurrent, 3,434 output tok/s (80.5% of the roofline)
     against 3,303 (77.9%) at 2048, TTFT p50 0.95 s against 0.85 (BENCHMARKS.md, seventeenth
@@ -352,7 +352,7 @@ def default_max_num_batched_tokens(backend: str, runner_cfg: RunnerConfig, proce
     the two extra buckets cost ~15-28 s of cold start; in the background, nothing.  On CPUs and
     TPUs (unmeasured there) 2048."""
     limit = runner_cfg.background_compile_above
-    if backend == "gpu" and limit and limit >= 2048 and process_count == 1:
+    if backend == "gpu" and limit and process_count == 1:
         return 8192
     return 2048
 

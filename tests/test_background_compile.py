@@ -144,7 +144,7 @@ def test_default_token_budget_is_8192_on_a_gpu_with_background_compilation():
     assert default_max_num_batched_tokens("cpu", on) == 2048
     assert default_max_num_batched_tokens("tpu", on) == 2048
     assert default_max_num_batched_tokens("gpu", RunnerConfig(background_compile_above=None)) == 2048
-    assert default_max_num_batched_tokens("gpu", RunnerConfig(background_compile_above=512)) == 2048
+    assert default_max_num_batched_tokens("gpu", RunnerConfig(background_compile_above=256)) == 8192
     assert default_max_num_batched_tokens("gpu", on, process_count=2) == 2048
 
 
