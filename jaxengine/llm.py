@@ -6,6 +6,7 @@ import functools
 import itertools
 import logging
 import os
+import time
 from typing import Any, Sequence
 
 from jaxengine.config import (CacheConfig, EngineConfig, ModelConfig, ParallelConfig, RunnerConfig,
@@ -52,6 +53,7 @@ class LLM:
                  decode_program: bool | None = None, residual_norm: str | None = None,
                  decode_matmul: str | None = None, multi_step_unroll: int | None = None,
                  max_logprobs: int = 20, background_compile_above: int | None = None):
+        t_start = time.perf_counter()
         import jax
 
         from jaxengine import models
@@ -127,6 +129,9 @@ class LLM:
             **({"background_compile_above": int(background_compile_above) or None}
                if background_compile_above is not None else {}))
         _enable_compilation_cache(runner_cfg.compilation_cache_dir)
+        # Seconds spent in each part of the start (bench_startup.py reports them).
+        self.startup_phases: dict[str, float] = {"config": time.perf_counter() - t_start}
+        mark = time.perf_counter()
 
         from jaxengine.loader import orbax_ckpt
         put = sharding.make_put(mesh, model_cfg) if mesh is not None else None
@@ -143,6 +148,9 @@ class LLM:
         else:
             raise ValueError(f"load_format must be 'auto' or 'dummy', got {load_format!r}")
 
+        jax.block_until_ready(params)
+        self.startup_phases["weights"] = time.perf_counter() - mark
+        mark = time.perf_counter()
         # The layout the step runs (models.llama.LAYOUTS), converted layer by layer on the device.
         if param_layout_for(runner_cfg, module, model_cfg, mesh) == "fused":
             from jaxengine import sharding
@@ -184,9 +192,15 @@ class LLM:
         self.runners, self.kv_caches, cores = [], [], []
         for i, sub in enumerate(meshes):
             replica_params = params if sub is None or len(meshes) == 1 else sharding.replica_params(params, sub)
+            self.startup_phases["layout"] = self.startup_phases.get("layout", time.perf_counter() - mark)
+            mark = time.perf_counter()
             runner = ModelRunner(self.config, replica_params, module, num_pages, mesh=sub)
+            self.startup_phases["runner"] = self.startup_phases.get("runner", 0.0) + time.perf_counter() - mark
+            mark = time.perf_counter()
             if warmup:
                 runner.warmup(progress=use_tqdm_on_load)
+            self.startup_phases["warmup"] = self.startup_phases.get("warmup", 0.0) + time.perf_counter() - mark
+            mark = time.perf_counter()
             kv = KVCacheManager(num_pages, block_size, enable_prefix_caching)
             cores.append(EngineCore(sched_cfg, kv, runner, self.tokenizer, eos_token_ids=tuple(sorted(eos)),
                                     async_scheduling=async_scheduling, seed=seed + i))

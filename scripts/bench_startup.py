@@ -46,6 +46,7 @@ t4 = time.perf_counter()
 print(json.dumps({"import_s": t1 - t0, "engine_s": t2 - t1, "first_token_s": t3 - t1,
                   "full_budget_s": t4 - t1, "max_num_batched_tokens": llm.config.scheduler.max_num_batched_tokens,
                   "background_programs": num_background_compilations(),
+                  "phases": llm.startup_phases, "warmup_calls": llm.runner.warmup_times,
                   "buckets": len(llm.runner.buckets), "programs_lowered": lowered,
                   "device": getattr(jax.devices()[0], "device_kind", "cpu"), "jax": jax.__version__,
                   **persistent_cache_stats()}))
@@ -80,6 +81,11 @@ def main() -> None:
                   f"{r['programs_lowered']} programs lowered before the first token and "
                   f"{r['background_programs']} in the background, persistent cache "
                   f"{r['persistent_cache_hits']} hits / {r['persistent_cache_misses']} misses", flush=True)
+    for label, r in report["runs"].items():
+        slow = sorted(r["warmup_calls"], key=lambda c: -c[3])[:6]
+        print(f"{label:5s} phases: " + ", ".join(f"{k} {v:.1f} s" for k, v in r["phases"].items())
+              + f"; warm-up calls {sum(c[3] for c in r['warmup_calls']):.1f} s, slowest: "
+              + ", ".join(f"{p} t={t} mode={m} {s:.1f} s" for p, t, m, s in slow), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)

@@ -136,6 +136,11 @@ def test_no_background_compile_when_switched_off(llama_ckpt):
     llm = LLM(llama_ckpt, **{**ENGINE, "background_compile_above": 0})
     assert not llm.runner.compiling and llm.runner.token_budget == 128
     assert llm.wait_for_compilation(timeout=0)
+    # the start's parts, as bench_startup.py reports them: every bucket's step program was a warm-up call
+    assert set(llm.startup_phases) == {"config", "weights", "layout", "runner", "warmup"}
+    assert all(v >= 0 for v in llm.startup_phases.values())
+    assert {t for p, t, _, _ in llm.runner.warmup_times if p == "step"} == set(llm.runner.buckets)
+    assert sum(c[3] for c in llm.runner.warmup_times) <= llm.startup_phases["warmup"]
 
 
 def test_default_token_budget_is_8192_on_a_gpu_with_background_compilation():

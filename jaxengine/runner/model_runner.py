@@ -398,18 +398,27 @@ class ModelRunner:
             from tqdm.auto import tqdm
             buckets = tqdm(now, desc="Compiling buckets", unit="bucket")
         sampled: set[int] = set()
+        # (program, token bucket, mode, seconds the call took: its compile or its load from the
+        # persistent cache, the run itself being asynchronous), for bench_startup.py
+        self.warmup_times: list[tuple[str, int, int, float]] = []
         for t in buckets:
             s = self.seqs_for(t)
             batch, samp = self._empty_arrays(t, s)
             for mode in (sampler.MODES if s not in sampled else sampler.MODES[:1]):
+                start = time.perf_counter()
                 self._run(batch, samp, mode=mode)
+                self.sync()
+                self.warmup_times.append(("step", t, mode, time.perf_counter() - start))
             sampled.add(s)
         if self._multi_step is not None:  # every bucket a decode-only step can land in (K >= 1)
             for t in sorted({self.bucket_for(n) for n in range(1, self.cfg.scheduler.max_num_seqs + 1)}):
                 batch, samp = self._empty_arrays(t, self.seqs_for(t))
                 for mode in sampler.MODES:
+                    start = time.perf_counter()
                     self._run(batch, samp, mode=mode, num_steps=self.cfg.scheduler.num_scheduler_steps,
                               program=True)
+                    self.sync()
+                    self.warmup_times.append(("multi_step", t, mode, time.perf_counter() - start))
         tokens = np.full((self.cfg.scheduler.max_model_len,), -1, np.int32)
         self._dispatch_load_history(self.num_slots - 1, tokens, 0)
         self.sync()
