@@ -409,44 +409,155 @@ def decode_kernel_sweep(rows, hbm, mxu, cfg=DECODE_KERNEL_SWEEP, inner=10, repea
         variants = [(f"splits={s or f'default({default})'}", {} if s is None else {"num_splits": s})
                     for s in cfg["splits"]] + list(cfg.get("variants", {}).items())
         for impl, kw in variants:
-
-            def loop(qkv, pages, *rest, kw=kw):
-                out = None
-                for _ in range(inner):
-                    dep = 0 if out is None else (out.reshape(-1)[0] * 0).astype(qkv.dtype)
-                    out, pages = gpu_decode.decode_attention(qkv + dep, None, None, pages, *rest,
-                                                             sm_scale=SM_SCALE, **kw)
-                return out, pages
-
-            f = jax.jit(loop, donate_argnums=(1,))
             row = dict(kind="decode-kernel", case=f"b{b} ctx{c}" + (f" rows{t}" if bucket else ""), page_size=ps,
                        impl=impl, bytes=kv_bytes, flops=flops)
-            try:
-                out, pages = f(qkv, pages, *rest)
-                jax.block_until_ready(out)
-                times = []
-                for _ in range(repeats):
-                    t0 = time.perf_counter()
-                    out, pages = f(qkv, pages, *rest)
-                    jax.block_until_ready(out)
-                    times.append((time.perf_counter() - t0) / inner)
-                tm = statistics.median(times)
-                row.update(time_us=tm * 1e6, hbm_frac=kv_bytes / tm / hbm, mxu_frac=flops / tm / mxu)
-                if DEVICE_TIME:  # the decode kernel and its combine; not the loop's own kernels
-                    import tempfile
-                    with tempfile.TemporaryDirectory() as d:
-                        with jax.profiler.trace(d):
-                            out, pages = f(qkv, pages, *rest)
-                            jax.block_until_ready(out)
-                        events = [e for e in device_events_of(d)
-                                  if e.get("name", "").startswith(("decode_attention", "attention_split_combine"))]
-                    busy = sum(float(e["dur"]) for e in events) * 1e-6 / inner if events else None
-                    _add_device_time(row, busy, kv_bytes, flops, hbm, mxu)
-            except Exception as e:  # noqa: BLE001 - record and go on
-                row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            pages = _time_decode_kernel(row, qkv, pages, rest, inner, repeats, kv_bytes, flops, hbm, mxu,
+                                        copy=False, **kw)
             rows.append(row)
             print_row(row)
         del pages
+
+
+# --decode-mgpu: the Mosaic GPU decode kernel (gpu_decode_mgpu: TMA page ring + swap-AB wgmma, kv
+# splits merged in a cluster or by a combine kernel; written without a GPU) beside the Triton decode
+# kernel (gpu_decode, the engine's: rope + KV write + attention, splits merged in the kernel) and the
+# ragged kernel's decode step (gpu.py), on the decode kernel sweep's inputs (page 16, a server-wide
+# page table).  Issue 3's case is b8 ctx 2k (Triton decode kernel 24.1 us device time, 67% of the
+# copy rate).  Each mgpu config runs with both merges ("mgpu[cluster...]", "mgpu[combine...]"); the
+# variants only at `sweep_cases`.  Every variant runs through the kernel in
+# tests/test_decode_attention_mgpu.py (interpreter, merge "combine"; the cluster path's lowering).
+# At 8B b8 the default is 4 splits with a 2-slot ring (256 CTAs, 2 an SM: ~91 KB of shared memory
+# each with the cluster's landing buffers).  The sweep: one split (64 CTAs, no merge), 2 splits with
+# 4 slots (128 CTAs, one an SM, 128 KB in flight each), deeper rings or 8 splits (more than one
+# wave of CTAs with the cluster merge), 128-key blocks, V^T through registers (`vreg`).
+DECODE_MGPU_SWEEP = {"s1st4": dict(num_splits=1, stages=4), "s2st4": dict(num_splits=2, stages=4),
+                     "s4st3": dict(num_splits=4, stages=3), "s8st2": dict(num_splits=8, stages=2),
+                     "s2bk128st2": dict(num_splits=2, block_kv=128, stages=2),
+                     "s4bk128st2": dict(num_splits=4, block_kv=128, stages=2),
+                     "vreg": dict(v_via_registers=True)}  # PV's A operand through registers (the fallback)
+DECODE_MGPU = dict(cases=[(b, c) for b in (1, 8, 64) for c in (512, 2048, 8192, 32768)], page_size=16,
+                   pages_per_seq=512, merges=("cluster", "combine"), sweep_cases=((8, 2048),),
+                   variants=DECODE_MGPU_SWEEP, triton=True, ragged=True)
+# --decode-mgpu --quick: issue 3's case and its neighbours (gpu_suite.sh mgpudecode)
+DECODE_MGPU_QUICK = dict(DECODE_MGPU, cases=[(8, 2048), (8, 8192), (64, 2048), (1, 2048)])
+
+
+def decode_mgpu_table(rows, hbm, mxu, cfg=DECODE_MGPU, inner=10, repeats=5):
+    """Decode attention at each (batch, context) of cfg["cases"]: the Triton decode kernel
+    (gpu_decode, timed as decode_kernel_sweep does), the ragged kernel (gpu.py) and the Mosaic GPU
+    decode kernel (gpu_decode_mgpu) with each merge at its default config, then (at sweep_cases)
+    each variant.  bytes = the K/V read; rel err against the jnp reference (small cases).  The
+    Mosaic kernel takes q already rotated and the token's K/V already written (its contract), so it
+    does less than the Triton decode kernel (rope of q and k, the KV write: ~1-2% of its bytes)."""
+    from jaxengine.pallas_kernels.ragged_paged_attention import gpu_decode_mgpu
+
+    ps, group = cfg["page_size"], NUM_Q_HEADS // NUM_KV_HEADS
+    for b, c in cfg["cases"]:
+        if b * c > MAX_CTX_TOKENS:
+            continue
+        width = max(cfg["pages_per_seq"], -(-(c + 1) // ps))
+        t, qkv, pages, rest = decode_kernel_inputs(b, c, ps, width)
+        kv_lens, table, num_seqs, _ = rest
+        kv_bytes = b * (c + 1) * 2 * NUM_KV_HEADS * HEAD_DIM * 2
+        flops = 4 * HEAD_DIM * NUM_Q_HEADS * b * (c + 1)
+        case = f"b{b} ctx{c}"
+        q = qkv[:, :, :group].reshape(t, NUM_Q_HEADS, HEAD_DIM)
+        args = (q, pages, kv_lens, table, num_seqs)
+        ref = None
+        if b * c <= 64 * 4096:
+            cu = jnp.minimum(jnp.arange(table.shape[0] + 1, dtype=jnp.int32), num_seqs[0])
+            ref = np.asarray(reference.ragged_paged_attention(q, pages, kv_lens, table, cu, num_seqs,
+                                                              sm_scale=SM_SCALE), np.float32)[:b]
+
+        def record(row, fn):
+            try:
+                tm, out = timed(fn, *args, inner=inner, repeats=repeats)
+                row.update(time_us=tm * 1e6, hbm_frac=kv_bytes / tm / hbm, mxu_frac=flops / tm / mxu)
+                if DEVICE_TIME:
+                    _add_device_time(row, device_time(fn, *args, inner=inner), kv_bytes, flops, hbm, mxu)
+                if ref is not None:
+                    o = np.asarray(out, np.float32)
+                    row["rel_err"] = float(np.linalg.norm(o[:b] - ref) / np.linalg.norm(ref))
+                    if not np.all(o[b:] == 0):
+                        row["error"] = "padding rows not zero"
+            except Exception as e:  # noqa: BLE001 - record and go on
+                row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                traceback.print_exc(limit=3)
+            rows.append(row)
+            print_row(row)
+
+        def new_row(impl):
+            return dict(kind="decode-mgpu", case=case, page_size=ps, impl=impl, bytes=kv_bytes, flops=flops)
+
+        if cfg.get("triton", True):
+            row = new_row("triton_decode")
+            _time_decode_kernel(row, qkv, pages, rest, inner, repeats, kv_bytes, flops, hbm, mxu)
+            rows.append(row)
+            print_row(row)
+        if cfg.get("ragged", True):
+            cu_t = jnp.minimum(jnp.arange(table.shape[0] + 1, dtype=jnp.int32), num_seqs[0])
+            record(new_row("ragged"), lambda q, p, kl, pt, n, cu_t=cu_t: gpu.ragged_paged_attention(
+                q, p, kl, pt, cu_t, n, sm_scale=SM_SCALE))
+        variants = [(None, {})] + (list(cfg["variants"].items()) if (b, c) in cfg["sweep_cases"] else [])
+        for vname, kw in variants:
+            single_done = False  # one split: no merge, so one row whatever the merge
+            for merge in cfg["merges"]:
+                d = dict(gpu_decode_mgpu.default_config(t, NUM_KV_HEADS, NUM_Q_HEADS, HEAD_DIM, ps, width, merge), **kw)
+                if d["num_splits"] == 1:
+                    if single_done:
+                        continue
+                    single_done = True
+                how = merge if d["num_splits"] > 1 else "one split"
+                # "mgpu[cluster] s4 st2 bk64" (the default config) or "mgpu[cluster,s4st3]" (a variant)
+                label = (f"mgpu[{how}] s{d['num_splits']} st{d['stages']} bk{d['block_kv']}" if vname is None
+                         else f"mgpu[{how},{vname}]")
+                record(new_row(label), (lambda kw, merge: lambda *a: gpu_decode_mgpu.decode_attention(
+                    *a, sm_scale=SM_SCALE, merge=merge, **kw))(kw, merge))
+        del pages, args
+
+
+def _time_decode_kernel(row, qkv, pages, rest, inner, repeats, kv_bytes, flops, hbm, mxu, copy=True, **kw):
+    """The Triton decode kernel (gpu_decode: rope + KV write + attention, with its split combine) in
+    a donated loop, pages chained through it as the engine does: host time a call, and with
+    --device-time its kernels' (decode and combine) device time, into `row`.  Returns the pages
+    (donated: a copy of the caller's with `copy`, else the caller's own, consumed)."""
+    from jaxengine.pallas_kernels.ragged_paged_attention import gpu_decode
+
+    def loop(qkv, pages, *rest):
+        out = None
+        for _ in range(inner):
+            dep = 0 if out is None else (out.reshape(-1)[0] * 0).astype(qkv.dtype)
+            out, pages = gpu_decode.decode_attention(qkv + dep, None, None, pages, *rest, sm_scale=SM_SCALE, **kw)
+        return out, pages
+
+    f = jax.jit(loop, donate_argnums=(1,))
+    if copy:
+        pages = jnp.copy(pages)  # donated: the caller's pages stay
+    try:
+        out, pages = f(qkv, pages, *rest)
+        jax.block_until_ready(out)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            out, pages = f(qkv, pages, *rest)
+            jax.block_until_ready(out)
+            times.append((time.perf_counter() - t0) / inner)
+        tm = statistics.median(times)
+        row.update(time_us=tm * 1e6, hbm_frac=kv_bytes / tm / hbm, mxu_frac=flops / tm / mxu)
+        if DEVICE_TIME:
+            import tempfile
+            with tempfile.TemporaryDirectory() as d:
+                with jax.profiler.trace(d):
+                    out, pages = f(qkv, pages, *rest)
+                    jax.block_until_ready(out)
+                events = [e for e in device_events_of(d)
+                          if e.get("name", "").startswith(("decode_attention", "attention_split_combine"))]
+            busy = sum(float(e["dur"]) for e in events) * 1e-6 / inner if events else None
+            _add_device_time(row, busy, kv_bytes, flops, hbm, mxu)
+    except Exception as e:  # noqa: BLE001 - record and go on
+        row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        traceback.print_exc(limit=3)
+    return pages
 
 
 # --device-time: also each case's device kernel time (device_time()), as device_us and the two
@@ -503,6 +614,10 @@ def main():
                     help="only the engine's decode kernel at batch 1 and 8, contexts 128-2k, by tile (DECODE_KERNEL_SHORT)")
     ap.add_argument("--decode-sweep", action="store_true",
                     help="only the ragged kernel's decode tile sweep (DECODE_SWEEP at DECODE_SWEEP_CASES)")
+    ap.add_argument("--decode-mgpu", action="store_true",
+                    help="only the Mosaic GPU decode kernel (gpu_decode_mgpu, both merges) beside the Triton decode "
+                         "kernel and the ragged kernel: batch 1/8/64 x context 512-32k, a config sweep at b8 ctx 2k "
+                         "(--quick: b8 ctx 2k/8k, b64 ctx 2k, b1 ctx 2k); Hopper only")
     ap.add_argument("--fast-math-ab", action="store_true",
                     help="only PREFILL_TILE_CASES and DECODE_SWEEP_CASES, the default beside fast_math off / on")
     ap.add_argument("--page-sizes", default="16,32,64")
@@ -535,6 +650,10 @@ def main():
         return
     if args.decode_short_sweep:
         decode_kernel_sweep(rows, hbm, mxu, DECODE_KERNEL_SHORT)
+        save()
+        return
+    if args.decode_mgpu:
+        decode_mgpu_table(rows, hbm, mxu, DECODE_MGPU_QUICK if args.quick else DECODE_MGPU)
         save()
         return
     if args.decode_sweep:

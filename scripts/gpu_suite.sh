@@ -105,6 +105,14 @@
 #               then the decode-only table (ragged kernel, jax's peer) in the 8 GiB pool          ~5 min
 #   loopcheck   bench_step 1B and 8B b1/b64 --loop-check: the K-step program's known trip counts, call return time  ~4 min
 #   mgpuprefill compiled tests of the Mosaic GPU prefill kernel, then --mgpu-sweep (device-timed)      ~9 min
+#   mgpuprobe   where the Mosaic GPU decode kernel (gpu_decode_mgpu) stops: scripts/mgpu_decode_probe.py, growing probe
+#               levels per merge in subprocesses under timeouts, lowering / compile / run timed apart, PTX and SASS
+#               of the one-split case in $OUT/mgpuprobe/ (PACK=1 brings them back); run it first: its first compiled run
+#               hung (twentieth session)                                                           ~3-8 min
+#   mgpudecode  (after mgpuprobe printed ALL PASSED) compiled tests of the Mosaic GPU decode kernel (the cluster merge's
+#               numbers run only here), then bench_attention --decode-mgpu --quick --device-time: b8 ctx 2k (issue 3) /
+#               8k, b64 ctx 2k, b1 ctx 2k, the Triton decode kernel, the ragged kernel and the Mosaic kernel with both
+#               merges, one process                                                                ~7 min
 #   prefillcheck bench_attention --prefill-tiles --device-time with nvidia-smi dmon (clocks, power) and throttle reasons  ~3 min
 #   ncu         Nsight Compute details of the decode kernel (b8 / b64 ctx 2k) and the 4k prefill chunk  ~2 min
 #   hf-static   Hugging Face static-cache generate(), 8B batch 1 and 64 (long compile)            ~8 min
@@ -540,6 +548,24 @@ for part in "$@"; do
         > "$OUT/mgpuprefill_tests.log" 2>&1; grep -E "^E |[0-9]+ passed|failed|FAILED|rror" "$OUT/mgpuprefill_tests.log" | head -20)
       timeout 320 python3 scripts/bench_attention.py --mgpu-sweep --device-time --out "$OUT/mgpusweep.json" \
         > "$OUT/mgpusweep.log" 2>&1; grep -E "^\| prefill|ceilings|rror" "$OUT/mgpusweep.log" ;;
+    mgpuprobe)  # the Mosaic GPU decode kernel's first compiled run hung or compiled for minutes (twentieth session, H100:
+      # no test finished in 200 s, no bench row in 4 min).  The kernel at probe levels 0-3 (q only; + the K/V ring's first
+      # copies; + the loop without PV; all), each merge in its own subprocess under a timeout, each step's seconds
+      # printed, so a timeout names the step ("compile" or "run") and the level; ptxas's report shows the compile ended.
+      timeout 540 python3 scripts/mgpu_decode_probe.py --timeout 100 --dump "$OUT/mgpuprobe" \
+        --out "$OUT/mgpuprobe.json" > "$OUT/mgpuprobe.log" 2>&1
+      grep -vE "^    (small|b8) .* (lower|compile|run)$" "$OUT/mgpuprobe.log" | head -80 ;;
+    mgpudecode)  # the Mosaic GPU decode kernel (gpu_decode_mgpu: TMA page ring + swap-AB wgmma, kv splits merged in
+      # a cluster through distributed shared memory or by a combine kernel; written without a GPU, first compiled
+      # here): its compiled tests (the cluster merge is checked against the reference only here), then the decode
+      # table device-timed in one process: at b8 ctx 2k (issue 3: Triton decode kernel 24.1 us, 67%), b8 ctx 8k, b64
+      # ctx 2k and b1 ctx 2k the Triton decode kernel (gpu_decode), the ragged kernel (gpu.py) and this kernel at its
+      # default config with merge cluster and combine, and at b8 ctx 2k its DECODE_MGPU_SWEEP configs both ways.
+      # The full table (batch 1/8/64 x context 512-32k): bench_attention.py --decode-mgpu --device-time
+      (cd tests && timeout 240 python3 -m pytest -q -x test_decode_attention_mgpu.py -rf --tb=short \
+        > "$OUT/mgpudecode_tests.log" 2>&1; grep -E "^E |[0-9]+ passed|failed|FAILED|rror" "$OUT/mgpudecode_tests.log" | head -20)
+      timeout 320 python3 scripts/bench_attention.py --decode-mgpu --quick --device-time --out "$OUT/mgpudecode.json" \
+        > "$OUT/mgpudecode.log" 2>&1; grep -E "^\| decode-mgpu|ceilings|device:|rror" "$OUT/mgpudecode.log" ;;
     prefillcheck)  # prefill attention device-timed (chunks 512-8192, cuDNN beside), with the GPU's clocks, power and
       # throttle reasons sampled during the run (fifteenth session: the same 4k chunk took 319 us under ncu on one
       # machine and 499-511 us device-timed on another, where cuDNN ran as usual)
