@@ -336,7 +336,7 @@ LONG_TILE_CASES = [c for c in PREFILL_TILE_CASES
                    if c[0] in ("chunk2048", "chunk4096", "chunk8192", "1984 prefill + 64 dec ctx2048")]
 
 
-DECODE_KERNEL_SWEEP = dict(batches=(1, 8, 64), contexts=(256, 1024, 4096), splits=(None, 1, 2, 4, 8),
+DECODE_KERNEL_SWEEP = dict(batches=(1, 8, 64), contexts=(256, 1024, 2048, 4096), splits=(None, 1, 2, 4, 8),
                           page_size=16, pages_per_seq=512)  # an 8k-token page table, as a server has
 # --decode-kernel-sweep --quick: the default split count only, at the engine's page size (16), at
 # the contexts of the 128/128 and 1024/128 engine runs and issue 3's 2k.
