@@ -190,17 +190,16 @@ class LLM:
         # devices, behind a least-loaded router; tp=dp=1 is the plain single-device engine.
         meshes = sharding.replica_meshes(mesh) if mesh is not None else [None]
         self.runners, self.kv_caches, cores = [], [], []
+        self.startup_phases.update(layout=time.perf_counter() - mark, runner=0.0, warmup=0.0)
         for i, sub in enumerate(meshes):
-            replica_params = params if sub is None or len(meshes) == 1 else sharding.replica_params(params, sub)
-            self.startup_phases["layout"] = self.startup_phases.get("layout", time.perf_counter() - mark)
             mark = time.perf_counter()
+            replica_params = params if sub is None or len(meshes) == 1 else sharding.replica_params(params, sub)
             runner = ModelRunner(self.config, replica_params, module, num_pages, mesh=sub)
-            self.startup_phases["runner"] = self.startup_phases.get("runner", 0.0) + time.perf_counter() - mark
+            self.startup_phases["runner"] += time.perf_counter() - mark
             mark = time.perf_counter()
             if warmup:
                 runner.warmup(progress=use_tqdm_on_load)
-            self.startup_phases["warmup"] = self.startup_phases.get("warmup", 0.0) + time.perf_counter() - mark
-            mark = time.perf_counter()
+            self.startup_phases["warmup"] += time.perf_counter() - mark
             kv = KVCacheManager(num_pages, block_size, enable_prefix_caching)
             cores.append(EngineCore(sched_cfg, kv, runner, self.tokenizer, eos_token_ids=tuple(sorted(eos)),
                                     async_scheduling=async_scheduling, seed=seed + i))
@@ -363,8 +362,9 @@ def default_max_num_batched_tokens(backend: str, runner_cfg: RunnerConfig, proce
     GPU: H200, 8B, 1024-in/128-out at 64 concurrent, 3,434 output tok/s (80.5% of the roofline)
     against 3,303 (77.9%) at 2048, TTFT p50 0.95 s against 0.85 (BENCHMARKS.md, seventeenth
     session); vLLM V1 defaults to 8192 for its server on such GPUs.  Compiled before the start,
-    the two extra buckets cost ~15-28 s of cold start; in the background, nothing.  On CPUs and
-    TPUs (unmeasured there) 2048."""
+    the two extra buckets cost ~15-28 s of cold start; in the background they are ready 16 s after
+    the first token (H100, twentieth session: first token at 82.5 s cold, 8B, as before).  On
+    CPUs and TPUs (unmeasured there) 2048."""
     limit = runner_cfg.background_compile_above
     if backend == "gpu" and limit and process_count == 1:
         return 8192
