@@ -60,30 +60,37 @@ def main() -> None:
                     help="0: the engine's default (8192 on a GPU, the buckets above 2048 compiled in the "
                          "background after LLM() returns; 2048 elsewhere)")
     ap.add_argument("--kv-cache-gib", type=float, default=4.0)
+    ap.add_argument("--also-warm", nargs="*", default=[], metavar="VAR=VALUE",
+                    help="after the warm run, one more warm run per setting with that environment variable set "
+                         "(e.g. JAXENGINE_BACKGROUND_COMPILE_ABOVE=256)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     here = os.path.dirname(os.path.abspath(__file__))
     report = {"date": time.strftime("%Y-%m-%d"), "model": args.model, "runs": {}}
     with tempfile.TemporaryDirectory() as cache:
         env = {**os.environ, "JAXENGINE_COMPILATION_CACHE_DIR": cache}
-        for label in ("cold", "warm"):
+        for setting in args.also_warm:
+            if "=" not in setting:
+                ap.error(f"--also-warm takes VAR=VALUE, got {setting!r}")
+        runs = [("cold", {}), ("warm", {})] + [(f"warm {s}", dict([s.split("=", 1)])) for s in args.also_warm]
+        for label, extra in runs:
             t = time.perf_counter()
             out = subprocess.run([sys.executable, "-c", CHILD, here, args.model, str(args.max_num_batched_tokens),
-                                  str(args.kv_cache_gib)], env=env, capture_output=True, text=True,
+                                  str(args.kv_cache_gib)], env={**env, **extra}, capture_output=True, text=True,
                                  cwd=cache)  # not the checkout: its jaxengine/ would shadow the installed one
             if out.returncode != 0:
                 sys.exit(f"{label} run failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
             r = json.loads(out.stdout.strip().splitlines()[-1])
             r["process_s"] = time.perf_counter() - t
             report["runs"][label] = r
-            print(f"{label:5s} {r['device']}: LLM() {r['engine_s']:6.1f} s, first token at {r['first_token_s']:6.1f} s, "
+            print(f"{label} {r['device']}: LLM() {r['engine_s']:6.1f} s, first token at {r['first_token_s']:6.1f} s, "
                   f"all {r['buckets']} buckets (budget {r['max_num_batched_tokens']}) at {r['full_budget_s']:6.1f} s, "
                   f"{r['programs_lowered']} programs lowered before the first token and "
                   f"{r['background_programs']} in the background, persistent cache "
                   f"{r['persistent_cache_hits']} hits / {r['persistent_cache_misses']} misses", flush=True)
     for label, r in report["runs"].items():
         slow = sorted(r["warmup_calls"], key=lambda c: -c[3])[:6]
-        print(f"{label:5s} phases: " + ", ".join(f"{k} {v:.1f} s" for k, v in r["phases"].items())
+        print(f"{label} phases: import {r['import_s']:.1f} s, " + ", ".join(f"{k} {v:.1f} s" for k, v in r["phases"].items())
               + f"; warm-up calls {sum(c[3] for c in r['warmup_calls']):.1f} s, slowest: "
               + ", ".join(f"{p} t={t} mode={m} {s:.1f} s" for p, t, m, s in slow), flush=True)
     if args.json:
