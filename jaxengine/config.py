@@ -205,6 +205,14 @@ class RunnerConfig:
     # $JAXENGINE_BACKGROUND_COMPILE_ABOVE sets it.
     background_compile_above: int | None = dataclasses.field(
         default_factory=lambda: _env_optional_int("JAXENGINE_BACKGROUND_COMPILE_ABOVE", "2048"))
+    # Threads that compile the warm-up's programs (ModelRunner.warmup): each bucket's programs
+    # are lowered and compiled (or loaded from the persistent cache) by a pool of this many
+    # threads, then run once in order.  Lowering holds the GIL; XLA's compile, the cache load and
+    # Mosaic GPU's kernel compile do not, so they overlap.  None = auto: min(8, CPUs) on a GPU
+    # with one process (measured there: BENCHMARKS.md, twenty-first session), else 1 (in order, as
+    # before; unmeasured on TPU).  $JAXENGINE_COMPILE_THREADS sets it.
+    compile_threads: int | None = dataclasses.field(
+        default_factory=lambda: _env_optional_int("JAXENGINE_COMPILE_THREADS", "none"))
     # Matmuls of decode-sized buckets: "reference" (XLA), "gpu" (the fused Pallas kernels of
     # pallas_kernels/fused_matmul; interpret mode on CPU), "auto" (= reference: XLA measured faster).
     matmul_impl: str = dataclasses.field(
@@ -281,6 +289,8 @@ class RunnerConfig:
     def __post_init__(self):
         _check(self.background_compile_above is None or self.background_compile_above >= 0,
                f"background_compile_above must be >= 0 or None; got {self.background_compile_above!r}")
+        _check(self.compile_threads is None or (isinstance(self.compile_threads, int) and self.compile_threads >= 1),
+               f"compile_threads must be an int >= 1 or None (auto); got {self.compile_threads!r}")
         _check(isinstance(self.max_logprobs, int) and self.max_logprobs >= 0,
                f"max_logprobs must be an int >= 0; got {self.max_logprobs!r}")
         _check(self.residual_norm in ("auto", "gpu", "reference", "off"),

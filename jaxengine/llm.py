@@ -52,7 +52,8 @@ class LLM:
                  param_layout: str | None = None, fuse_decode_attention: bool | None = None,
                  decode_program: bool | None = None, residual_norm: str | None = None,
                  decode_matmul: str | None = None, multi_step_unroll: int | None = None,
-                 max_logprobs: int = 20, background_compile_above: int | None = None):
+                 max_logprobs: int = 20, background_compile_above: int | None = None,
+                 compile_threads: int | None = None):
         t_start = time.perf_counter()
         import jax
 
@@ -127,7 +128,8 @@ class LLM:
             **({"decode_matmul": decode_matmul} if decode_matmul is not None else {}),
             **({"multi_step_unroll": int(multi_step_unroll)} if multi_step_unroll is not None else {}),
             **({"background_compile_above": int(background_compile_above) or None}
-               if background_compile_above is not None else {}))
+               if background_compile_above is not None else {}),
+            **({"compile_threads": int(compile_threads)} if compile_threads is not None else {}))
         _enable_compilation_cache(runner_cfg.compilation_cache_dir)
         # Seconds spent in each part of the start (bench_startup.py reports them).
         self.startup_phases: dict[str, float] = {"config": time.perf_counter() - t_start}

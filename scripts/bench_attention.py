@@ -440,6 +440,19 @@ DECODE_MGPU = dict(cases=[(b, c) for b in (1, 8, 64) for c in (512, 2048, 8192, 
                    variants=DECODE_MGPU_SWEEP, triton=True, ragged=True)
 # --decode-mgpu --quick: issue 3's case and its neighbours (gpu_suite.sh mgpudecode)
 DECODE_MGPU_QUICK = dict(DECODE_MGPU, cases=[(8, 2048), (8, 8192), (64, 2048), (1, 2048)])
+# --decode-mgpu-focus: the twenty-first session's H100 run found 2 splits of 128-key blocks with a
+# 2-slot ring (cluster merge) at 27.8 us, 82% (the default config 34.2 us, 67%; Triton decode 29.6
+# us): that config again (twice: the run-to-run spread), its ring depths and split counts, at b8
+# ctx 2k / 4k / 8k and b16 / b32 ctx 2k, cluster merge only (combine lost at every 2-split config).
+DECODE_MGPU_FOCUS = dict(DECODE_MGPU, cases=[(8, 2048), (8, 4096), (8, 8192), (16, 2048), (32, 2048)],
+                         merges=("cluster",), sweep_cases=((8, 2048), (8, 4096), (8, 8192), (16, 2048), (32, 2048)),
+                         variants={"s2bk128st2": dict(num_splits=2, block_kv=128, stages=2),
+                                   "s2bk128st2again": dict(num_splits=2, block_kv=128, stages=2),
+                                   "s2bk128st3": dict(num_splits=2, block_kv=128, stages=3),
+                                   "s1bk128st3": dict(num_splits=1, block_kv=128, stages=3),
+                                   "s4bk128st2": dict(num_splits=4, block_kv=128, stages=2),
+                                   "s8bk128st2": dict(num_splits=8, block_kv=128, stages=2),
+                                   "s2bk64st3": dict(num_splits=2, stages=3)})
 
 
 def decode_mgpu_table(rows, hbm, mxu, cfg=DECODE_MGPU, inner=10, repeats=5):
@@ -618,6 +631,8 @@ def main():
                     help="only the Mosaic GPU decode kernel (gpu_decode_mgpu, both merges) beside the Triton decode "
                          "kernel and the ragged kernel: batch 1/8/64 x context 512-32k, a config sweep at b8 ctx 2k "
                          "(--quick: b8 ctx 2k/8k, b64 ctx 2k, b1 ctx 2k); Hopper only")
+    ap.add_argument("--decode-mgpu-focus", action="store_true",
+                    help="only the Mosaic GPU decode kernel around its best H100 config (DECODE_MGPU_FOCUS)")
     ap.add_argument("--fast-math-ab", action="store_true",
                     help="only PREFILL_TILE_CASES and DECODE_SWEEP_CASES, the default beside fast_math off / on")
     ap.add_argument("--page-sizes", default="16,32,64")
@@ -652,8 +667,9 @@ def main():
         decode_kernel_sweep(rows, hbm, mxu, DECODE_KERNEL_SHORT)
         save()
         return
-    if args.decode_mgpu:
-        decode_mgpu_table(rows, hbm, mxu, DECODE_MGPU_QUICK if args.quick else DECODE_MGPU)
+    if args.decode_mgpu or args.decode_mgpu_focus:
+        decode_mgpu_table(rows, hbm, mxu, DECODE_MGPU_FOCUS if args.decode_mgpu_focus
+                          else DECODE_MGPU_QUICK if args.quick else DECODE_MGPU)
         save()
         return
     if args.decode_sweep:

@@ -159,3 +159,32 @@ def test_background_compile_switch(check_env_switch):
     check_env_switch("JAXENGINE_BACKGROUND_COMPILE_ABOVE", read, 2048, "none", None)
     with pytest.raises(ValueError, match="background_compile_above"):
         RunnerConfig(background_compile_above=-1)
+
+
+def test_warmup_compiles_on_a_thread_pool_what_the_serial_warmup_would(llama_ckpt):
+    """RunnerConfig.compile_threads > 1: the warm-up's programs (every bucket's step with the
+    sampler's modes, the multi-step program's decode buckets) are compiled by a pool first; the
+    warm-up's calls then lower nothing more, serving lowers nothing, and the tokens are the serial
+    start's."""
+    engine = {**ENGINE, "background_compile_above": 0, "num_scheduler_steps": 4}
+    prompts = make_prompts(6, seed=3)
+    lowered, tokens = {}, {}
+    for threads in (1, 3):
+        before = compile_watch.num_compilations()
+        llm = LLM(llama_ckpt, **engine, compile_threads=threads)
+        lowered[threads] = compile_watch.num_compilations() - before
+        assert llm.runner.compile_threads() == threads
+        assert (llm.runner.precompile_s > 0) == (threads > 1)
+        tokens[threads] = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+        assert llm.num_compilations_since_warmup() == 0
+        llm.shutdown()
+    # the same programs, each lowered once (a call finding no compiled program would lower again)
+    assert lowered[3] == lowered[1] > 0
+    assert tokens[3] == tokens[1]
+
+
+def test_compile_threads_switch(check_env_switch):
+    read = lambda: RunnerConfig().compile_threads  # noqa: E731
+    check_env_switch("JAXENGINE_COMPILE_THREADS", read, None, "4", 4)
+    with pytest.raises(ValueError, match="compile_threads"):
+        RunnerConfig(compile_threads=0)

@@ -65,6 +65,8 @@ ENGINE_ARG_HELP: dict[str, str] = {
     "background_compile_above": "Compile the token buckets above this size on a background thread after start-up, "
                                 "the step budget growing to each as it is ready (default 2048, "
                                 "$JAXENGINE_BACKGROUND_COMPILE_ABOVE; 0: all before start-up).",
+    "compile_threads": "Threads compiling the start-up's programs (lowered in turn, compiled or loaded from "
+                       "the cache at once); default min(8, CPUs) on a GPU, else 1 ($JAXENGINE_COMPILE_THREADS).",
     "max_logprobs": "Most top logprobs a request may ask for (OpenAI logprobs / top_logprobs); every step that "
                     "serves logprobs, penalties or top-k/top-p computes this many (default 20).",
     "async_scheduling": "Schedule and dispatch step N+1 before reading back step N's tokens, so host "

@@ -15,7 +15,9 @@ from __future__ import annotations
 import atexit
 import concurrent.futures
 import dataclasses
+import functools
 import logging
+import os
 import threading
 import time
 import weakref
@@ -401,6 +403,14 @@ class ModelRunner:
         # (program, token bucket, mode, seconds the call took: its compile or its load from the
         # persistent cache, the run itself being asynchronous), for bench_startup.py
         self.warmup_times: list[tuple[str, int, int, float]] = []
+        multi_buckets = ([] if self._multi_step is None else
+                         sorted({self.bucket_for(n) for n in range(1, self.cfg.scheduler.max_num_seqs + 1)}))
+        threads = self.compile_threads()
+        self.precompile_s = 0.0
+        if threads > 1:  # compile everything first on a pool; the calls below then find it compiled
+            start = time.perf_counter()
+            self._precompile(now, multi_buckets, threads)
+            self.precompile_s = time.perf_counter() - start
         for t in buckets:
             s = self.seqs_for(t)
             batch, samp = self._empty_arrays(t, s)
@@ -411,7 +421,7 @@ class ModelRunner:
                 self.warmup_times.append(("step", t, mode, time.perf_counter() - start))
             sampled.add(s)
         if self._multi_step is not None:  # every bucket a decode-only step can land in (K >= 1)
-            for t in sorted({self.bucket_for(n) for n in range(1, self.cfg.scheduler.max_num_seqs + 1)}):
+            for t in multi_buckets:
                 batch, samp = self._empty_arrays(t, self.seqs_for(t))
                 for mode in sampler.MODES:
                     start = time.perf_counter()
@@ -426,6 +436,60 @@ class ModelRunner:
         if later:
             self._ready_budget = min(now[-1], self.cfg.scheduler.max_num_batched_tokens)
             self._start_background_compile(later, sampled)
+
+    def compile_threads(self) -> int:
+        """RunnerConfig.compile_threads, auto resolved: min(8, CPUs) on a GPU with one process."""
+        n = self.cfg.runner.compile_threads
+        if n is None:
+            n = min(8, os.cpu_count() or 1) if jax.default_backend() == "gpu" and jax.process_count() == 1 else 1
+        return n
+
+    def _state_specs(self) -> tuple[list, dict]:
+        """The device state's types (KV pages, penalty state) for lowering without the arrays.
+        They must be the types the steps' calls pass, or the jitted function would not find what
+        was compiled: one device, arrays made without a device_put (uncommitted: no sharding in
+        the type); a mesh, the explicit shardings the jitted functions take anyway."""
+        if self.mesh is None:
+            spec = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)  # noqa: E731
+        else:
+            spec = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)  # noqa: E731
+        return [spec(x) for x in self.kv_caches], {k: spec(v) for k, v in self.penalty_state.items()}
+
+    def _input_specs(self, t: int, s: int) -> tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]:
+        _, n_int, n_float = self._layout(t, s)
+        repl = None
+        if self.mesh is not None:
+            from jaxengine import sharding
+            repl = sharding.replicated(self.mesh)
+        return (jax.ShapeDtypeStruct((n_int,), jnp.int32, sharding=repl),
+                jax.ShapeDtypeStruct((n_float,), jnp.float32, sharding=repl))
+
+    def _precompile(self, buckets: list[int], multi_buckets: list[int], threads: int) -> None:
+        """Lower and compile the warm-up's programs on `threads` threads (RunnerConfig.
+        compile_threads): each bucket's step (forward, with the sampler's modes for the first
+        bucket of its request count) and each decode bucket's multi-step program a mode.  The
+        jitted functions keep the executables, so the warm-up's calls compile nothing; a failure
+        here is raised as the serial warm-up would raise it."""
+        kv_specs, penalty_specs = self._state_specs()
+        jobs, owner = [], {}
+        for t in buckets:
+            owner.setdefault(self.seqs_for(t), t)
+        for t in buckets:
+            jobs.append(functools.partial(self._compile_bucket, t, set() if owner[self.seqs_for(t)] == t else
+                                          {self.seqs_for(t)}, kv_specs, penalty_specs))
+        k = self.cfg.scheduler.num_scheduler_steps
+        for t in multi_buckets:
+            ints, floats = self._input_specs(t, self.seqs_for(t))
+            for mode in sampler.MODES:
+                jobs.append(functools.partial(
+                    lambda t, ints, floats, mode: self._multi_step.lower(
+                        self.params, kv_specs, penalty_specs, ints, floats, (t, self.seqs_for(t)), k, mode).compile(),
+                    t, ints, floats, mode))
+        # the biggest programs first: the pool's last job is then a short one
+        jobs.reverse()
+        with concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="jaxengine-precompile") as pool:
+            for f in [pool.submit(job) for job in jobs]:
+                f.result()
 
     # ------------------------------------------------------------------ background compilation
     @property
@@ -466,16 +530,8 @@ class ModelRunner:
 
     def _start_background_compile(self, buckets: list[int], sampled: set[int]) -> None:
         # The device state's types, taken now: the dispatching thread replaces the arrays
-        # (donation) while this thread lowers, and lowering needs only their types.  They must be
-        # the types the steps' calls pass, or the jitted function would not find what was compiled:
-        # one device, arrays made without a device_put (uncommitted: no sharding in the type); a
-        # mesh, the explicit shardings the jitted functions take anyway.
-        if self.mesh is None:
-            spec = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)  # noqa: E731
-        else:
-            spec = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)  # noqa: E731
-        kv_specs = [spec(x) for x in self.kv_caches]
-        penalty_specs = {k: spec(v) for k, v in self.penalty_state.items()}
+        # (donation) while this thread lowers, and lowering needs only their types.
+        kv_specs, penalty_specs = self._state_specs()
 
         def run():
             compile_watch.mark_background_thread()
@@ -507,13 +563,8 @@ class ModelRunner:
         `sample` for its request bucket's modes if no smaller bucket had that request bucket.
         The jitted functions keep what was compiled, so the first step of the bucket runs it."""
         s = self.seqs_for(t)
-        _, n_int, n_float = self._layout(t, s)
-        repl = None
-        if self.mesh is not None:
-            from jaxengine import sharding
-            repl = sharding.replicated(self.mesh)
-        ints = jax.ShapeDtypeStruct((n_int,), jnp.int32, sharding=repl)
-        floats = jax.ShapeDtypeStruct((n_float,), jnp.float32, sharding=repl)
+        ints, floats = self._input_specs(t, s)
+        repl = None if self.mesh is None else ints.sharding
         fwd = self._forward.lower(self.params, kv_specs, penalty_specs["last_tokens"], ints, floats, (t, s))
         fwd.compile()
         if s in sampled:
