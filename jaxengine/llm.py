@@ -52,7 +52,7 @@ class LLM:
                  param_layout: str | None = None, fuse_decode_attention: bool | None = None,
                  decode_program: bool | None = None, residual_norm: str | None = None,
                  decode_matmul: str | None = None, multi_step_unroll: int | None = None,
-                 max_logprobs: int = 20, background_compile_above: int | None = None,
+                 max_logprobs: int = 20, background_compile_above: int | str | None = None,
                  compile_threads: int | None = None):
         t_start = time.perf_counter()
         import jax
@@ -127,7 +127,8 @@ class LLM:
             **({"residual_norm": residual_norm} if residual_norm is not None else {}),
             **({"decode_matmul": decode_matmul} if decode_matmul is not None else {}),
             **({"multi_step_unroll": int(multi_step_unroll)} if multi_step_unroll is not None else {}),
-            **({"background_compile_above": int(background_compile_above) or None}
+            **({"background_compile_above": (background_compile_above if background_compile_above == "auto"
+                                             else int(background_compile_above) or None)}
                if background_compile_above is not None else {}),
             **({"compile_threads": int(compile_threads)} if compile_threads is not None else {}))
         _enable_compilation_cache(runner_cfg.compilation_cache_dir)
@@ -367,7 +368,7 @@ def default_max_num_batched_tokens(backend: str, runner_cfg: RunnerConfig, proce
     the two extra buckets cost ~15-28 s of cold start; in the background they are ready 16 s after
     the first token (H100, twentieth session: first token at 82.5 s cold, 8B, as before).  On
     CPUs and TPUs (unmeasured there) 2048."""
-    limit = runner_cfg.background_compile_above
+    limit = runner_cfg.background_compile_limit(backend)
     if backend == "gpu" and limit and process_count == 1:
         return 8192
     return 2048

@@ -430,8 +430,10 @@ def decode_kernel_sweep(rows, hbm, mxu, cfg=DECODE_KERNEL_SWEEP, inner=10, repea
 # each with the cluster's landing buffers).  The sweep: one split (64 CTAs, no merge), 2 splits with
 # 4 slots (128 CTAs, one an SM, 128 KB in flight each), deeper rings or 8 splits (more than one
 # wave of CTAs with the cluster merge), 128-key blocks, V^T through registers (`vreg`).
-DECODE_MGPU_SWEEP = {"s1st4": dict(num_splits=1, stages=4), "s2st4": dict(num_splits=2, stages=4),
-                     "s4st3": dict(num_splits=4, stages=3), "s8st2": dict(num_splits=8, stages=2),
+DECODE_MGPU_SWEEP = {"s1st4": dict(num_splits=1, block_kv=64, stages=4),
+                     "s2st4": dict(num_splits=2, block_kv=64, stages=4),
+                     "s4st3": dict(num_splits=4, block_kv=64, stages=3),
+                     "s8st2": dict(num_splits=8, block_kv=64, stages=2),
                      "s2bk128st2": dict(num_splits=2, block_kv=128, stages=2),
                      "s4bk128st2": dict(num_splits=4, block_kv=128, stages=2),
                      "vreg": dict(v_via_registers=True)}  # PV's A operand through registers (the fallback)
@@ -444,6 +446,7 @@ DECODE_MGPU_QUICK = dict(DECODE_MGPU, cases=[(8, 2048), (8, 8192), (64, 2048), (
 # 2-slot ring (cluster merge) at 27.8 us, 82% (the default config 34.2 us, 67%; Triton decode 29.6
 # us): that config again (twice: the run-to-run spread), its ring depths and split counts, at b8
 # ctx 2k / 4k / 8k and b16 / b32 ctx 2k, cluster merge only (combine lost at every 2-split config).
+# Result (same session): 81% at b8 ctx 2k twice, now default_config's choice at batch 8.
 DECODE_MGPU_FOCUS = dict(DECODE_MGPU, cases=[(8, 2048), (8, 4096), (8, 8192), (16, 2048), (32, 2048)],
                          merges=("cluster",), sweep_cases=((8, 2048), (8, 4096), (8, 8192), (16, 2048), (32, 2048)),
                          variants={"s2bk128st2": dict(num_splits=2, block_kv=128, stages=2),
@@ -452,7 +455,7 @@ DECODE_MGPU_FOCUS = dict(DECODE_MGPU, cases=[(8, 2048), (8, 4096), (8, 8192), (1
                                    "s1bk128st3": dict(num_splits=1, block_kv=128, stages=3),
                                    "s4bk128st2": dict(num_splits=4, block_kv=128, stages=2),
                                    "s8bk128st2": dict(num_splits=8, block_kv=128, stages=2),
-                                   "s2bk64st3": dict(num_splits=2, stages=3)})
+                                   "s2bk64st3": dict(num_splits=2, block_kv=64, stages=3)})
 
 
 def decode_mgpu_table(rows, hbm, mxu, cfg=DECODE_MGPU, inner=10, repeats=5):

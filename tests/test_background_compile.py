@@ -144,6 +144,7 @@ def test_no_background_compile_when_switched_off(llama_ckpt):
 
 
 def test_default_token_budget_is_8192_on_a_gpu_with_background_compilation():
+    assert default_max_num_batched_tokens("gpu", RunnerConfig()) == 8192  # auto: 256 on a GPU
     on = RunnerConfig(background_compile_above=2048)
     assert default_max_num_batched_tokens("gpu", on) == 8192
     assert default_max_num_batched_tokens("cpu", on) == 2048
@@ -155,10 +156,24 @@ def test_default_token_budget_is_8192_on_a_gpu_with_background_compilation():
 
 def test_background_compile_switch(check_env_switch):
     read = lambda: RunnerConfig().background_compile_above  # noqa: E731
-    check_env_switch("JAXENGINE_BACKGROUND_COMPILE_ABOVE", read, 2048, "4096", 4096)
-    check_env_switch("JAXENGINE_BACKGROUND_COMPILE_ABOVE", read, 2048, "none", None)
-    with pytest.raises(ValueError, match="background_compile_above"):
-        RunnerConfig(background_compile_above=-1)
+    check_env_switch("JAXENGINE_BACKGROUND_COMPILE_ABOVE", read, "auto", "4096", 4096)
+    check_env_switch("JAXENGINE_BACKGROUND_COMPILE_ABOVE", read, "auto", "none", None)
+    for bad in (-1, "sometimes", True):
+        with pytest.raises(ValueError, match="background_compile_above"):
+            RunnerConfig(background_compile_above=bad)
+    # auto: the buckets up to 256 before the start on a GPU (its warm start, BENCHMARKS.md), 2048 elsewhere
+    auto = RunnerConfig(background_compile_above="auto")
+    assert auto.background_compile_limit("gpu") == 256
+    assert auto.background_compile_limit("cpu") == auto.background_compile_limit("tpu") == 2048
+    assert RunnerConfig(background_compile_above=0).background_compile_limit("gpu") is None
+    assert RunnerConfig(background_compile_above=512).background_compile_limit("gpu") == 512
+
+
+def test_engine_flags_take_background_compile_above_as_a_number_or_auto():
+    from jaxengine.entrypoints.cli import make_parser
+    for value, expected in (("auto", "auto"), ("512", 512), ("0", 0)):
+        args = make_parser().parse_args(["serve", "m", "--background-compile-above", value])
+        assert args.background_compile_above == expected
 
 
 def test_warmup_compiles_on_a_thread_pool_what_the_serial_warmup_would(llama_ckpt):
@@ -168,11 +183,13 @@ def test_warmup_compiles_on_a_thread_pool_what_the_serial_warmup_would(llama_ckp
     start's."""
     engine = {**ENGINE, "background_compile_above": 0, "num_scheduler_steps": 4}
     prompts = make_prompts(6, seed=3)
-    lowered, tokens = {}, {}
+    lowered, tokens, order = {}, {}, {}
     for threads in (1, 3):
-        before = compile_watch.num_compilations()
+        before, names = compile_watch.num_compilations(), len(compile_watch.lowered_names())
         llm = LLM(llama_ckpt, **engine, compile_threads=threads)
         lowered[threads] = compile_watch.num_compilations() - before
+        order[threads] = [n for n in compile_watch.lowered_names()[names:]
+                          if n in ("jit(forward)", "jit(sample)", "jit(multi_step)")]  # the runner's programs
         assert llm.runner.compile_threads() == threads
         assert (llm.runner.precompile_s > 0) == (threads > 1)
         tokens[threads] = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
@@ -180,6 +197,8 @@ def test_warmup_compiles_on_a_thread_pool_what_the_serial_warmup_would(llama_ckp
         llm.shutdown()
     # the same programs, each lowered once (a call finding no compiled program would lower again)
     assert lowered[3] == lowered[1] > 0
+    # ... in the serial warm-up's order (a fixed order keeps the persistent cache's keys stable)
+    assert order[3] == order[1] and len(set(order[1])) == 3, order[1]
     assert tokens[3] == tokens[1]
 
 

@@ -150,7 +150,7 @@ def test_default_config_and_call_match_reference():
 def _bench_variants():
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
     import bench_attention
-    return bench_attention.DECODE_MGPU_SWEEP
+    return {**bench_attention.DECODE_MGPU_SWEEP, **bench_attention.DECODE_MGPU_FOCUS["variants"]}
 
 
 def test_bench_sweep_configs_match_reference():
@@ -210,14 +210,18 @@ def test_supported_and_refusals():
 
 
 def test_default_config_fills_the_gpu_and_fits_shared_memory():
-    """8B shapes (32 q heads, 8 kv heads, head_dim 128, page 16, a 512-page table): batch 8 gets 4
-    splits of a 2-slot ring (256 CTAs, two an SM: all resident), batch 1 the most splits a
-    cluster takes with a 4-slot ring (64 CTAs, one an SM), batch 64 one split; every default's
-    shared memory fits a CTA (227 KB)."""
+    """8B shapes (32 q heads, 8 kv heads, head_dim 128, page 16, a 512-page table): batch 8 (64
+    pairs: 2 splits fill one wave of one CTA an SM, 4 would not) gets 2 splits of 128-key blocks
+    with a 2-slot ring (the H100's best, 128 CTAs); batch 16 the most splits resident at once with
+    64-key blocks (2: 256 CTAs, two an SM), batch 1 the most splits a cluster takes with a 4-slot
+    ring (64 CTAs, one an SM), batch 64 one split; every default's shared memory fits a CTA (227 KB)."""
     cfg = lambda rows, merge: mgpu.default_config(rows, 8, 32, 128, 16, 512, merge)  # noqa: E731
-    assert cfg(8, "cluster") == dict(num_splits=4, block_kv=64, stages=2)
-    assert cfg(8, "combine")["num_splits"] == 4
-    assert cfg(8, "cluster")["num_splits"] * 64 <= 132 * mgpu.ctas_per_sm(mgpu.smem_bytes(128, 64, 2, 8, 4, "cluster"))
+    assert cfg(8, "cluster") == cfg(8, "combine") == dict(num_splits=2, block_kv=128, stages=2)
+    assert 8 * 8 * 2 <= 132 < 8 * 8 * 4
+    assert cfg(16, "cluster") == dict(num_splits=2, block_kv=64, stages=2)
+    assert 16 * 8 * 2 <= 132 * mgpu.ctas_per_sm(mgpu.smem_bytes(128, 64, 2, 8, 2, "cluster"))
+    assert cfg(4, "cluster")["block_kv"] == 64  # 32 pairs: not the batch-8 rule
+    assert mgpu.default_config(8, 8, 32, 128, 16, 8, "cluster")["block_kv"] == 64  # 128 keys: too short for it
     assert cfg(1, "cluster") == dict(num_splits=8, block_kv=64, stages=4)
     assert cfg(1, "combine")["num_splits"] == 16
     assert cfg(64, "cluster")["num_splits"] == cfg(64, "combine")["num_splits"] == 1

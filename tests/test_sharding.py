@@ -129,13 +129,15 @@ def _worker(out_path: str, tmp: str) -> None:
                                for sh in shards]
 
     # Bigger buckets compiled in the background over a mesh (tp 2 x dp 2: two runners, each its
-    # own thread): the steps run what the threads compiled, and the tokens are tp=1's.
+    # own thread), the warm-up's on a pool of 2 threads: the steps run what the threads compiled,
+    # and the tokens are tp=1's.
     bg = LLM(ckpts["tp8_gqa"], tensor_parallel_size=2, data_parallel_size=2,
-             **{**engine, "token_buckets": (16, 32), "background_compile_above": 16})
+             **{**engine, "token_buckets": (8, 16, 32), "background_compile_above": 16, "compile_threads": 2})
     from jaxengine.runner.compile_watch import num_background_compilations
     res["background"] = {"done": bg.wait_for_compilation(timeout=300),
                          "background_programs": num_background_compilations(),
                          "budgets": [r.token_budget for r in bg.runners],
+                         "precompiled": [r.precompile_s > 0 for r in bg.runners],
                          "errors": [repr(r.background_compile_error) for r in bg.runners if r.background_compile_error]}
     res["tokens"]["tp8_gqa/tp2dp2/background"] = [
         o.outputs[0].token_ids for o in bg.generate(prompts, greedy, use_tqdm=False)]
@@ -207,6 +209,7 @@ def test_greedy_tokens_with_tensor_and_data_parallelism_match_one_device(seen, t
 def test_background_compiled_buckets_under_tensor_and_data_parallelism(seen):
     bg = seen["background"]
     assert bg["done"] and bg["budgets"] == [64, 64] and bg["background_programs"] >= 4, bg
+    assert bg["precompiled"] == [True, True], bg
     assert bg["errors"] == [] and bg["compiled_since_warmup"] == 0, bg
     assert seen["tokens"]["tp8_gqa/tp2dp2/background"] == seen["tokens"]["tp8_gqa/tp1dp1"]
 

@@ -63,8 +63,8 @@ ENGINE_ARG_HELP: dict[str, str] = {
                          "longer compile and, on GPUs, a command-buffer update per call); "
                          "$JAXENGINE_MULTI_STEP_UNROLL.",
     "background_compile_above": "Compile the token buckets above this size on a background thread after start-up, "
-                                "the step budget growing to each as it is ready (default 2048, "
-                                "$JAXENGINE_BACKGROUND_COMPILE_ABOVE; 0: all before start-up).",
+                                "the step budget growing to each as it is ready (default auto: 256 on a GPU, "
+                                "2048 elsewhere; $JAXENGINE_BACKGROUND_COMPILE_ABOVE; 0: all before start-up).",
     "compile_threads": "Threads compiling the start-up's programs (lowered in turn, compiled or loaded from "
                        "the cache at once); default min(8, CPUs) on a GPU, else 1 ($JAXENGINE_COMPILE_THREADS).",
     "max_logprobs": "Most top logprobs a request may ask for (OpenAI logprobs / top_logprobs); every step that "
@@ -106,6 +106,13 @@ def _base_type(hint: Any) -> tuple[Any, bool]:
     return t, False
 
 
+def _int_or_word(text: str) -> int | str:
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
 def _is_union(hint: Any) -> bool:
     return typing.get_origin(hint) in (typing.Union, types.UnionType)
 
@@ -125,6 +132,8 @@ def add_engine_args(parser: argparse.ArgumentParser, skip: Sequence[str] = ("mod
             continue
         if p.name.endswith("_bytes"):
             t = parse_size
+        elif _is_union(hint) and {int, str} <= set(typing.get_args(hint)):
+            t = _int_or_word  # e.g. --background-compile-above auto / 512
         kwargs: dict[str, Any] = dict(dest=p.name, type=t, default=default, help=help_text)
         if is_seq:
             kwargs["nargs"] = "+"

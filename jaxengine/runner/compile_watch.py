@@ -18,6 +18,7 @@ _background_count = 0  # lowered by a background compile thread (not serving's)
 _thread = threading.local()
 _cache_stats = {"persistent_cache_hits": 0, "persistent_cache_misses": 0}
 _installed = False
+_names: list[str] = []  # the programs lowered outside background threads, in order (the last 4096)
 
 
 def _listener(event: str, duration_secs: float, **kwargs) -> None:
@@ -28,6 +29,8 @@ def _listener(event: str, duration_secs: float, **kwargs) -> None:
                 _background_count += 1
             else:
                 _count += 1
+                _names.append(str(kwargs.get("fun_name", "")))
+                del _names[:-4096]
 
 
 def mark_background_thread() -> None:
@@ -51,6 +54,13 @@ def _event_listener(event: str, **kwargs) -> None:
 def persistent_cache_stats() -> dict[str, int]:
     """Hits and misses of JAX's persistent compilation cache in this process."""
     return dict(_cache_stats)
+
+
+def lowered_names() -> list[str]:
+    """The names of the programs lowered (not by a background thread) in this process, in order:
+    the warm-up lowers them in one fixed order, which keeps the persistent cache's keys stable."""
+    with _lock:
+        return list(_names)
 
 
 def num_compilations() -> int:

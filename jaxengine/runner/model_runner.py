@@ -15,7 +15,6 @@ from __future__ import annotations
 import atexit
 import concurrent.futures
 import dataclasses
-import functools
 import logging
 import os
 import threading
@@ -390,7 +389,7 @@ class ModelRunner:
         `background` (and RunnerConfig.background_compile_above set, one process), token buckets
         above that size compile on a thread after this returns, smallest first: `token_budget`
         is the biggest one ready, `wait_compiled` waits for them."""
-        limit = self.cfg.runner.background_compile_above
+        limit = self.cfg.runner.background_compile_limit(jax.default_backend())
         if not background or not limit or jax.process_count() > 1:
             limit = None
         now = [t for t in self.buckets if limit is None or t <= limit or t == self.buckets[0]]
@@ -465,31 +464,43 @@ class ModelRunner:
                 jax.ShapeDtypeStruct((n_float,), jnp.float32, sharding=repl))
 
     def _precompile(self, buckets: list[int], multi_buckets: list[int], threads: int) -> None:
-        """Lower and compile the warm-up's programs on `threads` threads (RunnerConfig.
-        compile_threads): each bucket's step (forward, with the sampler's modes for the first
-        bucket of its request count) and each decode bucket's multi-step program a mode.  The
-        jitted functions keep the executables, so the warm-up's calls compile nothing; a failure
-        here is raised as the serial warm-up would raise it."""
+        """Lower the warm-up's programs on this thread, in the order the warm-up's calls would
+        (each bucket's step: forward, then the sampler's modes for the first bucket of its request
+        count; then each decode bucket's multi-step program a mode), and compile each on a pool of
+        `threads` threads as soon as it is lowered (RunnerConfig.compile_threads).  Lowering in
+        one fixed order keeps the programs, hence the persistent cache's keys, the same from run
+        to run (lowered on several threads, an H100's warm start missed 3 of 24 programs); XLA's
+        compile, the cache load and Mosaic GPU's kernel compile run on the pool, overlapping.
+        The jitted functions keep the executables, so the warm-up's calls compile nothing."""
         kv_specs, penalty_specs = self._state_specs()
-        jobs, owner = [], {}
-        for t in buckets:
-            owner.setdefault(self.seqs_for(t), t)
-        for t in buckets:
-            jobs.append(functools.partial(self._compile_bucket, t, set() if owner[self.seqs_for(t)] == t else
-                                          {self.seqs_for(t)}, kv_specs, penalty_specs))
         k = self.cfg.scheduler.num_scheduler_steps
-        for t in multi_buckets:
-            ints, floats = self._input_specs(t, self.seqs_for(t))
-            for mode in sampler.MODES:
-                jobs.append(functools.partial(
-                    lambda t, ints, floats, mode: self._multi_step.lower(
-                        self.params, kv_specs, penalty_specs, ints, floats, (t, self.seqs_for(t)), k, mode).compile(),
-                    t, ints, floats, mode))
-        # the biggest programs first: the pool's last job is then a short one
-        jobs.reverse()
-        with concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="jaxengine-precompile") as pool:
-            for f in [pool.submit(job) for job in jobs]:
+        sampled: set[int] = set()
+        with concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="jaxengine-compile") as pool:
+            futures = []
+            for t in buckets:
+                s = self.seqs_for(t)
+                ints, floats = self._input_specs(t, s)
+                fwd = self._forward.lower(self.params, kv_specs, penalty_specs["last_tokens"], ints, floats, (t, s))
+                futures.append(pool.submit(fwd.compile))
+                if s not in sampled:
+                    sampled.add(s)
+                    for lowered in self._lower_sampler(fwd, s, penalty_specs, ints.sharding):
+                        futures.append(pool.submit(lowered.compile))
+            for t in multi_buckets:
+                s = self.seqs_for(t)
+                ints, floats = self._input_specs(t, s)
+                for mode in sampler.MODES:
+                    lowered = self._multi_step.lower(self.params, kv_specs, penalty_specs, ints, floats, (t, s), k, mode)
+                    futures.append(pool.submit(lowered.compile))
+            for f in futures:
                 f.result()
+
+    def _lower_sampler(self, fwd, s: int, penalty_specs: dict, repl) -> list:
+        """The sampler's programs for request bucket s, one a mode, lowered for `fwd`'s outputs
+        (replicated over a mesh)."""
+        outs = [jax.ShapeDtypeStruct(o.shape, o.dtype, sharding=repl)
+                for o in jax.tree_util.tree_leaves(fwd.out_info)[-3:]]
+        return [self._sample.lower(outs[0], penalty_specs, outs[1], outs[2], s, mode) for mode in sampler.MODES]
 
     # ------------------------------------------------------------------ background compilation
     @property
@@ -569,11 +580,8 @@ class ModelRunner:
         fwd.compile()
         if s in sampled:
             return
-        # the sampler's inputs are forward's outputs (replicated over a mesh)
-        outs = [jax.ShapeDtypeStruct(o.shape, o.dtype, sharding=repl)
-                for o in jax.tree_util.tree_leaves(fwd.out_info)[-3:]]
-        for mode in sampler.MODES:
-            self._sample.lower(outs[0], penalty_specs, outs[1], outs[2], s, mode).compile()
+        for lowered in self._lower_sampler(fwd, s, penalty_specs, repl):
+            lowered.compile()
         sampled.add(s)
 
     # ------------------------------------------------------------------------------ execute

@@ -55,10 +55,14 @@ no second launch; unmeasured) and "combine" in the interpreter.
 Limits (`supported`): bf16/f16, head_dim 64 or 128, page_size a multiple of 8 that divides or is
 divided by block_kv (64 or 128), group 1..8, no sliding window, no soft cap.
 
-Status: CPU-tested (interpreter, lowering for sm_90); the first compiled run (an H100) hung or
-compiled for minutes, cause unknown: scripts/mgpu_decode_probe.py runs the kernel truncated at
-growing `probe` levels to find where, and `v_via_registers` is a ready fallback for PV's
-transposed shared-memory operand (NOTES.md).
+Status: CPU-tested (interpreter, lowering for sm_90) and compiled on an H100 (twenty-first
+session: its compiled tests pass, `scripts/mgpu_decode_probe.py` ALL PASSED; the twentieth
+session's hang was an in-progress copy's and did not recur).  Measured there (device time, copy
+rate 2.95 TB/s): issue 3's b8 ctx 2k 28.2-28.3 us, **81%** of the copy rate at its default config
+(2 splits x 128-key blocks, cluster merge), against the Triton decode kernel's 29.6-29.8 us (76-77%,
+which also rotates and writes the token's K/V) and the ragged kernel's 31.8 us (72%); b8 ctx 4k
+91%, b8 ctx 8k 96-97%, b16 ctx 2k 92%, b32 ctx 2k 98%.  The cluster merge beat "combine" at every
+2-split config.  The two-pass header above (24.1 us, 67%) is an H200's figure.
 """
 
 from __future__ import annotations
@@ -134,15 +138,22 @@ def ctas_per_sm(smem: int) -> int:
 def default_config(num_rows: int, num_kv_heads: int, num_q_heads: int, head_dim: int,
                    page_size: int, pages_per_seq: int, merge: str,
                    num_sms: int = _DEFAULT_NUM_SMS) -> dict:
-    """Static (shape-only) choice of splits and ring depth (unmeasured; bench_attention.py
-    --decode-mgpu sweeps them).  Splits: the most (a power of two, at least one block each, at
-    most the cluster limit with merge="cluster") whose CTAs are all resident at once with a
-    2-slot ring (b8 8B: 64 pairs x 4 = 256 CTAs at 2 an SM); ring: 4 slots where the CTAs fit one
-    an SM (b1: 64 CTAs), else 2 (2 x 32 KB in flight a CTA at head_dim 128; with 2-3 CTAs an SM
-    that is 128-192 KB an SM in flight, well above what the copy rate needs)."""
+    """Static (shape-only) choice of splits, block and ring depth.
+
+    Where a wave of one CTA an SM holds 2 splits of every pair but not 4 (num_sms / 4 < pairs
+    <= num_sms / 2: 8B's batch 8, 64 pairs), 2 splits of 128-key blocks with a 2-slot ring (one
+    CTA an SM, 64 KB a slot): measured best on an H100 (twenty-first session, cluster merge,
+    device time) at b8 ctx 2k 28.2-28.3 us (81% of the copy rate; this rule's former choice, 4
+    splits of 64-key blocks, 34.2 us), ctx 4k 50.1 us (91%), ctx 8k 94.4-94.7 us (96-97%; 111.7
+    before).  Elsewhere (measured no better at b16 / b32 ctx 2k, unmeasured at b1): the most
+    splits (a power of two, at least one block each, at most the cluster limit with
+    merge="cluster") whose CTAs are all resident at once with a 2-slot ring of 64-key blocks,
+    and 4 slots where the CTAs fit one an SM (b1: 64 CTAs), else 2."""
+    pairs = max(1, num_rows * num_kv_heads)
+    if num_sms // 4 < pairs <= num_sms // 2 and pages_per_seq * page_size >= 2 * 128:
+        return dict(num_splits=2, block_kv=128, stages=2)
     block_kv = BLOCK_KV
     max_blocks = max(1, _cdiv(pages_per_seq * page_size, block_kv))
-    pairs = max(1, num_rows * num_kv_heads)
     cols = q_cols(num_q_heads, num_q_heads // num_kv_heads)
     cap = MAX_CLUSTER if merge == "cluster" else MAX_SPLITS
     splits = 1
