@@ -207,3 +207,12 @@ def test_compile_threads_switch(check_env_switch):
     check_env_switch("JAXENGINE_COMPILE_THREADS", read, None, "4", 4)
     with pytest.raises(ValueError, match="compile_threads"):
         RunnerConfig(compile_threads=0)
+
+
+def test_a_failed_compile_on_the_pool_fails_the_start_with_its_error(llama_ckpt, monkeypatch):
+    class Broken:
+        def compile(self):
+            raise RuntimeError("injected compile failure on the pool")
+    monkeypatch.setattr(ModelRunner, "_lower_sampler", lambda *args: [Broken()])
+    with pytest.raises(RuntimeError, match="injected compile failure on the pool"):
+        LLM(llama_ckpt, **{**ENGINE, "background_compile_above": 0}, compile_threads=2)

@@ -475,7 +475,7 @@ class ModelRunner:
         kv_specs, penalty_specs = self._state_specs()
         k = self.cfg.scheduler.num_scheduler_steps
         sampled: set[int] = set()
-        with concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="jaxengine-compile") as pool:
+        with concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="jaxengine-precompile") as pool:
             futures = []
             for t in buckets:
                 s = self.seqs_for(t)
