@@ -34,7 +34,7 @@ d = tempfile.mkdtemp()
 json.dump({**shape, "torch_dtype": "bfloat16"}, open(os.path.join(d, "config.json"), "w"))
 t1 = time.perf_counter()
 llm = LLM(d, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16", max_model_len=2048,
-          max_num_seqs=64, max_num_batched_tokens=mnbt, kv_cache_memory_bytes=int(float(sys.argv[4]) * 2**30),
+          max_num_seqs=64, max_num_batched_tokens=mnbt, kv_cache_memory_bytes=int(float(sys.argv[4]) * 2**30) or None,
           use_tqdm_on_load=False)
 t2 = time.perf_counter()
 llm.generate({"prompt_token_ids": list(range(1, 129))}, SamplingParams(temperature=0.0, max_tokens=1),
@@ -47,6 +47,8 @@ print(json.dumps({"import_s": t1 - t0, "engine_s": t2 - t1, "first_token_s": t3 
                   "full_budget_s": t4 - t1, "max_num_batched_tokens": llm.config.scheduler.max_num_batched_tokens,
                   "background_programs": num_background_compilations(),
                   "phases": llm.startup_phases, "warmup_calls": llm.runner.warmup_times,
+                  "precompile_s": llm.runner.precompile_s, "precompile_lower_s": llm.runner.precompile_lower_s,
+                  "compile_threads": llm.runner.compile_threads(),
                   "buckets": len(llm.runner.buckets), "programs_lowered": lowered,
                   "device": getattr(jax.devices()[0], "device_kind", "cpu"), "jax": jax.__version__,
                   **persistent_cache_stats()}))
@@ -59,7 +61,9 @@ def main() -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=0,
                     help="0: the engine's default (8192 on a GPU, the buckets above 2048 compiled in the "
                          "background after LLM() returns; 2048 elsewhere)")
-    ap.add_argument("--kv-cache-gib", type=float, default=4.0)
+    ap.add_argument("--kv-cache-gib", type=float, default=4.0,
+                    help="KV cache size; 0: the engine's default (gpu_memory_utilization 0.9 of what the "
+                         "weights leave: the compile pool's autotuning then has the least memory)")
     ap.add_argument("--also-warm", nargs="*", default=[], metavar="VAR=VALUE",
                     help="after the warm run, one more warm run per setting with that environment variable set "
                          "(e.g. JAXENGINE_BACKGROUND_COMPILE_ABOVE=256)")
@@ -91,7 +95,9 @@ def main() -> None:
     for label, r in report["runs"].items():
         slow = sorted(r["warmup_calls"], key=lambda c: -c[3])[:6]
         print(f"{label} phases: import {r['import_s']:.1f} s, " + ", ".join(f"{k} {v:.1f} s" for k, v in r["phases"].items())
-              + f"; warm-up calls {sum(c[3] for c in r['warmup_calls']):.1f} s, slowest: "
+              + f"; of the warm-up: compile pool ({r['compile_threads']} threads) {r['precompile_s']:.1f} s "
+              + f"(lowering {r['precompile_lower_s']:.1f} s of it), "
+              + f"calls {sum(c[3] for c in r['warmup_calls']):.1f} s, slowest: "
               + ", ".join(f"{p} t={t} mode={m} {s:.1f} s" for p, t, m, s in slow), flush=True)
     if args.json:
         with open(args.json, "w") as f:

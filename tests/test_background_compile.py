@@ -192,6 +192,7 @@ def test_warmup_compiles_on_a_thread_pool_what_the_serial_warmup_would(llama_ckp
                           if n in ("jit(forward)", "jit(sample)", "jit(multi_step)")]  # the runner's programs
         assert llm.runner.compile_threads() == threads
         assert (llm.runner.precompile_s > 0) == (threads > 1)
+        assert 0 <= llm.runner.precompile_lower_s <= llm.runner.precompile_s
         tokens[threads] = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
         assert llm.num_compilations_since_warmup() == 0
         llm.shutdown()
@@ -213,6 +214,6 @@ def test_a_failed_compile_on_the_pool_fails_the_start_with_its_error(llama_ckpt,
     class Broken:
         def compile(self):
             raise RuntimeError("injected compile failure on the pool")
-    monkeypatch.setattr(ModelRunner, "_lower_sampler", lambda *args: [Broken()])
+    monkeypatch.setattr(ModelRunner, "_lower_sampler", lambda *args: Broken())
     with pytest.raises(RuntimeError, match="injected compile failure on the pool"):
         LLM(llama_ckpt, **{**ENGINE, "background_compile_above": 0}, compile_threads=2)

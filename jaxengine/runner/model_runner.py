@@ -405,7 +405,7 @@ class ModelRunner:
         multi_buckets = ([] if self._multi_step is None else
                          sorted({self.bucket_for(n) for n in range(1, self.cfg.scheduler.max_num_seqs + 1)}))
         threads = self.compile_threads()
-        self.precompile_s = 0.0
+        self.precompile_s = self.precompile_lower_s = 0.0
         if threads > 1:  # compile everything first on a pool; the calls below then find it compiled
             start = time.perf_counter()
             self._precompile(now, multi_buckets, threads)
@@ -475,32 +475,41 @@ class ModelRunner:
         kv_specs, penalty_specs = self._state_specs()
         k = self.cfg.scheduler.num_scheduler_steps
         sampled: set[int] = set()
+        self.precompile_lower_s = 0.0  # of precompile_s, lowering on this thread (bench_startup.py)
         with concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="jaxengine-precompile") as pool:
             futures = []
+
+            def submit(lower):
+                start = time.perf_counter()
+                lowered = lower()
+                self.precompile_lower_s += time.perf_counter() - start
+                futures.append(pool.submit(lowered.compile))
+                return lowered
+
             for t in buckets:
                 s = self.seqs_for(t)
                 ints, floats = self._input_specs(t, s)
-                fwd = self._forward.lower(self.params, kv_specs, penalty_specs["last_tokens"], ints, floats, (t, s))
-                futures.append(pool.submit(fwd.compile))
+                fwd = submit(lambda: self._forward.lower(self.params, kv_specs, penalty_specs["last_tokens"], ints,
+                                                         floats, (t, s)))
                 if s not in sampled:
                     sampled.add(s)
-                    for lowered in self._lower_sampler(fwd, s, penalty_specs, ints.sharding):
-                        futures.append(pool.submit(lowered.compile))
+                    for mode in sampler.MODES:
+                        submit(lambda: self._lower_sampler(fwd, s, penalty_specs, ints.sharding, mode))
             for t in multi_buckets:
                 s = self.seqs_for(t)
                 ints, floats = self._input_specs(t, s)
                 for mode in sampler.MODES:
-                    lowered = self._multi_step.lower(self.params, kv_specs, penalty_specs, ints, floats, (t, s), k, mode)
-                    futures.append(pool.submit(lowered.compile))
+                    submit(lambda: self._multi_step.lower(self.params, kv_specs, penalty_specs, ints, floats, (t, s),
+                                                          k, mode))
             for f in futures:
                 f.result()
 
-    def _lower_sampler(self, fwd, s: int, penalty_specs: dict, repl) -> list:
-        """The sampler's programs for request bucket s, one a mode, lowered for `fwd`'s outputs
+    def _lower_sampler(self, fwd, s: int, penalty_specs: dict, repl, mode: int):
+        """The sampler's program for request bucket s and `mode`, lowered for `fwd`'s outputs
         (replicated over a mesh)."""
         outs = [jax.ShapeDtypeStruct(o.shape, o.dtype, sharding=repl)
                 for o in jax.tree_util.tree_leaves(fwd.out_info)[-3:]]
-        return [self._sample.lower(outs[0], penalty_specs, outs[1], outs[2], s, mode) for mode in sampler.MODES]
+        return self._sample.lower(outs[0], penalty_specs, outs[1], outs[2], s, mode)
 
     # ------------------------------------------------------------------ background compilation
     @property
@@ -580,8 +589,8 @@ class ModelRunner:
         fwd.compile()
         if s in sampled:
             return
-        for lowered in self._lower_sampler(fwd, s, penalty_specs, repl):
-            lowered.compile()
+        for mode in sampler.MODES:
+            self._lower_sampler(fwd, s, penalty_specs, repl, mode).compile()
         sampled.add(s)
 
     # ------------------------------------------------------------------------------ execute
