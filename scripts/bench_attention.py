@@ -514,6 +514,9 @@ def decode_mgpu_table(rows, hbm, mxu, cfg=DECODE_MGPU, inner=10, repeats=5):
             cu_t = jnp.minimum(jnp.arange(table.shape[0] + 1, dtype=jnp.int32), num_seqs[0])
             record(new_row("ragged"), lambda q, p, kl, pt, n, cu_t=cu_t: gpu.ragged_paged_attention(
                 q, p, kl, pt, cu_t, n, sm_scale=SM_SCALE))
+            # issue 3's interface told it is a decode step: the Mosaic kernel on Hopper, else the ragged one
+            record(new_row("ragged decode_only"), lambda q, p, kl, pt, n, cu_t=cu_t: gpu.ragged_paged_attention(
+                q, p, kl, pt, cu_t, n, sm_scale=SM_SCALE, decode_only=True))
         variants = [(None, {})] + (list(cfg["variants"].items()) if (b, c) in cfg["sweep_cases"] else [])
         for vname, kw in variants:
             single_done = False  # one split: no merge, so one row whatever the merge
@@ -720,8 +723,9 @@ def main():
                 if b * c > MAX_CTX_TOKENS:
                     continue
                 peers = ["jax_gpu_paged"] + (["reference"] if b * c <= 8 * 2048 else [])
+                # ours[decode_only]: the same entry told the step is a decode (the Mosaic GPU decode kernel on Hopper)
                 save(); run_case(rows, "decode", f"b{b} ctx{c}", [1] * b, [c] * b, ps, hbm, mxu,
-                         peers)
+                         peers, variants={"decode_only": dict(decode_only=True)})
         # Tuning sweep on two decode shapes, then a page-size sweep.
         sweep = {"bk64": dict(block_k=64), "st3": dict(num_stages=3), "st4": dict(num_stages=4),
                  "s8": dict(num_splits=8), "s16": dict(num_splits=16),

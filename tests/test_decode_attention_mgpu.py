@@ -349,8 +349,37 @@ def test_bench_decode_mgpu_table_on_a_tiny_shape(monkeypatch):
     # (the merge named twice: a config of several splits runs once per merge, one split once)
     assert [(r["case"], r["impl"]) for r in rows] == [
         ("b3 ctx70", impl)
-        for impl in ("triton_decode", "ragged", "mgpu[combine] s2 st4 bk64", "mgpu[combine] s2 st4 bk64")
+        for impl in ("triton_decode", "ragged", "ragged decode_only", "mgpu[combine] s2 st4 bk64",
+                     "mgpu[combine] s2 st4 bk64")
     ] + [("b3 ctx70", "mgpu[one split,s1st2]")]
     assert all("error" not in r and r["time_us"] > 0 for r in rows), rows
     assert all(r["rel_err"] < 2e-2 for r in rows if r["impl"] != "triton_decode"), rows  # (it also ropes q)
     assert set(ba.DECODE_MGPU_QUICK["cases"]) == {(8, 2048), (8, 8192), (64, 2048), (1, 2048)}
+
+
+def test_ragged_entry_routes_decode_only_steps_to_this_kernel(monkeypatch):
+    """gpu.ragged_paged_attention(..., decode_only=True): the step runs this kernel where it
+    applies (a Hopper GPU, or the interpreter when decode_kernel is given), the ragged kernel
+    otherwise (decode_kernel "ragged", float32, an interpreter not asked); the same numbers."""
+    from jaxengine.pallas_kernels.ragged_paged_attention import gpu
+
+    calls = []
+    original = mgpu.decode_attention
+    monkeypatch.setattr(mgpu, "decode_attention", lambda *a, **k: calls.append(k) or original(*a, **k))
+    sm_scale = 128 ** -0.5
+    b = _decode_batch(11, [300, 70, 1], group=4, head_dim=128, page_size=16)
+    args = b.args()
+    assert args[0].shape[0] == args[3].shape[0]  # q rows = page-table rows: the decode contract
+    attend = lambda dtype_batch, **kw: gpu.ragged_paged_attention(  # noqa: E731
+        *dtype_batch.args(), sm_scale=sm_scale, decode_only=True, interpret=INTERPRET, **kw)
+    _check(attend(b, decode_kernel="mgpu"), b, sm_scale)
+    assert len(calls) == 1
+    _check(attend(b), b, sm_scale)  # the default: this kernel compiled on Hopper, the ragged one interpreted
+    assert len(calls) == (2 if hopper() and not INTERPRET else 1)
+    _check(attend(b, decode_kernel="ragged"), b, sm_scale)
+    f32 = _decode_batch(12, [90, 3], group=4, head_dim=64, page_size=16, dtype=jnp.float32)
+    out = np.asarray(attend(f32, decode_kernel="mgpu"))  # unsupported here: the ragged kernel
+    ref = np.asarray(reference_out(f32, dict(sm_scale=sm_scale)))
+    assert rel_err(out[:2], ref[:2]) <= 1e-5 and len(calls) == (2 if hopper() and not INTERPRET else 1)
+    with pytest.raises(ValueError, match="decode_kernel"):
+        attend(b, decode_kernel="triton")
