@@ -475,34 +475,41 @@ class ModelRunner:
         kv_specs, penalty_specs = self._state_specs()
         k = self.cfg.scheduler.num_scheduler_steps
         sampled: set[int] = set()
-        self.precompile_lower_s = 0.0  # of precompile_s, lowering on this thread (bench_startup.py)
-        with concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="jaxengine-precompile") as pool:
-            futures = []
 
-            def submit(lower):
-                start = time.perf_counter()
-                lowered = lower()
-                self.precompile_lower_s += time.perf_counter() - start
-                futures.append(pool.submit(lowered.compile))
-                return lowered
-
+        def lowerings():
             for t in buckets:
-                s = self.seqs_for(t)
-                ints, floats = self._input_specs(t, s)
-                fwd = submit(lambda: self._forward.lower(self.params, kv_specs, penalty_specs["last_tokens"], ints,
-                                                         floats, (t, s)))
-                if s not in sampled:
-                    sampled.add(s)
-                    for mode in sampler.MODES:
-                        submit(lambda: self._lower_sampler(fwd, s, penalty_specs, ints.sharding, mode))
+                yield from self._bucket_lowerings(t, sampled, kv_specs, penalty_specs)
             for t in multi_buckets:
                 s = self.seqs_for(t)
                 ints, floats = self._input_specs(t, s)
                 for mode in sampler.MODES:
-                    submit(lambda: self._multi_step.lower(self.params, kv_specs, penalty_specs, ints, floats, (t, s),
-                                                          k, mode))
+                    yield self._multi_step.lower(self.params, kv_specs, penalty_specs, ints, floats, (t, s), k, mode)
+
+        self.precompile_lower_s = 0.0  # of precompile_s, lowering on this thread (bench_startup.py)
+        with concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="jaxengine-precompile") as pool:
+            futures, programs = [], lowerings()
+            while True:
+                start = time.perf_counter()
+                lowered = next(programs, None)  # lowered here, on this thread, in order
+                self.precompile_lower_s += time.perf_counter() - start
+                if lowered is None:
+                    break
+                futures.append(pool.submit(lowered.compile))
             for f in futures:
                 f.result()
+
+    def _bucket_lowerings(self, t: int, sampled: set[int], kv_specs: list, penalty_specs: dict):
+        """Bucket t's programs, each lowered as it is taken, in the warm-up's order: `forward`, then
+        the sampler's modes if no bucket before it had its request bucket (`sampled`, updated)."""
+        s = self.seqs_for(t)
+        ints, floats = self._input_specs(t, s)
+        fwd = self._forward.lower(self.params, kv_specs, penalty_specs["last_tokens"], ints, floats, (t, s))
+        yield fwd
+        if s in sampled:
+            return
+        sampled.add(s)
+        for mode in sampler.MODES:
+            yield self._lower_sampler(fwd, s, penalty_specs, ints.sharding, mode)
 
     def _lower_sampler(self, fwd, s: int, penalty_specs: dict, repl, mode: int):
         """The sampler's program for request bucket s and `mode`, lowered for `fwd`'s outputs
@@ -582,16 +589,8 @@ class ModelRunner:
         """Compile (without running) the programs a step of bucket t runs: `forward`, and
         `sample` for its request bucket's modes if no smaller bucket had that request bucket.
         The jitted functions keep what was compiled, so the first step of the bucket runs it."""
-        s = self.seqs_for(t)
-        ints, floats = self._input_specs(t, s)
-        repl = None if self.mesh is None else ints.sharding
-        fwd = self._forward.lower(self.params, kv_specs, penalty_specs["last_tokens"], ints, floats, (t, s))
-        fwd.compile()
-        if s in sampled:
-            return
-        for mode in sampler.MODES:
-            self._lower_sampler(fwd, s, penalty_specs, repl, mode).compile()
-        sampled.add(s)
+        for lowered in self._bucket_lowerings(t, sampled, kv_specs, penalty_specs):
+            lowered.compile()
 
     # ------------------------------------------------------------------------------ execute
     def _empty_arrays(self, t: int, s: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
