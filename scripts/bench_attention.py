@@ -613,6 +613,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench_attention.json")
     ap.add_argument("--quick", action="store_true", help="a few shapes only")
+    ap.add_argument("--table", action="store_true",
+                    help="issue 3's table only: decode batch 1-256 x context 512-32k, prefill chunks 512-8192, "
+                         "mixed steps, each with its peers, no tuning sweeps (fits one 10-minute device call)")
     ap.add_argument("--prefill-sweep", action="store_true",
                     help="prefill only: every chunk, PREFILL_SWEEP at 4096 and 8192, and those two "
                          "chunks with a few variants at the other --page-sizes")
@@ -735,10 +738,10 @@ def main():
         if args.decode_only:
             save()
             return
-        for b, c in [(8, 2048), (8, 8192), (64, 2048)]:
+        for b, c in [] if args.table else [(8, 2048), (8, 8192), (64, 2048)]:
             save(); run_case(rows, "decode-sweep", f"b{b} ctx{c}", [1] * b, [c] * b, ps, hbm, mxu,
                      variants=sweep)
-        for p in other_pages:
+        for p in [] if args.table else other_pages:
             for b, c in [(8, 8192), (64, 2048)]:
                 save(); run_case(rows, "decode", f"b{b} ctx{c}", [1] * b, [c] * b, p, hbm, mxu)
     chunks = [512, 2048, 4096] if args.quick else [512, 2048, 4096, 8192]
@@ -746,7 +749,7 @@ def main():
     for t in chunks:
         peers = ["cudnn", "mgpu_flash"] + (["reference"] if t <= 512 else [])
         save(); run_case(rows, "prefill", f"chunk{t}", [t], [t], ps, hbm, mxu, peers,
-                 variants=PREFILL_SWEEP if t in sweep_chunks else None)
+                 variants=PREFILL_SWEEP if t in sweep_chunks and not args.table else None)
     if args.prefill_sweep:
         # The page size decides whether a block_k tile lies in one page (page_size % block_k == 0:
         # one page-table read per block) or takes the per-key gather.

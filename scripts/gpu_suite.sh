@@ -49,6 +49,8 @@
 #   throughput8 bench_throughput at K = 8 (multi-step), 8B then 1B, ShareGPT-like mix               ~5 min
 #   startup     8B cold and warm compilation cache, then warm with the serial warm-up (JAXENGINE_COMPILE_THREADS=1);
 #               then cold and warm with the engine's default KV cache size (--kv-cache-gib 0)      ~5 min
+#   table       bench_attention --table --device-time: issue 3's table (decode b1-256 x ctx 512-32k, prefill
+#               512-8192, mixed) with jax's paged_attention, cuDNN and the jnp reference, no sweeps  ~9 min
 #   attention   bench_attention --quick                                                           ~4 min
 #   kernels     compiled attention, decode-attention, decode-matmul and residual-norm kernel tests  ~6 min
 #   tiles       bench_attention --prefill-tiles (two-launch default vs one launch, 128 and 256 rows)  ~3 min
@@ -300,6 +302,9 @@ for part in "$@"; do
       # the engine's default KV cache (0.9 of the memory left): the pool's concurrent autotuning with the least room
       timeout 300 python3 scripts/bench_startup.py --model llama-3.1-8b --kv-cache-gib 0 --json "$OUT/startup_fullkv.json" \
         > "$OUT/startup_fullkv.log" 2>&1; tail -4 "$OUT/startup_fullkv.log" ;;
+    table)  # issue 3's whole table, device-timed, no sweeps
+      timeout 570 python3 scripts/bench_attention.py --table --device-time --out "$OUT/attention_table.json" \
+        > "$OUT/attention_table.log" 2>&1; grep -E "^\||device" "$OUT/attention_table.log" | head -120 ;;
     attention)
       timeout 560 python3 scripts/bench_attention.py --quick --out "$OUT/attention.json" \
         > "$OUT/attention.log" 2>&1; grep "^|" "$OUT/attention.log" | head -60 ;;
