@@ -13,7 +13,10 @@ def llm():
 
 
 def test_the_default_model_knows_the_capital_of_france(llm):
-    out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
+    # "What is the capital of France?" alone is a near tie for this 135M model at its first token
+    # ("The" against "L", 0.08 nats in float32, 0.01 the other way in bfloat16 on some CPUs); asked
+    # for one sentence, the answer leads by ~1.5 nats in both dtypes.
+    out = llm.chat([{"role": "user", "content": "What is the capital of France? Answer in one sentence."}],
                    SamplingParams(temperature=0.0, max_tokens=24), use_tqdm=False)[0].outputs[0]
     assert "Paris" in out.text
     assert out.finish_reason == "stop"  # it ends its turn with <|im_end|>
