@@ -6,10 +6,6 @@ import pytest
 
 from jaxengine import LLM, SamplingParams
 
-# Its module-scoped fixtures are built once: under `pytest -n 2 --dist loadgroup` (the README's
-# command) every test of this file runs on one worker.
-pytestmark = pytest.mark.xdist_group("default_model")
-
 
 @pytest.fixture(scope="module")
 def llm():

@@ -8,10 +8,6 @@ from transformers import PreTrainedTokenizerFast
 
 from jaxengine.engine.detokenizer import IncrementalDetokenizer
 
-# Its module-scoped fixtures are built once: under `pytest -n 2 --dist loadgroup` (the README's
-# command) every test of this file runs on one worker.
-pytestmark = pytest.mark.xdist_group("detokenizer")
-
 TEXT = "héllo wörld 世界 🙂 naïve café — ünïcödé ok. 日本語のテキスト 🚀🚀 done"
 
 

@@ -10,10 +10,6 @@ import pytest
 from conftest import SMALL_ENGINE
 from jaxengine import LLM, SamplingParams
 
-# Its module-scoped fixtures are built once: under `pytest -n 2 --dist loadgroup` (the README's
-# command) every test of this file runs on one worker.
-pytestmark = pytest.mark.xdist_group("engine")
-
 GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
 
 

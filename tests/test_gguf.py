@@ -25,10 +25,6 @@ from jaxengine.loader.gguf import (  # noqa: E402
     unpermute_rotary)
 from jaxengine.models.llama import param_shapes  # noqa: E402
 
-# Its module-scoped fixtures are built once: under `pytest -n 2 --dist loadgroup` (the README's
-# command) every test of this file runs on one worker.
-pytestmark = pytest.mark.xdist_group("gguf")
-
 ARCHS = ["llama", "qwen2", "qwen3"]
 
 

@@ -13,10 +13,6 @@ import tiny_checkpoints
 from conftest import SMALL_ENGINE
 from jaxengine import LLM, SamplingParams
 
-# Its module-scoped fixtures are built once: under `pytest -n 2 --dist loadgroup` (the README's
-# command) every test of this file runs on one worker.
-pytestmark = pytest.mark.xdist_group("llm_api")
-
 
 @pytest.fixture(scope="module")
 def llm(llama_ckpt):

@@ -17,10 +17,6 @@ from jaxengine.engine.kv_cache_manager import KVCacheManager
 from jaxengine.engine.request import Request
 from jaxengine.engine.scheduler import Scheduler
 
-# Its module-scoped fixtures are built once: under `pytest -n 2 --dist loadgroup` (the README's
-# command) every test of this file runs on one worker.
-pytestmark = pytest.mark.xdist_group("multi_step")
-
 K = 4
 
 

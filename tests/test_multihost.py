@@ -16,10 +16,6 @@ import time
 
 import pytest
 
-# Its module-scoped fixtures are built once: under `pytest -n 2 --dist loadgroup` (the README's
-# command) every test of this file runs on one worker.
-pytestmark = pytest.mark.xdist_group("multihost")
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 MAX_TOKENS = 8

@@ -36,10 +36,6 @@ from jaxengine.models import get_model  # noqa: E402
 from jaxengine.pallas_kernels.ragged_paged_attention import get_attention  # noqa: E402
 from jaxengine.pallas_kernels.fused_matmul import get_matmul  # noqa: E402
 
-# Its module-scoped fixtures are built once: under `pytest -n 2 --dist loadgroup` (the README's
-# command) every test of this file runs on one worker.
-pytestmark = pytest.mark.xdist_group("parity")
-
 GOLDEN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")
 FAMILIES = tiny_checkpoints.FAMILIES
 SEED = 0

@@ -22,10 +22,6 @@ from conftest import SMALL_ENGINE
 from jaxengine import LLM
 from jaxengine.entrypoints.openai_server import build_app
 
-# Its module-scoped fixtures are built once: under `pytest -n 2 --dist loadgroup` (the README's
-# command) every test of this file runs on one worker.
-pytestmark = pytest.mark.xdist_group("server")
-
 API_KEY = "test-secret"
 MODEL = "tiny-llama"
 PROMPT = "Hello world"
