@@ -12,21 +12,6 @@ sys.path.insert(0, os.path.dirname(__file__))
 import tiny_checkpoints  # noqa: E402
 
 
-# The slowest files first (their seconds in a serial run on a 2-core CPU, twenty-second session:
-# 166, 140, 123, 120, 116, 114, 103, 94, 77, 49, 36, 35, 35).  The README's command runs the suite
-# on two workers with `--dist loadfile`, which hands out whole files in collection order: big files
-# last would leave one worker running them alone at the end.
-SLOW_FILES_FIRST = ("test_bench_scripts.py", "test_ragged_paged_attention.py", "test_prefill_attention_mgpu.py",
-                    "test_decode_matmul.py", "test_parity.py", "test_decode_attention_mgpu.py",
-                    "test_multi_step.py", "test_decode_attention.py", "test_sharding.py", "test_sampler.py",
-                    "test_multihost.py", "test_background_compile.py", "test_engine.py")
-
-
-def pytest_collection_modifyitems(items):
-    rank = {name: i for i, name in enumerate(SLOW_FILES_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's order is kept
-
-
 @pytest.fixture(scope="session", autouse=True)
 def _compilation_cache(tmp_path_factory):
     # One persistent XLA cache for the whole session: engines of the same shape compile once.
