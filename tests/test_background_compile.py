@@ -97,10 +97,14 @@ def test_without_chunked_prefill_a_long_prompt_waits_for_its_bucket(llama_ckpt, 
     threading.Timer(1.0, gate.open.set).start()
     start = time.monotonic()
     out = llm.generate({"prompt_token_ids": list(range(3, 63))}, GREEDY, use_tqdm=False)
-    assert time.monotonic() - start >= 0.9
+    waited = time.monotonic() - start
+    assert waited >= 0.9
     assert len(out[0].outputs[0].token_ids) == GREEDY.max_tokens
     empty = sum(1 for n, _ in seen if n == 0)
-    assert empty <= 5, f"{empty} empty steps while waiting: the engine spun instead of waiting"
+    # An empty step waits up to 1 s for the next bucket (less when one becomes ready): at most one
+    # a second, plus a few wake-ups; a spinning engine runs thousands.  (Bounded by the wait, not
+    # by a count: the 64 bucket's compile after the gate opens takes longer on a loaded machine.)
+    assert empty <= waited + 3, f"{empty} empty steps in {waited:.1f} s: the engine spun instead of waiting"
     assert llm.wait_for_compilation(timeout=120)
 
 
