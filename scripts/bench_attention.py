@@ -718,6 +718,7 @@ def main():
         return
     ps = args.decode_page_size
     other_pages = [p for p in (int(x) for x in args.page_sizes.split(",")) if p != ps]
+    sweeps = not args.table  # --table: issue 3's grid and its peers, no tuning sweeps
     if not args.prefill_sweep:
         batches = [8, 64] if args.quick else [1, 8, 64, 256]
         ctxs = [2048, 8192] if args.quick else [512, 2048, 8192, 32768]
@@ -738,10 +739,10 @@ def main():
         if args.decode_only:
             save()
             return
-        for b, c in [] if args.table else [(8, 2048), (8, 8192), (64, 2048)]:
+        for b, c in [(8, 2048), (8, 8192), (64, 2048)] if sweeps else []:
             save(); run_case(rows, "decode-sweep", f"b{b} ctx{c}", [1] * b, [c] * b, ps, hbm, mxu,
                      variants=sweep)
-        for p in [] if args.table else other_pages:
+        for p in other_pages if sweeps else []:
             for b, c in [(8, 8192), (64, 2048)]:
                 save(); run_case(rows, "decode", f"b{b} ctx{c}", [1] * b, [c] * b, p, hbm, mxu)
     chunks = [512, 2048, 4096] if args.quick else [512, 2048, 4096, 8192]
@@ -749,7 +750,7 @@ def main():
     for t in chunks:
         peers = ["cudnn", "mgpu_flash"] + (["reference"] if t <= 512 else [])
         save(); run_case(rows, "prefill", f"chunk{t}", [t], [t], ps, hbm, mxu, peers,
-                 variants=PREFILL_SWEEP if t in sweep_chunks and not args.table else None)
+                 variants=PREFILL_SWEEP if t in sweep_chunks and sweeps else None)
     if args.prefill_sweep:
         # The page size decides whether a block_k tile lies in one page (page_size % block_k == 0:
         # one page-table read per block) or takes the per-key gather.

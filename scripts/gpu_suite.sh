@@ -50,7 +50,7 @@
 #   startup     8B cold and warm compilation cache, then warm with the serial warm-up (JAXENGINE_COMPILE_THREADS=1);
 #               then cold and warm with the engine's default KV cache size (--kv-cache-gib 0)      ~5 min
 #   table       bench_attention --table --device-time: issue 3's table (decode b1-256 x ctx 512-32k, prefill
-#               512-8192, mixed) with jax's paged_attention, cuDNN and the jnp reference, no sweeps  ~9 min
+#               512-8192, mixed) with jax's paged_attention, cuDNN and the jnp reference, no sweeps  ~2.5 min (H100)
 #   attention   bench_attention --quick                                                           ~4 min
 #   kernels     compiled attention, decode-attention, decode-matmul and residual-norm kernel tests  ~6 min
 #   tiles       bench_attention --prefill-tiles (two-launch default vs one launch, 128 and 256 rows)  ~3 min

@@ -365,6 +365,29 @@ def test_decode_kernel_sweep_times_every_split_count():
         ba.decode_kernel_inputs(3, 20, 8, 8, 2)
 
 
+def test_bench_attention_table_runs_issue_3s_grid_with_its_peers_and_no_sweeps(monkeypatch, tmp_path):
+    """bench_attention --table: decode batch 1-256 x context 512-32k (within the K/V cap), prefill
+    chunks 512-8192, the mixed steps, each with its peers, and none of the tuning sweeps."""
+    import bench_attention as ba
+
+    cases = []
+    monkeypatch.setattr(ba, "measure_ceilings", lambda: (1e12, 1e14))
+    monkeypatch.setattr(ba, "run_case", lambda rows, kind, name, q_lens, ctx_lens, ps, hbm, mxu, peers=(),
+                        variants=None, **kw: cases.append((kind, name, ps, tuple(peers), tuple(variants or ()))))
+    monkeypatch.setattr(sys, "argv", ["bench_attention.py", "--table", "--out", str(tmp_path / "t.json")])
+    ba.main()
+    decode = [(name, peers, variants) for kind, name, _, peers, variants in cases if kind == "decode"]
+    assert [name for name, _, _ in decode] == [f"b{b} ctx{c}" for b in (1, 8, 64, 256)
+                                               for c in (512, 2048, 8192, 32768) if b * c <= ba.MAX_CTX_TOKENS]
+    assert all(peers[0] == "jax_gpu_paged" and variants == ("decode_only",) for _, peers, variants in decode)
+    prefill = [(name, peers, variants) for kind, name, _, peers, variants in cases if kind == "prefill"]
+    assert [name for name, _, _ in prefill] == [f"chunk{t}" for t in (512, 2048, 4096, 8192)] + ["chunk2048 at ctx8192"]
+    assert all(("cudnn" in peers) == (name != "chunk2048 at ctx8192") and not variants for name, peers, variants in prefill)
+    assert [kind for kind, *_ in cases].count("mixed") == 2
+    assert {kind for kind, *_ in cases} == {"decode", "prefill", "mixed"}  # no "decode-sweep"
+    assert {ps for _, _, ps, _, _ in cases} == {32}  # no page-size sweep
+
+
 def test_kv_pool_scatters_a_cases_pages_without_changing_its_result(monkeypatch):
     """--kv-pool-gib: the decode kernel's and the ragged step's pages lie at distinct random places
     in a pool of that size, the rest of the pool zeros, and the attention reads the same K/V."""
